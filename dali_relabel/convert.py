@@ -1,0 +1,210 @@
+"""Convert the ReLabel authors' released label maps (one ``.pt`` per image) into one HDF5 store.
+
+The release holds ``<maps>/<wnid>/<image stem>.pt``, each a tensor ``[2, k, H, W]`` (index 0: top-k
+logits, index 1: class ids stored as floats). The converter walks the ImageFolder image tree, pairs
+every image with its map, loads the maps in parallel and streams them into a store marked with the
+authors' box convention (layout ``"WH"``, see ``docs/store_format.md``). An interrupted run leaves
+only ``<out>.partial``; running the same command again resumes it.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .imagefolder import ImageList, list_images
+from .store import StoreWriter
+
+RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"
+RELEASE_TEACHER_SIZE = 475
+
+
+class ConversionError(RuntimeError):
+    """The inputs of a conversion do not fit together (missing/extra maps, bad map files)."""
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion found and wrote."""
+
+    rows: int = 0
+    images_without_map: List[str] = field(default_factory=list)
+    maps_without_image: List[str] = field(default_factory=list)
+    unreadable_image_headers: List[str] = field(default_factory=list)
+    resumed_from_row: int = 0
+    out: str = ""
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.rows} rows to {self.out}"]
+        if self.resumed_from_row:
+            lines.append(f"resumed an interrupted conversion at row {self.resumed_from_row}")
+        for name, items in (("images without a map (skipped)", self.images_without_map),
+                            ("maps without an image (ignored)", self.maps_without_image),
+                            ("images whose size could not be read", self.unreadable_image_headers)):
+            if items:
+                lines.append(f"{len(items)} {name}, first: {items[0]}")
+        return "\n".join(lines)
+
+
+def map_relpath(image_relpath: str) -> str:
+    """``'<wnid>/<stem>.JPEG'`` -> ``'<wnid>/<stem>.pt'`` (the release's naming)."""
+    return os.path.splitext(image_relpath)[0] + ".pt"
+
+
+def list_map_files(maps_dir) -> List[str]:
+    """Relative paths of all ``.pt`` files below ``maps_dir``."""
+    found = []
+    for dirpath, _, filenames in os.walk(maps_dir):
+        for name in filenames:
+            if name.endswith(".pt"):
+                found.append(os.path.relpath(os.path.join(dirpath, name), maps_dir).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def load_release_map(path: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Load one release file ``[2, k, H, W]`` as ``(logits float32, class_ids int64)``, checked."""
+    import torch
+
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise ConversionError(f"{path}: cannot be loaded as a tensor ({type(error).__name__}: {error})")
+    if not torch.is_tensor(tensor) or tensor.dim() != 4 or tensor.shape[0] != 2:
+        shape = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+        raise ConversionError(f"{path}: expected a tensor [2, k, H, W], found {shape}")
+    array = tensor.float().numpy()
+    logits, ids = array[0], array[1]
+    if not np.isfinite(logits).all():
+        raise ConversionError(f"{path}: holds non-finite logits")
+    if not (np.isfinite(ids).all() and (ids == np.round(ids)).all()):
+        raise ConversionError(f"{path}: class ids are not whole numbers")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0 or ids.max() >= num_classes:
+        raise ConversionError(f"{path}: class id {int(ids.max() if ids.max() >= num_classes else ids.min())}"
+                              f" is outside [0, {num_classes})")
+    return logits, ids
+
+
+def image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(height, width) from the image header, or ``None`` if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        return height, width
+    except Exception:
+        return None
+
+
+def _load_chunk(task):
+    map_paths, image_paths, num_classes, shape = task
+    logits, ids, sizes, unreadable = [], [], [], []
+    for map_path, image_path in zip(map_paths, image_paths):
+        lg, ci = load_release_map(map_path, num_classes)
+        if shape is not None and lg.shape != shape:
+            raise ConversionError(f"{map_path}: map shape {lg.shape} differs from the first map's {shape}")
+        logits.append(lg)
+        ids.append(ci)
+        size = image_size(image_path)
+        if size is None:
+            unreadable.append(image_path)
+            size = (0, 0)
+        sizes.append(size)
+    return np.stack(logits), np.stack(ids), np.asarray(sizes, dtype=np.int32), unreadable
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pair_images_with_maps(images: ImageList, maps_dir: str, allow_missing: bool,
+                          report: ConversionReport) -> List[int]:
+    """Indices of the images that have a map; fills the report; raises unless ``allow_missing``."""
+    available = set(list_map_files(maps_dir))
+    wanted = [map_relpath(p) for p in images.relpaths]
+    keep = [i for i, m in enumerate(wanted) if m in available]
+    report.images_without_map = [images.relpaths[i] for i, m in enumerate(wanted) if m not in available]
+    report.maps_without_image = sorted(available - set(wanted))
+    problems = []
+    if report.images_without_map:
+        problems.append(f"{len(report.images_without_map)} images have no map "
+                        f"(first: {report.images_without_map[0]})")
+    if report.maps_without_image:
+        problems.append(f"{len(report.maps_without_image)} maps have no image "
+                        f"(first: {report.maps_without_image[0]})")
+    if problems and not allow_missing:
+        raise ConversionError("; ".join(problems) + ". Check --maps and --images point at the same "
+                              "image set, or pass --allow-missing to skip them.")
+    if not keep:
+        raise ConversionError(f"no image under {images.root} has a map under {maps_dir}")
+    return keep
+
+
+def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
+                    class_names: Optional[Sequence[str]] = None, allow_missing: bool = False,
+                    workers: Optional[int] = None, chunk_rows: int = 256, restart: bool = False,
+                    progress: bool = True) -> ConversionReport:
+    """Convert a release directory into the store ``out``.
+
+    Args:
+        maps_dir: root of the release (``<wnid>/<stem>.pt``).
+        image_root: the ImageFolder tree the maps belong to.
+        out: path of the store to write.
+        num_classes: class ids must lie in ``[0, num_classes)``.
+        class_names: names in class-id order; defaults to the sorted class folders, which must then
+            number ``num_classes``.
+        allow_missing: skip images without a map and ignore maps without an image (counted in the
+            report) instead of failing.
+        workers: processes loading maps (default: all cores).
+        chunk_rows: rows per work item and per write.
+        restart: discard an interrupted ``<out>.partial`` instead of resuming it.
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    maps_dir, out = os.fspath(maps_dir), os.fspath(out)
+    images = list_images(image_root, classes=class_names)
+    if len(images.classes) != num_classes:
+        raise ConversionError(f"{image_root} has {len(images.classes)} class folders but num_classes is "
+                              f"{num_classes}; pass the {num_classes} class names in class-id order "
+                              "(--class-names FILE)")
+    report = ConversionReport(out=out)
+    keep = pair_images_with_maps(images, maps_dir, allow_missing, report)
+    relpaths = [images.relpaths[i] for i in keep]
+    labels = np.asarray([images.labels[i] for i in keep], dtype=np.int32)
+    first_logits, _ = load_release_map(os.path.join(maps_dir, map_relpath(relpaths[0])), num_classes)
+    k, grid_h, grid_w = first_logits.shape
+    writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout="WH",
+                         class_names=images.classes, teacher=RELEASE_TEACHER,
+                         teacher_input_size=RELEASE_TEACHER_SIZE, source="relabel-release",
+                         resume=not restart)
+    start = report.resumed_from_row = writer.rows_written
+    tasks = []
+    for begin in range(start, len(relpaths), chunk_rows):
+        part = relpaths[begin:begin + chunk_rows]
+        tasks.append(([os.path.join(maps_dir, map_relpath(p)) for p in part],
+                      [os.path.join(images.root, p) for p in part], num_classes, (k, grid_h, grid_w)))
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            row = start
+            for logits, ids, sizes, unreadable in pool.map(_load_chunk, tasks):
+                writer.write(row, logits, ids, labels[row:row + len(logits)], sizes)
+                report.unreadable_image_headers.extend(unreadable)
+                row += len(logits)
+                bar.update(len(logits))
+        writer.finish()
+    except BaseException:
+        writer.close()  # the partial file stays; rerunning the command resumes it
+        raise
+    finally:
+        bar.close()
+    report.rows = len(relpaths)
+    return report

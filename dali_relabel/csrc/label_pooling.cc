@@ -1,0 +1,297 @@
+// relabel.label_pooling: schema, host-side preparation and the CPU backend.
+#include "label_pooling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "dali/core/float16.h"
+
+namespace dali_relabel {
+
+using ::dali::CPUBackend;
+
+using ::dali::TensorList;
+
+namespace {
+
+// Reads element `idx` of sample `sample` as a double, whatever the numeric input type.
+double ReadNumber(const TensorList<CPUBackend> &input, int sample, int64_t idx, const char *name) {
+  const void *p = input.raw_tensor(sample);
+  switch (input.type()) {
+    case DALI_UINT8: return static_cast<const uint8_t *>(p)[idx];
+    case DALI_UINT16: return static_cast<const uint16_t *>(p)[idx];
+    case DALI_UINT32: return static_cast<const uint32_t *>(p)[idx];
+    case DALI_UINT64: return static_cast<double>(static_cast<const uint64_t *>(p)[idx]);
+    case DALI_INT8: return static_cast<const int8_t *>(p)[idx];
+    case DALI_INT16: return static_cast<const int16_t *>(p)[idx];
+    case DALI_INT32: return static_cast<const int32_t *>(p)[idx];
+    case DALI_INT64: return static_cast<double>(static_cast<const int64_t *>(p)[idx]);
+    case DALI_BOOL: return static_cast<const bool *>(p)[idx] ? 1.0 : 0.0;
+    case DALI_FLOAT16: return static_cast<float>(static_cast<const ::dali::float16 *>(p)[idx]);
+    case DALI_FLOAT: return static_cast<const float *>(p)[idx];
+    case DALI_FLOAT64: return static_cast<const double *>(p)[idx];
+    default:
+      DALI_FAIL("relabel.label_pooling: input '", name, "' has unsupported type ", input.type());
+  }
+}
+
+bool IsIntegerType(::dali::DALIDataType t) {
+  switch (t) {
+    case DALI_UINT8: case DALI_UINT16: case DALI_UINT32:
+    case DALI_UINT64: case DALI_INT8: case DALI_INT16:
+    case DALI_INT32: case DALI_INT64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+const char *kInputNames[] = {"logits", "class_ids", "crop_anchor", "crop_shape", "image_shape",
+                             "mirror"};
+
+}  // namespace
+
+LabelPoolingParams::LabelPoolingParams(const ::dali::OpSpec &spec) {
+  num_classes_ = spec.GetArgument<int>("num_classes");
+  DALI_ENFORCE(num_classes_ > 0, ::dali::make_string(
+      "relabel.label_pooling: num_classes must be positive, got ", num_classes_));
+  auto size = spec.GetRepeatedArgument<int>("output_size");
+  DALI_ENFORCE(size.size() == 2 && size[0] > 0 && size[1] > 0,
+               "relabel.label_pooling: output_size must be two positive integers (oh, ow)");
+  out_h_ = size[0];
+  out_w_ = size[1];
+  temperature_ = spec.GetArgument<float>("temperature");
+  DALI_ENFORCE(temperature_ > 0, "relabel.label_pooling: temperature must be positive");
+  apply_softmax_ = spec.GetArgument<bool>("apply_softmax");
+  auto layout = spec.GetArgument<std::string>("layout");
+  DALI_ENFORCE(layout == "HW" || layout == "WH", ::dali::make_string(
+      "relabel.label_pooling: layout must be \"HW\" or \"WH\", got \"", layout, "\""));
+  transposed_ = layout == "WH";
+}
+
+::dali::TensorListShape<> LabelPoolingParams::OutputShape(int num_samples) const {
+  if (out_h_ == 1 && out_w_ == 1)
+    return ::dali::uniform_list_shape(num_samples, ::dali::TensorShape<>{num_classes_});
+  return ::dali::uniform_list_shape(num_samples,
+                                    ::dali::TensorShape<>{num_classes_, out_h_, out_w_});
+}
+
+void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batch) const {
+  const auto &logits = ws.Input<CPUBackend>(kLogits);
+  const auto &ids = ws.Input<CPUBackend>(kClassIds);
+  const int n = logits.num_samples();
+  DALI_ENFORCE(logits.type() == DALI_FLOAT || logits.type() == DALI_FLOAT16,
+               ::dali::make_string("relabel.label_pooling: logits must be float16 or float32, got ",
+                                   logits.type()));
+  DALI_ENFORCE(IsIntegerType(ids.type()) || ids.type() == DALI_FLOAT ||
+               ids.type() == DALI_FLOAT16,
+               ::dali::make_string("relabel.label_pooling: class_ids must be integers, got ",
+                                   ids.type()));
+  const bool has_mirror = ws.NumInput() > kMirror;
+  for (int input = kClassIds; input < ws.NumInput(); input++) {
+    DALI_ENFORCE(ws.Input<CPUBackend>(input).num_samples() == n, ::dali::make_string(
+        "relabel.label_pooling: input '", kInputNames[input], "' has ",
+        ws.Input<CPUBackend>(input).num_samples(), " samples, logits have ", n));
+  }
+  batch.samples.resize(n);
+  for (int i = 0; i < n; i++) {
+    auto shape = logits.tensor_shape(i);
+    DALI_ENFORCE(shape.sample_dim() == 3, ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": logits must be [k, H, W], got shape ", shape));
+    DALI_ENFORCE(ids.tensor_shape(i) == shape, ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": class_ids shape ", ids.tensor_shape(i),
+        " differs from logits shape ", shape));
+    DALI_ENFORCE(shape[0] > 0 && shape[1] > 0 && shape[2] > 0, ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": empty label map of shape ", shape));
+    if (i == 0) {
+      batch.k = shape[0];
+      batch.map_h = shape[1];
+      batch.map_w = shape[2];
+      batch.entries_per_sample = shape[0] * shape[1] * shape[2];
+    } else {
+      DALI_ENFORCE(shape[0] == batch.k && shape[1] == batch.map_h && shape[2] == batch.map_w,
+                   ::dali::make_string("relabel.label_pooling: sample ", i, ": map shape ", shape,
+                                       " differs from sample 0's [", batch.k, ", ", batch.map_h,
+                                       ", ", batch.map_w, "]"));
+    }
+    double box[2][2];  // [start|size][y|x]
+    for (int input = kCropAnchor; input <= kCropShape; input++) {
+      const auto &t = ws.Input<CPUBackend>(input);
+      DALI_ENFORCE(::dali::volume(t.tensor_shape(i)) == 2, ::dali::make_string(
+          "relabel.label_pooling: sample ", i, ": ", kInputNames[input],
+          " must hold 2 values (y, x), got shape ", t.tensor_shape(i)));
+      for (int d = 0; d < 2; d++) box[input - kCropAnchor][d] = ReadNumber(t, i, d, kInputNames[input]);
+    }
+    const auto &image_shape = ws.Input<CPUBackend>(kImageShape);
+    DALI_ENFORCE(::dali::volume(image_shape.tensor_shape(i)) >= 2, ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": image_shape must hold (H, W[, C]), got shape ",
+        image_shape.tensor_shape(i)));
+    const double image_h = ReadNumber(image_shape, i, 0, "image_shape");
+    const double image_w = ReadNumber(image_shape, i, 1, "image_shape");
+    DALI_ENFORCE(image_h > 0 && image_w > 0 && box[1][0] > 0 && box[1][1] > 0, ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": image shape (", image_h, ", ", image_w,
+        ") and crop shape (", box[1][0], ", ", box[1][1], ") must be positive"));
+    // Same float steps as the reference: fractions in double, rounded to float, then to the grid.
+    const float y0 = static_cast<float>(box[0][0] / image_h);
+    const float x0 = static_cast<float>(box[0][1] / image_w);
+    const float y1 = static_cast<float>((box[0][0] + box[1][0]) / image_h);
+    const float x1 = static_cast<float>((box[0][1] + box[1][1]) / image_w);
+    PoolingSample &s = batch.samples[i];
+    const float rows = static_cast<float>(batch.map_h), cols = static_cast<float>(batch.map_w);
+    if (!transposed_) {
+      s.a_start = y0 * rows - 0.5f;
+      s.a_end = y1 * rows - 0.5f;
+      s.b_start = x0 * cols - 0.5f;
+      s.b_end = x1 * cols - 0.5f;
+    } else {  // the authors' convention: map rows follow the image's x, columns its y
+      s.a_start = x0 * rows - 0.5f;
+      s.a_end = x1 * rows - 0.5f;
+      s.b_start = y0 * cols - 0.5f;
+      s.b_end = y1 * cols - 0.5f;
+    }
+    s.flip = 0;
+    if (has_mirror) {
+      const auto &mirror = ws.Input<CPUBackend>(kMirror);
+      DALI_ENFORCE(::dali::volume(mirror.tensor_shape(i)) == 1, ::dali::make_string(
+          "relabel.label_pooling: sample ", i, ": mirror must be a scalar, got shape ",
+          mirror.tensor_shape(i)));
+      s.flip = ReadNumber(mirror, i, 0, "mirror") != 0;
+    }
+    s.out = nullptr;
+    s.in_offset = static_cast<int64_t>(i) * batch.entries_per_sample;
+  }
+}
+
+void LabelPoolingParams::ReadValues(const ::dali::Workspace &ws, int i, int64_t entries,
+                                    float *logits_out, int32_t *ids_out) const {
+  const auto &logits = ws.Input<CPUBackend>(kLogits);
+  const auto &ids = ws.Input<CPUBackend>(kClassIds);
+  if (logits.type() == DALI_FLOAT) {
+    const float *src = logits.tensor<float>(i);
+    std::copy(src, src + entries, logits_out);
+  } else {
+    const ::dali::float16 *src = logits.tensor<::dali::float16>(i);
+    for (int64_t e = 0; e < entries; e++) logits_out[e] = static_cast<float>(src[e]);
+  }
+  const auto shape = logits.tensor_shape(i);
+  const int64_t cells = shape[1] * shape[2];
+  for (int64_t e = 0; e < entries; e++) {
+    if (!std::isfinite(logits_out[e]))
+      DALI_FAIL("relabel.label_pooling: sample ", i, ": logit at [k=", e / cells, ", y=",
+                (e % cells) / shape[2], ", x=", e % shape[2], "] is not finite (", logits_out[e], ")");
+    const double id = ReadNumber(ids, i, e, "class_ids");
+    if (!(id >= 0 && id < num_classes_ && id == std::floor(id)))
+      DALI_FAIL("relabel.label_pooling: sample ", i, ": class id ", id, " at [k=", e / cells, ", y=",
+                (e % cells) / shape[2], ", x=", e % shape[2], "] is outside [0, ", num_classes_, ")");
+    ids_out[e] = static_cast<int32_t>(id);
+  }
+}
+
+void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
+                    const PoolingSample &s, const float *logits, const int32_t *class_ids,
+                    float *out) {
+  const int oh = params.out_h(), ow = params.out_w();
+  const int bins_a = params.transposed() ? ow : oh;
+  const int bins_b = params.transposed() ? oh : ow;
+  std::vector<float> wa(static_cast<size_t>(bins_a) * batch.map_h);
+  std::vector<float> wb(static_cast<size_t>(bins_b) * batch.map_w);
+  for (int bin = 0; bin < bins_a; bin++)
+    for (int a = 0; a < batch.map_h; a++)
+      wa[bin * batch.map_h + a] = AxisWeight(s.a_start, s.a_end, batch.map_h, bins_a, bin, a);
+  for (int bin = 0; bin < bins_b; bin++)
+    for (int b = 0; b < batch.map_w; b++)
+      wb[bin * batch.map_w + b] = AxisWeight(s.b_start, s.b_end, batch.map_w, bins_b, bin, b);
+  const int64_t stride = static_cast<int64_t>(oh) * ow;
+  std::fill(out, out + params.output_volume(), 0.f);
+  const int64_t cells = static_cast<int64_t>(batch.map_h) * batch.map_w;
+  for (int64_t e = 0; e < batch.entries_per_sample; e++) {
+    const int64_t cell = e % cells;
+    const int a = static_cast<int>(cell / batch.map_w), b = static_cast<int>(cell % batch.map_w);
+    float *dst = out + static_cast<int64_t>(class_ids[e]) * stride;
+    for (int p = 0; p < oh; p++) {
+      for (int q = 0; q < ow; q++) {
+        const float w = params.transposed() ? wa[q * batch.map_h + a] * wb[p * batch.map_w + b]
+                                            : wa[p * batch.map_h + a] * wb[q * batch.map_w + b];
+        dst[p * ow + (s.flip ? ow - 1 - q : q)] += w * logits[e];
+      }
+    }
+  }
+  const float inv_t = 1.f / params.temperature();
+  for (int64_t bin = 0; bin < stride; bin++) {
+    float *v = out + bin;
+    const int64_t n = params.num_classes();
+    if (!params.apply_softmax()) {
+      for (int64_t c = 0; c < n; c++) v[c * stride] *= inv_t;
+      continue;
+    }
+    float top = v[0];
+    for (int64_t c = 1; c < n; c++) top = std::max(top, v[c * stride]);
+    double sum = 0;
+    for (int64_t c = 0; c < n; c++) {
+      const float x = std::exp((v[c * stride] - top) * inv_t);
+      v[c * stride] = x;
+      sum += x;
+    }
+    const float inv_sum = static_cast<float>(1.0 / sum);
+    for (int64_t c = 0; c < n; c++) v[c * stride] *= inv_sum;
+  }
+}
+
+template <>
+LabelPooling<CPUBackend>::~LabelPooling() = default;
+
+template <>
+void LabelPooling<CPUBackend>::RunImpl(::dali::Workspace &ws) {
+  auto &output = ws.Output<CPUBackend>(0);
+  auto &pool = ws.GetThreadPool();
+  const int64_t entries = batch_.entries_per_sample;
+  for (int i = 0; i < static_cast<int>(batch_.samples.size()); i++) {
+    pool.AddWork([&, i](int) {
+      thread_local std::vector<float> logits;
+      thread_local std::vector<int32_t> ids;
+      logits.resize(entries);
+      ids.resize(entries);
+      params_.ReadValues(ws, i, entries, logits.data(), ids.data());
+      PoolSampleHost(params_, batch_, batch_.samples[i], logits.data(), ids.data(),
+                     output.mutable_tensor<float>(i));
+    }, entries);
+  }
+  pool.RunAll();
+}
+
+}  // namespace dali_relabel
+
+DALI_REGISTER_OPERATOR(relabel__LabelPooling, ::dali_relabel::LabelPooling<::dali::CPUBackend>,
+                       ::dali::CPU);
+
+DALI_SCHEMA(relabel__LabelPooling)
+    .DocStr(R"(ReLabel LabelPooling: the soft target of a crop from a top-k label map.
+
+Computes ``softmax(RoIAlign(dense_map, crop_box) / temperature)`` without building the dense
+``[num_classes, H, W]`` map, where ``dense_map`` holds each cell's top-k ``logits`` at their
+``class_ids`` and 0 elsewhere, and RoIAlign follows ``torchvision.ops.roi_align(aligned=False,
+sampling_ratio=-1)`` with the box scaled to the grid and shifted by -0.5 (the ReLabel reference).
+
+The crop box is ``crop_anchor / image_shape`` to ``(crop_anchor + crop_shape) / image_shape``, all in
+(y, x) order as produced by ``peek_image_shape`` and ``random_crop_generator``. Output: float32
+``[num_classes]`` for a 1x1 ``output_size``, else ``[num_classes, oh, ow]`` (mirrored left-right where
+``mirror`` is set). Every input is read on the host; the GPU backend uploads the batch and pools it in
+one kernel.)")
+    .NumInput(5, 6)
+    .NumOutput(1)
+    .InputDevice(0, 6, ::dali::InputDevice::CPU)
+    .InputDox(0, "logits", "TensorList of float16 or float32 [k, H, W]", "Top-k logits per map cell.")
+    .InputDox(1, "class_ids", "TensorList of integers [k, H, W]", "Class of each logit, in [0, num_classes).")
+    .InputDox(2, "crop_anchor", "TensorList [2]", "Crop start (y, x) in pixels.")
+    .InputDox(3, "crop_shape", "TensorList [2]", "Crop size (h, w) in pixels.")
+    .InputDox(4, "image_shape", "TensorList [2] or [3]", "Image shape (H, W[, C]) in pixels.")
+    .InputDox(5, "mirror", "TensorList of scalars, optional", "Non-zero where the crop is flipped left-right.")
+    .AddArg("num_classes", "Number of classes C.", DALI_INT32)
+    .AddOptionalArg("output_size", "Output grid (oh, ow); (1, 1) gives [C] targets.",
+                    std::vector<int>{1, 1})
+    .AddOptionalArg("temperature", "Softmax temperature.", 1.0f)
+    .AddOptionalArg("apply_softmax", "Return probabilities (true) or pooled logits / temperature.", true)
+    .AddOptionalArg("layout", R"(How boxes meet the map: "HW" pools map rows along the image's height
+(geometric); "WH" pools the transposed box, as the ReLabel authors' loader does.)", std::string("HW"));

@@ -1,0 +1,103 @@
+// relabel.label_pooling: the fused ReLabel LabelPooling operator for DALI.
+//
+// Per sample it takes the top-k label map (logits and class ids, [k, H, W]), the crop window DALI
+// used (anchor and shape in HW order, the image shape as given by peek_image_shape) and an optional
+// mirror flag, and produces the soft target softmax(RoIAlign(dense map, crop box) / T): [C] for a 1x1
+// output grid, [C, oh, ow] otherwise. The dense [C, H, W] map is never built: RoIAlign is linear, so
+// the per-cell weights are computed from the box and each of the k*H*W logits is added once into its
+// class (classes outside the top-k keep logit 0, as in the reference).
+//
+// All inputs are read on the host (they are small), where they are validated; a bad sample is
+// reported as a DALI error naming it. The GPU backend uploads the packed batch once and runs one
+// kernel per batch on the workspace stream.
+#ifndef DALI_RELABEL_LABEL_POOLING_H_
+#define DALI_RELABEL_LABEL_POOLING_H_
+
+#include <string>
+#include <vector>
+
+#include "dali/pipeline/operator/operator.h"
+#include "label_pooling_math.h"
+
+namespace dali_relabel {
+
+enum InputIndex { kLogits = 0, kClassIds, kCropAnchor, kCropShape, kImageShape, kMirror };
+
+// The host-side view of one validated batch.
+struct PoolingBatch {
+  std::vector<PoolingSample> samples;
+  int k = 0, map_h = 0, map_w = 0;
+  int64_t entries_per_sample = 0;  // k * map_h * map_w
+};
+
+// Arguments and host-side preparation shared by both backends.
+class LabelPoolingParams {
+ public:
+  explicit LabelPoolingParams(const ::dali::OpSpec &spec);
+
+  int num_classes() const { return num_classes_; }
+  int out_h() const { return out_h_; }
+  int out_w() const { return out_w_; }
+  float temperature() const { return temperature_; }
+  bool apply_softmax() const { return apply_softmax_; }
+  bool transposed() const { return transposed_; }
+  int64_t output_volume() const { return static_cast<int64_t>(num_classes_) * out_h_ * out_w_; }
+
+  // Checks input shapes and types, reads boxes and flags; fills `batch`. Throws a DALI error naming
+  // the sample and the problem.
+  void Prepare(const ::dali::Workspace &ws, PoolingBatch &batch) const;
+
+  // The output shape of every sample.
+  ::dali::TensorListShape<> OutputShape(int num_samples) const;
+
+  // Converts sample `i`'s logits to float and its class ids to int32, checking every value
+  // (class id in range, logit finite). Throws a DALI error naming the sample.
+  void ReadValues(const ::dali::Workspace &ws, int i, int64_t entries, float *logits,
+                  int32_t *class_ids) const;
+
+ private:
+  int num_classes_;
+  int out_h_, out_w_;
+  float temperature_;
+  bool apply_softmax_;
+  bool transposed_;
+};
+
+// Pools one sample on the host: `out` holds num_classes * oh * ow floats.
+void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
+                    const PoolingSample &sample, const float *logits, const int32_t *class_ids,
+                    float *out);
+
+template <typename Backend>
+class LabelPooling : public ::dali::Operator<Backend> {
+ public:
+  explicit LabelPooling(const ::dali::OpSpec &spec)
+      : ::dali::Operator<Backend>(spec), params_(spec) {}
+  ~LabelPooling() override;
+
+  LabelPooling(const LabelPooling &) = delete;
+  LabelPooling &operator=(const LabelPooling &) = delete;
+
+ protected:
+  bool SetupImpl(std::vector<::dali::OutputDesc> &output_desc, const ::dali::Workspace &ws) override {
+    params_.Prepare(ws, batch_);
+    output_desc.resize(1);
+    output_desc[0].shape = params_.OutputShape(static_cast<int>(batch_.samples.size()));
+    output_desc[0].type = DALI_FLOAT;
+    return true;
+  }
+
+  void RunImpl(::dali::Workspace &ws) override;
+
+  LabelPoolingParams params_;
+  PoolingBatch batch_;
+  // GPU backend staging buffers (unused on the CPU).
+  void *host_staging_ = nullptr;
+  void *device_staging_ = nullptr;
+  size_t staging_bytes_ = 0;
+  void *staging_ready_ = nullptr;  // cudaEvent_t: the last upload from host_staging_ finished
+};
+
+}  // namespace dali_relabel
+
+#endif  // DALI_RELABEL_LABEL_POOLING_H_

@@ -1,0 +1,63 @@
+// LabelPooling math shared by the CPU and CUDA backends (no DALI dependency).
+//
+// RoIAlign with a 1x1 (or oh x ow) output is linear in the map and separable in its two axes, so the
+// weight of map cell (a, b) for output bin (p, q) is wA[a] * wB[b]. Each axis weight reproduces
+// torchvision.ops.roi_align(aligned=False, sampling_ratio=-1) exactly: ceil(roi / bins) sample
+// points per bin, bilinear interpolation with torchvision's border rules, and the average over all
+// sample points (points outside the map count, with weight 0).
+#ifndef DALI_RELABEL_LABEL_POOLING_MATH_H_
+#define DALI_RELABEL_LABEL_POOLING_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RELABEL_HD __host__ __device__
+#else
+#define RELABEL_HD
+#endif
+
+namespace dali_relabel {
+
+// One sample's pooling problem, after validation; pointers are host or device addresses.
+struct PoolingSample {
+  // Box along map axis A (rows of the stored map) and axis B (columns), in grid units, already
+  // scaled and shifted by -0.5 as the reference does.
+  float a_start, a_end, b_start, b_end;
+  int flip;          // mirror the output grid left-right
+  float *out;        // this sample's output (device address), GPU backend only
+  int64_t in_offset;   // where this sample's k*H*W entries start (elements), GPU backend only
+};
+
+// The weight of map cell `cell` (of `size` along this axis) in output bin `bin` of `bins`, for a box
+// [start, end) in grid coordinates. Matches torchvision's roi_align bilinear_interpolate.
+RELABEL_HD inline float AxisWeight(float start, float end, int size, int bins, int bin, int cell) {
+  float roi = end - start;
+  if (roi < 1.f) roi = 1.f;
+  const float bin_size = roi / static_cast<float>(bins);
+  const int grid = static_cast<int>(ceilf(roi / static_cast<float>(bins)));
+  const int samples = grid > 0 ? grid : 1;
+  float total = 0.f;
+  for (int s = 0; s < grid; s++) {
+    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
+    if (y < -1.f || y > static_cast<float>(size)) continue;
+    if (y <= 0.f) y = 0.f;
+    int low = static_cast<int>(y);
+    int high;
+    if (low >= size - 1) {
+      high = low = size - 1;
+      y = static_cast<float>(low);
+    } else {
+      high = low + 1;
+    }
+    const float l = y - low;
+    const float h = 1.f - l;
+    if (low == cell) total += h;
+    if (high == cell) total += l;
+  }
+  return total / static_cast<float>(samples);
+}
+
+}  // namespace dali_relabel
+
+#endif  // DALI_RELABEL_LABEL_POOLING_MATH_H_

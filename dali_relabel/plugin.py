@@ -1,0 +1,148 @@
+"""Find, check, build if needed, and load the label-pooling DALI plugin (once per process).
+
+A library is loaded only if its ``manifest.json`` says it was built from these sources for the DALI
+running now (version, flavour, library size); anything else is skipped, never loaded, because a
+plugin built for another DALI fails with undefined symbols or worse. Places looked at, in order:
+
+1. ``$DALI_RELABEL_PLUGIN_DIR`` (a directory holding the library and its manifest);
+2. ``dali_relabel/_prebuilt/`` (built by ``setup.py`` when DALI was importable at install time);
+3. the per-DALI cache ``~/.cache/dali_relabel/plugin/<dali version>-<flavour>-<source hash>/``.
+
+If none fits, the plugin is compiled into the cache (once, under a file lock, so DDP ranks and DALI
+workers wait for one build) unless ``DALI_RELABEL_NO_BUILD=1``; then a :class:`PluginError` says how
+to build it (``dali-relabel build-plugin``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+from . import plugin_build
+
+_loaded: Optional[Dict] = None
+
+
+class PluginError(RuntimeError):
+    """The plugin is missing, stale or failed to build; the message says how to fix it."""
+
+
+def _cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dali_relabel", "plugin")
+
+
+def cache_dir(identity: Dict) -> str:
+    """The cache directory for the running DALI and these sources."""
+    flavour = str(identity["dali_flavour"]).replace("nvidia-dali-", "")
+    return os.path.join(_cache_root(), f"{identity['dali_version']}-{flavour}-{plugin_build.source_hash()}")
+
+
+def _candidates() -> List[str]:
+    dirs = []
+    if os.environ.get("DALI_RELABEL_PLUGIN_DIR"):
+        dirs.append(os.environ["DALI_RELABEL_PLUGIN_DIR"])
+    dirs.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_prebuilt"))
+    return dirs
+
+
+def _mismatch(directory: str, identity: Dict, want_cuda: bool) -> Optional[str]:
+    """Why the library in ``directory`` must not be loaded, or ``None`` if it fits."""
+    manifest_path = os.path.join(directory, plugin_build.MANIFEST_NAME)
+    if not os.path.isfile(os.path.join(directory, plugin_build.LIBRARY_NAME)):
+        return "no library"
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return "no readable manifest"
+    for key in ("dali_version", "dali_flavour", "libdali_bytes"):
+        if manifest.get(key) != identity[key]:
+            return f"built for {key}={manifest.get(key)!r}, running {identity[key]!r}"
+    if manifest.get("source_hash") != plugin_build.source_hash():
+        return "built from other sources"
+    if want_cuda and not manifest.get("cuda"):
+        return "built without the CUDA backend, and nvcc is available now"
+    return None
+
+
+def load_plugin(build: Optional[bool] = None) -> Dict:
+    """Load the plugin into DALI (idempotent); returns its manifest.
+
+    Args:
+        build: compile it if no fitting library exists; default: yes unless
+            ``DALI_RELABEL_NO_BUILD=1``.
+    """
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    try:
+        import nvidia.dali.plugin_manager as plugin_manager
+    except ImportError:
+        raise PluginError("NVIDIA DALI is not installed. Install one flavour: "
+                          "pip install 'dali-relabel[cuda120]' (or [cuda130] on CUDA 13)") from None
+    identity = plugin_build.dali_identity()
+    want_cuda = plugin_build.find_nvcc() is not None
+    rejected = []
+    for directory in _candidates() + [cache_dir(identity)]:
+        reason = _mismatch(directory, identity, want_cuda)
+        if reason is None:
+            return _load(plugin_manager, directory)
+        if reason != "no library":
+            rejected.append(f"{directory}: {reason}")
+    if build is None:
+        build = os.environ.get("DALI_RELABEL_NO_BUILD", "0") != "1"
+    how = "run `dali-relabel build-plugin` (needs a C++ compiler, CUDA headers, and nvcc for the GPU backend)"
+    if not build:
+        detail = ("; skipped: " + "; ".join(rejected)) if rejected else ""
+        raise PluginError(f"no dali-relabel plugin fits DALI {identity['dali_version']} "
+                          f"({identity['dali_flavour']}){detail}. To build it, {how}.")
+    target = cache_dir(identity)
+    _build_locked(target, identity, want_cuda, how)
+    return _load(plugin_manager, target)
+
+
+def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> None:
+    from filelock import FileLock
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileLock(target + ".lock"):
+        if _mismatch(target, identity, want_cuda) is None:
+            return  # another process built it while we waited
+        print(f"dali-relabel: building the label-pooling plugin for DALI {identity['dali_version']} "
+              f"({'CPU + CUDA' if want_cuda else 'CPU only'}; once per DALI version, about a minute) "
+              f"into {target}", file=sys.stderr, flush=True)
+        try:
+            plugin_build.build_plugin(target)
+        except plugin_build.PluginBuildError as error:
+            raise PluginError(f"building the plugin failed: {error}\nFix the cause, then {how}.") from None
+
+
+def _load(plugin_manager, directory: str) -> Dict:
+    global _loaded
+    plugin_manager.load_library(os.path.join(directory, plugin_build.LIBRARY_NAME))
+    with open(os.path.join(directory, plugin_build.MANIFEST_NAME)) as f:
+        _loaded = dict(json.load(f), directory=directory)
+    return _loaded
+
+
+def require_gpu_backend() -> None:
+    """Raise :class:`PluginError` unless the loaded plugin has its CUDA backend."""
+    manifest = load_plugin()
+    if not manifest.get("cuda"):
+        raise PluginError("the dali-relabel plugin was built without its CUDA backend (nvcc was not "
+                          "found). Install the CUDA toolkit, set CUDA_HOME, and run "
+                          "`dali-relabel build-plugin --force`.")
+
+
+def rebuild(force: bool = True, with_cuda: Optional[bool] = None, verbose: bool = True) -> Dict:
+    """Build the plugin for the running DALI into the cache (``dali-relabel build-plugin``)."""
+    identity = plugin_build.dali_identity()
+    target = cache_dir(identity)
+    want_cuda = plugin_build.find_nvcc() is not None if with_cuda is None else with_cuda
+    if not force and _mismatch(target, identity, want_cuda) is None:
+        with open(os.path.join(target, plugin_build.MANIFEST_NAME)) as f:
+            return dict(json.load(f), directory=target)
+    manifest = plugin_build.build_plugin(target, with_cuda=with_cuda, verbose=verbose)
+    return dict(manifest, directory=target)

@@ -1,0 +1,110 @@
+"""Reference LabelPooling: the ReLabel authors' semantics written plainly in PyTorch (the test oracle).
+
+For each sample: scatter the top-k logits into a dense zero map ``[C, H, W]`` (classes outside the
+top-k keep logit 0 and still take part in the softmax), RoIAlign it over the crop box with
+``torchvision.ops.roi_align(output_size, sampling_ratio=-1, aligned=False)`` and the box scaled to the
+grid and shifted by -0.5, mirror the pooled grid for flipped samples, and softmax over classes.
+
+Box convention: boxes are ``(y0, x0, y1, x1)`` fractions of the image. The map layout decides how they
+meet the map (see ``docs/store_format.md``): ``"HW"`` pools map rows ``y0..y1`` and columns ``x0..x1``;
+``"WH"`` pools the transposed box exactly as the authors' loader does (their ``(y0, x0, y1, x1)`` box
+handed to ``roi_align``, which reads ``(x1, y1, x2, y2)``). Outputs are always geometric: for an
+output grid ``(oh, ow)`` the target is ``[C, oh, ow]`` with ``oh`` along the image's height.
+
+This builds the dense ``[B, C, H, W]`` map on purpose; the fused operator must match it without doing so.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+
+def crop_boxes(anchors, shapes, image_shapes) -> torch.Tensor:
+    """Normalised crop boxes ``[B, 4]`` = ``(y0, x0, y1, x1)`` from DALI crop windows.
+
+    Args:
+        anchors: ``[B, 2]`` crop anchor ``(y, x)`` in pixels (``random_crop_generator`` order).
+        shapes: ``[B, 2]`` crop shape ``(h, w)`` in pixels.
+        image_shapes: ``[B, >=2]`` image shape ``(H, W[, C])`` (``peek_image_shape`` order).
+    """
+    anchors = torch.as_tensor(np.asarray(anchors), dtype=torch.float64).reshape(-1, 2)
+    shapes = torch.as_tensor(np.asarray(shapes), dtype=torch.float64).reshape(-1, 2)
+    sizes = torch.as_tensor(np.asarray(image_shapes), dtype=torch.float64)[:, :2]
+    start = anchors / sizes
+    end = (anchors + shapes) / sizes
+    return torch.cat([start, end], dim=1).float()
+
+
+def dense_label_maps(logits: torch.Tensor, class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Scatter top-k ``logits [B, k, H, W]`` at ``class_ids`` into zeros ``[B, C, H, W]`` (float32)."""
+    b, _, h, w = logits.shape
+    dense = torch.zeros(b, num_classes, h, w, dtype=torch.float32, device=logits.device)
+    return dense.scatter_(1, class_ids.long(), logits.float())
+
+
+def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: str = "HW",
+                            output_size: Sequence[int] = (1, 1), flips=None,
+                            temperature: float = 1.0, apply_softmax: bool = True) -> torch.Tensor:
+    """Soft targets by the authors' method.
+
+    Args:
+        logits: ``[B, k, H, W]`` top-k logits (any float dtype).
+        class_ids: ``[B, k, H, W]`` class of each logit.
+        boxes: ``[B, 4]`` ``(y0, x0, y1, x1)`` in image fractions (see :func:`crop_boxes`).
+        num_classes: C.
+        layout: ``"HW"`` or ``"WH"`` (module docstring).
+        output_size: ``(oh, ow)`` target grid.
+        flips: ``[B]`` flags; a flipped sample's grid is mirrored left-right.
+        temperature: divides the pooled logits before the softmax.
+        apply_softmax: return pooled logits instead of probabilities when ``False``.
+
+    Returns:
+        ``[B, C]`` float32 for a 1x1 grid, else ``[B, C, oh, ow]``.
+    """
+    if layout not in ("HW", "WH"):
+        raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
+    logits = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits)
+    class_ids = torch.as_tensor(np.asarray(class_ids) if not torch.is_tensor(class_ids) else class_ids)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    dense = dense_label_maps(logits, class_ids, num_classes)
+    b, _, map_h, map_w = dense.shape
+    oh, ow = (int(s) for s in output_size)
+    y0, x0, y1, x1 = boxes.unbind(1)
+    if layout == "HW":
+        rois = torch.stack([x0 * map_w, y0 * map_h, x1 * map_w, y1 * map_h], dim=1) - 0.5
+        pooled = roi_align(dense, _with_batch_index(rois), output_size=(oh, ow),
+                           sampling_ratio=-1, aligned=False)
+    else:
+        # The authors' call: the (y0, x0, y1, x1) box read by roi_align as (x1, y1, x2, y2).
+        rois = torch.stack([y0 * map_w, x0 * map_h, y1 * map_w, x1 * map_h], dim=1) - 0.5
+        pooled = roi_align(dense, _with_batch_index(rois), output_size=(ow, oh),
+                           sampling_ratio=-1, aligned=False).transpose(-1, -2)
+    if flips is not None:
+        flips = torch.as_tensor(np.asarray(flips)).reshape(-1).bool()
+        pooled = torch.where(flips.view(-1, 1, 1, 1), pooled.flip(-1), pooled)
+    if apply_softmax:
+        pooled = torch.softmax(pooled / temperature, dim=1)
+    else:
+        pooled = pooled / temperature
+    return pooled.reshape(b, num_classes) if (oh, ow) == (1, 1) else pooled.contiguous()
+
+
+def _with_batch_index(rois: torch.Tensor) -> torch.Tensor:
+    index = torch.arange(len(rois), dtype=rois.dtype).view(-1, 1)
+    return torch.cat([index, rois], dim=1)
+
+
+def pooled_from_crops(logits, class_ids, anchors, shapes, image_shapes, num_classes: int,
+                      **kwargs) -> torch.Tensor:
+    """:func:`reference_label_pooling` for DALI crop windows (anchor, shape, image shape)."""
+    return reference_label_pooling(logits, class_ids, crop_boxes(anchors, shapes, image_shapes),
+                                   num_classes, **kwargs)
+
+
+def grid_cell_box(cell: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """The ``(y0, x0, y1, x1)`` box that covers exactly one map cell ``(i, j)`` of a ``grid``."""
+    (i, j), (h, w) = cell, grid
+    return torch.tensor([[i / h, j / w, (i + 1) / h, (j + 1) / w]], dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""DALI pipeline definitions and ready recipes (installed as ``dali_relabel.pipelines``)."""

@@ -1,0 +1,59 @@
+"""Install dali-relabel and, when the DALI that will run it is importable, build its plugin.
+
+The plugin (``dali_relabel/csrc``) must be compiled against the exact DALI it is loaded into. pip's
+isolated build environment has no DALI (or another one), so by default nothing is compiled here and
+the package builds the plugin on first use into a per-DALI-version cache (``dali-relabel
+build-plugin`` does it explicitly). With ``pip install --no-build-isolation`` and DALI installed, the
+plugin is built now and shipped inside the package.
+"""
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+class BuildPyWithPlugin(build_py):
+    def run(self):
+        super().run()
+        if os.environ.get("DALI_RELABEL_SKIP_PLUGIN_BUILD"):
+            return
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            print("dali-relabel: DALI is not importable in this build environment; the plugin will be "
+                  "built on first use (or run `dali-relabel build-plugin`).")
+            return
+        from dali_relabel.plugin_build import build_plugin
+
+        target = os.path.join(self.build_lib, "dali_relabel", "_prebuilt")
+        try:
+            build_plugin(target)
+        except Exception as error:  # a failed optional build must not fail the install
+            print(f"dali-relabel: plugin not prebuilt ({error}); it will be built on first use.")
+
+
+extras_test = ["pytest>=7", "hypothesis>=6"]
+setup(
+    name="dali-relabel",
+    version="0.1.0",
+    description="GPU data loading with ReLabel soft targets (label-map pooling) on NVIDIA DALI",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["dali_relabel", "dali_relabel.pipelines"],
+    package_dir={"dali_relabel.pipelines": "pipelines"},
+    package_data={"dali_relabel": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
+    install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "matplotlib", "filelock"],
+    extras_require={
+        # Exactly one DALI flavour: both install the same `nvidia.dali` package and would fight.
+        "cuda120": ["nvidia-dali-cuda120>=2.4"],
+        "cuda130": ["nvidia-dali-cuda130>=2.4"],
+        "test": extras_test,
+        "dev": ["nvidia-dali-cuda120>=2.4"] + extras_test,
+    },
+    entry_points={"console_scripts": ["dali-relabel=dali_relabel.cli:main"]},
+    cmdclass={"build_py": BuildPyWithPlugin},
+)
