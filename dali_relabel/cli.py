@@ -1,0 +1,153 @@
+"""The ``dali-relabel`` command line: one subcommand per job.
+
+convert       the authors' per-image .pt maps -> one HDF5 store
+info          header, counts and sanity statistics of a store
+show          an image with its label map drawn over it (PNG)
+build-plugin  compile the fused operator for the installed DALI
+demo          the whole path on generated data, no GPU needed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_convert(args) -> int:
+    from .convert import ConversionError, convert_release
+
+    class_names = None
+    if args.class_names:
+        with open(args.class_names) as f:
+            class_names = [line.strip() for line in f if line.strip()]
+    try:
+        report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
+                                 class_names=class_names, allow_missing=args.allow_missing,
+                                 workers=args.workers, restart=args.restart, progress=not args.quiet)
+    except (ConversionError, ValueError, FileNotFoundError) as error:
+        print(f"dali-relabel convert: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out}.partial keeps the rows written so far; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .store import LabelStore, StoreError, summarize
+
+    try:
+        store = LabelStore(args.store, check_values=not args.fast)
+        if args.verify:
+            store.verify_checksum()
+    except StoreError as error:
+        print(f"dali-relabel info: {error}", file=sys.stderr)
+        return 2
+    summary = summarize(store)
+    if args.verify:
+        summary["checksum"] = "verified"
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        width = max(len(key) for key in summary)
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from .show import show_store_row
+    from .store import LabelStore, StoreError
+
+    try:
+        store = LabelStore(args.store, check_values=False)
+        out = show_store_row(store, args.index, args.image_root, args.out, layout=args.layout,
+                             both_layouts=args.both)
+    except (StoreError, FileNotFoundError, IndexError) as error:
+        print(f"dali-relabel show: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_build_plugin(args) -> int:
+    from .plugin import PluginError, rebuild
+    from .plugin_build import PluginBuildError
+
+    try:
+        manifest = rebuild(force=args.force, with_cuda=False if args.cpu_only else None)
+    except (PluginError, PluginBuildError) as error:
+        print(f"dali-relabel build-plugin: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, num_classes=args.classes, images_per_class=args.images_per_class,
+             epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert the authors' .pt label maps into one store")
+    p.add_argument("--maps", required=True, help="release root: <wnid>/<stem>.pt")
+    p.add_argument("--images", required=True, help="ImageFolder root of the same images")
+    p.add_argument("--out", required=True, help="store to write (.h5)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--class-names", help="file with one class name per line, in class-id order")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip images without a map and ignore maps without an image (counted)")
+    p.add_argument("--workers", type=int, default=None, help="map-loading processes (default: all cores)")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted conversion")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="header, counts and sanity statistics of a store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--fast", action="store_true", help="skip the scan of every value")
+    p.add_argument("--verify", action="store_true", help="recompute the content checksum")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("show", help="draw a label map over its image (PNG)")
+    p.add_argument("store")
+    p.add_argument("--index", type=int, default=0, help="store row")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--out", default="label_map.png")
+    p.add_argument("--layout", choices=["HW", "WH"], default=None, help="override the store's layout")
+    p.add_argument("--both", action="store_true", help="draw both layouts side by side")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("build-plugin", help="compile the fused operator for the installed DALI")
+    p.add_argument("--force", action="store_true", help="rebuild even if a fitting build exists")
+    p.add_argument("--cpu-only", action="store_true", help="skip the CUDA backend")
+    p.set_defaults(func=_cmd_build_plugin)
+
+    p = sub.add_parser("demo", help="the whole path on generated data (CPU is enough)")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--images-per-class", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Run the fused ``relabel.label_pooling`` operator on in-memory batches (outside a data pipeline).
+
+Used by the tests, the operator benchmark and label-map tools: it builds one small DALI pipeline
+whose external sources read the batch handed to :meth:`FusedLabelPooling.__call__`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _field_reader(feed, index: int):
+    return lambda: feed(index)
+
+
+class FusedLabelPooling:
+    """The fused operator as a function of host arrays.
+
+    Args:
+        num_classes: C.
+        max_batch_size: the largest batch that will be passed.
+        layout, output_size, temperature, apply_softmax: the operator's arguments.
+        device: ``"cpu"`` or ``"gpu"`` (the CUDA backend; results are copied back to the host).
+        num_threads: DALI CPU threads.
+
+    Calling it with ``logits [B, k, H, W]``, ``class_ids [B, k, H, W]``, ``anchors [B, 2]``,
+    ``shapes [B, 2]``, ``image_shapes [B, 2 or 3]`` and optional ``mirror [B]`` returns a float32
+    tensor ``[B, C]`` (or ``[B, C, oh, ow]``).
+    """
+
+    def __init__(self, num_classes: int, max_batch_size: int, layout: str = "HW",
+                 output_size: Sequence[int] = (1, 1), temperature: float = 1.0,
+                 apply_softmax: bool = True, device: str = "cpu", num_threads: int = 2):
+        from nvidia.dali import fn, pipeline_def
+
+        from .plugin import load_plugin, require_gpu_backend
+
+        load_plugin()
+        if device == "gpu":
+            require_gpu_backend()
+        self._feed = None
+        feed = self._next_field
+
+        @pipeline_def(batch_size=max_batch_size, num_threads=num_threads,
+                      device_id=0 if device == "gpu" else None, prefetch_queue_depth=1)
+        def pooling_graph():
+            # Zero-argument callables: DALI would pass an iteration number to a one-argument one.
+            inputs = [fn.external_source(source=_field_reader(feed, i), batch=True) for i in range(6)]
+            return fn.relabel.label_pooling(*inputs, device=device, num_classes=num_classes,
+                                            layout=layout, output_size=list(output_size),
+                                            temperature=temperature, apply_softmax=apply_softmax)
+
+        self.device = device
+        self.pipeline = pooling_graph()
+        self.pipeline.build()
+
+    def _next_field(self, index: int):
+        return self._feed[index]
+
+    def __call__(self, logits, class_ids, anchors, shapes, image_shapes, mirror=None) -> torch.Tensor:
+        batch = len(logits)
+        mirror = np.zeros(batch, dtype=np.int32) if mirror is None else mirror
+        fields = (logits, class_ids, anchors, shapes, image_shapes, mirror)
+        # A batch given as one contiguous [B, ...] array is copied into DALI in one piece.
+        self._feed = [np.ascontiguousarray(np.asarray(f).reshape(batch, -1) if i >= 2 else np.asarray(f))
+                      for i, f in enumerate(fields)]
+        (out,) = self.pipeline.run()
+        if self.device == "gpu":
+            out = out.as_cpu()
+        return torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(batch)]))

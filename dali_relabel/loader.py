@@ -1,0 +1,260 @@
+"""Drop-in iterators: ``for images, targets in ReLabelLoader(...)`` in an ordinary PyTorch loop.
+
+:class:`ReLabelLoader` builds the training graph (``pipelines/graphs.py``) over an image tree and its
+label store and yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's
+device; :class:`ValidationLoader` yields ``(images, labels)``. Both have ``__len__``, reshuffle every
+epoch, shard by **global** rank (from ``torch.distributed`` or the ``torchrun`` environment), and never
+yield padding samples.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .imagefolder import list_images
+from .sources import PADDING, SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
+from .store import LabelStore, StoreError
+
+
+def distributed_rank_and_world() -> tuple:
+    """``(global rank, world size)`` from ``torch.distributed``, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``"gpu"`` or ``"cpu"``; ``None``/``"auto"`` picks the GPU when torch sees one."""
+    if device in (None, "auto"):
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='gpu' was requested but torch sees no CUDA GPU")
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+
+
+def check_store_matches_images(store: LabelStore, image_root: str, allow_extra_images: bool = False) -> None:
+    """Refuse a store that does not describe the images under ``image_root`` (first offending path).
+
+    Every store row needs its image; every image under the root needs a row (unless
+    ``allow_extra_images``); the class folder of each row must be the class name of its label.
+    """
+    images = list_images(image_root, classes=None)
+    on_disk = set(images.relpaths)
+    for row, path in enumerate(store.paths):
+        if path not in on_disk:
+            raise StoreError(store.path, f"row {row} refers to {path}, which is not under {image_root} "
+                                         "(is this store made for another image set?)")
+    if not allow_extra_images and len(on_disk) != len(store.paths):
+        in_store = set(store.paths)
+        extra = next(p for p in images.relpaths if p not in in_store)
+        raise StoreError(store.path, f"{len(on_disk) - len(in_store)} images under {image_root} have no "
+                                     f"map, first: {extra}")
+    for row, path in enumerate(store.paths):
+        label = int(store.labels[row])
+        folder = path.split("/", 1)[0]
+        if label >= 0 and store.class_names[label] != folder:
+            raise StoreError(store.path, f"row {row} ({path}) has label {label} = "
+                                         f"{store.class_names[label]!r}, but lies in folder {folder!r}")
+
+
+def _start_method(config: DataConfig) -> str:
+    # Forking after CUDA is initialised breaks the workers; spawn is the safe choice then.
+    if config.py_start_method == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "spawn"
+    return config.py_start_method
+
+
+class _DaliLoader:
+    """Common machinery: one DALI pipeline, its generic iterator, and padding removal."""
+
+    output_map: List[str] = []
+
+    def __init__(self, pipe, plan: EpochPlan, source: SampleSource, device: str):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.plan = plan
+        self.source = source
+        self.device = device
+        self.pipeline = pipe
+        pipe.start_py_workers()
+        pipe.build()
+        self._iterator = DALIGenericIterator([pipe], self.output_map, size=-1, auto_reset=True,
+                                             prepare_first_batch=False)
+        self.epoch = 0
+        self.skipped_images = 0
+        self._batch_in_epoch = 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def _batches(self):
+        self._batch_in_epoch = 0
+        try:
+            for outputs in self._iterator:
+                batch = outputs[0]
+                status = batch["valid"].reshape(-1).cpu()
+                self.skipped_images += int((status == SKIPPED).sum())
+                keep = status == VALID
+                self._batch_in_epoch += 1
+                if bool(keep.all()):
+                    yield batch
+                elif bool(keep.any()):
+                    index = keep.nonzero().reshape(-1)
+                    yield {name: value[index.to(value.device)] for name, value in batch.items()}
+        except RuntimeError as error:
+            raise self._explain(error) from error
+        self.epoch += 1
+
+    def _explain(self, error: RuntimeError) -> Exception:
+        """Name the file behind a decoder failure: check the images of the failed batch."""
+        rows, _ = self.plan.rows(self.epoch + self.source.epoch_offset)
+        start = self._batch_in_epoch * self.plan.batch_size
+        suspects = rows[start:start + self.plan.batch_size]
+        from PIL import Image
+
+        for row in suspects:
+            path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except Exception as decode_error:
+                return BadImageError(f"{path}: cannot be decoded ({decode_error}); DALI said: "
+                                     f"{str(error).splitlines()[0]}")
+        return error
+
+
+class ReLabelLoader(_DaliLoader):
+    """Training batches ``(images, soft_targets)`` with ReLabel targets from a label store.
+
+    Args:
+        image_root: the ImageFolder tree; store row paths are relative to it.
+        store: path of the label store (or an open :class:`LabelStore`).
+        batch_size: samples per batch on this rank.
+        config: data settings (:class:`DataConfig`); ``config.layout`` overrides the store's.
+        device: ``"gpu"`` (decode on ``mixed``, pool on the GPU), ``"cpu"``, or ``"auto"``.
+        device_id: CUDA device for ``"gpu"`` (default: the current torch device).
+        rank, world_size: default from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
+        shuffle: new permutation every epoch.
+        return_labels: yield ``(images, targets, labels)``.
+        return_rows: also yield the store rows of the batch (last element).
+        check_files: at start-up, refuse a store whose rows do not match the image tree.
+        skip_bad_images: replace undecodable images instead of raising (counted in
+            :attr:`skipped_images`).
+        start_epoch: epoch number of the first epoch (resuming).
+
+    Images are ``[B, 3, S, S]`` (``[B, S, S, 3]`` with ``channels_last``) float16/float32, targets
+    ``[B, C]`` float32 (``[B, C, oh, ow]`` for an output grid). With ``last_batch="pad"`` the last
+    batch may be smaller; it never contains padding.
+    """
+
+    output_map = ["images", "targets", "labels", "rows", "valid"]
+
+    def __init__(self, image_root, store, batch_size: int, config: Optional[DataConfig] = None,
+                 device: Optional[str] = "auto", device_id: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
+                 return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
+                 skip_bad_images: bool = False, start_epoch: int = 0):
+        from .plugin import load_plugin, require_gpu_backend
+        from .pipelines.graphs import train_pipeline
+
+        self.config = config = config or DataConfig()
+        self.store = store if isinstance(store, LabelStore) else LabelStore(store)
+        self.image_root = os.fspath(image_root)
+        if check_files:
+            check_store_matches_images(self.store, self.image_root)
+        default_rank, default_world = distributed_rank_and_world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        self.layout = config.layout or self.store.layout
+        self.num_classes = self.store.num_classes
+        device = resolve_device(device)
+        load_plugin()
+        if device == "gpu":
+            require_gpu_backend()
+            device_id = torch.cuda.current_device() if device_id is None else device_id
+        else:
+            device_id = None
+        plan = EpochPlan(len(self.store), batch_size, rank, world_size, seed=config.seed,
+                         shuffle=shuffle, last_batch=config.last_batch)
+        source = SampleSource(self.image_root, self.store.paths, self.store.labels, plan,
+                              store_path=self.store.path, epoch_offset=start_epoch,
+                              skip_bad_images=skip_bad_images)
+        pipe = train_pipeline(source, config, self.num_classes, self.layout,
+                              decoder_device="mixed" if device == "gpu" else "cpu",
+                              batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                              seed=config.seed * 1000 + rank + 7919 * start_epoch,
+                              py_num_workers=config.py_num_workers, py_start_method=_start_method(config),
+                              prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+        self.return_labels = return_labels
+        self.return_rows = return_rows
+        super().__init__(pipe, plan, source, device)
+        self.epoch = start_epoch
+
+    def __iter__(self):
+        for batch in self._batches():
+            out = [batch["images"], batch["targets"]]
+            if self.return_labels:
+                out.append(batch["labels"].reshape(-1).long())
+            if self.return_rows:
+                out.append(batch["rows"].reshape(-1))
+            yield tuple(out)
+
+
+class ValidationLoader(_DaliLoader):
+    """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once.
+
+    Args:
+        image_root: the tree (``root/<class>/<image>``).
+        batch_size: samples per batch on this rank.
+        config: data settings (``val_resize``, ``image_size``, normalisation).
+        classes: class names in label order (default: sorted folders; pass the store's
+            ``class_names`` when evaluating a model trained on a store).
+        return_rows: also yield the index of each image in the sorted file list (for ReaL labels).
+        Other arguments as :class:`ReLabelLoader`.
+    """
+
+    output_map = ["images", "labels", "rows", "valid"]
+
+    def __init__(self, image_root, batch_size: int, config: Optional[DataConfig] = None,
+                 device: Optional[str] = "auto", device_id: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 classes: Optional[Sequence[str]] = None, return_rows: bool = False):
+        from .pipelines.graphs import validation_pipeline
+
+        self.config = config = (config or DataConfig()).replace(last_batch="pad")
+        self.images = list_images(image_root, classes=classes)
+        default_rank, default_world = distributed_rank_and_world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        device = resolve_device(device)
+        device_id = (torch.cuda.current_device() if device_id is None else device_id) if device == "gpu" else None
+        plan = EpochPlan(len(self.images), batch_size, rank, world_size, shuffle=False, last_batch="pad")
+        source = SampleSource(self.images.root, self.images.relpaths, self.images.labels, plan)
+        pipe = validation_pipeline(source, config, decoder_device="mixed" if device == "gpu" else "cpu",
+                                   batch_size=batch_size, num_threads=config.num_threads,
+                                   device_id=device_id, seed=config.seed,
+                                   py_num_workers=config.py_num_workers,
+                                   py_start_method=_start_method(config),
+                                   prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+        self.return_rows = return_rows
+        super().__init__(pipe, plan, source, device)
+
+    def __iter__(self):
+        for batch in self._batches():
+            out = [batch["images"], batch["labels"].reshape(-1).long()]
+            if self.return_rows:
+                out.append(batch["rows"].reshape(-1))
+            yield tuple(out)

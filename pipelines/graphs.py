@@ -1,0 +1,104 @@
+"""DALI graphs for ReLabel training and for validation.
+
+Train: ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice(axis_names="HW")``
+(``mixed`` on a GPU, ``cpu`` without) -> ``resize`` -> ``crop_mirror_normalize`` with a ``coin_flip``
+mirror, and the fused ``relabel.label_pooling`` operator fed with the same crop window, image shape
+and mirror flag, so the soft target always describes exactly the pixels the model sees.
+
+Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
+
+Both graphs run with ``device_id=None`` (CPU only). Execution settings (batch size, threads, device,
+seed) are given where a graph is built: ``train_pipeline(..., batch_size=..., device_id=...)``.
+"""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from dali_relabel.config import DataConfig
+from dali_relabel.sources import SampleSource, describe_outputs
+
+# Largest ImageNet training images are about 5,980 x 6,430; hints spare the mixed decoder regrowing.
+_BYTES_PER_SAMPLE_HINT = 1 << 20  # per output slot in shared memory; a JPEG fits, grows if not
+_DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
+
+
+def _external_source(source: SampleSource, config: DataConfig, with_maps: bool):
+    names, dtypes, ndims = describe_outputs(with_maps)
+    outputs = fn.external_source(source=source, num_outputs=len(names), parallel=True, batch=False,
+                                 dtype=dtypes, ndim=ndims, prefetch_queue_depth=config.prefetch_queue_depth,
+                                 bytes_per_sample_hint=_BYTES_PER_SAMPLE_HINT)
+    return dict(zip(names, outputs))
+
+
+def _normalize(images, config: DataConfig, mirror=None):
+    kwargs = {} if mirror is None else {"mirror": mirror}
+    dtype = types.FLOAT16 if config.output_dtype == "float16" else types.FLOAT
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC" if config.channels_last else "CHW",
+                                    mean=list(config.mean), std=list(config.std), **kwargs)
+
+
+def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
+    args = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=config.adjust_orientation)
+    if decoder_device == "mixed":
+        args.update(hw_decoder_load=config.hw_decoder_load, **_DECODER_HINTS)
+    return args
+
+
+@pipeline_def
+def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, layout: str,
+                   decoder_device: str = "cpu"):
+    """ReLabel training graph. Outputs: images, soft targets, labels, rows, valid.
+
+    Args:
+        source: a :class:`SampleSource` with a store.
+        config: data settings.
+        num_classes: C of the soft targets.
+        layout: ``"HW"`` or ``"WH"``, how boxes meet the maps.
+        decoder_device: ``"mixed"`` (GPU decode; targets pooled on the GPU too) or ``"cpu"``.
+    """
+    data = _external_source(source, config, with_maps=True)
+    jpegs = data["jpegs"]
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
+    anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
+                                            random_aspect_ratio=list(config.ratio),
+                                            num_attempts=config.num_attempts)
+    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
+                                     **_decoder_args(decoder_device, config))
+    images = fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    mirror = fn.random.coin_flip(probability=config.flip_probability)
+    images = _normalize(images, config, mirror)
+    targets = fn.relabel.label_pooling(
+        data["logits"], data["class_ids"], anchor, crop, shape, mirror,
+        device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
+        output_size=list(config.output_size), temperature=config.temperature, layout=layout)
+    return images, targets, data["labels"], data["rows"], data["valid"]
+
+
+@pipeline_def
+def validation_pipeline(source: SampleSource, config: DataConfig, decoder_device: str = "cpu"):
+    """Validation graph: resize shorter side, centre crop. Outputs: images, labels, rows, valid."""
+    data = _external_source(source, config, with_maps=False)
+    images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
+    images = fn.resize(images, resize_shorter=config.val_resize, antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    images = fn.crop(images, crop=[config.image_size, config.image_size],
+                     out_of_bounds_policy="pad")
+    images = _normalize(images, config)
+    return images, data["labels"], data["rows"], data["valid"]
+
+
+@pipeline_def
+def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
+                         shard_id: int = 0, num_shards: int = 1):
+    """The plain DALI baseline: ``readers.file`` + random-resized crop + flip + normalize, hard labels."""
+    jpegs, labels = fn.readers.file(file_root=file_root, random_shuffle=True, shard_id=shard_id,
+                                    num_shards=num_shards, pad_last_batch=True, name="Reader")
+    images = fn.decoders.image_random_crop(jpegs, random_area=list(config.scale),
+                                           random_aspect_ratio=list(config.ratio),
+                                           num_attempts=config.num_attempts,
+                                           **_decoder_args(decoder_device, config))
+    images = fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    images = _normalize(images, config, fn.random.coin_flip(probability=config.flip_probability))
+    return images, labels

@@ -1,0 +1,68 @@
+"""Shared factories for the tests: small JPEG trees, random top-k maps, release-format map files."""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+
+def make_jpeg_tree(root, num_classes: int, per_class: int, size: Tuple[int, int] = (12, 16),
+                   seed: int = 0, sizes: Sequence[Tuple[int, int]] = None) -> List[str]:
+    """Write real JPEGs in ImageFolder layout ``root/class_XX/img_YYY.JPEG``.
+
+    ``size`` is (H, W) for every image unless ``sizes`` gives one (H, W) per image (in the order of
+    the returned list). Returns the relative paths, sorted the way ``list_images`` orders them.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = os.fspath(root)
+    relpaths = []
+    n = 0
+    for c in range(num_classes):
+        folder = f"class_{c:02d}"
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for i in range(per_class):
+            h, w = sizes[n] if sizes is not None else size
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            rel = f"{folder}/img_{i:03d}.JPEG"
+            Image.fromarray(pixels, "RGB").save(os.path.join(root, rel), format="JPEG", quality=90)
+            relpaths.append(rel)
+            n += 1
+    return relpaths
+
+
+def random_maps(n: int, k: int, h: int, w: int, num_classes: int, seed: int = 0):
+    """Random top-k maps: ``logits`` float16 ``[n, k, H, W]`` and ``class_ids`` ``[n, k, H, W]``
+    (int64) with ``k`` distinct ids in ``[0, num_classes)`` in every cell."""
+    if k > num_classes:
+        raise ValueError("k must not exceed num_classes")
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, size=(n, k, h, w)).astype(np.float16)
+    # argsort of random keys per cell gives a random permutation; keep its first k entries.
+    keys = rng.random((n, h, w, num_classes))
+    ids = np.argsort(keys, axis=-1)[..., :k]  # [n, H, W, k]
+    class_ids = np.ascontiguousarray(np.moveaxis(ids, -1, 1)).astype(np.int64)
+    return logits, class_ids
+
+
+def write_release_tree(maps_dir, relpaths: Sequence[str], logits, class_ids) -> List[str]:
+    """Write maps in the ReLabel authors' release format.
+
+    One file per image at ``<maps_dir>/<class>/<stem>.pt``: a float32 tensor ``[2, k, H, W]``,
+    index 0 the logits, index 1 the class ids as floats. Returns the written file paths.
+    """
+    import torch
+
+    maps_dir = os.fspath(maps_dir)
+    written = []
+    for rel, lg, ci in zip(relpaths, logits, class_ids):
+        stem = os.path.splitext(rel)[0]
+        path = os.path.join(maps_dir, stem + ".pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensor = torch.stack([torch.as_tensor(np.asarray(lg, dtype=np.float32)),
+                              torch.as_tensor(np.asarray(ci, dtype=np.float32))])
+        torch.save(tensor, path)
+        written.append(path)
+    return written

@@ -1,0 +1,596 @@
+"""The HDF5 label-map store: writing, reading, resuming and open-time validation."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+from dali_relabel.store import (FORMAT_NAME, FORMAT_VERSION, PARTIAL_SUFFIX, LabelStore, StoreError,
+                                StoreWriter, content_hash, summarize, write_store)
+from helpers import random_maps
+
+N, K, H, W, C = 10, 3, 4, 5, 7
+
+
+def _paths(n=N, prefix="cls"):
+    return [f"{prefix}_{i % 3}/img_{i:03d}.JPEG" for i in range(n)]
+
+
+@pytest.fixture
+def data():
+    logits, ids = random_maps(N, K, H, W, C, seed=1)
+    rng = np.random.default_rng(2)
+    return dict(
+        paths=_paths(),
+        logits=logits,
+        class_ids=ids,
+        labels=rng.integers(0, C, size=N).astype(np.int32),
+        image_sizes=rng.integers(20, 500, size=(N, 2)).astype(np.int32),
+        class_names=[f"n{i:08d}" for i in range(C)],
+    )
+
+
+def _write(path, d, **kw):
+    args = dict(num_classes=C, class_names=d["class_names"], layout="HW", labels=d["labels"],
+                image_sizes=d["image_sizes"], teacher="teach", teacher_input_size=475, source="test")
+    args.update(kw)
+    return write_store(path, d["paths"], d["logits"], d["class_ids"], **args)
+
+
+@pytest.fixture
+def store_path(tmp_path, data):
+    return _write(tmp_path / "maps.h5", data)
+
+
+def _writer(path, d, paths=None, **kw):
+    args = dict(num_classes=C, k=K, grid_h=H, grid_w=W, layout="HW", class_names=d["class_names"],
+                teacher="teach", teacher_input_size=475, source="test")
+    args.update(kw)
+    return StoreWriter(path, d["paths"] if paths is None else paths, **args)
+
+
+def _write_rows(writer, d, start, stop):
+    writer.write(start, d["logits"][start:stop], d["class_ids"][start:stop], d["labels"][start:stop],
+                 d["image_sizes"][start:stop])
+
+
+# --------------------------------------------------------------------------------------- round trip
+def test_round_trip_every_row_and_metadata(store_path, data):
+    with LabelStore(store_path) as store:
+        assert len(store) == N
+        assert store.paths == data["paths"]
+        assert store.class_names == data["class_names"]
+        np.testing.assert_array_equal(store.labels, data["labels"])
+        np.testing.assert_array_equal(store.image_sizes, data["image_sizes"])
+        h = store.header
+        assert (h.num_rows, h.num_classes, h.k, h.grid_h, h.grid_w) == (N, C, K, H, W)
+        assert h.map_shape == (K, H, W)
+        assert (h.layout, h.teacher, h.teacher_input_size, h.source) == ("HW", "teach", 475, "test")
+        assert store.layout == "HW" and store.num_classes == C
+        assert h.content_sha256 == content_hash(data["logits"], data["class_ids"].astype(np.uint8),
+                                                data["labels"], data["image_sizes"], data["paths"])
+        for r in range(N):
+            m = store[r]
+            assert m.logits.dtype == np.float16
+            np.testing.assert_array_equal(m.logits, data["logits"][r])
+            np.testing.assert_array_equal(m.class_ids, data["class_ids"][r])
+            assert store.row_of(data["paths"][r]) == r
+        with pytest.raises(KeyError):
+            store.row_of("nope/missing.JPEG")
+        with pytest.raises(IndexError):
+            store.read(N)
+        with pytest.raises(IndexError):
+            store.read([0, N])
+    with h5py.File(store_path, "r") as f:
+        assert f.attrs["format"] == FORMAT_NAME
+        assert int(f.attrs["format_version"]) == FORMAT_VERSION
+        assert bool(f.attrs["complete"]) is True
+        assert f["labels"].dtype == np.int32 and f["image_sizes"].dtype == np.int32
+        assert f["logits"].dtype == np.float16
+    assert not os.path.exists(str(store_path) + PARTIAL_SUFFIX)
+
+
+def test_defaults_for_labels_sizes_and_names(tmp_path, data):
+    path = write_store(tmp_path / "s.h5", data["paths"], data["logits"], data["class_ids"], num_classes=C)
+    store = LabelStore(path)
+    np.testing.assert_array_equal(store.labels, np.full(N, -1))
+    np.testing.assert_array_equal(store.image_sizes, np.zeros((N, 2)))
+    assert store.class_names == [f"class_{i}" for i in range(C)]
+    assert store.layout == "HW"
+
+
+def test_paths_are_normalised_to_slashes(tmp_path, data):
+    paths = [p.replace("/", os.sep) for p in data["paths"]]
+    path = write_store(tmp_path / "s.h5", paths, data["logits"], data["class_ids"], num_classes=C)
+    assert LabelStore(path).paths == data["paths"]
+
+
+@pytest.mark.parametrize("num_classes,dtype", [(7, np.uint8), (256, np.uint8), (257, np.uint16),
+                                               (1000, np.uint16)])
+def test_class_id_dtype(tmp_path, num_classes, dtype):
+    logits, ids = random_maps(4, 5, 3, 3, num_classes, seed=num_classes)
+    ids[0, 0, 0, 0] = num_classes - 1  # the largest id must survive the narrow type
+    ids[0, 1, 0, 0] = 0 if ids[0, 0, 0, 0] != 0 else 1
+    path = write_store(tmp_path / "s.h5", _paths(4), logits, ids, num_classes=num_classes)
+    store = LabelStore(path)
+    assert store._class_ids.dtype == dtype
+    with h5py.File(path, "r") as f:
+        assert f["class_ids"].dtype == dtype
+    np.testing.assert_array_equal(store.read(np.arange(4)).class_ids, ids)
+
+
+def test_writer_in_chunks_equals_write_store(tmp_path, data, store_path):
+    path = tmp_path / "chunks.h5"
+    writer = _writer(path, data)
+    for start, stop in ((0, 3), (3, 4), (4, 10)):
+        assert writer.rows_written == start
+        _write_rows(writer, data, start, stop)
+    assert writer.finish() == os.fspath(path)
+    a, b = LabelStore(path), LabelStore(store_path)
+    assert a.header == b.header
+    np.testing.assert_array_equal(a.read(np.arange(N)).logits, b.read(np.arange(N)).logits)
+    np.testing.assert_array_equal(a.read(np.arange(N)).class_ids, b.read(np.arange(N)).class_ids)
+
+
+def test_writer_context_manager_publishes_only_when_full(tmp_path, data):
+    full = tmp_path / "full.h5"
+    with _writer(full, data) as w:
+        _write_rows(w, data, 0, N)
+    assert os.path.exists(full) and not os.path.exists(str(full) + PARTIAL_SUFFIX)
+    half = tmp_path / "half.h5"
+    with _writer(half, data) as w:
+        _write_rows(w, data, 0, 5)
+    assert not os.path.exists(half) and os.path.exists(str(half) + PARTIAL_SUFFIX)
+
+
+def test_finish_refuses_missing_rows(tmp_path, data):
+    w = _writer(tmp_path / "s.h5", data)
+    _write_rows(w, data, 0, 4)
+    with pytest.raises(ValueError, match="only 4 of 10 rows"):
+        w.finish()
+    w.close()
+
+
+# ------------------------------------------------------------------------------------------ reading
+def test_read_unsorted_and_repeated_rows(store_path, data):
+    store = LabelStore(store_path)
+    rows = [7, 2, 2, 9, 0, 7, 3]
+    got = store.read(rows)
+    assert got.logits.shape == (len(rows), K, H, W)
+    for i, r in enumerate(rows):
+        one = store.read(r)
+        np.testing.assert_array_equal(got.logits[i], one.logits)
+        np.testing.assert_array_equal(got.class_ids[i], one.class_ids)
+        np.testing.assert_array_equal(got.logits[i], data["logits"][r])
+        np.testing.assert_array_equal(got.class_ids[i], data["class_ids"][r])
+
+
+def test_memory_mapped_fast_path(store_path):
+    store = LabelStore(store_path)
+    store.read(0)
+    assert isinstance(store._logits, np.ndarray)
+    assert isinstance(store._class_ids, np.ndarray)
+    assert summarize(store)["memory_mapped"] is True
+
+
+def _chunked_gzip_copy(src, dst):
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        for key, value in fin.attrs.items():
+            fout.attrs[key] = value
+        for name, ds in fin.items():
+            chunks = (1,) + ds.shape[1:] if ds.ndim > 1 else (max(1, min(4, ds.shape[0])),)
+            fout.create_dataset(name, data=ds[()], dtype=ds.dtype, chunks=chunks,
+                                compression="gzip", compression_opts=4)
+
+
+def test_chunked_gzip_copy_reads_identically(tmp_path, store_path, data):
+    copy = tmp_path / "gzip.h5"
+    _chunked_gzip_copy(store_path, copy)
+    with h5py.File(copy, "r") as f:
+        assert f["logits"].compression == "gzip" and f["logits"].chunks is not None
+    fast, slow = LabelStore(store_path), LabelStore(copy)
+    slow.read(0)
+    assert not isinstance(slow._logits, np.ndarray)  # falls back to h5py datasets
+    assert summarize(slow)["memory_mapped"] is False
+    assert slow.header == fast.header
+    assert slow.paths == fast.paths and slow.class_names == fast.class_names
+    np.testing.assert_array_equal(slow.labels, fast.labels)
+    np.testing.assert_array_equal(slow.image_sizes, fast.image_sizes)
+    for rows in (np.arange(N), [7, 2, 2, 9, 0, 7, 3], [5]):
+        a, b = fast.read(rows), slow.read(rows)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.class_ids, b.class_ids)
+    for r in range(N):
+        np.testing.assert_array_equal(slow.read(r).logits, data["logits"][r])
+    slow.verify_checksum()
+    slow.check_values()
+
+
+def test_pickle_round_trip(store_path, data):
+    store = LabelStore(store_path)
+    store.read(3)  # an open handle must not travel through pickle
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.paths == store.paths and clone.header == store.header
+    got = clone.read(np.arange(N))
+    np.testing.assert_array_equal(got.logits, data["logits"])
+    np.testing.assert_array_equal(got.class_ids, data["class_ids"])
+    # the original still works too
+    np.testing.assert_array_equal(store.read(4).logits, data["logits"][4])
+
+
+_FORK_STORE = None
+
+
+def _read_inherited(row):
+    m = _FORK_STORE.read(row)
+    return os.getpid(), m.logits.copy(), m.class_ids.copy()
+
+
+def _read_passed(args):
+    store, row = args
+    m = store.read(row)
+    return os.getpid(), m.logits.copy(), m.class_ids.copy()
+
+
+def test_fork_pool_reads_match_parent(store_path):
+    global _FORK_STORE
+    store = LabelStore(store_path)
+    parent = store.read(np.arange(N))  # handle opened in the parent before forking
+    _FORK_STORE = store
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(2) as pool:
+            inherited = pool.map(_read_inherited, range(N))
+            passed = pool.map(_read_passed, [(store, r) for r in range(N)])
+    finally:
+        _FORK_STORE = None
+    for results in (inherited, passed):
+        assert all(pid != os.getpid() for pid, _, _ in results)
+        for r, (_, lg, ci) in enumerate(results):
+            np.testing.assert_array_equal(lg, parent.logits[r])
+            np.testing.assert_array_equal(ci, parent.class_ids[r])
+    # the parent's handle still works after the children used theirs
+    np.testing.assert_array_equal(store.read(np.arange(N)).logits, parent.logits)
+
+
+# --------------------------------------------------------------------------- interrupted / resuming
+def test_interrupted_write_leaves_only_partial(tmp_path, data):
+    out = tmp_path / "s.h5"
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 5)
+    w.close()
+    partial = str(out) + PARTIAL_SUFFIX
+    assert not os.path.exists(out)
+    assert os.path.exists(partial)
+    with pytest.raises(StoreError) as info:
+        LabelStore(out)
+    assert partial in str(info.value) and "interrupted" in str(info.value)
+    # the partial file itself is refused as incomplete
+    with pytest.raises(StoreError, match="incomplete"):
+        LabelStore(partial)
+
+
+def test_resume_equals_uninterrupted(tmp_path, data, store_path):
+    out = tmp_path / "s.h5"
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 3)
+    _write_rows(w, data, 3, 6)
+    w.close()
+    w2 = _writer(out, data)
+    assert w2.rows_written == 6
+    with pytest.raises(ValueError, match="in order"):
+        _write_rows(w2, data, 0, 3)
+    _write_rows(w2, data, 6, N)
+    w2.finish()
+    assert not os.path.exists(str(out) + PARTIAL_SUFFIX)
+    resumed, clean = LabelStore(out), LabelStore(store_path)
+    assert resumed.header.content_sha256 == clean.header.content_sha256
+    assert resumed.header == clean.header
+    resumed.verify_checksum()
+    a, b = resumed.read(np.arange(N)), clean.read(np.arange(N))
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.class_ids, b.class_ids)
+    np.testing.assert_array_equal(resumed.labels, clean.labels)
+    np.testing.assert_array_equal(resumed.image_sizes, clean.image_sizes)
+    assert resumed.paths == clean.paths
+
+
+def test_different_plan_does_not_resume(tmp_path, data):
+    out = tmp_path / "s.h5"
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 5)
+    w.close()
+    other = _writer(out, data, paths=_paths(prefix="other"))
+    assert other.rows_written == 0
+    other.close()
+    # a different header (class count) is a different plan too
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 5)
+    w.close()
+    other = _writer(out, data, num_classes=C + 1, class_names=data["class_names"] + ["extra"])
+    assert other.rows_written == 0
+    other.close()
+    # resume=False starts over even for the same plan
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 5)
+    w.close()
+    fresh = _writer(out, data, resume=False)
+    assert fresh.rows_written == 0
+    fresh.close()
+
+
+def test_unreadable_partial_is_started_again(tmp_path, data):
+    out = tmp_path / "s.h5"
+    with open(str(out) + PARTIAL_SUFFIX, "wb") as fh:
+        fh.write(b"garbage, not hdf5" * 10)
+    w = _writer(out, data)
+    assert w.rows_written == 0
+    _write_rows(w, data, 0, N)
+    w.finish()
+    LabelStore(out).verify_checksum()
+
+
+def test_out_of_order_writes_raise(tmp_path, data):
+    w = _writer(tmp_path / "s.h5", data)
+    with pytest.raises(ValueError, match="expected row 0, got 2"):
+        _write_rows(w, data, 2, 4)
+    _write_rows(w, data, 0, 2)
+    with pytest.raises(ValueError, match="expected row 2, got 3"):
+        _write_rows(w, data, 3, 5)
+    with pytest.raises(ValueError, match="expected row 2, got 1"):
+        _write_rows(w, data, 1, 3)
+    with pytest.raises(ValueError):  # past the end
+        w.write(2, np.zeros((N, K, H, W), np.float16), np.zeros((N, K, H, W), np.int64))
+    with pytest.raises(ValueError, match="do not match"):
+        w.write(2, np.zeros((1, K, W, H), np.float16), np.zeros((1, K, W, H), np.int64))
+    assert w.rows_written == 2
+    w.close()
+
+
+def test_writer_argument_checks(tmp_path, data):
+    with pytest.raises(ValueError, match="layout"):
+        _writer(tmp_path / "a.h5", data, layout="XY")
+    with pytest.raises(ValueError, match="class names"):
+        _writer(tmp_path / "b.h5", data, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="at least one row"):
+        _writer(tmp_path / "c.h5", data, paths=[])
+
+
+@pytest.mark.parametrize("problem", ["id_high", "id_negative", "nan", "inf"])
+def test_writer_rejects_bad_values_before_writing(tmp_path, data, problem):
+    w = _writer(tmp_path / "s.h5", data)
+    logits = data["logits"][:3].astype(np.float32)
+    ids = data["class_ids"][:3].copy()
+    if problem == "id_high":
+        ids[2, 0, 1, 1] = C
+        match = f"class id {C} is outside"
+    elif problem == "id_negative":
+        ids[2, 0, 1, 1] = -1
+        match = "class id -1 is outside"
+    elif problem == "nan":
+        logits[2, 1, 0, 0] = np.nan
+        match = "not finite"
+    else:
+        logits[2, 1, 0, 0] = np.inf
+        match = "not finite"
+    with pytest.raises(ValueError, match=match):
+        w.write(0, logits, ids)
+    assert w.rows_written == 0
+    # nothing of the rejected batch reached the file, not even its good first rows
+    assert not np.any(w._file["logits"][0:3])
+    assert not np.any(w._file["class_ids"][0:3])
+    _write_rows(w, data, 0, N)
+    w.finish()
+    LabelStore(tmp_path / "s.h5").verify_checksum()
+
+
+def test_writer_rejects_logits_that_overflow_float16(tmp_path, data):
+    """A float32 logit beyond float16's range (65504) becomes inf when stored; the writer must not
+    publish a store that its own reader then refuses."""
+    logits = data["logits"].astype(np.float32)
+    logits[4, 0, 2, 2] = 1.0e5
+    path = tmp_path / "s.h5"
+    try:
+        write_store(path, data["paths"], logits, data["class_ids"], num_classes=C)
+    except ValueError:
+        return  # rejected at write time: fine
+    LabelStore(path, check_values=True)  # otherwise the store it published must be valid
+
+
+# ------------------------------------------------------------------------------------- validation
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        LabelStore(tmp_path / "absent.h5")
+
+
+def test_not_hdf5(tmp_path):
+    path = tmp_path / "random.h5"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(StoreError, match="cannot be opened as HDF5") as info:
+        LabelStore(path)
+    assert info.value.path == os.fspath(path)
+    assert os.fspath(path) in str(info.value)
+
+
+def _edit_attrs(path, **attrs):
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+def test_wrong_format_attr(store_path):
+    _edit_attrs(store_path, format="something-else")
+    with pytest.raises(StoreError, match="not a dali-relabel label store"):
+        LabelStore(store_path)
+
+
+def test_other_hdf5_file_is_not_a_store(tmp_path):
+    """An arbitrary HDF5 file (no store attributes, no store datasets) must be refused with a
+    StoreError, not crash with a KeyError."""
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("weights", data=np.zeros(3))
+    with pytest.raises(StoreError, match="not a dali-relabel label store"):
+        LabelStore(path)
+
+
+def test_unsupported_version(store_path):
+    _edit_attrs(store_path, format_version=2)
+    with pytest.raises(StoreError, match="format version 2 is not supported"):
+        LabelStore(store_path)
+
+
+def test_incomplete_flag(store_path):
+    _edit_attrs(store_path, complete=False)
+    with pytest.raises(StoreError, match="incomplete"):
+        LabelStore(store_path)
+
+
+def test_missing_header_attribute(store_path):
+    with h5py.File(store_path, "r+") as f:
+        del f.attrs["grid_w"]
+    with pytest.raises(StoreError, match="grid_w"):
+        LabelStore(store_path)
+
+
+def test_bad_layout_attribute(store_path):
+    _edit_attrs(store_path, layout="XY")
+    with pytest.raises(StoreError, match="neither 'HW' nor 'WH'"):
+        LabelStore(store_path)
+
+
+@pytest.mark.parametrize("name", ["paths", "labels", "image_sizes", "class_names"])
+def test_missing_small_dataset(store_path, name):
+    with h5py.File(store_path, "r+") as f:
+        del f[name]
+    with pytest.raises(StoreError, match=f"dataset '{name}' is missing"):
+        LabelStore(store_path)
+
+
+@pytest.mark.parametrize("name", ["logits", "class_ids"])
+def test_missing_map_dataset(store_path, name):
+    with h5py.File(store_path, "r+") as f:
+        del f[name]
+    with pytest.raises(StoreError, match=f"dataset '{name}' is missing"):
+        LabelStore(store_path)
+
+
+@pytest.mark.parametrize("name,data_fn", [
+    ("image_sizes", lambda: np.zeros((N, 3), np.int32)),
+    ("labels", lambda: np.zeros(N + 1, np.int32)),
+    ("class_names", lambda: np.array(["a", "b"], dtype=h5py.string_dtype())),
+    ("logits", lambda: np.zeros((N, K, W, H), np.float16)),
+    ("class_ids", lambda: np.zeros((N, K + 1, H, W), np.uint8)),
+])
+def test_dataset_with_wrong_shape(store_path, name, data_fn):
+    with h5py.File(store_path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data_fn())
+    with pytest.raises(StoreError, match=f"dataset '{name}' has shape"):
+        LabelStore(store_path)
+
+
+def test_wrong_dtypes(store_path):
+    with h5py.File(store_path, "r+") as f:
+        del f["class_ids"]
+        f.create_dataset("class_ids", data=np.zeros((N, K, H, W), np.float32))
+    with pytest.raises(StoreError, match="class_ids must be integers"):
+        LabelStore(store_path)
+
+
+def test_class_id_out_of_range_names_row(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["class_ids"][6, 1, 2, 3] = C
+    with pytest.raises(StoreError) as info:
+        LabelStore(store_path, check_values=True)
+    msg = str(info.value)
+    assert "row 6" in msg and data["paths"][6] in msg and "class id outside" in msg
+    store = LabelStore(store_path, check_values=False)
+    store.read_checked(5)  # other rows are fine
+    with pytest.raises(StoreError) as info:
+        store.read_checked(6)
+    msg = str(info.value)
+    assert "row 6" in msg and data["paths"][6] in msg and f"class id {C} is outside" in msg
+    with pytest.raises(StoreError, match="row 6"):
+        store.check_values()
+
+
+def test_nan_logit_names_row(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["logits"][8, 0, 0, 4] = np.nan
+    with pytest.raises(StoreError) as info:
+        LabelStore(store_path)
+    msg = str(info.value)
+    assert "row 8" in msg and data["paths"][8] in msg and "non-finite logit" in msg
+    store = LabelStore(store_path, check_values=False)
+    np.testing.assert_array_equal(store.read_checked(7).logits, data["logits"][7])
+    with pytest.raises(StoreError) as info:
+        store.read_checked(8)
+    msg = str(info.value)
+    assert "row 8" in msg and data["paths"][8] in msg and "not finite" in msg
+
+
+def test_first_bad_row_is_named(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["class_ids"][9, 0, 0, 0] = 200
+        f["class_ids"][2, 2, 3, 4] = 100
+    with pytest.raises(StoreError, match=r"row 2 \("):
+        LabelStore(store_path)
+
+
+def test_verify_checksum(store_path):
+    LabelStore(store_path).verify_checksum()
+    with h5py.File(store_path, "r+") as f:
+        value = f["logits"][3, 1, 2, 2]
+        f["logits"][3, 1, 2, 2] = value + np.float16(1.0)
+    store = LabelStore(store_path)  # values are still valid, only the checksum catches it
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.verify_checksum()
+
+
+def test_verify_checksum_catches_label_change(store_path):
+    with h5py.File(store_path, "r+") as f:
+        f["labels"][0] = f["labels"][0] + 1
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        LabelStore(store_path).verify_checksum()
+
+
+# -------------------------------------------------------------------------------------- summarize
+def test_summarize(store_path, data):
+    s = summarize(LabelStore(store_path))
+    assert s["rows"] == N and s["sampled_rows"] == N
+    assert s["num_classes"] == C and s["k"] == K and s["grid"] == [H, W] and s["layout"] == "HW"
+    assert s["format_version"] == FORMAT_VERSION
+    assert s["file_bytes"] == os.path.getsize(store_path)
+    assert s["bytes_per_image"] == pytest.approx(s["file_bytes"] / N)
+    assert s["bytes_per_image"] > K * H * W * 3  # at least the float16 logits and uint8 ids
+    assert s["class_ids_dtype"] == "uint8"
+    lg = data["logits"].astype(np.float32)
+    assert s["logit_min"] == pytest.approx(lg.min())
+    assert s["logit_max"] == pytest.approx(lg.max())
+    assert s["logit_mean"] == pytest.approx(lg.mean(), abs=1e-4)
+    assert s["top1_logit_mean"] == pytest.approx(lg[:, 0].mean(), abs=1e-4)
+    assert s["hard_label_known"] == 1.0
+    assert s["distinct_classes_in_sample"] == len(np.unique(data["class_ids"]))
+    assert 0.0 <= s["majority_top1_equals_hard_label"] <= 1.0
+
+
+def test_summarize_label_agreement(tmp_path):
+    n = 6
+    logits, ids = random_maps(n, 2, 3, 3, 5, seed=3)
+    labels = np.array([0, 1, 2, 3, 4, -1], np.int32)
+    ids[:, 0] = labels.clip(0)[:, None, None]  # top-1 is the hard label everywhere
+    ids[:, 1] = (ids[:, 0] + 1) % 5
+    path = write_store(tmp_path / "a.h5", _paths(n), logits, ids, num_classes=5, labels=labels)
+    s = summarize(LabelStore(path))
+    assert s["majority_top1_equals_hard_label"] == 1.0
+    assert s["hard_label_known"] == pytest.approx(5 / 6)
+    path = write_store(tmp_path / "b.h5", _paths(n), logits, ids, num_classes=5,
+                       labels=np.array([1, 2, 3, 4, 0, 1], np.int32))
+    assert summarize(LabelStore(path))["majority_top1_equals_hard_label"] == 0.0
+    s = summarize(LabelStore(path), sample_rows=3)
+    assert s["sampled_rows"] == 3 and s["rows"] == n
