@@ -79,6 +79,9 @@ def load_release_map(path: str, num_classes: int) -> Tuple[np.ndarray, np.ndarra
     logits, ids = array[0], array[1]
     if not np.isfinite(logits).all():
         raise ConversionError(f"{path}: holds non-finite logits")
+    if np.abs(logits).max() > np.finfo(np.float16).max:
+        raise ConversionError(f"{path}: logit {float(np.abs(logits).max()):g} exceeds the float16 range "
+                              "of the store")
     if not (np.isfinite(ids).all() and (ids == np.round(ids)).all()):
         raise ConversionError(f"{path}: class ids are not whole numbers")
     ids = ids.astype(np.int64)

@@ -205,10 +205,12 @@ class StoreWriter:
                              f"the store's (k, H, W) = {self.map_shape}")
         if start + count > self.num_rows:
             raise ValueError(f"writing rows up to {start + count} into a store of {self.num_rows}")
+        with np.errstate(over="ignore"):
+            logits = logits.astype(np.float16)  # checked after the cast: 1e5 becomes inf here
         check_map_values(logits, class_ids, self.num_classes, f"rows {start}..{start + count - 1}")
         stop = start + count
         f = self._file
-        f["logits"][start:stop] = logits.astype(np.float16)
+        f["logits"][start:stop] = logits
         f["class_ids"][start:stop] = class_ids.astype(self.ids_dtype)
         if labels is not None:
             f["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
@@ -306,7 +308,7 @@ class LabelStore:
             self.check_values()
 
     # -- opening ---------------------------------------------------------------------------------
-    def _handle(self):
+    def _open(self):
         if self._file is None or self._pid != os.getpid():
             # A handle inherited through fork must not be used: open a fresh one in this process.
             try:
@@ -314,6 +316,13 @@ class LabelStore:
             except OSError as error:
                 raise StoreError(self.path, f"cannot be opened as HDF5 ({error})") from None
             self._pid = os.getpid()
+            self._logits = self._class_ids = None
+        return self._file
+
+    def _handle(self):
+        """The open file, with ``_logits``/``_class_ids`` mapped (header already validated)."""
+        self._open()
+        if self._logits is None:
             self._logits = _memmap_dataset(self.path, self._file["logits"])
             self._class_ids = _memmap_dataset(self.path, self._file["class_ids"])
             if self._logits is None:
@@ -323,7 +332,7 @@ class LabelStore:
         return self._file
 
     def _validate_header(self) -> StoreHeader:
-        f = self._handle()
+        f = self._open()
         attrs = f.attrs
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(self.path, f"not a dali-relabel label store (format attribute is "
