@@ -66,6 +66,28 @@ def check_store_matches_images(store: LabelStore, image_root: str, allow_extra_i
                                          f"{store.class_names[label]!r}, but lies in folder {folder!r}")
 
 
+def decode_problem(path: str) -> Optional[str]:
+    """Why DALI's CPU decoder cannot decode ``path`` (run alone), or ``None`` if it can."""
+    from nvidia.dali import fn, pipeline_def
+
+    data = np.fromfile(path, dtype=np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode_one():
+        jpeg = fn.external_source(source=lambda: [data], batch=True)
+        return fn.peek_image_shape(jpeg), fn.decoders.image(jpeg, device="cpu")
+
+    try:
+        pipe = decode_one()
+        pipe.build()
+        pipe.run()
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = [line for line in lines if "failure" in line or "Error" in line or "error" in line]
+        return (detail[-1] if detail else lines[-1])[:200]
+    return None
+
+
 def _start_method(config: DataConfig) -> str:
     # Forking after CUDA is initialised breaks the workers; spawn is the safe choice then.
     if config.py_start_method == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -119,20 +141,14 @@ class _DaliLoader:
         self.epoch += 1
 
     def _explain(self, error: RuntimeError) -> Exception:
-        """Name the file behind a decoder failure: check the images of the failed batch."""
+        """Name the file behind a decoder failure: decode each image of the failed batch alone."""
         rows, _ = self.plan.rows(self.epoch + self.source.epoch_offset)
         start = self._batch_in_epoch * self.plan.batch_size
-        suspects = rows[start:start + self.plan.batch_size]
-        from PIL import Image
-
-        for row in suspects:
+        for row in rows[start:start + self.plan.batch_size]:
             path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except Exception as decode_error:
-                return BadImageError(f"{path}: cannot be decoded ({decode_error}); DALI said: "
-                                     f"{str(error).splitlines()[0]}")
+            problem = decode_problem(path)
+            if problem:
+                return BadImageError(f"{path}: cannot be decoded (DALI: {problem})")
         return error
 
 
