@@ -4,6 +4,7 @@ convert       the authors' per-image .pt maps -> one HDF5 store
 info          header, counts and sanity statistics of a store
 show          an image with its label map drawn over it (PNG)
 build-plugin  compile the fused operator for the installed DALI
+evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
 """
 from __future__ import annotations
@@ -93,6 +94,25 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluation import EvaluationError, evaluate_checkpoint, format_results
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.val, real=args.real, model_name=args.model,
+                                     batch_size=args.batch_size, device=args.device,
+                                     classes_from_store=args.classes_from_store, imagenetv2=args.imagenetv2)
+    except (EvaluationError, ValueError, FileNotFoundError) as error:
+        print(f"dali-relabel evaluate: {error}", file=sys.stderr)
+        return 2
+    if result.get("rank", 0) == 0:
+        print(format_results(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+            print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5/ReaL accuracy of a checkpoint on an image folder")
+    p.add_argument("--checkpoint", required=True, help="torch.save'd {'model': state_dict, 'args': {...}}")
+    p.add_argument("--val", required=True, help="ImageFolder root of the evaluation images")
+    p.add_argument("--real", default=None, help="ReaL labels (real.json)")
+    p.add_argument("--model", default=None, help="torchvision model name (default: the checkpoint's "
+                                                 "args['model'], else resnet50)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--classes-from-store", default=None,
+                   help="label store whose class names give the label order (the training store)")
+    p.add_argument("--imagenetv2", action="store_true", help="folders are class indices 0..999 (ImageNetV2)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -176,66 +176,116 @@ void LabelPoolingParams::ReadValues(const ::dali::Workspace &ws, int i, int64_t 
     for (int64_t e = 0; e < entries; e++) logits_out[e] = static_cast<float>(src[e]);
   }
   const auto shape = logits.tensor_shape(i);
-  const int64_t cells = shape[1] * shape[2];
-  for (int64_t e = 0; e < entries; e++) {
-    if (!std::isfinite(logits_out[e]))
-      DALI_FAIL("relabel.label_pooling: sample ", i, ": logit at [k=", e / cells, ", y=",
-                (e % cells) / shape[2], ", x=", e % shape[2], "] is not finite (", logits_out[e], ")");
-    const double id = ReadNumber(ids, i, e, "class_ids");
-    if (!(id >= 0 && id < num_classes_ && id == std::floor(id)))
-      DALI_FAIL("relabel.label_pooling: sample ", i, ": class id ", id, " at [k=", e / cells, ", y=",
-                (e % cells) / shape[2], ", x=", e % shape[2], "] is outside [0, ", num_classes_, ")");
-    ids_out[e] = static_cast<int32_t>(id);
+  auto where = [&](int64_t e) {
+    const int64_t cells = shape[1] * shape[2];
+    return ::dali::make_string("[k=", e / cells, ", y=", (e % cells) / shape[2], ", x=", e % shape[2], "]");
+  };
+  bool finite = true;
+  for (int64_t e = 0; e < entries; e++) finite &= std::isfinite(logits_out[e]);
+  if (!finite) {
+    for (int64_t e = 0; e < entries; e++) {
+      if (!std::isfinite(logits_out[e]))
+        DALI_FAIL("relabel.label_pooling: sample ", i, ": logit at ", where(e), " is not finite (",
+                  logits_out[e], ")");
+    }
   }
+  int64_t bad = -1;
+  auto convert = [&](const auto *src) {
+    for (int64_t e = 0; e < entries; e++) {
+      const auto id = src[e];
+      ids_out[e] = static_cast<int32_t>(id);
+      if (!(id >= 0 && id < num_classes_ && static_cast<decltype(id)>(ids_out[e]) == id)) bad = e;
+    }
+  };
+  const void *raw = ids.raw_tensor(i);
+  switch (ids.type()) {
+    case DALI_UINT8: convert(static_cast<const uint8_t *>(raw)); break;
+    case DALI_UINT16: convert(static_cast<const uint16_t *>(raw)); break;
+    case DALI_INT16: convert(static_cast<const int16_t *>(raw)); break;
+    case DALI_INT32: convert(static_cast<const int32_t *>(raw)); break;
+    case DALI_FLOAT: convert(static_cast<const float *>(raw)); break;
+    default:  // the rare types go through the generic reader
+      for (int64_t e = 0; e < entries; e++) {
+        const double id = ReadNumber(ids, i, e, "class_ids");
+        ids_out[e] = static_cast<int32_t>(id);
+        if (!(id >= 0 && id < num_classes_ && id == std::floor(id))) bad = e;
+      }
+  }
+  if (bad >= 0)
+    DALI_FAIL("relabel.label_pooling: sample ", i, ": class id ", ReadNumber(ids, i, bad, "class_ids"),
+              " at ", where(bad), " is outside [0, ", num_classes_, ")");
 }
 
 void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
                     const PoolingSample &s, const float *logits, const int32_t *class_ids,
-                    float *out) {
+                    float *out, HostScratch &scratch) {
   const int oh = params.out_h(), ow = params.out_w();
   const int bins_a = params.transposed() ? ow : oh;
   const int bins_b = params.transposed() ? oh : ow;
-  std::vector<float> wa(static_cast<size_t>(bins_a) * batch.map_h);
-  std::vector<float> wb(static_cast<size_t>(bins_b) * batch.map_w);
+  const int map_h = batch.map_h, map_w = batch.map_w;
+  const int64_t num_classes = params.num_classes();
+  auto &wa = scratch.wa, &wb = scratch.wb;
+  auto &touched_mask = scratch.touched_mask;
+  auto &touched = scratch.touched;
+  wa.resize(static_cast<size_t>(bins_a) * map_h);
+  wb.resize(static_cast<size_t>(bins_b) * map_w);
   for (int bin = 0; bin < bins_a; bin++)
-    for (int a = 0; a < batch.map_h; a++)
-      wa[bin * batch.map_h + a] = AxisWeight(s.a_start, s.a_end, batch.map_h, bins_a, bin, a);
+    for (int a = 0; a < map_h; a++)
+      wa[bin * map_h + a] = AxisWeight(s.a_start, s.a_end, map_h, bins_a, bin, a);
   for (int bin = 0; bin < bins_b; bin++)
-    for (int b = 0; b < batch.map_w; b++)
-      wb[bin * batch.map_w + b] = AxisWeight(s.b_start, s.b_end, batch.map_w, bins_b, bin, b);
+    for (int b = 0; b < map_w; b++)
+      wb[bin * map_w + b] = AxisWeight(s.b_start, s.b_end, map_w, bins_b, bin, b);
   const int64_t stride = static_cast<int64_t>(oh) * ow;
   std::fill(out, out + params.output_volume(), 0.f);
-  const int64_t cells = static_cast<int64_t>(batch.map_h) * batch.map_w;
-  for (int64_t e = 0; e < batch.entries_per_sample; e++) {
-    const int64_t cell = e % cells;
-    const int a = static_cast<int>(cell / batch.map_w), b = static_cast<int>(cell % batch.map_w);
-    float *dst = out + static_cast<int64_t>(class_ids[e]) * stride;
-    for (int p = 0; p < oh; p++) {
-      for (int q = 0; q < ow; q++) {
-        const float w = params.transposed() ? wa[q * batch.map_h + a] * wb[p * batch.map_w + b]
-                                            : wa[p * batch.map_h + a] * wb[q * batch.map_w + b];
-        dst[p * ow + (s.flip ? ow - 1 - q : q)] += w * logits[e];
+  // Classes outside every cell's top-k keep logit 0; only the touched ones need their own exp().
+  touched_mask.assign(num_classes, 0);
+  touched.clear();
+  const bool transposed = params.transposed();
+  int64_t e = 0;
+  for (int kk = 0; kk < batch.k; kk++) {
+    for (int a = 0; a < map_h; a++) {
+      for (int b = 0; b < map_w; b++, e++) {
+        const int32_t c = class_ids[e];
+        if (!touched_mask[c]) {
+          touched_mask[c] = 1;
+          touched.push_back(c);
+        }
+        float *dst = out + static_cast<int64_t>(c) * stride;
+        if (stride == 1) {
+          dst[0] += wa[a] * wb[b] * logits[e];
+          continue;
+        }
+        for (int p = 0; p < oh; p++) {
+          for (int q = 0; q < ow; q++) {
+            const float w = transposed ? wa[q * map_h + a] * wb[p * map_w + b]
+                                       : wa[p * map_h + a] * wb[q * map_w + b];
+            dst[p * ow + (s.flip ? ow - 1 - q : q)] += w * logits[e];
+          }
+        }
       }
     }
   }
   const float inv_t = 1.f / params.temperature();
+  const int64_t untouched = num_classes - static_cast<int64_t>(touched.size());
   for (int64_t bin = 0; bin < stride; bin++) {
     float *v = out + bin;
-    const int64_t n = params.num_classes();
     if (!params.apply_softmax()) {
-      for (int64_t c = 0; c < n; c++) v[c * stride] *= inv_t;
+      for (int32_t c : touched) v[c * stride] *= inv_t;
       continue;
     }
-    float top = v[0];
-    for (int64_t c = 1; c < n; c++) top = std::max(top, v[c * stride]);
-    double sum = 0;
-    for (int64_t c = 0; c < n; c++) {
+    float top = untouched > 0 ? 0.f : -INFINITY;
+    for (int32_t c : touched) top = std::max(top, v[c * stride]);
+    const float rest = untouched > 0 ? std::exp(-top * inv_t) : 0.f;  // every untouched class
+    double sum = static_cast<double>(rest) * untouched;
+    for (int32_t c : touched) {
       const float x = std::exp((v[c * stride] - top) * inv_t);
       v[c * stride] = x;
       sum += x;
     }
     const float inv_sum = static_cast<float>(1.0 / sum);
-    for (int64_t c = 0; c < n; c++) v[c * stride] *= inv_sum;
+    const float rest_prob = rest * inv_sum;
+    for (int64_t c = 0; c < num_classes; c++)
+      v[c * stride] = touched_mask[c] ? v[c * stride] * inv_sum : rest_prob;
   }
 }
 
@@ -247,15 +297,16 @@ void LabelPooling<CPUBackend>::RunImpl(::dali::Workspace &ws) {
   auto &output = ws.Output<CPUBackend>(0);
   auto &pool = ws.GetThreadPool();
   const int64_t entries = batch_.entries_per_sample;
+  scratch_.resize(pool.NumThreads() + 1);
   for (int i = 0; i < static_cast<int>(batch_.samples.size()); i++) {
-    pool.AddWork([&, i](int) {
-      thread_local std::vector<float> logits;
-      thread_local std::vector<int32_t> ids;
-      logits.resize(entries);
-      ids.resize(entries);
-      params_.ReadValues(ws, i, entries, logits.data(), ids.data());
-      PoolSampleHost(params_, batch_, batch_.samples[i], logits.data(), ids.data(),
-                     output.mutable_tensor<float>(i));
+    pool.AddWork([&, i](int thread) {
+      HostScratch &scratch = scratch_[thread >= 0 && thread < static_cast<int>(scratch_.size()) - 1
+                                      ? thread : scratch_.size() - 1];
+      scratch.logits.resize(entries);
+      scratch.class_ids.resize(entries);
+      params_.ReadValues(ws, i, entries, scratch.logits.data(), scratch.class_ids.data());
+      PoolSampleHost(params_, batch_, batch_.samples[i], scratch.logits.data(),
+                     scratch.class_ids.data(), output.mutable_tensor<float>(i), scratch);
     }, entries);
   }
   pool.RunAll();

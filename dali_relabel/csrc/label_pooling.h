@@ -63,10 +63,17 @@ class LabelPoolingParams {
   bool transposed_;
 };
 
+// Reusable buffers of one CPU worker thread.
+struct HostScratch {
+  std::vector<float> logits, wa, wb;
+  std::vector<int32_t> class_ids, touched;
+  std::vector<uint8_t> touched_mask;
+};
+
 // Pools one sample on the host: `out` holds num_classes * oh * ow floats.
 void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
                     const PoolingSample &sample, const float *logits, const int32_t *class_ids,
-                    float *out);
+                    float *out, HostScratch &scratch);
 
 template <typename Backend>
 class LabelPooling : public ::dali::Operator<Backend> {
@@ -91,6 +98,7 @@ class LabelPooling : public ::dali::Operator<Backend> {
 
   LabelPoolingParams params_;
   PoolingBatch batch_;
+  std::vector<HostScratch> scratch_;  // one per CPU worker thread
   // GPU backend staging buffers (unused on the CPU).
   void *host_staging_ = nullptr;
   void *device_staging_ = nullptr;
