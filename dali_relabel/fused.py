@@ -22,17 +22,20 @@ class FusedLabelPooling:
         num_classes: C.
         max_batch_size: the largest batch that will be passed.
         layout, output_size, temperature, apply_softmax: the operator's arguments.
+        region_mode: ``"inside"`` or ``"outside"`` to pass a ``region`` to each call (CutMix).
         device: ``"cpu"`` or ``"gpu"`` (the CUDA backend; results are copied back to the host).
         num_threads: DALI CPU threads.
 
     Calling it with ``logits [B, k, H, W]``, ``class_ids [B, k, H, W]``, ``anchors [B, 2]``,
-    ``shapes [B, 2]``, ``image_shapes [B, 2 or 3]`` and optional ``mirror [B]`` returns a float32
+    ``shapes [B, 2]``, ``image_shapes [B, 2 or 3]``, optional ``mirror [B]`` (and ``region [B, 4]``
+    when built with ``region_mode``) returns a float32
     tensor ``[B, C]`` (or ``[B, C, oh, ow]``).
     """
 
     def __init__(self, num_classes: int, max_batch_size: int, layout: str = "HW",
                  output_size: Sequence[int] = (1, 1), temperature: float = 1.0,
-                 apply_softmax: bool = True, device: str = "cpu", num_threads: int = 2):
+                 apply_softmax: bool = True, device: str = "cpu", num_threads: int = 2,
+                 region_mode: Optional[str] = None):
         from nvidia.dali import fn, pipeline_def
 
         from .plugin import load_plugin, require_gpu_backend
@@ -47,10 +50,13 @@ class FusedLabelPooling:
                       device_id=0 if device == "gpu" else None, prefetch_queue_depth=1)
         def pooling_graph():
             # Zero-argument callables: DALI would pass an iteration number to a one-argument one.
-            inputs = [fn.external_source(source=_field_reader(feed, i), batch=True) for i in range(6)]
+            count = 7 if region_mode else 6
+            inputs = [fn.external_source(source=_field_reader(feed, i), batch=True) for i in range(count)]
+            extra = {"region_mode": region_mode} if region_mode else {}
             return fn.relabel.label_pooling(*inputs, device=device, num_classes=num_classes,
                                             layout=layout, output_size=list(output_size),
-                                            temperature=temperature, apply_softmax=apply_softmax)
+                                            temperature=temperature, apply_softmax=apply_softmax,
+                                            **extra)
 
         self.device = device
         self.pipeline = pooling_graph()
@@ -59,10 +65,13 @@ class FusedLabelPooling:
     def _next_field(self, index: int):
         return self._feed[index]
 
-    def __call__(self, logits, class_ids, anchors, shapes, image_shapes, mirror=None) -> torch.Tensor:
+    def __call__(self, logits, class_ids, anchors, shapes, image_shapes, mirror=None,
+                 region=None) -> torch.Tensor:
         batch = len(logits)
         mirror = np.zeros(batch, dtype=np.int32) if mirror is None else mirror
         fields = (logits, class_ids, anchors, shapes, image_shapes, mirror)
+        if region is not None:
+            fields += (np.asarray(region, dtype=np.float32),)
         # A batch given as one contiguous [B, ...] array is copied into DALI in one piece.
         self._feed = [np.ascontiguousarray(np.asarray(f).reshape(batch, -1) if i >= 2 else np.asarray(f))
                       for i, f in enumerate(fields)]

@@ -108,3 +108,48 @@ def grid_cell_box(cell: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
     """The ``(y0, x0, y1, x1)`` box that covers exactly one map cell ``(i, j)`` of a ``grid``."""
     (i, j), (h, w) = cell, grid
     return torch.tensor([[i / h, j / w, (i + 1) / h, (j + 1) / w]], dtype=torch.float32)
+
+
+def region_crops(anchors, shapes, region, flips=None):
+    """Pixel windows ``(anchors, shapes)`` of ``region`` boxes given in the output image.
+
+    Args:
+        anchors, shapes: ``[B, 2]`` the crop windows ``(y, x)`` / ``(h, w)``.
+        region: ``[B, 4]`` ``(y0, x0, y1, x1)`` fractions of the output image (the crop after its
+            mirror), e.g. a CutMix box.
+        flips: ``[B]`` mirror flags of the crops.
+    """
+    anchors = np.asarray(anchors, np.float64).reshape(-1, 2)
+    shapes = np.asarray(shapes, np.float64).reshape(-1, 2)
+    region = np.asarray(region, np.float64).reshape(-1, 4)
+    flips = np.zeros(len(region), bool) if flips is None else np.asarray(flips).reshape(-1).astype(bool)
+    x0 = np.where(flips, 1 - region[:, 3], region[:, 1])
+    x1 = np.where(flips, 1 - region[:, 1], region[:, 3])
+    start = anchors + np.stack([region[:, 0], x0], 1) * shapes
+    size = np.stack([region[:, 2] - region[:, 0], x1 - x0], 1) * shapes
+    return start, size
+
+
+def reference_region_pooling(logits, class_ids, anchors, shapes, image_shapes, region, num_classes: int,
+                             mode: str = "inside", flips=None, temperature: float = 1.0,
+                             layout: str = "HW") -> torch.Tensor:
+    """Soft targets ``[B, C]`` of a region of each crop (``"inside"``) or of the crop without it
+    (``"outside"``: ``(P(crop) - f P(region)) / (1 - f)`` on pooled logits, ``f`` the region's area
+    share), by the dense reference. An empty region, or a full one with ``"outside"``, gives the
+    whole crop's target."""
+    start, size = region_crops(anchors, shapes, region, flips)
+    region = np.asarray(region, np.float64).reshape(-1, 4)
+    area = (region[:, 2] - region[:, 0]) * (region[:, 3] - region[:, 1])
+    common = dict(layout=layout, apply_softmax=False)
+    whole = pooled_from_crops(logits, class_ids, anchors, shapes, image_shapes, num_classes, **common)
+    safe_size = np.where(size > 0, size, 1.0)
+    inside = pooled_from_crops(logits, class_ids, start, safe_size, image_shapes, num_classes, **common)
+    fraction = torch.as_tensor(area, dtype=torch.float32).view(-1, 1)
+    has_region = torch.as_tensor(area > 0).view(-1, 1)
+    if mode == "inside":
+        pooled = torch.where(has_region, inside, whole)
+    else:
+        usable = has_region & torch.as_tensor(area < 1).view(-1, 1)
+        rest = (whole - fraction * inside) / torch.clamp(1 - fraction, min=1e-12)
+        pooled = torch.where(usable, rest, whole)
+    return torch.softmax(pooled / temperature, dim=1)

@@ -153,3 +153,46 @@ def test_gpu_backend_reports_bad_class_ids():
     data[1][2, 0, 0, 0] = 99
     with pytest.raises(RuntimeError, match="sample 2: class id 99"):
         _fused(20, 3, "gpu")(*data)
+
+
+def _random_regions(rng, batch, empty_every=0):
+    y = np.sort(rng.uniform(0, 1, size=(batch, 2)), axis=1)
+    x = np.sort(rng.uniform(0, 1, size=(batch, 2)), axis=1)
+    region = np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], 1).astype(np.float32)
+    if empty_every:
+        region[::empty_every] = [0.5, 0.5, 0.5, 0.5]
+    return region
+
+
+@pytest.mark.parametrize("mode", ["inside", "outside"])
+@pytest.mark.parametrize("layout", ["HW", "WH"])
+def test_region_pooling_matches_reference(mode, layout):
+    from dali_relabel.reference import reference_region_pooling
+
+    op = _fused(50, 8, "cpu", layout=layout, region_mode=mode)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        data = random_batch(rng, 8, 5, 7, 9, 50)
+        region = _random_regions(rng, 8, empty_every=3 if seed == 1 else 0)
+        if seed == 2:
+            region[0] = [0, 0, 1, 1]  # the whole output image
+        expected = reference_region_pooling(*data[:5], region, 50, mode=mode, flips=data[5], layout=layout)
+        torch.testing.assert_close(op(*data, region=region), expected, rtol=TOLERANCE, atol=1e-6)
+
+
+def test_region_follows_the_mirror():
+    # A map with class 1 on the left half of the image only. The left half of a mirrored output
+    # shows the image's right half, so a region there must not see class 1.
+    logits = np.full((2, 1, 4, 4), 9.0, np.float16)
+    ids = np.zeros((2, 1, 4, 4), np.uint8)
+    ids[..., :2] = 1
+    crop = (np.zeros((2, 2), np.int32), np.full((2, 2), 100, np.int32), np.full((2, 3), [100, 100, 3]))
+    left_half = np.array([[0, 0, 1, 0.5]] * 2, np.float32)
+    out = _fused(2, 2, "cpu", region_mode="inside")(logits, ids, *crop, np.array([0, 1], np.int32), left_half)
+    assert out[0, 1] > 0.99 and out[1, 1] < 0.01
+
+
+def test_bad_region_is_reported():
+    data = random_batch(np.random.default_rng(0), 2, 1, 3, 3, 5)
+    with pytest.raises(RuntimeError, match=r"sample 1: region .* must satisfy"):
+        _fused(5, 2, "cpu", region_mode="inside")(*data, region=np.array([[0, 0, 1, 1], [0.6, 0, 0.2, 1]]))

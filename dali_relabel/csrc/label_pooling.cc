@@ -49,7 +49,7 @@ bool IsIntegerType(::dali::DALIDataType t) {
 }
 
 const char *kInputNames[] = {"logits", "class_ids", "crop_anchor", "crop_shape", "image_shape",
-                             "mirror"};
+                             "mirror", "region"};
 
 }  // namespace
 
@@ -69,6 +69,21 @@ LabelPoolingParams::LabelPoolingParams(const ::dali::OpSpec &spec) {
   DALI_ENFORCE(layout == "HW" || layout == "WH", ::dali::make_string(
       "relabel.label_pooling: layout must be \"HW\" or \"WH\", got \"", layout, "\""));
   transposed_ = layout == "WH";
+  auto mode = spec.GetArgument<std::string>("region_mode");
+  DALI_ENFORCE(mode == "inside" || mode == "outside", ::dali::make_string(
+      "relabel.label_pooling: region_mode must be \"inside\" or \"outside\", got \"", mode, "\""));
+  outside_ = mode == "outside";
+}
+
+GridBox LabelPoolingParams::ToGrid(double y0d, double x0d, double y1d, double x1d, int map_h,
+                                   int map_w) const {
+  // Same float steps as the reference: fractions in double, rounded to float, then to the grid.
+  const float y0 = static_cast<float>(y0d), x0 = static_cast<float>(x0d);
+  const float y1 = static_cast<float>(y1d), x1 = static_cast<float>(x1d);
+  const float rows = static_cast<float>(map_h), cols = static_cast<float>(map_w);
+  if (!transposed_) return {y0 * rows - 0.5f, y1 * rows - 0.5f, x0 * cols - 0.5f, x1 * cols - 0.5f};
+  // the authors' convention: map rows follow the image's x, columns its y
+  return {x0 * rows - 0.5f, x1 * rows - 0.5f, y0 * cols - 0.5f, y1 * cols - 0.5f};
 }
 
 ::dali::TensorListShape<> LabelPoolingParams::OutputShape(int num_samples) const {
@@ -90,6 +105,9 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
                ::dali::make_string("relabel.label_pooling: class_ids must be integers, got ",
                                    ids.type()));
   const bool has_mirror = ws.NumInput() > kMirror;
+  const bool has_region = ws.NumInput() > kRegion;
+  DALI_ENFORCE(!has_region || (out_h_ == 1 && out_w_ == 1),
+               "relabel.label_pooling: a region needs output_size (1, 1)");
   for (int input = kClassIds; input < ws.NumInput(); input++) {
     DALI_ENFORCE(ws.Input<CPUBackend>(input).num_samples() == n, ::dali::make_string(
         "relabel.label_pooling: input '", kInputNames[input], "' has ",
@@ -133,24 +151,7 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
     DALI_ENFORCE(image_h > 0 && image_w > 0 && box[1][0] > 0 && box[1][1] > 0, ::dali::make_string(
         "relabel.label_pooling: sample ", i, ": image shape (", image_h, ", ", image_w,
         ") and crop shape (", box[1][0], ", ", box[1][1], ") must be positive"));
-    // Same float steps as the reference: fractions in double, rounded to float, then to the grid.
-    const float y0 = static_cast<float>(box[0][0] / image_h);
-    const float x0 = static_cast<float>(box[0][1] / image_w);
-    const float y1 = static_cast<float>((box[0][0] + box[1][0]) / image_h);
-    const float x1 = static_cast<float>((box[0][1] + box[1][1]) / image_w);
     PoolingSample &s = batch.samples[i];
-    const float rows = static_cast<float>(batch.map_h), cols = static_cast<float>(batch.map_w);
-    if (!transposed_) {
-      s.a_start = y0 * rows - 0.5f;
-      s.a_end = y1 * rows - 0.5f;
-      s.b_start = x0 * cols - 0.5f;
-      s.b_end = x1 * cols - 0.5f;
-    } else {  // the authors' convention: map rows follow the image's x, columns its y
-      s.a_start = x0 * rows - 0.5f;
-      s.a_end = x1 * rows - 0.5f;
-      s.b_start = y0 * cols - 0.5f;
-      s.b_end = y1 * cols - 0.5f;
-    }
     s.flip = 0;
     if (has_mirror) {
       const auto &mirror = ws.Input<CPUBackend>(kMirror);
@@ -158,6 +159,39 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
           "relabel.label_pooling: sample ", i, ": mirror must be a scalar, got shape ",
           mirror.tensor_shape(i)));
       s.flip = ReadNumber(mirror, i, 0, "mirror") != 0;
+    }
+    const double cy = box[0][0], cx = box[0][1], ch = box[1][0], cw = box[1][1];
+    s.box = ToGrid(cy / image_h, cx / image_w, (cy + ch) / image_h, (cx + cw) / image_w,
+                   batch.map_h, batch.map_w);
+    s.outside = 0;
+    s.region_fraction = 0.f;
+    s.region = s.box;
+    if (has_region) {
+      const auto &region = ws.Input<CPUBackend>(kRegion);
+      DALI_ENFORCE(::dali::volume(region.tensor_shape(i)) == 4, ::dali::make_string(
+          "relabel.label_pooling: sample ", i, ": region must hold (y0, x0, y1, x1), got shape ",
+          region.tensor_shape(i)));
+      double r[4];
+      for (int d = 0; d < 4; d++) r[d] = ReadNumber(region, i, d, "region");
+      DALI_ENFORCE(0 <= r[0] && r[0] <= r[2] && r[2] <= 1 && 0 <= r[1] && r[1] <= r[3] && r[3] <= 1,
+                   ::dali::make_string("relabel.label_pooling: sample ", i, ": region (", r[0], ", ",
+                                       r[1], ", ", r[2], ", ", r[3],
+                                       ") must satisfy 0 <= y0 <= y1 <= 1 and 0 <= x0 <= x1 <= 1"));
+      // The region is given in the output image, which is the crop, mirrored where flipped.
+      const double rx0 = s.flip ? 1 - r[3] : r[1], rx1 = s.flip ? 1 - r[1] : r[3];
+      const double area = (r[2] - r[0]) * (r[3] - r[1]);
+      if (area > 0) {
+        GridBox region_box = ToGrid((cy + r[0] * ch) / image_h, (cx + rx0 * cw) / image_w,
+                                    (cy + r[2] * ch) / image_h, (cx + rx1 * cw) / image_w,
+                                    batch.map_h, batch.map_w);
+        if (!outside_) {
+          s.box = region_box;
+        } else if (area < 1) {
+          s.outside = 1;
+          s.region = region_box;
+          s.region_fraction = static_cast<float>(area);
+        }
+      }
     }
     s.out = nullptr;
     s.in_offset = static_cast<int64_t>(i) * batch.entries_per_sample;
@@ -231,10 +265,19 @@ void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
   wb.resize(static_cast<size_t>(bins_b) * map_w);
   for (int bin = 0; bin < bins_a; bin++)
     for (int a = 0; a < map_h; a++)
-      wa[bin * map_h + a] = AxisWeight(s.a_start, s.a_end, map_h, bins_a, bin, a);
+      wa[bin * map_h + a] = AxisWeight(s.box.a_start, s.box.a_end, map_h, bins_a, bin, a);
   for (int bin = 0; bin < bins_b; bin++)
     for (int b = 0; b < map_w; b++)
-      wb[bin * map_w + b] = AxisWeight(s.b_start, s.b_end, map_w, bins_b, bin, b);
+      wb[bin * map_w + b] = AxisWeight(s.box.b_start, s.box.b_end, map_w, bins_b, bin, b);
+  auto &ra = scratch.ra, &rb = scratch.rb;  // the left-out region (1x1 output only)
+  const float keep = s.outside ? 1.f / (1.f - s.region_fraction) : 1.f;
+  const float drop = s.outside ? s.region_fraction * keep : 0.f;
+  if (s.outside) {
+    ra.resize(map_h);
+    rb.resize(map_w);
+    for (int a = 0; a < map_h; a++) ra[a] = AxisWeight(s.region.a_start, s.region.a_end, map_h, 1, 0, a);
+    for (int b = 0; b < map_w; b++) rb[b] = AxisWeight(s.region.b_start, s.region.b_end, map_w, 1, 0, b);
+  }
   const int64_t stride = static_cast<int64_t>(oh) * ow;
   std::fill(out, out + params.output_volume(), 0.f);
   // Classes outside every cell's top-k keep logit 0; only the touched ones need their own exp().
@@ -252,7 +295,8 @@ void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
         }
         float *dst = out + static_cast<int64_t>(c) * stride;
         if (stride == 1) {
-          dst[0] += wa[a] * wb[b] * logits[e];
+          const float w = s.outside ? wa[a] * wb[b] * keep - ra[a] * rb[b] * drop : wa[a] * wb[b];
+          dst[0] += w * logits[e];
           continue;
         }
         for (int p = 0; p < oh; p++) {
@@ -330,19 +374,26 @@ The crop box is ``crop_anchor / image_shape`` to ``(crop_anchor + crop_shape) / 
 ``[num_classes]`` for a 1x1 ``output_size``, else ``[num_classes, oh, ow]`` (mirrored left-right where
 ``mirror`` is set). Every input is read on the host; the GPU backend uploads the batch and pools it in
 one kernel.)")
-    .NumInput(5, 6)
+    .NumInput(5, 7)
     .NumOutput(1)
-    .InputDevice(0, 6, ::dali::InputDevice::CPU)
+    .InputDevice(0, 7, ::dali::InputDevice::CPU)
     .InputDox(0, "logits", "TensorList of float16 or float32 [k, H, W]", "Top-k logits per map cell.")
     .InputDox(1, "class_ids", "TensorList of integers [k, H, W]", "Class of each logit, in [0, num_classes).")
     .InputDox(2, "crop_anchor", "TensorList [2]", "Crop start (y, x) in pixels.")
     .InputDox(3, "crop_shape", "TensorList [2]", "Crop size (h, w) in pixels.")
     .InputDox(4, "image_shape", "TensorList [2] or [3]", "Image shape (H, W[, C]) in pixels.")
     .InputDox(5, "mirror", "TensorList of scalars, optional", "Non-zero where the crop is flipped left-right.")
+    .InputDox(6, "region", "TensorList [4], optional", R"(A box (y0, x0, y1, x1) in fractions of the
+output image (the crop after mirroring). With region_mode="inside" the target is pooled over this
+region only (what a CutMix patch carries); with "outside" over the crop minus the region, as
+(P(crop) - f P(region)) / (1 - f) before the softmax, f the region's share of the crop. An empty region
+changes nothing. Needs output_size (1, 1).)")
     .AddArg("num_classes", "Number of classes C.", DALI_INT32)
     .AddOptionalArg("output_size", "Output grid (oh, ow); (1, 1) gives [C] targets.",
                     std::vector<int>{1, 1})
     .AddOptionalArg("temperature", "Softmax temperature.", 1.0f)
     .AddOptionalArg("apply_softmax", "Return probabilities (true) or pooled logits / temperature.", true)
     .AddOptionalArg("layout", R"(How boxes meet the map: "HW" pools map rows along the image's height
-(geometric); "WH" pools the transposed box, as the ReLabel authors' loader does.)", std::string("HW"));
+(geometric); "WH" pools the transposed box, as the ReLabel authors' loader does.)", std::string("HW"))
+    .AddOptionalArg("region_mode", R"("inside" or "outside": how the optional region input is used.)",
+                    std::string("inside"));

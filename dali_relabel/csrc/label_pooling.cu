@@ -42,18 +42,25 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
                                    const int32_t *class_ids, int map_h, int map_w, int64_t entries,
                                    int num_classes, int out_h, int out_w, bool transposed,
                                    float inv_temperature, bool apply_softmax) {
-  extern __shared__ float shared[];  // weights: map_h + map_w, then 33 reduction slots
-  float *wa = shared, *wb = shared + map_h, *scratch = shared + map_h + map_w;
+  extern __shared__ float shared[];  // weights: 2 * (map_h + map_w), then 33 reduction slots
+  float *wa = shared, *wb = shared + map_h, *ra = shared + map_h + map_w;
+  float *rb = ra + map_h, *scratch = shared + 2 * (map_h + map_w);
   const PoolingSample s = samples[blockIdx.x];
   const int p = blockIdx.y / out_w, q = blockIdx.y % out_w;
   const int bin_a = transposed ? q : p, bins_a = transposed ? out_w : out_h;
   const int bin_b = transposed ? p : q, bins_b = transposed ? out_h : out_w;
   for (int t = threadIdx.x; t < map_h + map_w; t += blockDim.x) {
-    if (t < map_h)
-      wa[t] = AxisWeight(s.a_start, s.a_end, map_h, bins_a, bin_a, t);
-    else
-      wb[t - map_h] = AxisWeight(s.b_start, s.b_end, map_w, bins_b, bin_b, t - map_h);
+    if (t < map_h) {
+      wa[t] = AxisWeight(s.box.a_start, s.box.a_end, map_h, bins_a, bin_a, t);
+      ra[t] = s.outside ? AxisWeight(s.region.a_start, s.region.a_end, map_h, 1, 0, t) : 0.f;
+    } else {
+      const int b = t - map_h;
+      wb[b] = AxisWeight(s.box.b_start, s.box.b_end, map_w, bins_b, bin_b, b);
+      rb[b] = s.outside ? AxisWeight(s.region.b_start, s.region.b_end, map_w, 1, 0, b) : 0.f;
+    }
   }
+  const float keep = s.outside ? 1.f / (1.f - s.region_fraction) : 1.f;
+  const float drop = s.outside ? s.region_fraction * keep : 0.f;
   const int64_t stride = static_cast<int64_t>(out_h) * out_w;
   float *out = s.out + p * out_w + (s.flip ? out_w - 1 - q : q);
   for (int c = threadIdx.x; c < num_classes; c += blockDim.x) out[c * stride] = 0.f;
@@ -63,7 +70,8 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
   const int cells = map_h * map_w;
   for (int64_t e = threadIdx.x; e < entries; e += blockDim.x) {
     const int cell = static_cast<int>(e % cells);
-    const float w = wa[cell / map_w] * wb[cell % map_w];
+    const int a = cell / map_w, b = cell % map_w;
+    const float w = wa[a] * wb[b] * keep - ra[a] * rb[b] * drop;
     if (w != 0.f) atomicAdd(out + static_cast<int64_t>(ids[e]) * stride, w * lg[e]);
   }
   __syncthreads();
@@ -137,7 +145,7 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   CUDA_CALL(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
   CUDA_CALL(cudaEventRecord(static_cast<cudaEvent_t>(staging_ready_), stream));
   const dim3 grid(n, params_.out_h() * params_.out_w());
-  const size_t shared_bytes = (batch_.map_h + batch_.map_w + 33) * sizeof(float);
+  const size_t shared_bytes = (2 * (batch_.map_h + batch_.map_w) + 33) * sizeof(float);
   LabelPoolingKernel<<<grid, kBlock, shared_bytes, stream>>>(
       reinterpret_cast<const PoolingSample *>(device),
       reinterpret_cast<const float *>(device + samples_bytes),

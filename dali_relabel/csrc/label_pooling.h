@@ -21,7 +21,7 @@
 
 namespace dali_relabel {
 
-enum InputIndex { kLogits = 0, kClassIds, kCropAnchor, kCropShape, kImageShape, kMirror };
+enum InputIndex { kLogits = 0, kClassIds, kCropAnchor, kCropShape, kImageShape, kMirror, kRegion };
 
 // The host-side view of one validated batch.
 struct PoolingBatch {
@@ -41,6 +41,7 @@ class LabelPoolingParams {
   float temperature() const { return temperature_; }
   bool apply_softmax() const { return apply_softmax_; }
   bool transposed() const { return transposed_; }
+  bool outside() const { return outside_; }
   int64_t output_volume() const { return static_cast<int64_t>(num_classes_) * out_h_ * out_w_; }
 
   // Checks input shapes and types, reads boxes and flags; fills `batch`. Throws a DALI error naming
@@ -61,11 +62,15 @@ class LabelPoolingParams {
   float temperature_;
   bool apply_softmax_;
   bool transposed_;
+  bool outside_;
+
+  // The grid box of the image-fraction box (y0, x0) - (y1, x1) for this map layout.
+  GridBox ToGrid(double y0, double x0, double y1, double x1, int map_h, int map_w) const;
 };
 
 // Reusable buffers of one CPU worker thread.
 struct HostScratch {
-  std::vector<float> logits, wa, wb;
+  std::vector<float> logits, wa, wb, ra, rb;
   std::vector<int32_t> class_ids, touched;
   std::vector<uint8_t> touched_mask;
 };

@@ -19,11 +19,18 @@
 
 namespace dali_relabel {
 
+// A box along map axis A (rows of the stored map) and axis B (columns), in grid units, already
+// scaled and shifted by -0.5 as the reference does.
+struct GridBox {
+  float a_start, a_end, b_start, b_end;
+};
+
 // One sample's pooling problem, after validation; pointers are host or device addresses.
 struct PoolingSample {
-  // Box along map axis A (rows of the stored map) and axis B (columns), in grid units, already
-  // scaled and shifted by -0.5 as the reference does.
-  float a_start, a_end, b_start, b_end;
+  GridBox box;       // the pooled box (the crop, or the region inside it)
+  GridBox region;    // with `outside`: the region left out of the crop
+  float region_fraction;  // with `outside`: the region's share of the crop's area, in [0, 1)
+  int outside;       // pool over `box` minus `region`: (P(box) - f * P(region)) / (1 - f)
   int flip;          // mirror the output grid left-right
   float *out;        // this sample's output (device address), GPU backend only
   int64_t in_offset;   // where this sample's k*H*W entries start (elements), GPU backend only
