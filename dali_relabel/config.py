@@ -45,6 +45,12 @@ class DataConfig:
         seed: base seed; the epoch order and the augmentations derive from it.
         last_batch: ``"drop"`` the last partial batch, or ``"pad"`` it (padded samples are
             marked and removed by the iterator, so nothing is trained on twice).
+        cutmix_probability: chance that a pair of samples is CutMix-ed (0 disables CutMix).
+        cutmix_alpha: ``lam ~ Beta(alpha, alpha)``.
+        cutmix_mode: ``"authors"`` (mix the pooled targets by area) or ``"localized"`` (the pasted
+            box's target pooled from the partner's map over exactly that box), see
+            :mod:`dali_relabel.mixing`.
+        cutmix_stop_epoch: no CutMix from this epoch on (the authors switch it off at the end).
     """
 
     image_size: int = 224
@@ -68,6 +74,10 @@ class DataConfig:
     prefetch_queue_depth: int = 2
     seed: int = 0
     last_batch: str = "drop"
+    cutmix_probability: float = 0.0
+    cutmix_alpha: float = 1.0
+    cutmix_mode: str = "authors"
+    cutmix_stop_epoch: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +93,12 @@ class DataConfig:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if self.cutmix_mode not in ("authors", "localized"):
+            raise ValueError(f"cutmix_mode must be 'authors' or 'localized', got {self.cutmix_mode!r}")
+        if not 0 <= self.cutmix_probability <= 1 or self.cutmix_alpha <= 0:
+            raise ValueError("cutmix_probability must lie in [0, 1] and cutmix_alpha be positive")
+        if self.cutmix_probability > 0 and tuple(self.output_size) != (1, 1):
+            raise ValueError("CutMix needs output_size (1, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         self.output_size = tuple(int(s) for s in self.output_size)

@@ -17,7 +17,8 @@ import torch
 
 from .config import DataConfig
 from .imagefolder import list_images
-from .sources import PADDING, SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
+from .mixing import CutMixSpec, apply_cutmix
+from .sources import SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
 from .store import LabelStore, StoreError
 
 
@@ -98,9 +99,8 @@ def _start_method(config: DataConfig) -> str:
 class _DaliLoader:
     """Common machinery: one DALI pipeline, its generic iterator, and padding removal."""
 
-    output_map: List[str] = []
-
-    def __init__(self, pipe, plan: EpochPlan, source: SampleSource, device: str):
+    def __init__(self, pipe, plan: EpochPlan, source: SampleSource, device: str, output_map: List[str],
+                 start_epoch: int = 0):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.plan = plan
@@ -109,14 +109,25 @@ class _DaliLoader:
         self.pipeline = pipe
         pipe.start_py_workers()
         pipe.build()
-        self._iterator = DALIGenericIterator([pipe], self.output_map, size=-1, auto_reset=True,
+        self._iterator = DALIGenericIterator([pipe], output_map, size=-1, auto_reset=True,
                                              prepare_first_batch=False)
-        self.epoch = 0
+        self.epoch = start_epoch  # the epoch the next iteration over the loader yields
         self.skipped_images = 0
+        self._epochs_done = 0
         self._batch_in_epoch = 0
 
     def __len__(self) -> int:
-        return self.plan.num_batches
+        """Batches of the coming epoch (fewer in an epoch resumed mid-way)."""
+        return self.source.batches_in_epoch(self._epochs_done)
+
+    def state_dict(self) -> dict:
+        """Where the data order stands: ``{"epoch", "batch"}`` (batches of that epoch already yielded)."""
+        first = self.source.resume_batch if self._epochs_done == 0 else 0
+        return {"epoch": self.epoch, "batch": first + self._batch_in_epoch}
+
+    def _transform(self, batch: dict) -> dict:
+        """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
+        return batch
 
     @property
     def batch_size(self) -> int:
@@ -126,7 +137,7 @@ class _DaliLoader:
         self._batch_in_epoch = 0
         try:
             for outputs in self._iterator:
-                batch = outputs[0]
+                batch = self._transform(outputs[0])
                 status = batch["valid"].reshape(-1).cpu()
                 self.skipped_images += int((status == SKIPPED).sum())
                 keep = status == VALID
@@ -139,11 +150,14 @@ class _DaliLoader:
         except RuntimeError as error:
             raise self._explain(error) from error
         self.epoch += 1
+        self._epochs_done += 1
+        self._batch_in_epoch = 0
 
     def _explain(self, error: RuntimeError) -> Exception:
         """Name the file behind a decoder failure: decode each image of the failed batch alone."""
-        rows, _ = self.plan.rows(self.epoch + self.source.epoch_offset)
-        start = self._batch_in_epoch * self.plan.batch_size
+        rows, _ = self.plan.rows(self.epoch)
+        first = self.source.resume_batch if self._epochs_done == 0 else 0
+        start = (first + self._batch_in_epoch) * self.plan.batch_size
         for row in rows[start:start + self.plan.batch_size]:
             path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
             problem = decode_problem(path)
@@ -170,19 +184,21 @@ class ReLabelLoader(_DaliLoader):
         skip_bad_images: replace undecodable images instead of raising (counted in
             :attr:`skipped_images`).
         start_epoch: epoch number of the first epoch (resuming).
+        resume_batch: batches of ``start_epoch`` already trained on (from :meth:`state_dict`).
+
+    CutMix (``config.cutmix_probability > 0``) is applied before the batch is handed out: images
+    carry their partner's pixels in the pair's box and targets are mixed (:mod:`dali_relabel.mixing`).
 
     Images are ``[B, 3, S, S]`` (``[B, S, S, 3]`` with ``channels_last``) float16/float32, targets
     ``[B, C]`` float32 (``[B, C, oh, ow]`` for an output grid). With ``last_batch="pad"`` the last
     batch may be smaller; it never contains padding.
     """
 
-    output_map = ["images", "targets", "labels", "rows", "valid"]
-
     def __init__(self, image_root, store, batch_size: int, config: Optional[DataConfig] = None,
                  device: Optional[str] = "auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
-                 skip_bad_images: bool = False, start_epoch: int = 0):
+                 skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
         from .plugin import load_plugin, require_gpu_backend
         from .pipelines.graphs import train_pipeline
 
@@ -205,9 +221,16 @@ class ReLabelLoader(_DaliLoader):
             device_id = None
         plan = EpochPlan(len(self.store), batch_size, rank, world_size, seed=config.seed,
                          shuffle=shuffle, last_batch=config.last_batch)
+        cutmix = None
+        if config.cutmix_probability > 0:
+            cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
+                                seed=config.seed, stop_epoch=config.cutmix_stop_epoch)
         source = SampleSource(self.image_root, self.store.paths, self.store.labels, plan,
                               store_path=self.store.path, epoch_offset=start_epoch,
-                              skip_bad_images=skip_bad_images)
+                              skip_bad_images=skip_bad_images, cutmix=cutmix, resume_batch=resume_batch)
+        output_map = ["images", "targets", "labels", "rows", "valid"]
+        if cutmix is not None:
+            output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
         pipe = train_pipeline(source, config, self.num_classes, self.layout,
                               decoder_device="mixed" if device == "gpu" else "cpu",
                               batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
@@ -216,8 +239,16 @@ class ReLabelLoader(_DaliLoader):
                               prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
         self.return_labels = return_labels
         self.return_rows = return_rows
-        super().__init__(pipe, plan, source, device)
-        self.epoch = start_epoch
+        super().__init__(pipe, plan, source, device, output_map, start_epoch)
+
+    def _transform(self, batch: dict) -> dict:
+        if "mix_box" not in batch:
+            return batch
+        images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
+                                          batch.get("pasted"), channels_last=self.config.channels_last)
+        batch = dict(batch, images=images, targets=targets)
+        batch.pop("pasted", None)
+        return batch
 
     def __iter__(self):
         for batch in self._batches():
@@ -242,8 +273,6 @@ class ValidationLoader(_DaliLoader):
         Other arguments as :class:`ReLabelLoader`.
     """
 
-    output_map = ["images", "labels", "rows", "valid"]
-
     def __init__(self, image_root, batch_size: int, config: Optional[DataConfig] = None,
                  device: Optional[str] = "auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
@@ -266,7 +295,7 @@ class ValidationLoader(_DaliLoader):
                                    py_start_method=_start_method(config),
                                    prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
         self.return_rows = return_rows
-        super().__init__(pipe, plan, source, device)
+        super().__init__(pipe, plan, source, device, ["images", "labels", "rows", "valid"])
 
     def __iter__(self):
         for batch in self._batches():

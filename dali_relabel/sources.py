@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .mixing import CutMixSpec
 from .store import LabelStore
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -130,15 +131,19 @@ class SampleSource:
         epoch_offset: added to DALI's epoch counter (to resume at a later epoch).
         skip_bad_images: replace an undecodable image by another sample marked invalid (and count
             it) instead of raising :class:`BadImageError`.
+        cutmix: draw a CutMix box for each pair of batch positions (adds the ``mix_box`` output).
+        resume_batch: in the first epoch, start at this batch (resuming mid-epoch).
 
     Outputs per sample: ``jpeg`` uint8 ``[n]``, then (with a store) ``logits [k, H, W]`` and
     ``class_ids [k, H, W]``, then ``label`` int32 ``[1]``, ``row`` int64 ``[1]`` and ``valid`` uint8
     ``[1]``: :data:`VALID`, :data:`PADDING` (a repeat that fills the last batch) or :data:`SKIPPED`
-    (a stand-in for a bad image). Only :data:`VALID` samples are meant to be trained on.
+    (a stand-in for a bad image). Only :data:`VALID` samples are meant to be trained on. With
+    ``cutmix``, a last output ``mix_box`` float32 ``[4]``.
     """
 
     def __init__(self, image_root: str, relpaths: Sequence[str], labels: Sequence[int], plan: EpochPlan,
-                 store_path: Optional[str] = None, epoch_offset: int = 0, skip_bad_images: bool = False):
+                 store_path: Optional[str] = None, epoch_offset: int = 0, skip_bad_images: bool = False,
+                 cutmix: Optional[CutMixSpec] = None, resume_batch: int = 0):
         self.image_root = os.fspath(image_root)
         self.relpaths: List[str] = list(relpaths)
         self.labels = np.asarray(labels, dtype=np.int32)
@@ -146,20 +151,27 @@ class SampleSource:
         self.store_path = store_path
         self.epoch_offset = epoch_offset
         self.skip_bad_images = skip_bad_images
+        self.cutmix = cutmix
+        if not 0 <= resume_batch < plan.num_batches:
+            raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
+        self.resume_batch = resume_batch
         self._store: Optional[LabelStore] = None
         self._epoch = None
         self._rows = self._valid = None
         self.bad_images: List[str] = []
 
-    @property
-    def num_outputs(self) -> int:
-        return 6 if self.store_path else 4
-
     def _plan_for(self, epoch: int):
         if self._epoch != epoch:
             self._rows, self._valid = self.plan.rows(epoch + self.epoch_offset)
+            if epoch == 0 and self.resume_batch:
+                skip = self.resume_batch * self.plan.batch_size
+                self._rows, self._valid = self._rows[skip:], self._valid[skip:]
             self._epoch = epoch
         return self._rows, self._valid
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches DALI epoch ``epoch`` (counted from this source's start) will yield."""
+        return self.plan.num_batches - (self.resume_batch if epoch == 0 else 0)
 
     def store(self) -> LabelStore:
         # Opened lazily in the worker process that uses it (never shared across fork).
@@ -196,6 +208,10 @@ class SampleSource:
             outputs += [label_map.logits, label_map.class_ids]
         outputs += [np.array([self.labels[row]], dtype=np.int32), np.array([row], dtype=np.int64),
                     np.array([status], dtype=np.uint8)]
+        if self.cutmix is not None:
+            epoch = sample_info.epoch_idx + self.epoch_offset
+            iteration = sample_info.iteration + (self.resume_batch if sample_info.epoch_idx == 0 else 0)
+            outputs.append(self.cutmix.box(epoch, iteration, sample_info.idx_in_batch, self.plan.batch_size))
         return tuple(outputs)
 
     def _substitute(self, rows: np.ndarray, index: int):
@@ -209,11 +225,14 @@ class SampleSource:
         raise BadImageError("no decodable image left in this epoch")
 
 
-def describe_outputs(with_maps: bool):
+def describe_outputs(source: SampleSource):
     """(names, DALI dtypes, ndims) of the source's outputs, in order."""
     from nvidia.dali import types
 
+    with_maps = bool(source.store_path)
     names = ["jpegs"] + (["logits", "class_ids"] if with_maps else []) + ["labels", "rows", "valid"]
     dtypes = [types.UINT8] + ([None, None] if with_maps else []) + [types.INT32, types.INT64, types.UINT8]
     ndims = [1] + ([3, 3] if with_maps else []) + [1, 1, 1]
+    if source.cutmix is not None:
+        names, dtypes, ndims = names + ["mix_box"], dtypes + [types.FLOAT], ndims + [1]
     return names, dtypes, ndims

@@ -22,8 +22,8 @@ _BYTES_PER_SAMPLE_HINT = 1 << 20  # per output slot in shared memory; a JPEG fit
 _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
 
 
-def _external_source(source: SampleSource, config: DataConfig, with_maps: bool):
-    names, dtypes, ndims = describe_outputs(with_maps)
+def _external_source(source: SampleSource, config: DataConfig):
+    names, dtypes, ndims = describe_outputs(source)
     outputs = fn.external_source(source=source, num_outputs=len(names), parallel=True, batch=False,
                                  dtype=dtypes, ndim=ndims, prefetch_queue_depth=config.prefetch_queue_depth,
                                  bytes_per_sample_hint=_BYTES_PER_SAMPLE_HINT)
@@ -49,6 +49,9 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
                    decoder_device: str = "cpu"):
     """ReLabel training graph. Outputs: images, soft targets, labels, rows, valid.
 
+    With a CutMix source the outputs are followed by ``mix_box``; in ``"localized"`` mode the soft
+    targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
+
     Args:
         source: a :class:`SampleSource` with a store.
         config: data settings.
@@ -56,7 +59,7 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
         layout: ``"HW"`` or ``"WH"``, how boxes meet the maps.
         decoder_device: ``"mixed"`` (GPU decode; targets pooled on the GPU too) or ``"cpu"``.
     """
-    data = _external_source(source, config, with_maps=True)
+    data = _external_source(source, config)
     jpegs = data["jpegs"]
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
     anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
@@ -68,17 +71,25 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
                        interp_type=types.INTERP_LINEAR)
     mirror = fn.random.coin_flip(probability=config.flip_probability)
     images = _normalize(images, config, mirror)
-    targets = fn.relabel.label_pooling(
-        data["logits"], data["class_ids"], anchor, crop, shape, mirror,
-        device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
-        output_size=list(config.output_size), temperature=config.temperature, layout=layout)
-    return images, targets, data["labels"], data["rows"], data["valid"]
+    pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
+                output_size=list(config.output_size), temperature=config.temperature, layout=layout)
+    inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
+    outputs = [images, None, data["labels"], data["rows"], data["valid"]]
+    if source.cutmix is not None and config.cutmix_mode == "localized":
+        outputs[1] = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="outside", **pool)
+        outputs += [data["mix_box"],
+                    fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="inside", **pool)]
+    else:
+        outputs[1] = fn.relabel.label_pooling(*inputs, **pool)
+        if source.cutmix is not None:
+            outputs.append(data["mix_box"])
+    return tuple(outputs)
 
 
 @pipeline_def
 def validation_pipeline(source: SampleSource, config: DataConfig, decoder_device: str = "cpu"):
     """Validation graph: resize shorter side, centre crop. Outputs: images, labels, rows, valid."""
-    data = _external_source(source, config, with_maps=False)
+    data = _external_source(source, config)
     images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
     images = fn.resize(images, resize_shorter=config.val_resize, antialias=True,
                        interp_type=types.INTERP_LINEAR)
@@ -102,3 +113,22 @@ def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str
                        interp_type=types.INTERP_LINEAR)
     images = _normalize(images, config, fn.random.coin_flip(probability=config.flip_probability))
     return images, labels
+
+
+@pipeline_def
+def teacher_pipeline(source: SampleSource, config: DataConfig, size: int, decoder_device: str = "cpu"):
+    """Full-image teacher input for ``dali-relabel generate``: no crop, every image resized to
+    ``size x size`` ignoring its aspect ratio (as the ReLabel paper feeds EfficientNet-L2), linear with
+    antialiasing, then normalized. Outputs: images, labels, rows, valid, and the encoded image's
+    shape ``(H, W, C)`` from ``peek_image_shape`` (the original size the map describes).
+
+    ``source`` is a :class:`SampleSource` without a store (outputs jpeg, label, row, valid)."""
+    jpegs, labels, rows, valid = fn.external_source(
+        source=source, num_outputs=4, parallel=True, batch=False,
+        dtype=[types.UINT8, types.INT32, types.INT64, types.UINT8], ndim=[1, 1, 1, 1],
+        prefetch_queue_depth=config.prefetch_queue_depth, bytes_per_sample_hint=_BYTES_PER_SAMPLE_HINT)
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
+    images = fn.decoders.image(jpegs, **_decoder_args(decoder_device, config))
+    images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
+    images = _normalize(images, config)
+    return images, labels, rows, valid, shape

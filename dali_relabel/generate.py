@@ -1,0 +1,889 @@
+"""Make a label store for any ImageFolder data set with your own teacher (``dali-relabel generate``).
+
+The ReLabel authors released maps for ImageNet train only, and not the tool that made them. This
+module makes them the way the paper describes:
+
+1. **Full image, no crop.** Each image is decoded by DALI (``mixed`` on a GPU, ``cpu`` without) and
+   resized to ``size x size`` *ignoring its aspect ratio* (the paper feeds whole images at 475 x 475
+   to EfficientNet-L2; a centre crop would lose the borders the map must describe). The resize is
+   linear with antialiasing, as PIL's bilinear resize of the authors' torchvision transforms; the
+   image is normalised with the ImageNet mean/std of :class:`~dali_relabel.config.DataConfig`.
+   The graph is ``pipelines/graphs.py:teacher_pipeline``.
+2. **The modified classifier.** The teacher's global pooling is removed and its final linear
+   classifier is applied as a 1x1 convolution to the last feature map: ``[B, F, h, w]`` ->
+   ``[B, C, h, w]`` logits per location (:func:`dense_logit_map`). Averaging that map over ``h, w``
+   gives the model's ordinary logits exactly (for every supported family except MobileNetV3, see
+   :func:`dense_classifier`), so the map is a spatial decomposition of the teacher's prediction.
+3. **Grid and top-k.** The map is brought to ``grid x grid`` (:func:`topk_grid`): adaptive average
+   pooling along an axis longer than the grid, bilinear interpolation (``align_corners=False``) along
+   an axis shorter than it (ResNet-50 at 224 px has a 7 x 7 map; EfficientNet-L2 or ResNet-50 at
+   475 px has exactly 15 x 15, where pooling is the identity). Each cell keeps its top-``k`` logits
+   (``torch.topk``, descending) and their class ids.
+4. **The store.** Rows are written in ImageFolder order with :class:`~dali_relabel.store.StoreWriter`:
+   layout ``"HW"`` (geometric), ``source = "generate"``, the teacher's name and input size, the
+   folder labels as hard labels and each image's original ``(H, W)`` (from DALI's
+   ``peek_image_shape``, without EXIF rotation, like PIL's ``Image.size``).
+
+**Resuming.** An interrupted run leaves ``<out>.partial`` (and ``<out>.generate.json``, the settings
+it was made with: a fingerprint of the weights, size, normalisation, AMP...). Rerunning the same
+command resumes at ``rows_written`` (rounded down to a batch boundary, so batches are composed as in
+an uninterrupted run; rows already written are not written again). A partial file made with other
+settings is discarded and started again.
+
+**Several processes (torchrun).** Rank ``r`` of ``w`` processes the contiguous rows
+``[r * N // w, (r + 1) * N // w)`` and writes them as a normal store ``<out>.part{r}of{w}``; after a
+barrier rank 0 merges the parts into ``<out>`` in global row order (:func:`merge_parts`) and deletes
+them. Every part resumes on its own; a part that is already complete is reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .imagefolder import list_images
+from .store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
+
+SOURCE_NAME = "generate"
+SETTINGS_SUFFIX = ".generate.json"
+RESIZE_DESCRIPTION = "full image, resized to size x size ignoring aspect ratio, linear + antialias"
+
+
+class GenerateError(ValueError):
+    """A teacher, weights file or image set that cannot be used to generate maps; the message says why."""
+
+
+class UnsupportedModelError(GenerateError):
+    """The teacher's architecture has no supported way to apply its classifier at every location."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The modified classifier
+
+
+@dataclass
+class DenseClassifier:
+    """A classifier split at its global pooling.
+
+    Attributes:
+        features: images ``[B, 3, S, S]`` -> last feature map ``[B, F, h, w]``.
+        head: ``[B, F, h, w]`` -> logit map ``[B, C, h, w]`` (the classifier at every location).
+        num_classes: C.
+        family: the architecture family recognised.
+        exact: the mean of the logit map over ``h, w`` equals the model's logits.
+    """
+
+    features: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int
+    family: str
+    exact: bool = True
+
+
+def linear_as_conv1x1(linear: torch.nn.Linear, feature_map: torch.Tensor) -> torch.Tensor:
+    """Apply ``linear`` (``[C, F]`` weight) at every location of ``[B, F, h, w]`` -> ``[B, C, h, w]``."""
+    weight = linear.weight
+    return F.conv2d(feature_map, weight.reshape(weight.shape[0], weight.shape[1], 1, 1), linear.bias)
+
+
+def _single_linear(head: torch.nn.Module, what: str) -> torch.nn.Linear:
+    """The one Linear of ``head`` (a Linear, or a Sequential of Dropout/Identity/Flatten + one Linear)."""
+    if isinstance(head, torch.nn.Linear):
+        return head
+    if isinstance(head, torch.nn.Sequential):
+        layers = [m for m in head if not isinstance(m, (torch.nn.Dropout, torch.nn.Identity, torch.nn.Flatten))]
+        if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear):
+            return layers[0]
+    raise UnsupportedModelError(f"the {what} is not a single linear layer after the global pooling "
+                                f"({type(head).__name__}); it cannot be applied at every location")
+
+
+def _resnet(model) -> DenseClassifier:
+    def features(x):
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+    fc = _single_linear(model.fc, "fc")
+    return DenseClassifier(features, lambda f: linear_as_conv1x1(fc, f), fc.out_features, "resnet")
+
+
+def _regnet(model) -> DenseClassifier:
+    fc = _single_linear(model.fc, "fc")
+    return DenseClassifier(lambda x: model.trunk_output(model.stem(x)), lambda f: linear_as_conv1x1(fc, f),
+                           fc.out_features, "regnet")
+
+
+def _features_then_linear(model, family: str, attribute: str = "classifier",
+                          features: Optional[Callable] = None) -> DenseClassifier:
+    linear = _single_linear(getattr(model, attribute), f"{family} {attribute}")
+    return DenseClassifier(features or model.features, lambda f: linear_as_conv1x1(linear, f),
+                           linear.out_features, family)
+
+
+def _mobilenet_v3(model) -> DenseClassifier:
+    # classifier = Linear(F, hidden), Hardswish, Dropout, Linear(hidden, C): both linears become 1x1
+    # convolutions at every location. The hidden non-linearity makes this per-location, not a
+    # decomposition: the map's mean is not the model's logits.
+    layers = [m for m in model.classifier if not isinstance(m, (torch.nn.Dropout, torch.nn.Identity))]
+    if len(layers) != 3 or not isinstance(layers[0], torch.nn.Linear) or not isinstance(layers[2], torch.nn.Linear):
+        raise UnsupportedModelError(f"unexpected MobileNetV3 classifier {model.classifier}")
+    first, activation, last = layers
+
+    def head(f):
+        return linear_as_conv1x1(last, activation(linear_as_conv1x1(first, f)))
+
+    return DenseClassifier(model.features, head, last.out_features, "mobilenet_v3", exact=False)
+
+
+def _convnext(model) -> DenseClassifier:
+    # classifier = LayerNorm2d, Flatten, Linear, applied to the pooled vector. The LayerNorm of the
+    # pooled vector p is affine in p once its mean and variance are fixed, so normalising every
+    # location with the statistics of p (per image) makes the map average to the model's logits
+    # exactly: the map is the spatial decomposition of the prediction, as for a ResNet.
+    layers = [m for m in model.classifier if not isinstance(m, (torch.nn.Dropout, torch.nn.Flatten, torch.nn.Identity))]
+    if len(layers) != 2 or not isinstance(layers[0], torch.nn.LayerNorm) or not isinstance(layers[1], torch.nn.Linear):
+        raise UnsupportedModelError(f"unexpected ConvNeXt classifier {model.classifier}")
+    norm, linear = layers
+
+    def head(f):
+        pooled = f.float().mean(dim=(2, 3))
+        mean = pooled.mean(dim=1)[:, None, None, None]
+        inv_std = torch.rsqrt(pooled.var(dim=1, unbiased=False) + norm.eps)[:, None, None, None]
+        normed = (f.float() - mean) * inv_std
+        if norm.weight is not None:
+            normed = normed * norm.weight.float()[None, :, None, None]
+        if norm.bias is not None:
+            normed = normed + norm.bias.float()[None, :, None, None]
+        return linear_as_conv1x1(linear, normed.to(f.dtype))
+
+    return DenseClassifier(model.features, head, linear.out_features, "convnext")
+
+
+def _swin(model) -> DenseClassifier:
+    # features -> norm (per token) -> permute to NCHW -> pool -> head: the norm is already per location.
+    linear = _single_linear(model.head, "Swin head")
+    return DenseClassifier(lambda x: model.permute(model.norm(model.features(x))),
+                           lambda f: linear_as_conv1x1(linear, f), linear.out_features, "swin")
+
+
+def _squeezenet(model) -> DenseClassifier:
+    # classifier = Dropout, Conv2d(F, C, 1), ReLU, AdaptiveAvgPool2d: already dense before the pool.
+    layers = [m for m in model.classifier if not isinstance(m, (torch.nn.Dropout, torch.nn.Identity))]
+    if len(layers) != 3 or not isinstance(layers[0], torch.nn.Conv2d):
+        raise UnsupportedModelError(f"unexpected SqueezeNet classifier {model.classifier}")
+    conv, activation = layers[0], layers[1]
+    return DenseClassifier(model.features, lambda f: activation(conv(f)), conv.out_channels, "squeezenet")
+
+
+def _timm_style(model) -> DenseClassifier:
+    classifier = model.get_classifier()
+    if not isinstance(classifier, torch.nn.Linear):
+        raise UnsupportedModelError(f"{type(model).__name__}.get_classifier() is a "
+                                    f"{type(classifier).__name__}, not a linear layer")
+    return DenseClassifier(model.forward_features, lambda f: linear_as_conv1x1(classifier, f),
+                           classifier.out_features, "timm", exact=True)
+
+
+_CHECKED_GENERIC: "weakref.WeakSet" = weakref.WeakSet()  # generic models whose decomposition was checked
+
+SUPPORTED_FAMILIES = ("ResNet/ResNeXt/Wide ResNet", "RegNet", "EfficientNet (v1, v2)", "MobileNetV2",
+                      "MobileNetV3 (per-location head)", "ConvNeXt", "DenseNet", "MNASNet",
+                      "ShuffleNetV2", "SqueezeNet", "Swin", "timm CNNs with forward_features + a "
+                      "linear get_classifier() after average pooling")
+
+
+def dense_classifier(model: torch.nn.Module) -> DenseClassifier:
+    """Split ``model`` into feature extractor and per-location classifier (the modified classifier).
+
+    Supported torchvision families: ResNet/ResNeXt/Wide ResNet and RegNet (``fc``), EfficientNet,
+    MobileNetV2, DenseNet, MNASNet (``classifier[-1]``), ShuffleNetV2 (``fc``), ConvNeXt (LayerNorm
+    with the pooled vector's statistics + ``classifier[-1]``), Swin (``head``), SqueezeNet (already
+    convolutional), and MobileNetV3 (its two-layer head at every location; the only family whose map
+    does not average to the model's logits). timm-style models (``forward_features`` returning
+    ``[B, F, h, w]`` and a linear ``get_classifier()``) are accepted after a numerical check that the
+    map averages to the model's logits. Anything else (ViT, MaxViT, VGG, AlexNet, Inception,
+    GoogLeNet, ...) raises :class:`UnsupportedModelError`.
+    """
+    import torchvision.models as tvm
+
+    table = [(tvm.ResNet, _resnet), (tvm.RegNet, _regnet),
+             (tvm.EfficientNet, lambda m: _features_then_linear(m, "efficientnet")),
+             (tvm.MobileNetV3, _mobilenet_v3),
+             (tvm.MobileNetV2, lambda m: _features_then_linear(m, "mobilenet_v2")),
+             (tvm.ConvNeXt, _convnext),
+             (tvm.DenseNet, lambda m: _features_then_linear(
+                 m, "densenet", features=lambda x: F.relu(m.features(x)))),
+             (tvm.MNASNet, lambda m: _features_then_linear(m, "mnasnet", features=m.layers)),
+             (tvm.ShuffleNetV2, lambda m: _features_then_linear(
+                 m, "shufflenet_v2", "fc",
+                 features=lambda x: m.conv5(m.stage4(m.stage3(m.stage2(m.maxpool(m.conv1(x)))))))),
+             (tvm.SqueezeNet, _squeezenet), (tvm.SwinTransformer, _swin)]
+    for cls, make in table:
+        if isinstance(model, cls):
+            return make(model)
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "get_classifier", None)):
+        dense = _timm_style(model)
+        if model not in _CHECKED_GENERIC:
+            _check_decomposition(model, dense)
+            _CHECKED_GENERIC.add(model)
+        return dense
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no supported way to apply its classifier at every location (supported: "
+        f"{', '.join(SUPPORTED_FAMILIES)}). Transformers with a class token (ViT) and models whose "
+        "classifier sees a flattened spatial grid (VGG, AlexNet) have no per-location classifier.")
+
+
+def _check_decomposition(model: torch.nn.Module, dense: DenseClassifier, size: int = 64) -> None:
+    """Refuse a generic model whose dense map does not average to its logits (its head is not avg+linear)."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feature_map = dense.features(x)
+            if feature_map.dim() != 4:
+                raise UnsupportedModelError(f"{type(model).__name__}.forward_features returns shape "
+                                            f"{tuple(feature_map.shape)}, not a [B, F, h, w] map")
+            expected = model(x).float()
+            actual = dense.head(feature_map).float().mean(dim=(2, 3))
+    except UnsupportedModelError:
+        raise
+    except Exception as error:  # the model may refuse the probe input (fixed-size transformers)
+        raise UnsupportedModelError(f"{type(model).__name__}: its per-location classifier cannot be checked "
+                                    f"({type(error).__name__}: {error})") from error
+    finally:
+        model.train(was_training)
+    scale = float(expected.abs().max()) + 1e-6
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * scale):
+        raise UnsupportedModelError(f"{type(model).__name__}: applying get_classifier() at every location "
+                                    "does not reproduce the model's logits (its head is more than average "
+                                    "pooling + one linear layer)")
+
+
+def dense_logit_map(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at every location of its last feature map: ``[B, C, h, w]``.
+
+    The global pooling is removed and the final linear classifier is applied as a 1x1 convolution
+    (the paper's "modified classifier"); ``dense_logit_map(m, x).mean((2, 3))`` equals ``m(x)`` for
+    every family :func:`dense_classifier` marks exact. Call it in eval mode (under ``no_grad``).
+    """
+    dense = dense_classifier(model)
+    return dense.head(dense.features(images))
+
+
+def _grid_pair(grid) -> Tuple[int, int]:
+    pair = (int(grid), int(grid)) if np.isscalar(grid) else tuple(int(g) for g in grid)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"grid must be a positive int or a pair of them, got {grid!r}")
+    return pair
+
+
+def resize_map(logit_map: torch.Tensor, grid) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, C, gh, gw]``: adaptive average pooling along each axis longer than the
+    grid, then bilinear interpolation (``align_corners=False``) along each axis shorter than it; an
+    axis equal to the grid is left as it is."""
+    gh, gw = _grid_pair(grid)
+    h, w = logit_map.shape[-2:]
+    if h > gh or w > gw:
+        logit_map = F.adaptive_avg_pool2d(logit_map, (min(h, gh), min(w, gw)))
+    if h < gh or w < gw:
+        logit_map = F.interpolate(logit_map, size=(gh, gw), mode="bilinear", align_corners=False)
+    return logit_map
+
+
+def topk_grid(logit_map: torch.Tensor, grid, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bring a logit map to ``grid`` (:func:`resize_map`, in float32) and keep the top ``k`` per cell.
+
+    Returns ``(logits float32 [B, k, gh, gw], class ids int64 [B, k, gh, gw])``, descending per cell.
+    """
+    if logit_map.dim() != 4:
+        raise ValueError(f"expected a logit map [B, C, h, w], got shape {tuple(logit_map.shape)}")
+    num_classes = logit_map.shape[1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k} must lie in [1, num_classes={num_classes}]")
+    pooled = resize_map(logit_map.float(), grid)
+    values, ids = torch.topk(pooled, k, dim=1, largest=True, sorted=True)
+    return values, ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Teachers and weights
+
+
+def load_state_dict_file(path) -> dict:
+    """A state dict from ``path``: a plain state dict, or a checkpoint dict holding it under ``"model"``
+    or ``"state_dict"``. Loaded with ``weights_only=True``; ``module.`` / ``_orig_mod.`` prefixes (DDP,
+    ``torch.compile``) are stripped."""
+    import argparse
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    safe = getattr(torch.serialization, "safe_globals", None)
+    context = safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
+    try:
+        with context:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling fails in many ways
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GenerateError(f"{path}: cannot be loaded as a weights-only state dict ({first})") from error
+    if not isinstance(checkpoint, dict):
+        raise GenerateError(f"{path}: expected a state dict, got {type(checkpoint).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise GenerateError(f"{path}: neither a state dict nor a checkpoint with a 'model' state dict "
+                            f"(keys: {sorted(map(str, checkpoint))[:8]})")
+    for prefix in ("module.", "_orig_mod."):
+        if all(key.startswith(prefix) for key in checkpoint):
+            checkpoint = {key[len(prefix):]: value for key, value in checkpoint.items()}
+    return dict(checkpoint)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
+    import torchvision
+
+    timm_prefix = next((p for p in ("timm:", "timm/") if name.startswith(p)), None)
+    if timm_prefix is None:
+        classification = set(torchvision.models.list_models(module=torchvision.models))
+        if name in classification:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes), name
+        timm = _timm()
+        if timm is None or name not in set(timm.list_models()):
+            hint = "" if timm is not None else " (timm is not installed; `pip install timm` for its models)"
+            raise GenerateError(f"unknown model {name!r}: not a torchvision classification model{hint}")
+    else:
+        name = name[len(timm_prefix):]
+        timm = _timm()
+        if timm is None:
+            raise GenerateError(f"model 'timm:{name}' needs timm, which is not installed (`pip install timm`)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes), name
+    except Exception as error:  # timm raises RuntimeError/ValueError/KeyError for unknown names
+        raise GenerateError(f"timm cannot build {name!r}: {error}") from error
+
+
+def build_teacher(name: str, weights_path, num_classes: int) -> torch.nn.Module:
+    """A teacher in eval mode: the torchvision classification model ``name`` (or ``"timm:NAME"``, or
+    a timm name torchvision does not know, when timm is installed) with ``num_classes`` outputs and
+    the weights of ``weights_path`` (see :func:`load_state_dict_file`); nothing is downloaded."""
+    state_dict = load_state_dict_file(weights_path)
+    model, _ = _create_model(name, int(num_classes))
+    expected = model.state_dict()
+    mismatched = [(key, tuple(state_dict[key].shape), tuple(value.shape)) for key, value in expected.items()
+                  if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)]
+    if mismatched:
+        key, got, want = mismatched[-1]
+        hint = ""
+        if got and want and got[0] != want[0] and got[1:] == want[1:]:
+            hint = (f"; the weights' classifier has {got[0]} outputs but {num_classes} classes are used "
+                    f"(the image tree's folders, or --class-names with the teacher's {got[0]} classes in "
+                    "class-id order)")
+        raise GenerateError(f"{weights_path} does not fit {name}(num_classes={num_classes}): {key} is "
+                            f"{list(got)} in the file, {list(want)} in the model{hint}")
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        raise GenerateError(f"{weights_path} does not fit {name}: {len(missing)} missing keys "
+                            f"(first: {missing[:1]}), {len(unexpected)} unexpected keys (first: "
+                            f"{unexpected[:1]}); is it the weights of another architecture?")
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the model's state dict."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}\n".encode())
+        flat = value.detach().contiguous().reshape(-1)
+        if flat.numel():
+            digest.update(flat.cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Row plan (duck-typed :class:`~dali_relabel.sources.EpochPlan`)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Global rows ``rows[0], rows[1], ...`` read in order, every epoch the same, in batches of
+    ``batch_size``; the last batch is padded with repeats marked invalid. Stands in for
+    :class:`~dali_relabel.sources.EpochPlan` in :class:`~dali_relabel.sources.SampleSource`."""
+
+    row_ids: Tuple[int, ...]
+    batch_size: int
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.row_ids) // self.batch_size)
+
+    def rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        total = self.num_batches * self.batch_size
+        order = np.asarray(self.row_ids, dtype=np.int64)
+        return np.resize(order, total), np.arange(total) < len(order)
+
+
+def shard_bounds(num_rows: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """The contiguous rows ``[start, stop)`` of ``rank`` among ``world_size`` (sizes differ by <= 1)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
+
+
+def part_path(out, rank: int, world_size: int) -> str:
+    """``<out>.part{rank}of{world_size}``: the store one rank writes."""
+    return f"{os.fspath(out)}.part{rank}of{world_size}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _settings_path(target: str) -> str:
+    return target + SETTINGS_SUFFIX
+
+
+def _read_settings(target: str) -> Optional[dict]:
+    try:
+        with open(_settings_path(target)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_settings(target: str, settings: dict) -> None:
+    tmp = _settings_path(target) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1, sort_keys=True)
+    os.replace(tmp, _settings_path(target))
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bool:
+    """``target`` is a complete store of ``paths`` made with ``settings`` (reuse it)."""
+    if not os.path.exists(target) or _read_settings(target) != settings:
+        return False
+    try:
+        store = LabelStore(target, check_values=False)
+    except StoreError:
+        return False
+    try:
+        return store.paths == list(paths)
+    finally:
+        store.close()
+
+
+class _TeacherBatches:
+    """One ordered pass over the plan's rows: dict batches (``images``, ``labels``, ``rows``,
+    ``shapes``) with padding removed; a decoder failure is re-raised naming the file."""
+
+    OUTPUT_MAP = ["images", "labels", "rows", "valid", "shapes"]
+
+    def __init__(self, pipe, plan: RowPlan, source):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.plan = plan
+        self.source = source
+        self.pipeline = pipe
+        pipe.start_py_workers()
+        pipe.build()
+        self._iterator = DALIGenericIterator([pipe], self.OUTPUT_MAP, size=-1, auto_reset=False,
+                                             prepare_first_batch=False)
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def __iter__(self):
+        from .sources import VALID
+
+        batches = 0
+        try:
+            for outputs in self._iterator:
+                batch = outputs[0]
+                keep = batch["valid"].reshape(-1).cpu() == VALID
+                batches += 1
+                if bool(keep.all()):
+                    yield batch
+                elif bool(keep.any()):
+                    index = keep.nonzero().reshape(-1)
+                    yield {name: value[index.to(value.device)] for name, value in batch.items()}
+        except RuntimeError as error:
+            raise self._explain(error, batches) from error
+
+    def _explain(self, error: RuntimeError, batch: int) -> Exception:
+        from .loader import decode_problem
+        from .sources import BadImageError
+
+        rows, _ = self.plan.rows(0)
+        for row in rows[batch * self.plan.batch_size:(batch + 1) * self.plan.batch_size]:
+            path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
+            problem = decode_problem(path)
+            if problem:
+                return BadImageError(f"{path}: cannot be decoded (DALI: {problem})")
+        return error
+
+    def close(self) -> None:
+        """Drop the iterator and pipeline now, so the reader processes stop."""
+        self._iterator = None
+        self.pipeline = None
+
+
+def _start_method(requested: str) -> str:
+    # Forking after torch initialised CUDA breaks the reader processes; spawn is safe then.
+    if requested == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "spawn"
+    return requested
+
+
+def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], row_ids: Sequence[int],
+                 size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
+                 half_input: bool) -> _TeacherBatches:
+    from .pipelines.graphs import teacher_pipeline
+    from .sources import SampleSource
+
+    plan = RowPlan(tuple(int(r) for r in row_ids), batch_size)
+    source = SampleSource(image_root, relpaths, labels, plan)
+    teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
+                                    channels_last=device == "gpu")
+    pipe = teacher_pipeline(source, teacher_config, int(size),
+                            decoder_device="mixed" if device == "gpu" else "cpu",
+                            batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                            seed=config.seed, py_num_workers=config.py_num_workers,
+                            py_start_method=_start_method(config.py_start_method),
+                            prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+    return _TeacherBatches(pipe, plan, source)
+
+
+def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224, grid=15, k: int = 5,
+                        batch_size: int = 64, device: Optional[str] = "auto", rank: int = 0,
+                        world_size: int = 1, class_names: Optional[Sequence[str]] = None,
+                        teacher_name: str = "", progress: bool = True,
+                        config: Optional[DataConfig] = None, amp: bool = False,
+                        device_id: Optional[int] = None, restart: bool = False,
+                        merge: Optional[bool] = None) -> str:
+    """Run ``model`` over every image of ``image_root`` and write its label maps to the store ``out``.
+
+    Args:
+        image_root: an ImageFolder tree (``root/<class>/<image>``); rows follow its sorted order.
+        out: the store to write.
+        model: the teacher, an ``nn.Module`` classifier of a family :func:`dense_classifier` supports,
+            with as many outputs as there are classes. It is put in eval mode and moved to the device
+            (channels_last on a GPU) in place.
+        size: the teacher's input side: every full image is resized to ``size x size``.
+        grid: side of the stored map (int or ``(gh, gw)``).
+        k: logits kept per cell.
+        batch_size: images per teacher batch.
+        device: ``"auto"``, ``"cpu"`` or ``"gpu"`` (decode with ``mixed``, run the teacher on the GPU).
+        rank, world_size: this process's shard; with ``world_size > 1`` the rows
+            ``shard_bounds(N, rank, world_size)`` are written to ``part_path(out, rank, world_size)``.
+        class_names: classes in class-id order (default: the sorted folder names); their number
+            must equal the teacher's outputs.
+        teacher_name: stored as the ``teacher`` attribute.
+        progress: show a progress bar (rank 0 only).
+        config: a :class:`DataConfig` (normalisation, workers, threads, ``adjust_orientation``).
+        amp: float16 autocast on the GPU (ignored on the CPU).
+        device_id: CUDA device (default: the current one).
+        restart: discard an interrupted run instead of resuming it.
+        merge: with ``world_size > 1``, wait for all ranks (``torch.distributed`` barrier) and let rank
+            0 merge the parts into ``out``. Default: merge when ``torch.distributed`` is initialised;
+            otherwise call :func:`merge_parts` yourself once every rank has finished.
+
+    Returns the path written: ``out``, or this rank's part path when the parts are not merged here.
+    """
+    from .loader import resolve_device
+
+    out = os.fspath(out)
+    config = config or DataConfig()
+    image_root = os.fspath(image_root)
+    images = list_images(image_root, classes=class_names)
+    dense = dense_classifier(model)
+    num_classes = len(images.classes)
+    if dense.num_classes != num_classes:
+        raise GenerateError(f"the teacher has {dense.num_classes} outputs but {image_root} gives "
+                            f"{num_classes} classes; pass the teacher's {dense.num_classes} class names "
+                            "in class-id order (--class-names FILE)")
+    gh, gw = _grid_pair(grid)
+    if not 1 <= k <= num_classes:
+        raise GenerateError(f"k={k} must lie in [1, {num_classes}]")
+    if size < 1 or batch_size < 1:
+        raise GenerateError(f"size and batch_size must be positive (got {size}, {batch_size})")
+    if not 0 <= rank < world_size:
+        raise GenerateError(f"rank {rank} is outside world size {world_size}")
+    if not dense.exact:
+        warnings.warn(f"{dense.family}: the classifier has a hidden layer; it is applied at every location, "
+                      "so the map's mean is not the model's logits", stacklevel=2)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    merge = distributed if merge is None else merge
+    if merge and world_size > 1 and not distributed:
+        raise GenerateError("merge=True with world_size > 1 needs an initialised torch.distributed group")
+
+    device = resolve_device(device)
+    use_amp = bool(amp) and device == "gpu"
+    fingerprint = model_fingerprint(model)
+    start, stop = shard_bounds(len(images), rank, world_size) if world_size > 1 else (0, len(images))
+    target = part_path(out, rank, world_size) if world_size > 1 else out
+    settings = dict(weights_sha256=fingerprint, model_class=type(model).__name__, size=int(size),
+                    mean=list(config.mean), std=list(config.std), amp=use_amp, resize=RESIZE_DESCRIPTION,
+                    adjust_orientation=bool(config.adjust_orientation), rows=[start, stop, len(images)],
+                    grid=[gh, gw], k=int(k))
+    relpaths = images.relpaths[start:stop]
+    if stop > start and not (world_size > 1 and _complete_part_fits(target, relpaths, settings)):
+        _generate_rows(images, model, dense, target, start, stop, settings, size, (gh, gw), k, batch_size,
+                       device, device_id, config, use_amp, teacher_name, restart,
+                       progress and rank == 0, keep_settings=world_size > 1)
+    if world_size == 1:
+        return out
+    if not merge:
+        return target
+    torch.distributed.barrier()
+    if rank == 0:
+        merge_parts(out, world_size, progress=progress)
+    torch.distributed.barrier()
+    return out
+
+
+def _generate_rows(images, model, dense, target, start, stop, settings, size, grid, k, batch_size,
+                   device, device_id, config, use_amp, teacher_name, restart, progress,
+                   keep_settings: bool) -> None:
+    """Write rows ``[start, stop)`` of ``images`` to the store ``target`` (resuming ``target.partial``).
+
+    ``<target>.generate.json`` records the settings; it is kept after finishing for a part (so a
+    complete part can be reused and checked by the merge) and removed for a final store.
+    """
+    from tqdm import tqdm
+
+    relpaths = images.relpaths[start:stop]
+    labels = np.asarray(images.labels, dtype=np.int32)
+    partial = target + PARTIAL_SUFFIX
+    resume = not restart and os.path.exists(partial) and _read_settings(target) == settings
+    if os.path.exists(partial) and not resume and not restart:
+        warnings.warn(f"{partial} was made with other settings (weights, size, grid, ...); starting again",
+                      stacklevel=3)
+    if not resume:
+        _remove(partial)
+    _write_settings(target, settings)
+    writer = StoreWriter(target, relpaths, len(images.classes), k, grid[0], grid[1], layout="HW",
+                         class_names=images.classes, teacher=teacher_name, teacher_input_size=int(size),
+                         source=SOURCE_NAME, resume=resume)
+    done = writer.rows_written
+    first = (done // batch_size) * batch_size  # same batch boundaries as an uninterrupted run
+    loader = None
+    bar = tqdm(total=len(relpaths), initial=done, unit="img", desc="generate", disable=not progress)
+    try:
+        if done < len(relpaths):
+            if device == "gpu":
+                device_id = torch.cuda.current_device() if device_id is None else int(device_id)
+            else:
+                device_id = None
+            # The pipeline (and its forked readers) before torch touches CUDA for the model.
+            loader = _make_loader(images.root, images.relpaths, labels, range(start + first, stop), size,
+                                  batch_size, device, device_id, config, half_input=use_amp)
+            target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+            model.eval().to(target_device)
+            if device == "gpu":
+                model.to(memory_format=torch.channels_last)
+            autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext())
+            expected = start + first
+            for batch in loader:
+                rows = batch["rows"].reshape(-1).cpu().numpy().astype(np.int64)
+                if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
+                    raise RuntimeError(f"batch rows {rows[:4]}... out of order (expected from {expected})")
+                expected += len(rows)
+                keep = rows - start >= writer.rows_written
+                if not keep.any():
+                    continue
+                x = batch["images"]
+                if device == "gpu":
+                    x = x.permute(0, 3, 1, 2)  # NHWC from DALI: a channels_last NCHW view, no copy
+                x = x.to(target_device, non_blocking=True)
+                if not use_amp:
+                    x = x.float()
+                with torch.inference_mode(), autocast:
+                    logit_map = dense.head(dense.features(x))
+                values, ids = topk_grid(logit_map, grid, k)
+                index = torch.from_numpy(np.nonzero(keep)[0])
+                values = values[index.to(values.device)].cpu().numpy()
+                ids = ids[index.to(ids.device)].cpu().numpy()
+                shapes = batch["shapes"].reshape(len(rows), -1)[:, :2].cpu().numpy()[keep]
+                batch_rows = rows[keep]
+                writer.write(int(batch_rows[0] - start), values, ids, labels[batch_rows], shapes)
+                bar.update(len(batch_rows))
+            if expected != stop:
+                raise RuntimeError(f"the loader stopped at row {expected}, expected {stop}")
+        writer.finish()
+        if not keep_settings:
+            _remove(_settings_path(target))
+    except BaseException:
+        writer.close()  # the partial file stays; rerunning resumes it
+        raise
+    finally:
+        bar.close()
+        if loader is not None:
+            loader.close()
+
+
+def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 4096,
+                delete_parts: bool = True) -> str:
+    """Merge ``part_path(out, r, world_size)`` for ``r = 0 .. world_size - 1`` into ``out``.
+
+    Parts hold contiguous row ranges in rank order (a rank with no rows has no part). Their headers,
+    class names and image lists must agree; the merged store is what one process would have written.
+    Resumes an interrupted merge; the parts (and their settings files) are deleted afterwards.
+    """
+    from tqdm import tqdm
+
+    out = os.fspath(out)
+    parts = [part_path(out, r, world_size) for r in range(world_size)]
+    present = [p for p in parts if os.path.exists(p)]
+    if not present:
+        raise GenerateError(f"no parts of {out} found ({parts[0]} ...)")
+    stores = [LabelStore(p, check_values=False) for p in present]
+    try:
+        first = stores[0]
+        header = first.header
+        names = ("num_classes", "k", "grid_h", "grid_w", "layout", "teacher", "teacher_input_size", "source")
+        settings = [_read_settings(p) for p in present]
+        for path, store, setting in zip(present, stores, settings):
+            different = [n for n in names if getattr(store.header, n) != getattr(header, n)]
+            if store.class_names != first.class_names:
+                different.append("class_names")
+            if setting is not None and settings[0] is not None:
+                for key in ("weights_sha256", "size", "amp", "mean", "std"):
+                    if setting.get(key) != settings[0].get(key):
+                        different.append(key)
+            if different:
+                raise GenerateError(f"{path} differs from {present[0]} in {', '.join(different)}")
+        # Every rank's row range must follow the previous one (rows[start, stop, N] in the settings).
+        if all(s is not None for s in settings):
+            total = settings[0]["rows"][2]
+            expect_start = 0
+            for path, setting, store in zip(present, settings, stores):
+                s, e, n = setting["rows"]
+                if s != expect_start or n != total or e - s != len(store):
+                    raise GenerateError(f"{path} holds rows [{s}, {e}) of {n}, expected to start at "
+                                        f"{expect_start} of {total}")
+                expect_start = e
+            if expect_start != total:
+                missing = [p for p in parts if p not in present]
+                raise GenerateError(f"the parts of {out} cover {expect_start} of {total} rows (missing: "
+                                    f"{missing[:1]})")
+        paths = [p for store in stores for p in store.paths]
+        writer = StoreWriter(out, paths, header.num_classes, header.k, header.grid_h, header.grid_w,
+                             layout=header.layout, class_names=first.class_names, teacher=header.teacher,
+                             teacher_input_size=header.teacher_input_size, source=header.source,
+                             resume=True)
+        bar = tqdm(total=len(paths), initial=writer.rows_written, unit="row", desc="merge", disable=not progress)
+        try:
+            offset = 0
+            for store in stores:
+                n = len(store)
+                for begin in range(max(0, writer.rows_written - offset), n, chunk_rows):
+                    end = min(n, begin + chunk_rows)
+                    maps = store.read(np.arange(begin, end))
+                    writer.write(offset + begin, maps.logits, maps.class_ids, store.labels[begin:end],
+                                 store.image_sizes[begin:end])
+                    bar.update(end - begin)
+                offset += n
+            writer.finish()
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            bar.close()
+    finally:
+        for store in stores:
+            store.close()
+    if delete_parts:
+        for path in present:
+            _remove(path)
+            _remove(_settings_path(path))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def read_class_names(path) -> List[str]:
+    """One class name per non-empty line, in class-id order."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def run_generate(image_root, out, model_name: str, weights, size: int = 224, grid: Union[int, Tuple] = 15,
+                 k: int = 5, batch_size: int = 64, device: str = "auto", amp: bool = False,
+                 class_names_file=None, teacher_name: Optional[str] = None, config: Optional[DataConfig] = None,
+                 restart: bool = False, progress: bool = True) -> dict:
+    """The ``dali-relabel generate`` job: build the teacher, join ``torchrun``'s group if any, generate.
+
+    Returns a summary dict (``out``, rows, teacher, ..., ``rank``).
+    """
+    from .loader import distributed_rank_and_world, resolve_device
+
+    class_names = read_class_names(class_names_file) if class_names_file else None
+    classes = list_images(image_root, classes=class_names).classes
+    model = build_teacher(model_name, weights, len(classes))
+    use_gpu = resolve_device(device) == "gpu"
+    joined = _init_distributed_from_env(use_gpu)
+    try:
+        rank, world_size = distributed_rank_and_world()
+        device_id = torch.cuda.current_device() if use_gpu else None
+        path = generate_label_maps(image_root, out, model, size=size, grid=grid, k=k, batch_size=batch_size,
+                                   device="gpu" if use_gpu else "cpu", rank=rank, world_size=world_size,
+                                   class_names=classes, teacher_name=teacher_name or model_name,
+                                   progress=progress, config=config, amp=amp, device_id=device_id,
+                                   restart=restart)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    result = dict(out=path, rank=rank, world_size=world_size, teacher=teacher_name or model_name, size=size,
+                  grid=list(_grid_pair(grid)), k=k, num_classes=len(classes))
+    if rank == 0:
+        store = LabelStore(path, check_values=False)
+        result.update(rows=len(store), content_sha256=store.header.content_sha256)
+        store.close()
+    return result
+
+
+def _init_distributed_from_env(use_gpu: bool) -> bool:
+    """Join the process group ``torchrun`` describes, if any and not yet joined; True if joined here."""
+    import datetime
+
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # Ranks wait for the slowest shard and for rank 0's merge at barriers: allow for that.
+    dist.init_process_group(backend="nccl" if use_gpu else "gloo", timeout=datetime.timedelta(hours=2))
+    return True

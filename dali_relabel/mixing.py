@@ -1,0 +1,105 @@
+"""CutMix with ReLabel targets.
+
+Samples are mixed in fixed pairs: position ``i`` of a pipeline batch with position ``B - 1 - i``
+(the order is shuffled every epoch, so pairs are random). Both samples of a pair share one box,
+drawn by the external source from ``(seed, epoch, iteration, pair)``, pixel-aligned to the output
+image; each sample shows its partner's pixels inside the box. Two ways to build the target:
+
+* ``"authors"`` (the ReLabel authors' recipe, default): ``lam * t_own + (1 - lam) * t_partner``, both
+  pooled over the whole crop, ``lam`` the share of the image left to the sample's own pixels;
+* ``"localized"``: ``lam * t_own(crop minus box) + (1 - lam) * t_partner(box)``: the pasted region's
+  target is the partner's map pooled over exactly the pasted box (mapped back through the partner's
+  crop and mirror), the rest is the sample's own map pooled over its crop without the box. Both
+  pools run in the fused operator (its ``region`` input).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+MODES = ("authors", "localized")
+
+
+@dataclass(frozen=True)
+class CutMixSpec:
+    """CutMix settings carried by the external source.
+
+    Args:
+        probability: chance that a pair is mixed.
+        alpha: ``lam ~ Beta(alpha, alpha)`` before the box is clipped.
+        image_size: side of the (square) output image, to align boxes to pixels.
+        seed: base seed (the same on every rank; pairs differ because rows differ).
+        stop_epoch: epochs from this one on are not mixed (``None``: never stop).
+    """
+
+    probability: float
+    alpha: float
+    image_size: int
+    seed: int = 0
+    stop_epoch: Optional[int] = None
+
+    def box(self, epoch: int, iteration: int, index_in_batch: int, batch_size: int) -> np.ndarray:
+        """The pair's box ``(y0, x0, y1, x1)`` in output fractions; zeros when not mixed."""
+        partner = batch_size - 1 - index_in_batch
+        empty = np.zeros(4, np.float32)
+        if partner == index_in_batch or (self.stop_epoch is not None and epoch >= self.stop_epoch):
+            return empty
+        pair = min(index_in_batch, partner)
+        rng = np.random.default_rng([self.seed, epoch, iteration, pair, 0xC0FFEE])
+        if rng.random() >= self.probability:
+            return empty
+        lam = rng.beta(self.alpha, self.alpha)
+        size = self.image_size
+        cut = int(round(np.sqrt(1.0 - lam) * size))
+        cy, cx = rng.integers(0, size, size=2)
+        y0, y1 = np.clip([cy - cut // 2, cy + cut - cut // 2], 0, size)
+        x0, x1 = np.clip([cx - cut // 2, cx + cut - cut // 2], 0, size)
+        if y1 <= y0 or x1 <= x0:
+            return empty
+        return (np.array([y0, x0, y1, x1], np.float64) / size).astype(np.float32)
+
+
+def partners(batch_size: int, device=None) -> torch.Tensor:
+    """Index of each position's partner: ``B - 1 - i``."""
+    return torch.arange(batch_size - 1, -1, -1, device=device)
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[B, H, W]`` bool mask of each box ``(y0, x0, y1, x1)`` given in output fractions."""
+    rows = torch.arange(height, device=boxes.device).view(1, -1, 1)
+    cols = torch.arange(width, device=boxes.device).view(1, 1, -1)
+    y0, x0, y1, x1 = (torch.round(boxes[:, i] * s).long().view(-1, 1, 1)
+                      for i, s in zip(range(4), (height, width, height, width)))
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+
+
+def apply_cutmix(images: torch.Tensor, boxes: torch.Tensor, own: torch.Tensor,
+                 pasted: Optional[torch.Tensor] = None, channels_last: bool = False):
+    """Paste each partner's box into each image and mix the targets.
+
+    Args:
+        images: ``[B, C, H, W]`` (or ``[B, H, W, C]`` with ``channels_last``).
+        boxes: ``[B, 4]`` pair boxes in output fractions (zero area: not mixed).
+        own: ``[B, num_classes]`` each sample's own target (whole crop for ``"authors"``, crop
+            minus box for ``"localized"``).
+        pasted: ``[B, num_classes]`` each sample's target over its box (``"localized"``); ``None``
+            mixes the partner's ``own`` target (``"authors"``).
+
+    Returns:
+        ``(images, targets, lam)``: ``lam`` ``[B]`` is each image's share of its own pixels.
+    """
+    batch = images.shape[0]
+    height, width = (images.shape[1], images.shape[2]) if channels_last else images.shape[-2:]
+    boxes = boxes.to(images.device, torch.float32)
+    mask = box_mask(boxes, height, width)
+    partner = partners(batch, images.device)
+    lam = 1.0 - mask.flatten(1).float().mean(1)
+    pixel_mask = mask.unsqueeze(-1) if channels_last else mask.unsqueeze(1)
+    mixed_images = torch.where(pixel_mask, images[partner], images)
+    donor = own if pasted is None else pasted
+    weight = lam.to(own.dtype).view(-1, *([1] * (own.dim() - 1)))
+    targets = weight * own + (1 - weight) * donor[partner.to(donor.device)]
+    return mixed_images, targets, lam
