@@ -6,6 +6,7 @@ show          an image with its label map drawn over it (PNG)
 build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
+generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
 """
 from __future__ import annotations
 
@@ -113,6 +114,32 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .config import DataConfig
+    from .generate import GenerateError, run_generate
+    from .store import StoreError
+
+    changes = {name: value for name, value in (("py_num_workers", args.workers), ("num_threads", args.threads))
+               if value is not None}
+    config = DataConfig().replace(**changes)
+    try:
+        result = run_generate(args.images, args.out, args.model, args.weights, size=args.size, grid=args.grid,
+                              k=args.k, batch_size=args.batch_size, device=args.device, amp=args.amp,
+                              class_names_file=args.class_names, teacher_name=args.teacher_name,
+                              config=config, restart=args.restart, progress=not args.quiet)
+    except (GenerateError, StoreError, ValueError, FileNotFoundError) as error:
+        print(f"dali-relabel generate: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out}.partial (or its .part files) keeps the rows written so far; rerun "
+              "the same command to resume", file=sys.stderr)
+        return 130
+    if result.get("rank", 0) == 0:
+        print(f"wrote {result.get('rows')} rows to {result['out']} (teacher {result['teacher']}, "
+              f"{result['size']} px, grid {result['grid'][0]}x{result['grid'][1]}, k={result['k']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenetv2", action="store_true", help="folders are class indices 0..999 (ImageNetV2)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("generate", help="run a teacher over an image folder and write its label maps")
+    p.add_argument("--images", required=True, help="ImageFolder root: <class>/<image>")
+    p.add_argument("--out", required=True, help="store to write (.h5)")
+    p.add_argument("--model", required=True,
+                   help="torchvision classification model name (resnet50, efficientnet_b7, convnext_base, "
+                        "...), or timm:NAME if timm is installed")
+    p.add_argument("--weights", required=True,
+                   help="local state dict file (or a checkpoint with a 'model' state dict); nothing is downloaded")
+    p.add_argument("--class-names", default=None,
+                   help="file with the teacher's class names, one per line in class-id order (default: the "
+                        "sorted folders)")
+    p.add_argument("--size", type=int, default=224,
+                   help="teacher input side: full images resized to SIZE x SIZE (the paper: 475)")
+    p.add_argument("--grid", type=int, default=15, help="side of the stored map")
+    p.add_argument("--k", type=int, default=5, help="logits kept per cell")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on the GPU")
+    p.add_argument("--teacher-name", default=None, help="stored as the teacher attribute (default: --model)")
+    p.add_argument("--workers", type=int, default=None, help="image-reading processes (DataConfig.py_num_workers)")
+    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (DataConfig.num_threads)")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -448,23 +448,24 @@ def infer_num_classes(state_dict: dict) -> Optional[int]:
 
 def build_model(state_dict: dict, args: dict, model_name: Optional[str] = None,
                 num_classes: Optional[int] = None) -> Tuple[torch.nn.Module, str, int]:
-    """``(model, name, num_classes)``: a torchvision model with the checkpoint's weights.
+    """``(model, name, num_classes)``: a model (:func:`dali_relabel.models.create_model`) with the
+    checkpoint's weights.
 
     The name is ``model_name`` if given, else ``args["model"]``, else ``"resnet50"``; the number of
     classes ``num_classes``, else ``args["num_classes"]``, else the classifier's rows.
     """
-    import torchvision
-
     name = model_name or args.get("model") or "resnet50"
     if num_classes is None:
         num_classes = args.get("num_classes") or infer_num_classes(state_dict)
     if num_classes is None:
         raise EvaluationError("the number of classes is neither in the checkpoint's args nor inferable "
                               "from its weights")
+    from .models import create_model
+
     try:
-        model = torchvision.models.get_model(name, num_classes=int(num_classes), weights=None)
+        model = create_model(name, int(num_classes))
     except ValueError as error:
-        raise EvaluationError(f"cannot build torchvision model {name!r}: {error}") from error
+        raise EvaluationError(f"cannot build model {name!r}: {error}") from error
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -171,7 +171,8 @@ class ReLabelLoader(_DaliLoader):
 
     Args:
         image_root: the ImageFolder tree; store row paths are relative to it.
-        store: path of the label store (or an open :class:`LabelStore`).
+        store: path of the label store (or an open :class:`LabelStore`); ``None`` trains on the
+            tree's hard labels (one-hot targets, the baseline) with the same pipeline.
         batch_size: samples per batch on this rank.
         config: data settings (:class:`DataConfig`); ``config.layout`` overrides the store's.
         device: ``"gpu"`` (decode on ``mixed``, pool on the GPU), ``"cpu"``, or ``"auto"``.
@@ -203,15 +204,24 @@ class ReLabelLoader(_DaliLoader):
         from .pipelines.graphs import train_pipeline
 
         self.config = config = config or DataConfig()
-        self.store = store if isinstance(store, LabelStore) else LabelStore(store)
         self.image_root = os.fspath(image_root)
-        if check_files:
-            check_store_matches_images(self.store, self.image_root)
+        if store is None:  # hard labels of the image tree, as one-hot targets
+            self.store = None
+            images = list_images(self.image_root)
+            relpaths, labels, self.class_names = images.relpaths, images.labels, images.classes
+            self.num_classes, self.layout = len(images.classes), "HW"
+            if config.cutmix_probability > 0 and config.cutmix_mode == "localized":
+                raise ValueError("localized CutMix needs label maps (a store)")
+        else:
+            self.store = store if isinstance(store, LabelStore) else LabelStore(store)
+            if check_files:
+                check_store_matches_images(self.store, self.image_root)
+            relpaths, labels, self.class_names = self.store.paths, self.store.labels, self.store.class_names
+            self.num_classes = self.store.num_classes
+            self.layout = config.layout or self.store.layout
         default_rank, default_world = distributed_rank_and_world()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
-        self.layout = config.layout or self.store.layout
-        self.num_classes = self.store.num_classes
         device = resolve_device(device)
         load_plugin()
         if device == "gpu":
@@ -219,14 +229,14 @@ class ReLabelLoader(_DaliLoader):
             device_id = torch.cuda.current_device() if device_id is None else device_id
         else:
             device_id = None
-        plan = EpochPlan(len(self.store), batch_size, rank, world_size, seed=config.seed,
+        plan = EpochPlan(len(relpaths), batch_size, rank, world_size, seed=config.seed,
                          shuffle=shuffle, last_batch=config.last_batch)
         cutmix = None
         if config.cutmix_probability > 0:
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch)
-        source = SampleSource(self.image_root, self.store.paths, self.store.labels, plan,
-                              store_path=self.store.path, epoch_offset=start_epoch,
+        source = SampleSource(self.image_root, relpaths, labels, plan,
+                              store_path=self.store.path if self.store else None, epoch_offset=start_epoch,
                               skip_bad_images=skip_bad_images, cutmix=cutmix, resume_batch=resume_batch)
         output_map = ["images", "targets", "labels", "rows", "valid"]
         if cutmix is not None:

@@ -49,6 +49,8 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
                    decoder_device: str = "cpu"):
     """ReLabel training graph. Outputs: images, soft targets, labels, rows, valid.
 
+    A source without a store gives one-hot targets of the hard labels (the baseline).
+
     With a CutMix source the outputs are followed by ``mix_box``; in ``"localized"`` mode the soft
     targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
 
@@ -71,6 +73,13 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
                        interp_type=types.INTERP_LINEAR)
     mirror = fn.random.coin_flip(probability=config.flip_probability)
     images = _normalize(images, config, mirror)
+    if not source.store_path:  # hard labels: one-hot targets, same augmentation
+        targets = fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT)
+        targets = fn.reshape(targets, shape=[num_classes])
+        if decoder_device == "mixed":
+            targets = targets.gpu()
+        extra = [data["mix_box"]] if source.cutmix is not None else []
+        return (images, targets, data["labels"], data["rows"], data["valid"], *extra)
     pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
                 output_size=list(config.output_size), temperature=config.temperature, layout=layout)
     inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)

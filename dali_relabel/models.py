@@ -1,0 +1,76 @@
+"""Model construction by name: every torchvision classifier, plus two small built-in networks.
+
+The built-ins exist for CPU-sized work: ``tiny_cnn`` (no batch norm, so a DDP run and a single
+process compute the same function; used by the tests) and ``small_resnet`` (a 4-stage residual
+network for the demo at 64-96 px).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """A small residual network (about 0.7 M parameters) with a ``fc`` classifier."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        widths = [width, width * 2, width * 4, width * 8]
+        layers = [_conv_bn(3, widths[0], 2)]
+        cin = widths[0]
+        for i, cout in enumerate(widths):
+            layers.append(_Residual(cin, cout, 1 if i == 0 else 2))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions and a linear layer, no batch norm."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width * 2, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+BUILTIN = {"tiny_cnn": TinyCNN, "small_resnet": SmallResNet}
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier: a built-in name or any ``torchvision.models`` name."""
+    if name in BUILTIN:
+        return BUILTIN[name](num_classes)
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, num_classes=num_classes, weights=None)
+    except ValueError as error:
+        raise ValueError(f"unknown model {name!r}: not built in ({', '.join(BUILTIN)}) and not a "
+                         f"torchvision model ({error})") from None
