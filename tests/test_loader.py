@@ -152,3 +152,38 @@ def test_image_without_map_is_refused(tmp_path):
     Image.new("RGB", (20, 20)).save(os.path.join(image_root, "class0", "zz_extra.JPEG"))
     with pytest.raises(StoreError, match="1 images under .* have no map, first: class0/zz_extra.JPEG"):
         ReLabelLoader(image_root, store, batch_size=2, device="cpu")
+
+
+def test_batch_of_one_and_reshuffling(id_dataset):
+    # The authors' batch function breaks on a batch of one and never reshuffles; ours must not.
+    from dali_relabel.loader import ReLabelLoader
+
+    image_root, store = id_dataset
+    config = DataConfig(image_size=16, py_num_workers=1, num_threads=1)
+    loader = ReLabelLoader(image_root, store, batch_size=1, config=config, device="cpu", return_rows=True)
+    orders = []
+    for _ in range(2):
+        rows = []
+        for images, targets, batch_rows in loader:
+            assert images.shape == (1, 3, 16, 16) and targets.shape == (1, 42)
+            assert targets.argmax(1).item() == batch_rows.item()
+            rows.append(batch_rows.item())
+        assert sorted(rows) == list(range(42))
+        orders.append(rows)
+    assert orders[0] != orders[1]
+
+
+def test_resume_in_the_middle_of_an_epoch_yields_exactly_the_rest(id_dataset):
+    from dali_relabel.loader import ReLabelLoader
+
+    image_root, store = id_dataset
+    config = DataConfig(image_size=16, py_num_workers=1, num_threads=1, seed=9)
+    full = ReLabelLoader(image_root, store, batch_size=5, config=config, device="cpu", return_rows=True,
+                         start_epoch=3)
+    batches = [rows.tolist() for _, _, rows in full]
+    resumed = ReLabelLoader(image_root, store, batch_size=5, config=config, device="cpu", return_rows=True,
+                            start_epoch=3, resume_batch=3)
+    assert len(resumed) == len(batches) - 3
+    assert [rows.tolist() for _, _, rows in resumed] == batches[3:]
+    assert resumed.state_dict() == {"epoch": 4, "batch": 0}
+    assert len(resumed) == len(batches), "the epoch after a resumed one is whole again"
