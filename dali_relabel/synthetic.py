@@ -127,3 +127,19 @@ def write_oracle_store(path, images: Sequence[SyntheticImage], num_classes: int,
     writer.write(0, np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps]),
                  [im.label for im in images], [im.mask.shape for im in images])
     return writer.finish()
+
+
+def visible_classes(image: SyntheticImage, min_fraction: float = 0.03) -> List[int]:
+    """Classes covering at least ``min_fraction`` of the image: its multi-label (ReaL-style) truth."""
+    counts = np.bincount(image.mask[image.mask >= 0].ravel(), minlength=1)
+    present = np.nonzero(counts >= min_fraction * image.mask.size)[0]
+    return sorted(set(int(c) for c in present) | {image.label})
+
+
+def write_real_labels(path, images: Sequence[SyntheticImage], min_fraction: float = 0.03) -> str:
+    """``real.json``: per image in sorted file order, the classes visibly present."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump([visible_classes(image, min_fraction) for image in images], f)
+    return path
