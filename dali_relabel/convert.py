@@ -186,7 +186,7 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
     writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout="WH",
                          class_names=images.classes, teacher=RELEASE_TEACHER,
                          teacher_input_size=RELEASE_TEACHER_SIZE, source="relabel-release",
-                         resume=not restart)
+                         resume=not restart, plan_salt=os.path.abspath(maps_dir))
     start = report.resumed_from_row = writer.rows_written
     tasks = []
     for begin in range(start, len(relpaths), chunk_rows):

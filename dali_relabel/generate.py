@@ -373,7 +373,7 @@ def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
         if name in classification:
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes), name
         timm = _timm()
-        if timm is None or name not in set(timm.list_models()):
+        if timm is None or not timm.is_model(name):
             hint = "" if timm is not None else " (timm is not installed; `pip install timm` for its models)"
             raise GenerateError(f"unknown model {name!r}: not a torchvision classification model{hint}")
     else:
@@ -432,20 +432,25 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @dataclass(frozen=True)
 class RowPlan:
-    """Global rows ``rows[0], rows[1], ...`` read in order, every epoch the same, in batches of
-    ``batch_size``; the last batch is padded with repeats marked invalid. Stands in for
+    """Rows ``start .. stop - 1`` read in order (every epoch the same) in batches of ``batch_size``;
+    the last batch is padded with repeats marked invalid. Stands in for
     :class:`~dali_relabel.sources.EpochPlan` in :class:`~dali_relabel.sources.SampleSource`."""
 
-    row_ids: Tuple[int, ...]
+    start: int
+    stop: int
     batch_size: int
+
+    def __post_init__(self):
+        if self.stop <= self.start or self.batch_size < 1:
+            raise ValueError(f"empty plan: rows [{self.start}, {self.stop}), batch {self.batch_size}")
 
     @property
     def num_batches(self) -> int:
-        return -(-len(self.row_ids) // self.batch_size)
+        return -(-(self.stop - self.start) // self.batch_size)
 
     def rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         total = self.num_batches * self.batch_size
-        order = np.asarray(self.row_ids, dtype=np.int64)
+        order = np.arange(self.start, self.stop, dtype=np.int64)
         return np.resize(order, total), np.arange(total) < len(order)
 
 
@@ -565,13 +570,13 @@ def _start_method(requested: str) -> str:
     return requested
 
 
-def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], row_ids: Sequence[int],
-                 size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
+def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
+                 stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool) -> _TeacherBatches:
     from .pipelines.graphs import teacher_pipeline
     from .sources import SampleSource
 
-    plan = RowPlan(tuple(int(r) for r in row_ids), batch_size)
+    plan = RowPlan(int(first_row), int(stop_row), int(batch_size))
     source = SampleSource(image_root, relpaths, labels, plan)
     teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
                                     channels_last=device == "gpu")
@@ -657,7 +662,7 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
                     adjust_orientation=bool(config.adjust_orientation), rows=[start, stop, len(images)],
                     grid=[gh, gw], k=int(k))
     relpaths = images.relpaths[start:stop]
-    if stop > start and not (world_size > 1 and _complete_part_fits(target, relpaths, settings)):
+    if stop > start and (world_size == 1 or restart or not _complete_part_fits(target, relpaths, settings)):
         _generate_rows(images, model, dense, target, start, stop, settings, size, (gh, gw), k, batch_size,
                        device, device_id, config, use_amp, teacher_name, restart,
                        progress and rank == 0, keep_settings=world_size > 1)
@@ -705,8 +710,9 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
                 device_id = torch.cuda.current_device() if device_id is None else int(device_id)
             else:
                 device_id = None
-            # The pipeline (and its forked readers) before torch touches CUDA for the model.
-            loader = _make_loader(images.root, images.relpaths, labels, range(start + first, stop), size,
+            # Readers start before the model moves to the GPU (they fork unless torch already
+            # initialised CUDA; then they spawn, see _start_method).
+            loader = _make_loader(images.root, images.relpaths, labels, start + first, stop, size,
                                   batch_size, device, device_id, config, half_input=use_amp)
             target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
             model.eval().to(target_device)
@@ -798,10 +804,17 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
                 raise GenerateError(f"the parts of {out} cover {expect_start} of {total} rows (missing: "
                                     f"{missing[:1]})")
         paths = [p for store in stores for p in store.paths]
+        # Resume only a merge of these parts (not, say, an interrupted single-process run's partial).
+        merged_settings = {key: value for key, value in (settings[0] or {}).items() if key != "rows"}
+        merged_settings.update(merged_from=world_size, part_sha256=[s.header.content_sha256 for s in stores])
+        resume = os.path.exists(out + PARTIAL_SUFFIX) and _read_settings(out) == merged_settings
+        if not resume:
+            _remove(out + PARTIAL_SUFFIX)
+        _write_settings(out, merged_settings)
         writer = StoreWriter(out, paths, header.num_classes, header.k, header.grid_h, header.grid_w,
                              layout=header.layout, class_names=first.class_names, teacher=header.teacher,
                              teacher_input_size=header.teacher_input_size, source=header.source,
-                             resume=True)
+                             resume=resume)
         bar = tqdm(total=len(paths), initial=writer.rows_written, unit="row", desc="merge", disable=not progress)
         try:
             offset = 0
@@ -815,6 +828,7 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
                     bar.update(end - begin)
                 offset += n
             writer.finish()
+            _remove(_settings_path(out))
         except BaseException:
             writer.close()
             raise
@@ -851,7 +865,11 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     from .loader import distributed_rank_and_world, resolve_device
 
     class_names = read_class_names(class_names_file) if class_names_file else None
-    classes = list_images(image_root, classes=class_names).classes
+    if class_names is None:  # list_images' rule, without walking every file (generate does that)
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"image root {image_root} is not a directory")
+        class_names = sorted(e.name for e in os.scandir(image_root) if e.is_dir() and not e.name.startswith("."))
+    classes = list(class_names)
     model = build_teacher(model_name, weights, len(classes))
     use_gpu = resolve_device(device) == "gpu"
     joined = _init_distributed_from_env(use_gpu)

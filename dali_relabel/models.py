@@ -28,7 +28,7 @@ class _Residual(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A small residual network (about 0.7 M parameters) with a ``fc`` classifier."""
+    """A small residual network (widths w, 2w, 4w, 8w; stride 16) with a ``fc`` classifier."""
 
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
@@ -41,6 +41,13 @@ class SmallResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x):
+        """The last feature map ``[B, F, h, w]`` (used by ``dali-relabel generate``)."""
+        return self.features(x)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
 
     def forward(self, x):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -55,6 +62,12 @@ class TinyCNN(nn.Module):
                                       nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width * 2, num_classes)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
 
     def forward(self, x):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))

@@ -126,6 +126,8 @@ class StoreWriter:
         class_names: ``num_classes`` names in class-id order.
         teacher, teacher_input_size, source: provenance, stored as attributes.
         resume: continue an interrupted ``<out>.partial`` written for the same plan.
+        plan_salt: what else decides the data (e.g. the source directory of the maps); a partial
+            file written with another salt is started again rather than resumed.
 
     Rows are written with :meth:`write` in order; :attr:`rows_written` says where to continue after
     a resume. :meth:`finish` computes the checksum and publishes the file.
@@ -133,7 +135,8 @@ class StoreWriter:
 
     def __init__(self, path, paths: Sequence[str], num_classes: int, k: int, grid_h: int,
                  grid_w: int, layout: str, class_names: Sequence[str], teacher: str = "",
-                 teacher_input_size: int = 0, source: str = "", resume: bool = True):
+                 teacher_input_size: int = 0, source: str = "", resume: bool = True,
+                 plan_salt: str = ""):
         if layout not in ("HW", "WH"):
             raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
         if len(class_names) != num_classes:
@@ -151,7 +154,7 @@ class StoreWriter:
                      num_classes=self.num_classes, k=int(k), grid_h=int(grid_h), grid_w=int(grid_w),
                      layout=layout, teacher=str(teacher), teacher_input_size=int(teacher_input_size),
                      source=str(source))
-        self._plan = plan_hash(self.paths, {**attrs, "class_names": list(class_names)})
+        self._plan = plan_hash(self.paths, {**attrs, "class_names": list(class_names), "salt": plan_salt})
         self._file = None
         if resume and os.path.exists(self.partial_path):
             self._file = self._try_resume()

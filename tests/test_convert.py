@@ -323,3 +323,32 @@ def test_logit_beyond_float16_range_is_not_published_as_inf(release):
         assert _map_file(release, rel) in str(error)
         return
     LabelStore(out, check_values=True)
+
+
+def test_partial_from_another_maps_directory_is_not_resumed(release, monkeypatch):
+    """An interrupted conversion of other maps for the same images starts again instead of mixing."""
+    import shutil
+
+    other = release["tmp"] / "other_maps"
+    shutil.copytree(release["maps"], other)
+    calls = {"n": 0}
+    original = StoreWriter.write
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("interrupted")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write", failing)
+    with pytest.raises(RuntimeError):
+        _convert(release)
+    monkeypatch.setattr(StoreWriter, "write", original)
+    assert _convert(release)[0].resumed_from_row == 4, "the same maps resume"
+    with pytest.raises(RuntimeError):
+        monkeypatch.setattr(StoreWriter, "write", failing)
+        calls["n"] = 0
+        _convert(release, out_name="second.h5")
+    monkeypatch.setattr(StoreWriter, "write", original)
+    report, _ = _convert(dict(release, maps=other), out_name="second.h5")
+    assert report.resumed_from_row == 0, "maps from another directory must not resume the partial file"

@@ -1,0 +1,412 @@
+"""`dali-relabel generate`: the modified classifier, grid/top-k, the store it writes, resume, ranks, CLI.
+
+Everything runs on the CPU with a small random-init torchvision ResNet-18 (3 classes) over a tiny
+ImageFolder of smooth JPEGs of different sizes.
+"""
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from dali_relabel.config import DataConfig
+from dali_relabel.generate import (GenerateError, UnsupportedModelError, build_teacher, dense_classifier,
+                                   dense_logit_map, generate_label_maps, merge_parts, part_path, topk_grid)
+from dali_relabel.imagefolder import list_images
+from dali_relabel.store import LabelStore, StoreWriter
+
+pytest.importorskip("nvidia.dali")
+
+SIZE, GRID, K, BATCH = 96, 4, 2, 5  # ResNet-18 at 96 px: a 3x3 feature map, interpolated to 4x4
+CONFIG = DataConfig(py_num_workers=1, num_threads=1)
+IMAGE_SIZES = [(48, 64), (64, 48), (40, 56), (56, 72)]
+
+
+def _smooth_jpeg_tree(root, num_classes=3, per_class=4, seed=0):
+    """Smooth (low-frequency) JPEGs of different sizes: DALI and PIL preprocess them almost alike."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for c in range(num_classes):
+        os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
+        for i in range(per_class):
+            h, w = IMAGE_SIZES[(c + i) % len(IMAGE_SIZES)]
+            small = Image.fromarray(rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8), "RGB")
+            small.resize((w, h), Image.BICUBIC).save(os.path.join(root, f"class_{c}", f"img_{i}.jpg"),
+                                                     quality=95)
+            sizes.append((h, w))
+    return sizes
+
+
+def _resnet18(seed=0, num_classes=3):
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=num_classes).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared CI box: one intra-op thread is faster and steadier (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    image_root = str(root / "images")
+    sizes = _smooth_jpeg_tree(image_root)
+    weights = str(root / "resnet18_3.pt")
+    torch.save(_resnet18().state_dict(), weights)
+    return dict(root=root, images=image_root, sizes=sizes, weights=weights)
+
+
+def _generate(data, out, model=None, **kwargs):
+    args = dict(size=SIZE, grid=GRID, k=K, batch_size=BATCH, device="cpu", config=CONFIG, progress=False,
+                teacher_name="resnet18")
+    args.update(kwargs)
+    return generate_label_maps(data["images"], str(out), model if model is not None else _resnet18(), **args)
+
+
+@pytest.fixture(scope="module")
+def store_path(data):
+    return _generate(data, data["root"] / "single.h5")
+
+
+def _sha(path):
+    store = LabelStore(path)
+    try:
+        return store.header.content_sha256
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The modified classifier and the grid
+
+
+def _small(name):
+    """Narrow members of the heavier families (same torchvision classes, a fraction of the cost)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.densenet import DenseNet
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    if name == "convnext":
+        return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)],
+                        num_classes=7)
+    if name == "swin":
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                               window_size=[4, 4], num_classes=7)
+    if name == "densenet":
+        return DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, num_classes=7)
+    return torchvision.models.get_model(name, weights=None, num_classes=7)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf", "efficientnet_b0", "mobilenet_v2",
+                                  "convnext", "densenet", "mnasnet0_5", "shufflenet_v2_x0_5",
+                                  "squeezenet1_1", "swin"])
+def test_dense_map_averages_to_the_models_logits(name):
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        dense = dense_logit_map(model, images)
+        logits = model(images)
+    assert dense.dim() == 4 and dense.shape[:2] == (2, 7) and min(dense.shape[2:]) >= 1
+    scale = float(logits.abs().max())
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), logits, rtol=1e-4, atol=1e-4 * scale)
+    assert dense_classifier(model).exact
+
+
+def test_resnet_dense_map_is_fc_at_every_location_of_layer4():
+    model = _resnet18()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        features = torch.nn.Sequential(*list(model.children())[:-2])(images)  # everything before avgpool
+        expected = torch.einsum("bfhw,cf->bchw", features, model.fc.weight) + model.fc.bias[None, :, None, None]
+        dense = dense_logit_map(model, images)
+    assert dense.shape == (2, 3, 3, 3)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_v3_head_is_applied_per_location_and_marked_inexact():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    with torch.no_grad():
+        dense = dense_logit_map(model, torch.randn(1, 3, 64, 64))
+    assert dense.shape == (1, 5, 2, 2)
+    assert not dense_classifier(model).exact
+
+
+def test_unsupported_architectures_get_a_clear_error():
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(UnsupportedModelError, match="no supported way to apply its classifier.*ResNet"):
+        dense_classifier(flat)
+    model = _resnet18()
+    model.fc = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    with pytest.raises(UnsupportedModelError, match="not a single linear layer"):
+        dense_classifier(model)
+
+
+def test_generic_forward_features_models_are_checked():
+    class TimmLike(torch.nn.Module):
+        def __init__(self, pool="avg"):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+            self.fc = torch.nn.Linear(8, 4)
+            self.pool = pool
+
+        def forward_features(self, x):
+            return torch.relu(self.conv(x))
+
+        def get_classifier(self):
+            return self.fc
+
+        def forward(self, x):
+            f = self.forward_features(x)
+            pooled = f.mean((2, 3)) if self.pool == "avg" else f.amax((2, 3))
+            return self.fc(pooled)
+
+    torch.manual_seed(0)
+    model = TimmLike().eval()
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(dense_logit_map(model, x).mean((2, 3)), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnsupportedModelError, match="does not reproduce the model's logits"):
+        dense_classifier(TimmLike(pool="max").eval())
+
+
+def test_topk_grid_keeps_the_top_classes_of_every_cell():
+    torch.manual_seed(0)
+    logit_map = torch.randn(2, 7, 5, 5)
+    values, ids = topk_grid(logit_map, 5, 3)  # grid == map size: pooling is the identity
+    assert values.shape == ids.shape == (2, 3, 5, 5)
+    expected_ids = torch.argsort(logit_map, dim=1, descending=True)[:, :3]
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(values, torch.gather(logit_map, 1, expected_ids))
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+
+
+def test_topk_grid_pools_larger_maps_and_interpolates_smaller_ones():
+    torch.manual_seed(1)
+    big = torch.randn(1, 4, 6, 6)
+    values, ids = topk_grid(big, 3, 4)
+    pooled = F.avg_pool2d(big, 2)
+    torch.testing.assert_close(torch.gather(values, 1, torch.argsort(ids, dim=1)), pooled)
+    small = torch.randn(1, 4, 2, 2)
+    values, ids = topk_grid(small, 4, 4)
+    upsampled = F.interpolate(small, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(torch.gather(values, 1, torch.argsort(ids, dim=1)), upsampled)
+    mixed = torch.randn(1, 4, 8, 2)  # pooled along H, interpolated along W
+    values, _ = topk_grid(mixed, (4, 4), 1)
+    assert values.shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="k=5"):
+        topk_grid(small, 2, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+def test_store_header_rows_labels_and_sizes(data, store_path):
+    images = list_images(data["images"])
+    with LabelStore(store_path) as store:
+        store.verify_checksum()
+        h = store.header
+        assert (h.num_rows, h.num_classes, h.k, h.grid_h, h.grid_w) == (12, 3, K, GRID, GRID)
+        assert (h.layout, h.source, h.teacher, h.teacher_input_size) == ("HW", "generate", "resnet18", SIZE)
+        assert store.paths == images.relpaths
+        assert store.class_names == ["class_0", "class_1", "class_2"]
+        assert store.labels.tolist() == images.labels
+        assert store.image_sizes.tolist() == [list(s) for s in data["sizes"]]
+        maps = store.read(np.arange(12))
+        assert maps.logits.dtype == np.float16 and maps.logits.shape == (12, K, GRID, GRID)
+        assert (np.diff(maps.logits.astype(np.float32), axis=1) <= 0).all(), "top-k not in descending order"
+        assert (maps.class_ids[:, 0] != maps.class_ids[:, 1]).all()
+    leftovers = [f for f in os.listdir(data["root"]) if f.startswith("single.h5") and f != "single.h5"]
+    assert not leftovers
+
+
+def _pil_maps(data, model, relpaths):
+    """Each image preprocessed with PIL (full image, bilinear to SIZE x SIZE, ImageNet mean/std)."""
+    mean = torch.tensor(CONFIG.mean).view(1, 3, 1, 1)
+    std = torch.tensor(CONFIG.std).view(1, 3, 1, 1)
+    batch = []
+    for rel in relpaths:
+        with Image.open(os.path.join(data["images"], rel)) as image:
+            pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32)
+        batch.append(torch.from_numpy(pixels).permute(2, 0, 1))
+    x = (torch.stack(batch) - mean) / std
+    with torch.no_grad():
+        return dense_logit_map(model, x), model(x)
+
+
+def test_every_row_holds_the_map_of_its_own_image(data, store_path):
+    model = _resnet18()
+    with LabelStore(store_path) as store:
+        dense, logits = _pil_maps(data, model, store.paths)
+        maps = store.read(np.arange(len(store)))
+    values, ids = topk_grid(dense, GRID, K)
+    stored = torch.from_numpy(maps.logits.astype(np.float32))
+    stored_ids = torch.from_numpy(maps.class_ids.astype(np.int64))
+    scale = float(values.abs().max())
+    # Row r is closest to image r's own map among all images (the rows are not shuffled).
+    distance = (stored[:, None] - values[None]).abs().flatten(2).mean(2)  # [row, image]
+    assert torch.equal(distance.argmin(1), torch.arange(len(stored)))
+    torch.testing.assert_close(stored, values, rtol=0.05, atol=0.02 * scale)  # PIL vs DALI resize
+    assert float((stored_ids[:, 0] == ids[:, 0]).float().mean()) > 0.9
+    # The map's mean predicts what the model predicts on the whole image.
+    assert torch.equal(dense.mean((2, 3)).argmax(1), logits.argmax(1))
+
+
+def test_a_model_with_other_outputs_is_refused(data, tmp_path):
+    with pytest.raises(GenerateError, match="the teacher has 4 outputs but .* gives 3 classes"):
+        _generate(data, tmp_path / "x.h5", model=_resnet18(num_classes=4))
+    assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume, ranks, CLI
+
+
+def _interrupt_after_first_write(monkeypatch):
+    original = StoreWriter.write
+    calls = []
+
+    def write(self, start, *args, **kwargs):
+        calls.append(start)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, start, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def interrupted(data, tmp_path_factory):
+    """The partial files of a run stopped by an error in its second write (rows 0..4 written)."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _interrupt_after_first_write(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            _generate(data, folder / "resumed.h5")
+    assert sorted(os.listdir(folder)) == ["resumed.h5.generate.json", "resumed.h5.partial"]
+    return folder
+
+
+def _copy_partial(interrupted, tmp_path):
+    for name in os.listdir(interrupted):
+        shutil.copy(interrupted / name, tmp_path / name)
+    return tmp_path / "resumed.h5"
+
+
+def _record_write_starts(monkeypatch):
+    starts = []
+    original = StoreWriter.write
+
+    def write(self, start, *args, **kwargs):
+        starts.append(start)
+        return original(self, start, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+    return starts
+
+
+def test_an_interrupted_run_resumes_to_the_same_store(data, store_path, interrupted, tmp_path, monkeypatch):
+    out = _copy_partial(interrupted, tmp_path)
+    with h5py.File(str(out) + ".partial", "r") as f:
+        assert int(f.attrs["rows_written"]) == BATCH
+    starts = _record_write_starts(monkeypatch)
+    _generate(data, out)
+    assert starts == [5, 10], "rows already written were written again"
+    assert _sha(out) == _sha(store_path)
+    assert sorted(os.listdir(tmp_path)) == ["resumed.h5"]
+
+
+def test_resume_with_another_batch_size_writes_only_missing_rows(data, store_path, interrupted, tmp_path,
+                                                                 monkeypatch):
+    out = _copy_partial(interrupted, tmp_path)
+    starts = _record_write_starts(monkeypatch)
+    _generate(data, out, batch_size=4)  # restarts at row 4 (a batch boundary), writes from row 5
+    assert starts == [5, 8]
+    with LabelStore(out) as resumed, LabelStore(store_path) as single:
+        a, b = resumed.read(np.arange(12)), single.read(np.arange(12))
+        np.testing.assert_allclose(a.logits.astype(np.float32), b.logits.astype(np.float32), rtol=1e-2, atol=1e-2)
+        assert np.array_equal(a.class_ids, b.class_ids)
+
+
+def test_a_partial_store_of_other_weights_is_started_again(data, store_path, interrupted, tmp_path,
+                                                           monkeypatch):
+    out = _copy_partial(interrupted, tmp_path)
+    starts = _record_write_starts(monkeypatch)
+    with pytest.warns(UserWarning, match="other settings"):
+        _generate(data, out, model=_resnet18(seed=1))
+    assert starts == [0, 5, 10]
+    assert _sha(out) != _sha(store_path)
+
+
+def test_two_ranks_and_a_merge_equal_one_process(data, store_path, tmp_path):
+    single = _generate(data, tmp_path / "single3.h5", batch_size=3)
+    out = tmp_path / "ranks.h5"
+    parts = [_generate(data, out, batch_size=3, rank=r, world_size=2) for r in range(2)]
+    assert parts == [part_path(out, 0, 2), part_path(out, 1, 2)]
+    with LabelStore(parts[1]) as part:
+        assert part.paths == list_images(data["images"]).relpaths[6:]
+    assert merge_parts(out, 2) == str(out)
+    assert _sha(out) == _sha(single)
+    assert sorted(os.listdir(tmp_path)) == ["ranks.h5", "single3.h5"]
+    with LabelStore(out) as merged, LabelStore(store_path) as reference:
+        np.testing.assert_allclose(merged.read(np.arange(12)).logits.astype(np.float32),
+                                   reference.read(np.arange(12)).logits.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_cli_generate_end_to_end(data, store_path, tmp_path, capsys):
+    from dali_relabel.cli import main
+
+    out = str(tmp_path / "cli.h5")
+    names = tmp_path / "classes.txt"
+    names.write_text("class_0\nclass_1\nclass_2\n")
+    code = main(["generate", "--images", data["images"], "--out", out, "--model", "resnet18",
+                 "--weights", data["weights"], "--class-names", str(names), "--size", str(SIZE),
+                 "--grid", str(GRID), "--k", str(K), "--batch-size", str(BATCH), "--device", "cpu",
+                 "--workers", "1", "--threads", "1", "--quiet"])
+    assert code == 0
+    assert "wrote 12 rows" in capsys.readouterr().out
+    assert _sha(out) == _sha(store_path)
+    with LabelStore(out) as store:
+        assert store.header.teacher == "resnet18" and store.header.source == "generate"
+
+    code = main(["generate", "--images", data["images"], "--out", out, "--model", "resnet34",
+                 "--weights", data["weights"], "--device", "cpu", "--quiet"])
+    assert code == 2
+    assert "does not fit resnet34" in capsys.readouterr().err
+
+
+def test_build_teacher_reads_state_dicts_and_checkpoints(data, tmp_path):
+    plain = build_teacher("resnet18", data["weights"], 3)
+    state = torch.load(data["weights"], weights_only=True)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"module." + k: v for k, v in state.items()}, "epoch": 3}, checkpoint)
+    wrapped = build_teacher("resnet18", checkpoint, 3)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), wrapped(x))
+        torch.testing.assert_close(plain(x), _resnet18()(x))
+    assert not plain.training
+    with pytest.raises(GenerateError, match="classifier has 3 outputs but 5 classes"):
+        build_teacher("resnet18", data["weights"], 5)
+    with pytest.raises(GenerateError, match="unknown model 'not_a_model'"):
+        build_teacher("not_a_model", data["weights"], 3)
+    with pytest.raises(FileNotFoundError):
+        build_teacher("resnet18", tmp_path / "missing.pt", 3)
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(GenerateError, match="needs timm, which is not installed"):
+            build_teacher("timm:resnet50", data["weights"], 3)
