@@ -70,7 +70,7 @@ class LabelPoolingParams {
 
 // Reusable buffers of one CPU worker thread.
 struct HostScratch {
-  std::vector<float> logits, wa, wb, ra, rb;
+  std::vector<float> logits, wa, wb, ra, rb, cell_weight, touched_values;
   std::vector<int32_t> class_ids, touched;
   std::vector<uint8_t> touched_mask;
 };

@@ -65,6 +65,35 @@ RELABEL_HD inline float AxisWeight(float start, float end, int size, int bins, i
   return total / static_cast<float>(samples);
 }
 
+// All `size` cell weights of one output bin at once (host side): each sample point adds to the two
+// cells it interpolates between, in the same order and arithmetic as AxisWeight, so the results are
+// identical; O(samples) instead of O(cells * samples).
+inline void AxisWeights(float start, float end, int size, int bins, int bin, float *weights) {
+  for (int cell = 0; cell < size; cell++) weights[cell] = 0.f;
+  float roi = end - start;
+  if (roi < 1.f) roi = 1.f;
+  const float bin_size = roi / static_cast<float>(bins);
+  const int grid = static_cast<int>(ceilf(roi / static_cast<float>(bins)));
+  const int samples = grid > 0 ? grid : 1;
+  for (int s = 0; s < grid; s++) {
+    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
+    if (y < -1.f || y > static_cast<float>(size)) continue;
+    if (y <= 0.f) y = 0.f;
+    int low = static_cast<int>(y);
+    int high;
+    if (low >= size - 1) {
+      high = low = size - 1;
+      y = static_cast<float>(low);
+    } else {
+      high = low + 1;
+    }
+    const float l = y - low;
+    weights[low] += 1.f - l;
+    weights[high] += l;
+  }
+  for (int cell = 0; cell < size; cell++) weights[cell] /= static_cast<float>(samples);
+}
+
 }  // namespace dali_relabel
 
 #endif  // DALI_RELABEL_LABEL_POOLING_MATH_H_
