@@ -7,6 +7,7 @@ build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
 generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
+bench         throughput benchmark (plain DALI, dali-relabel, the authors' loader, the operator), --store-read
 """
 from __future__ import annotations
 
@@ -88,10 +89,13 @@ def _cmd_build_plugin(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DemoSettings, run_demo
 
-    run_demo(args.out, num_classes=args.classes, images_per_class=args.images_per_class,
-             epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed)
+    settings = DemoSettings(classes=args.classes, train_per_class=args.train_per_class,
+                            val_per_class=args.val_per_class, image_size=args.image_size,
+                            student_epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                            batch_size=args.batch_size, device=args.device, seed=args.seed)
+    run_demo(args.out, settings)
     return 0
 
 
@@ -140,6 +144,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import BenchError, run_from_args
+
+    try:
+        run_from_args(args)
+    except BenchError as error:
+        print(f"dali-relabel bench: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo_defaults():
+    from .demo import DemoSettings
+
+    return DemoSettings()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,12 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-only", action="store_true", help="skip the CUDA backend")
     p.set_defaults(func=_cmd_build_plugin)
 
-    p = sub.add_parser("demo", help="the whole path on generated data (CPU is enough)")
+    p = sub.add_parser("demo", help="ReLabel end to end on generated data (CPU is enough)")
+    defaults = _demo_defaults()
     p.add_argument("--out", default="demo_output")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--images-per-class", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--classes", type=int, default=defaults.classes)
+    p.add_argument("--train-per-class", type=int, default=defaults.train_per_class)
+    p.add_argument("--val-per-class", type=int, default=defaults.val_per_class)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--epochs", type=int, default=defaults.student_epochs, help="student epochs")
+    p.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
@@ -227,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="loader/operator throughput on a generated ImageNet-like set, or "
+                                     "--store-read (see benchmarks/README.md)")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

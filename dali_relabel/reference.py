@@ -68,8 +68,8 @@ def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: 
         raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
     logits = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits)
     class_ids = torch.as_tensor(np.asarray(class_ids) if not torch.is_tensor(class_ids) else class_ids)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     dense = dense_label_maps(logits, class_ids, num_classes)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(dense.device)
     b, _, map_h, map_w = dense.shape
     oh, ow = (int(s) for s in output_size)
     y0, x0, y1, x1 = boxes.unbind(1)
@@ -83,7 +83,8 @@ def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: 
         pooled = roi_align(dense, _with_batch_index(rois), output_size=(ow, oh),
                            sampling_ratio=-1, aligned=False).transpose(-1, -2)
     if flips is not None:
-        flips = torch.as_tensor(np.asarray(flips)).reshape(-1).bool()
+        flips = (flips if torch.is_tensor(flips) else torch.as_tensor(np.asarray(flips)))
+        flips = flips.reshape(-1).bool().to(pooled.device)
         pooled = torch.where(flips.view(-1, 1, 1, 1), pooled.flip(-1), pooled)
     if apply_softmax:
         pooled = torch.softmax(pooled / temperature, dim=1)
@@ -93,7 +94,7 @@ def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: 
 
 
 def _with_batch_index(rois: torch.Tensor) -> torch.Tensor:
-    index = torch.arange(len(rois), dtype=rois.dtype).view(-1, 1)
+    index = torch.arange(len(rois), dtype=rois.dtype, device=rois.device).view(-1, 1)
     return torch.cat([index, rois], dim=1)
 
 

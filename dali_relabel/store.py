@@ -10,6 +10,7 @@ DALI workers and DDP ranks before or after ``fork``.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
@@ -271,7 +272,12 @@ def _memmap_dataset(path: str, dataset) -> Optional[np.ndarray]:
     offset = dataset.id.get_offset()
     if offset is None:
         return None
-    return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+    array = np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        # Rows are read in random order: read-around would fetch pages nobody asked for.
+        raw.madvise(mmap.MADV_RANDOM)
+    return array
 
 
 class LabelStore:
