@@ -550,42 +550,6 @@ def random_crop_batch(rng: np.random.Generator, batch: int, num_classes: int, k:
     return logits, ids.astype(class_id_dtype(num_classes)), anchors, shapes, image_shapes, mirror
 
 
-class FeedOnly:
-    """:class:`~dali_relabel.fused.FusedLabelPooling`'s pipeline without the operator: the same
-    external sources and host-side preparation, the inputs moved to the operator's device, and one
-    output (the logits) fetched back. Its time is the feed overhead included in a fused call."""
-
-    def __init__(self, max_batch_size: int, device: str = "cpu", num_threads: int = 2):
-        from nvidia.dali import fn, pipeline_def
-
-        self._feed = None
-
-        def reader(index):
-            return lambda: self._feed[index]
-
-        @pipeline_def(batch_size=max_batch_size, num_threads=num_threads,
-                      device_id=0 if device == "gpu" else None, prefetch_queue_depth=1)
-        def feed_graph():
-            inputs = [fn.external_source(source=reader(i), batch=True) for i in range(6)]
-            return tuple(x.gpu() if device == "gpu" else x for x in inputs)
-
-        self.device = device
-        self.pipeline = feed_graph()
-        self.pipeline.build()
-
-    def __call__(self, logits, class_ids, anchors, shapes, image_shapes, mirror):
-        import torch
-
-        batch = len(logits)
-        fields = (logits, class_ids, anchors, shapes, image_shapes, mirror)
-        self._feed = [np.ascontiguousarray(np.asarray(f).reshape(batch, -1) if i >= 2 else np.asarray(f))
-                      for i, f in enumerate(fields)]
-        out = self.pipeline.run()[0]
-        if self.device == "gpu":
-            out = out.as_cpu()
-        return torch.from_numpy(out.as_array())
-
-
 def _time_calls(function, inner: int) -> float:
     start = time.perf_counter()
     for _ in range(inner):
@@ -616,7 +580,8 @@ def run_op_benchmark(batch_sizes: Sequence[int], devices: Sequence[str], num_cla
             logits, ids, anchors, shapes, image_shapes, mirror = inputs
             boxes = crop_boxes(anchors, shapes, image_shapes)
             fused = FusedLabelPooling(num_classes, batch, layout="WH", device=device, num_threads=threads)
-            feed = FeedOnly(batch, device=device, num_threads=threads)
+            # The same pipeline without the operator: its time is the feed overhead of a fused call.
+            feed = FusedLabelPooling(num_classes, batch, device=device, num_threads=threads, pool=False)
             logits_t, ids_t = torch.from_numpy(logits), torch.from_numpy(ids.astype(np.int64))
 
             on_device = (logits_t.cuda(), ids_t.cuda()) if device == "gpu" else (logits_t, ids_t)

@@ -18,7 +18,6 @@ maps folder ``"i"`` to label ``i``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -397,44 +396,14 @@ def imagenetv2_classes(root, num_classes: Optional[int] = None) -> List[str]:
 
 
 def load_checkpoint(path) -> Tuple[dict, dict]:
-    """``(state_dict, args)`` of a training checkpoint.
+    """``(state_dict, args)`` of a training checkpoint or a bare state dict
+    (:func:`dali_relabel.models.load_weights`); problems raise :class:`EvaluationError`."""
+    from .models import WeightsError, load_weights
 
-    Accepts ``{"model": state_dict, "args": {...} or argparse.Namespace, ...}`` as saved by a
-    torchvision-reference-style script, or a bare state dict (``args`` is then ``{}``). Loaded with
-    ``weights_only=True`` (``argparse.Namespace`` allowed), so a checkpoint cannot run code. A
-    leading ``"module."`` (DDP) is stripped from the keys.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    safe = getattr(torch.serialization, "safe_globals", None)
-    context = safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
     try:
-        with context:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EvaluationError(f"{path}: cannot be loaded as a weights-only checkpoint ({first})") from error
-    if not isinstance(checkpoint, dict):
-        raise EvaluationError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
-    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        state_dict, args = checkpoint["model"], checkpoint.get("args") or {}
-    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state_dict, args = checkpoint, {}
-    else:
-        raise EvaluationError(f"{path}: no 'model' state dict (keys: {sorted(checkpoint)[:8]})")
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if not isinstance(args, dict):
-        raise EvaluationError(f"{path}: 'args' is a {type(args).__name__}, expected a dict or Namespace")
-    return strip_module_prefix(state_dict), dict(args)
-
-
-def strip_module_prefix(state_dict: dict) -> dict:
-    """The state dict with a leading ``"module."`` (from DDP / DataParallel) removed from every key."""
-    if state_dict and all(key.startswith("module.") for key in state_dict):
-        return {key[len("module."):]: value for key, value in state_dict.items()}
-    return dict(state_dict)
+        return load_weights(path)
+    except WeightsError as error:
+        raise EvaluationError(str(error)) from error
 
 
 def infer_num_classes(state_dict: dict) -> Optional[int]:

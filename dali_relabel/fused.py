@@ -23,6 +23,8 @@ class FusedLabelPooling:
         max_batch_size: the largest batch that will be passed.
         layout, output_size, temperature, apply_softmax: the operator's arguments.
         region_mode: ``"inside"`` or ``"outside"`` to pass a ``region`` to each call (CutMix).
+        pool: ``False`` builds the same pipeline without the operator, returning the logits moved
+            to ``device`` and back (to measure the feeding overhead).
         device: ``"cpu"`` or ``"gpu"`` (the CUDA backend; results are copied back to the host).
         num_threads: DALI CPU threads.
 
@@ -35,7 +37,7 @@ class FusedLabelPooling:
     def __init__(self, num_classes: int, max_batch_size: int, layout: str = "HW",
                  output_size: Sequence[int] = (1, 1), temperature: float = 1.0,
                  apply_softmax: bool = True, device: str = "cpu", num_threads: int = 2,
-                 region_mode: Optional[str] = None):
+                 region_mode: Optional[str] = None, pool: bool = True):
         from nvidia.dali import fn, pipeline_def
 
         from .plugin import load_plugin, require_gpu_backend
@@ -52,6 +54,8 @@ class FusedLabelPooling:
             # Zero-argument callables: DALI would pass an iteration number to a one-argument one.
             count = 7 if region_mode else 6
             inputs = [fn.external_source(source=_field_reader(feed, i), batch=True) for i in range(count)]
+            if not pool:
+                return inputs[0].gpu() if device == "gpu" else inputs[0]
             extra = {"region_mode": region_mode} if region_mode else {}
             return fn.relabel.label_pooling(*inputs, device=device, num_classes=num_classes,
                                             layout=layout, output_size=list(output_size),

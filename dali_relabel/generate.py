@@ -325,35 +325,14 @@ def topk_grid(logit_map: torch.Tensor, grid, k: int) -> Tuple[torch.Tensor, torc
 
 
 def load_state_dict_file(path) -> dict:
-    """A state dict from ``path``: a plain state dict, or a checkpoint dict holding it under ``"model"``
-    or ``"state_dict"``. Loaded with ``weights_only=True``; ``module.`` / ``_orig_mod.`` prefixes (DDP,
-    ``torch.compile``) are stripped."""
-    import argparse
+    """The state dict of a weights file (:func:`dali_relabel.models.load_weights`); problems raise
+    :class:`GenerateError`."""
+    from .models import WeightsError, load_weights
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    safe = getattr(torch.serialization, "safe_globals", None)
-    context = safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
     try:
-        with context:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling fails in many ways
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GenerateError(f"{path}: cannot be loaded as a weights-only state dict ({first})") from error
-    if not isinstance(checkpoint, dict):
-        raise GenerateError(f"{path}: expected a state dict, got {type(checkpoint).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise GenerateError(f"{path}: neither a state dict nor a checkpoint with a 'model' state dict "
-                            f"(keys: {sorted(map(str, checkpoint))[:8]})")
-    for prefix in ("module.", "_orig_mod."):
-        if all(key.startswith(prefix) for key in checkpoint):
-            checkpoint = {key[len(prefix):]: value for key, value in checkpoint.items()}
-    return dict(checkpoint)
+        return load_weights(path)[0]
+    except WeightsError as error:
+        raise GenerateError(str(error)) from error
 
 
 def _timm():
@@ -508,71 +487,10 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
         store.close()
 
 
-class _TeacherBatches:
-    """One ordered pass over the plan's rows: dict batches (``images``, ``labels``, ``rows``,
-    ``shapes``) with padding removed; a decoder failure is re-raised naming the file."""
-
-    OUTPUT_MAP = ["images", "labels", "rows", "valid", "shapes"]
-
-    def __init__(self, pipe, plan: RowPlan, source):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        self.plan = plan
-        self.source = source
-        self.pipeline = pipe
-        pipe.start_py_workers()
-        pipe.build()
-        self._iterator = DALIGenericIterator([pipe], self.OUTPUT_MAP, size=-1, auto_reset=False,
-                                             prepare_first_batch=False)
-
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    def __iter__(self):
-        from .sources import VALID
-
-        batches = 0
-        try:
-            for outputs in self._iterator:
-                batch = outputs[0]
-                keep = batch["valid"].reshape(-1).cpu() == VALID
-                batches += 1
-                if bool(keep.all()):
-                    yield batch
-                elif bool(keep.any()):
-                    index = keep.nonzero().reshape(-1)
-                    yield {name: value[index.to(value.device)] for name, value in batch.items()}
-        except RuntimeError as error:
-            raise self._explain(error, batches) from error
-
-    def _explain(self, error: RuntimeError, batch: int) -> Exception:
-        from .loader import decode_problem
-        from .sources import BadImageError
-
-        rows, _ = self.plan.rows(0)
-        for row in rows[batch * self.plan.batch_size:(batch + 1) * self.plan.batch_size]:
-            path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
-            problem = decode_problem(path)
-            if problem:
-                return BadImageError(f"{path}: cannot be decoded (DALI: {problem})")
-        return error
-
-    def close(self) -> None:
-        """Drop the iterator and pipeline now, so the reader processes stop."""
-        self._iterator = None
-        self.pipeline = None
-
-
-def _start_method(requested: str) -> str:
-    # Forking after torch initialised CUDA breaks the reader processes; spawn is safe then.
-    if requested == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return "spawn"
-    return requested
-
-
 def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
                  stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
-                 half_input: bool) -> _TeacherBatches:
+                 half_input: bool):
+    from .loader import PipelineBatches, worker_start_method
     from .pipelines.graphs import teacher_pipeline
     from .sources import SampleSource
 
@@ -584,9 +502,9 @@ def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int]
                             decoder_device="mixed" if device == "gpu" else "cpu",
                             batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
                             seed=config.seed, py_num_workers=config.py_num_workers,
-                            py_start_method=_start_method(config.py_start_method),
+                            py_start_method=worker_start_method(config.py_start_method),
                             prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
-    return _TeacherBatches(pipe, plan, source)
+    return PipelineBatches(pipe, plan, source, device, ["images", "labels", "rows", "valid", "shapes"])
 
 
 def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224, grid=15, k: int = 5,
@@ -711,7 +629,7 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
             else:
                 device_id = None
             # Readers start before the model moves to the GPU (they fork unless torch already
-            # initialised CUDA; then they spawn, see _start_method).
+            # initialised CUDA; then they spawn, see loader.worker_start_method).
             loader = _make_loader(images.root, images.relpaths, labels, start + first, stop, size,
                                   batch_size, device, device_id, config, half_input=use_amp)
             target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")

@@ -9,7 +9,6 @@ yield padding samples.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -89,15 +88,20 @@ def decode_problem(path: str) -> Optional[str]:
     return None
 
 
-def _start_method(config: DataConfig) -> str:
-    # Forking after CUDA is initialised breaks the workers; spawn is the safe choice then.
-    if config.py_start_method == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
+def worker_start_method(requested: str) -> str:
+    """The start method for DALI's source workers: ``requested``, but ``"spawn"`` instead of
+    ``"fork"`` once this process has initialised CUDA (forked workers would break)."""
+    if requested == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
         return "spawn"
-    return config.py_start_method
+    return requested
 
 
-class _DaliLoader:
-    """Common machinery: one DALI pipeline, its generic iterator, and padding removal."""
+class PipelineBatches:
+    """Batches of one DALI pipeline fed by a :class:`SampleSource`: dicts of torch tensors named by
+    ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
+
+    The base of the loaders below, and of the teacher pass of ``dali-relabel generate``.
+    """
 
     def __init__(self, pipe, plan: EpochPlan, source: SampleSource, device: str, output_map: List[str],
                  start_epoch: int = 0):
@@ -128,6 +132,14 @@ class _DaliLoader:
     def _transform(self, batch: dict) -> dict:
         """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
         return batch
+
+    def __iter__(self):
+        return self._batches()
+
+    def close(self) -> None:
+        """Drop the iterator and the pipeline now, so the source's worker processes stop."""
+        self._iterator = None
+        self.pipeline = None
 
     @property
     def batch_size(self) -> int:
@@ -166,7 +178,7 @@ class _DaliLoader:
         return error
 
 
-class ReLabelLoader(_DaliLoader):
+class ReLabelLoader(PipelineBatches):
     """Training batches ``(images, soft_targets)`` with ReLabel targets from a label store.
 
     Args:
@@ -245,7 +257,8 @@ class ReLabelLoader(_DaliLoader):
                               decoder_device="mixed" if device == "gpu" else "cpu",
                               batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
                               seed=config.seed * 1000 + rank + 7919 * start_epoch,
-                              py_num_workers=config.py_num_workers, py_start_method=_start_method(config),
+                              py_num_workers=config.py_num_workers,
+                              py_start_method=worker_start_method(config.py_start_method),
                               prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
         self.return_labels = return_labels
         self.return_rows = return_rows
@@ -270,7 +283,7 @@ class ReLabelLoader(_DaliLoader):
             yield tuple(out)
 
 
-class ValidationLoader(_DaliLoader):
+class ValidationLoader(PipelineBatches):
     """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once.
 
     Args:
@@ -302,7 +315,7 @@ class ValidationLoader(_DaliLoader):
                                    batch_size=batch_size, num_threads=config.num_threads,
                                    device_id=device_id, seed=config.seed,
                                    py_num_workers=config.py_num_workers,
-                                   py_start_method=_start_method(config),
+                                   py_start_method=worker_start_method(config.py_start_method),
                                    prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
         self.return_rows = return_rows
         super().__init__(pipe, plan, source, device, ["images", "labels", "rows", "valid"])

@@ -87,3 +87,51 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     except ValueError as error:
         raise ValueError(f"unknown model {name!r}: not built in ({', '.join(BUILTIN)}) and not a "
                          f"torchvision model ({error})") from None
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable or holds no state dict."""
+
+
+def load_weights(path):
+    """``(state_dict, args)`` from a weights file.
+
+    Accepts a plain state dict, or a checkpoint dict holding it under ``"model"`` or ``"state_dict"``
+    (with its training arguments under ``"args"``, a dict or an ``argparse.Namespace``; ``{}`` when
+    absent). Loaded with ``weights_only=True``, so a file cannot run code; ``module.`` (DDP) and
+    ``_orig_mod.`` (``torch.compile``) prefixes are stripped from the keys.
+    """
+    import argparse
+    import contextlib
+    import os
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    safe = getattr(torch.serialization, "safe_globals", None)
+    context = safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
+    try:
+        with context:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling fails in many ways
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{path}: cannot be loaded as a weights-only checkpoint ({first})") from error
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(checkpoint).__name__}")
+    args = {}
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            args = checkpoint.get("args") or {}
+            checkpoint = checkpoint[key]
+            break
+    if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightsError(f"{path}: neither a state dict nor a checkpoint with a 'model' state dict "
+                           f"(keys: {sorted(map(str, checkpoint))[:8]})")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict):
+        raise WeightsError(f"{path}: 'args' is a {type(args).__name__}, expected a dict or Namespace")
+    for prefix in ("module.", "_orig_mod."):
+        if all(key.startswith(prefix) for key in checkpoint):
+            checkpoint = {key[len(prefix):]: value for key, value in checkpoint.items()}
+    return dict(checkpoint), dict(args)

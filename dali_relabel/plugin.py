@@ -74,7 +74,6 @@ def load_plugin(build: Optional[bool] = None) -> Dict:
         build: compile it if no fitting library exists; default: yes unless
             ``DALI_RELABEL_NO_BUILD=1``.
     """
-    global _loaded
     if _loaded is not None:
         return _loaded
     try:

@@ -15,7 +15,7 @@ This builds the dense ``[B, C, H, W]`` map on purpose; the fused operator must m
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ import hashlib
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import h5py
 import numpy as np

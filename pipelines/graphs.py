@@ -132,12 +132,9 @@ def teacher_pipeline(source: SampleSource, config: DataConfig, size: int, decode
     shape ``(H, W, C)`` from ``peek_image_shape`` (the original size the map describes).
 
     ``source`` is a :class:`SampleSource` without a store (outputs jpeg, label, row, valid)."""
-    jpegs, labels, rows, valid = fn.external_source(
-        source=source, num_outputs=4, parallel=True, batch=False,
-        dtype=[types.UINT8, types.INT32, types.INT64, types.UINT8], ndim=[1, 1, 1, 1],
-        prefetch_queue_depth=config.prefetch_queue_depth, bytes_per_sample_hint=_BYTES_PER_SAMPLE_HINT)
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
-    images = fn.decoders.image(jpegs, **_decoder_args(decoder_device, config))
+    data = _external_source(source, config)
+    shape = fn.peek_image_shape(data["jpegs"], adjust_orientation=config.adjust_orientation)
+    images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
     images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
     images = _normalize(images, config)
-    return images, labels, rows, valid, shape
+    return images, data["labels"], data["rows"], data["valid"], shape
