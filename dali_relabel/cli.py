@@ -94,6 +94,7 @@ def _cmd_demo(args) -> int:
     settings = DemoSettings(classes=args.classes, train_per_class=args.train_per_class,
                             val_per_class=args.val_per_class, image_size=args.image_size,
                             student_epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                            teacher_per_class=args.teacher_per_class,
                             batch_size=args.batch_size, device=args.device, seed=args.seed)
     run_demo(args.out, settings)
     return 0
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=defaults.image_size)
     p.add_argument("--epochs", type=int, default=defaults.student_epochs, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
+    p.add_argument("--teacher-per-class", type=int, default=defaults.teacher_per_class)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 """Model construction by name: every torchvision classifier, plus two small built-in networks.
 
 The built-ins exist for CPU-sized work: ``tiny_cnn`` (no batch norm, so a DDP run and a single
-process compute the same function; used by the tests) and ``small_resnet`` (a 4-stage residual
-network for the demo at 64-96 px).
+process compute the same function; used by the tests), and ``small_resnet`` / ``medium_resnet``
+(4-stage residual networks of widths 16 and 32, the demo's student and teacher at 64 px).
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-BUILTIN = {"tiny_cnn": TinyCNN, "small_resnet": SmallResNet}
+BUILTIN = {"tiny_cnn": TinyCNN, "small_resnet": lambda num_classes: SmallResNet(num_classes, width=16),
+           "medium_resnet": lambda num_classes: SmallResNet(num_classes, width=32)}
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:

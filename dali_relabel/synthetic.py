@@ -52,7 +52,10 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
 def render_image(rng: np.random.Generator, num_classes: int, size: Tuple[int, int], max_objects: int = 3):
     """One image and its class mask: ``(rgb uint8 [H, W, 3], mask int16 [H, W])``."""
     height, width = size
-    background = rng.normal(110, 25, size=(height // 8 + 1, width // 8 + 1, 3)).clip(0, 255).astype(np.uint8)
+    # A gray texture with a faint tint: structure to ignore, but no colour that names a class.
+    shade = rng.normal(110, 30, size=(height // 8 + 1, width // 8 + 1, 1))
+    tint = rng.normal(0, 6, size=(1, 1, 3))
+    background = (shade + tint).clip(0, 255).astype(np.uint8)
     canvas = Image.fromarray(background).resize((width, height), Image.BILINEAR)
     mask_img = Image.new("I", (width, height), BACKGROUND)
     draw, mask_draw = ImageDraw.Draw(canvas), ImageDraw.Draw(mask_img)

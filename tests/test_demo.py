@@ -1,0 +1,31 @@
+"""The demo runs end to end (tiny settings) and reports a complete table."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_cpu(tmp_path):
+    from dali_relabel.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(classes=3, train_per_class=8, val_per_class=4, image_size=32, student_epochs=1,
+                            teacher_epochs=1, teacher_per_class=8, teacher_size=32, grid=4, batch_size=8, device="cpu",
+                            workers=1, threads=1)
+    results = run_demo(str(tmp_path), settings)
+    assert [row["targets"] for row in results["students"]] == [
+        "original single labels", "ReLabel, machine maps", "ReLabel, oracle maps"]
+    for row in results["students"]:
+        assert 0 <= row["top1"] <= 100 and 0 <= row["real"] <= 100 and row["train_images_per_second"] > 0
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["settings"]["classes"] == 3
+    assert "| ReLabel, oracle maps |" in (tmp_path / "results.md").read_text()
+    for name in ("machine", "oracle"):
+        with open(tmp_path / f"label_map_{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from dali_relabel.store import LabelStore
+
+    machine = LabelStore(os.path.join(tmp_path, "machine_store.h5"))
+    assert machine.header.source == "generate" and len(machine) == 24 and machine.header.grid_h == 4
