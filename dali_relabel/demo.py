@@ -101,7 +101,8 @@ def run_demo(out_dir: str = "demo_output", settings: DemoSettings = None) -> Dic
     teacher.load_state_dict(torch.load(os.path.join(teacher_run, "checkpoint.pth"), map_location="cpu",
                                        weights_only=False)["model"])
     print("[3/4] generating the machine label maps with the teacher", flush=True)
-    generate_label_maps(train_root, machine, teacher, size=settings.teacher_size, grid=settings.grid, k=5,
+    generate_label_maps(train_root, machine, teacher, size=settings.teacher_size, grid=settings.grid,
+                        k=min(5, settings.classes),
                         batch_size=settings.batch_size, device=settings.device,
                         teacher_name=f"demo {settings.teacher}", restart=True)
     pictures = {}

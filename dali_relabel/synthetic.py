@@ -107,6 +107,7 @@ def oracle_map(mask: np.ndarray, num_classes: int, k: int = 5, grid: int = 15, s
     A class's logit is ``scale`` times the fraction of the cell it covers; slots beyond the classes
     present hold other classes with logit 0 (the value every absent class has anyway).
     """
+    k = min(k, num_classes)
     height, width = mask.shape
     ys = np.minimum((np.arange(height) * grid) // height, grid - 1)
     xs = np.minimum((np.arange(width) * grid) // width, grid - 1)
@@ -123,6 +124,7 @@ def oracle_map(mask: np.ndarray, num_classes: int, k: int = 5, grid: int = 15, s
 def write_oracle_store(path, images: Sequence[SyntheticImage], num_classes: int, k: int = 5,
                        grid: int = 15) -> str:
     """The oracle store of a generated set (layout ``"HW"``)."""
+    k = min(k, num_classes)
     writer = StoreWriter(path, [im.relpath for im in images], num_classes, k, grid, grid, layout="HW",
                          class_names=[class_name(c) for c in range(num_classes)], teacher="oracle",
                          source="oracle", resume=False)
