@@ -14,6 +14,7 @@ to build it (``dali-relabel build-plugin``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -116,6 +117,24 @@ def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> Non
             plugin_build.build_plugin(target)
         except plugin_build.PluginBuildError as error:
             raise PluginError(f"building the plugin failed: {error}\nFix the cause, then {how}.") from None
+        _remove_stale_builds(target)
+
+
+def _remove_stale_builds(current: str) -> None:
+    """Delete the cached builds of older sources for the same DALI (a process that already loaded
+    one keeps its mapping; the files are only unlinked)."""
+    import glob
+    import shutil
+
+    prefix = current.rsplit("-", 1)[0] + "-"
+    for path in glob.glob(prefix + "*"):
+        if path in (current, current + ".lock"):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.endswith(".lock"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _load(plugin_manager, directory: str) -> Dict:
@@ -144,4 +163,5 @@ def rebuild(force: bool = True, with_cuda: Optional[bool] = None, verbose: bool 
         with open(os.path.join(target, plugin_build.MANIFEST_NAME)) as f:
             return dict(json.load(f), directory=target)
     manifest = plugin_build.build_plugin(target, with_cuda=with_cuda, verbose=verbose)
+    _remove_stale_builds(target)
     return dict(manifest, directory=target)

@@ -1,0 +1,69 @@
+"""The plugin loader: only a library built for the running DALI is loaded; otherwise a clear way out."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+from dali_relabel import plugin, plugin_build  # noqa: E402
+
+
+def _fake_build(directory, **changes):
+    os.makedirs(directory, exist_ok=True)
+    identity = plugin_build.dali_identity()
+    manifest = dict(identity, source_hash=plugin_build.source_hash(), cuda=False)
+    manifest.update(changes)
+    with open(os.path.join(directory, plugin_build.MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f)
+    with open(os.path.join(directory, plugin_build.LIBRARY_NAME), "wb") as f:
+        f.write(b"not a library")  # must never be dlopen-ed
+    return directory
+
+
+def test_a_build_for_another_dali_or_other_sources_is_rejected(tmp_path):
+    identity = plugin_build.dali_identity()
+    assert plugin._mismatch(_fake_build(tmp_path / "ok"), identity, want_cuda=False) is None
+    other = _fake_build(tmp_path / "old", dali_version="2.3.0")
+    assert "dali_version='2.3.0'" in plugin._mismatch(other, identity, want_cuda=False)
+    flavour = _fake_build(tmp_path / "flavour", dali_flavour="nvidia-dali-cuda130")
+    assert "dali_flavour" in plugin._mismatch(flavour, identity, want_cuda=False)
+    stale = _fake_build(tmp_path / "stale", source_hash="0000")
+    assert plugin._mismatch(stale, identity, want_cuda=False) == "built from other sources"
+    cpu_only = _fake_build(tmp_path / "cpu")
+    assert "without the CUDA backend" in plugin._mismatch(cpu_only, identity, want_cuda=True)
+    assert plugin._mismatch(tmp_path / "missing", identity, want_cuda=False) == "no library"
+
+
+def test_no_fitting_build_and_no_building_gives_instructions(tmp_path):
+    _fake_build(tmp_path / "old", dali_version="2.3.0")
+    env = dict(os.environ, DALI_RELABEL_PLUGIN_DIR=str(tmp_path / "old"), DALI_RELABEL_NO_BUILD="1",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = "from dali_relabel.plugin import load_plugin\nload_plugin()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no dali-relabel plugin fits DALI" in done.stderr
+    assert "dali_version='2.3.0'" in done.stderr and "dali-relabel build-plugin" in done.stderr
+    assert "undefined symbol" not in done.stderr
+
+
+def test_stale_builds_of_the_same_dali_are_pruned(tmp_path):
+    current = str(tmp_path / "2.4.0-cuda120-new")
+    for name in ("2.4.0-cuda120-old", "2.4.0-cuda120-new", "2.3.0-cuda120-keep"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / (name + ".lock")).write_text("")
+    plugin._remove_stale_builds(current)
+    assert sorted(os.listdir(tmp_path)) == ["2.3.0-cuda120-keep", "2.3.0-cuda120-keep.lock",
+                                            "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock"]
+
+
+@pytest.mark.slow
+def test_build_plugin_cpu_only_into_a_fresh_directory(tmp_path):
+    if not shutil.which(os.environ.get("CXX", "g++")):
+        pytest.skip("no C++ compiler")
+    manifest = plugin_build.build_plugin(str(tmp_path / "build"), with_cuda=False)
+    assert manifest["cuda"] is False and manifest["dali_version"] == plugin_build.dali_identity()["dali_version"]
+    assert os.path.getsize(tmp_path / "build" / plugin_build.LIBRARY_NAME) > 10_000
