@@ -805,19 +805,24 @@ def _jsonable(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def write_throughput_outputs(result: dict, out_dir: str) -> None:
+def write_outputs(result: dict, out_dir: str, name: str, latest: str, plot, markdown) -> None:
+    """``<name>-<date>.json`` + ``.png`` (drawn by ``plot``) and the table ``latest`` (from ``markdown``)."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"throughput-{result['device']}-{_date()}")
-    result["files"] = {"json": stem + ".json", "png": stem + ".png",
-                       "markdown": os.path.join(out_dir, f"latest-{result['device']}.md")}
-    plot_throughput(result, result["files"]["png"])
-    table = throughput_markdown(result)
+    stem = os.path.join(out_dir, f"{name}-{_date()}")
+    result["files"] = {"json": stem + ".json", "png": stem + ".png", "markdown": os.path.join(out_dir, latest)}
+    plot(result, result["files"]["png"])
+    table = markdown(result)
     with open(result["files"]["markdown"], "w") as f:
         f.write(table)
     with open(result["files"]["json"], "w") as f:
         json.dump(result, f, indent=2)
     print(table)
     _log(f"wrote {result['files']['json']}, {result['files']['png']} and {result['files']['markdown']}")
+
+
+def write_throughput_outputs(result: dict, out_dir: str) -> None:
+    write_outputs(result, out_dir, f"throughput-{result['device']}", f"latest-{result['device']}.md",
+                  plot_throughput, throughput_markdown)
 
 
 def _fmt(value, digits=1) -> str:
@@ -1091,18 +1096,8 @@ def run_store_read(args) -> dict:
     result["warnings"] = noise_warnings(result, {f"{c} {m}": e["spread_pct"] for c, ms in result["results"].items()
                                                  for m, e in ms.items() if e["median"] >= 10.0},
                                         spread_limit=50.0)  # sub-10-ms timings jitter by nature
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"store-read-{_date()}")
-    result["files"] = {"json": stem + ".json", "png": stem + ".png",
-                       "markdown": os.path.join(args.out_dir, "latest-store-read.md")}
-    plot_store_read(result, result["files"]["png"])
-    table = store_read_markdown(result)
-    with open(result["files"]["markdown"], "w") as f:
-        f.write(table)
-    with open(result["files"]["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    print(table)
-    _log(f"wrote {result['files']['json']}, {result['files']['png']} and {result['files']['markdown']}")
+    write_outputs(result, args.out_dir, "store-read", "latest-store-read.md", plot_store_read,
+                  store_read_markdown)
     return result
 
 

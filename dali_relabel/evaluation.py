@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .distributed import init_from_env
+
 #: Validation file names of ImageNet-1k; ReaL's ``real.json`` entry ``n - 1`` belongs to image ``n``.
 _ILSVRC_VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 
@@ -444,17 +446,6 @@ def build_model(state_dict: dict, args: dict, model_name: Optional[str] = None,
     return model, name, int(num_classes)
 
 
-def _init_distributed_from_env(use_gpu: bool) -> bool:
-    """Join the process group ``torchrun`` describes, if any and not yet joined; True if joined here."""
-    dist = torch.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    if use_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend="nccl" if use_gpu else "gloo")
-    return True
-
-
 def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[str] = None,
                         batch_size: int = 128, device: str = "auto", classes_from_store=None,
                         imagenetv2: bool = False, config=None) -> dict:
@@ -479,7 +470,8 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
     image size, ...) and ``rank``.
     """
     from .config import DataConfig
-    from .loader import ValidationLoader, distributed_rank_and_world, resolve_device
+    from .distributed import rank_and_world
+    from .loader import ValidationLoader, resolve_device
 
     state_dict, args = load_checkpoint(checkpoint)
     model, name, num_classes = build_model(state_dict, args, model_name=model_name)
@@ -505,7 +497,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
         classes = imagenetv2_classes(val_root, num_classes)
 
     use_gpu = resolve_device(device) == "gpu"
-    joined = _init_distributed_from_env(use_gpu)
+    joined = init_from_env(use_gpu)
     try:
         loader = ValidationLoader(val_root, batch_size, config=config, device="gpu" if use_gpu else "cpu",
                                   classes=classes, return_rows=real is not None)
@@ -515,7 +507,8 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
         real_labels = load_real_labels(real) if real is not None else None
         target = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
         result = evaluate(model, loader, real_labels=real_labels, device=target)
-        result.update(rank=distributed_rank_and_world()[0], world_size=distributed_rank_and_world()[1])
+        rank, world_size = rank_and_world()
+        result.update(rank=rank, world_size=world_size)
     finally:
         if joined:
             torch.distributed.destroy_process_group()

@@ -38,6 +38,7 @@ them. Every part resumes on its own; a part that is already complete is reused.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
+from .distributed import init_from_env
 from .imagefolder import list_images
 from .store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
 
@@ -780,7 +782,8 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
 
     Returns a summary dict (``out``, rows, teacher, ..., ``rank``).
     """
-    from .loader import distributed_rank_and_world, resolve_device
+    from .distributed import rank_and_world
+    from .loader import resolve_device
 
     class_names = read_class_names(class_names_file) if class_names_file else None
     if class_names is None:  # list_images' rule, without walking every file (generate does that)
@@ -790,9 +793,9 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     classes = list(class_names)
     model = build_teacher(model_name, weights, len(classes))
     use_gpu = resolve_device(device) == "gpu"
-    joined = _init_distributed_from_env(use_gpu)
+    joined = init_from_env(use_gpu, timeout=datetime.timedelta(hours=2))
     try:
-        rank, world_size = distributed_rank_and_world()
+        rank, world_size = rank_and_world()
         device_id = torch.cuda.current_device() if use_gpu else None
         path = generate_label_maps(image_root, out, model, size=size, grid=grid, k=k, batch_size=batch_size,
                                    device="gpu" if use_gpu else "cpu", rank=rank, world_size=world_size,
@@ -811,15 +814,3 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     return result
 
 
-def _init_distributed_from_env(use_gpu: bool) -> bool:
-    """Join the process group ``torchrun`` describes, if any and not yet joined; True if joined here."""
-    import datetime
-
-    dist = torch.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    if use_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    # Ranks wait for the slowest shard and for rank 0's merge at barriers: allow for that.
-    dist.init_process_group(backend="nccl" if use_gpu else "gloo", timeout=datetime.timedelta(hours=2))
-    return True

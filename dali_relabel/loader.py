@@ -15,17 +15,11 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .distributed import rank_and_world
 from .imagefolder import list_images
 from .mixing import CutMixSpec, apply_cutmix
 from .sources import SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
 from .store import LabelStore, StoreError
-
-
-def distributed_rank_and_world() -> tuple:
-    """``(global rank, world size)`` from ``torch.distributed``, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -231,7 +225,7 @@ class ReLabelLoader(PipelineBatches):
             relpaths, labels, self.class_names = self.store.paths, self.store.labels, self.store.class_names
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
-        default_rank, default_world = distributed_rank_and_world()
+        default_rank, default_world = rank_and_world()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
         device = resolve_device(device)
@@ -304,7 +298,7 @@ class ValidationLoader(PipelineBatches):
 
         self.config = config = (config or DataConfig()).replace(last_batch="pad")
         self.images = list_images(image_root, classes=classes)
-        default_rank, default_world = distributed_rank_and_world()
+        default_rank, default_world = rank_and_world()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
         device = resolve_device(device)

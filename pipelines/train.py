@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dali_relabel.config import DataConfig
+from dali_relabel.distributed import init_from_env, rank_and_world
 from dali_relabel.loader import ReLabelLoader, ValidationLoader
 from dali_relabel.losses import SoftTargetCrossEntropy
 from dali_relabel.models import create_model
@@ -84,13 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def init_distributed(use_gpu: bool):
     """``(rank, world_size, local_rank)``; joins the process group when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if world_size > 1 and not dist.is_initialized():
-        if use_gpu:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_gpu else "gloo")
-    return rank, world_size, local_rank
+    init_from_env(use_gpu)
+    rank, world_size = rank_and_world()
+    return rank, world_size, int(os.environ.get("LOCAL_RANK", 0))
 
 
 def data_config(args) -> DataConfig:
