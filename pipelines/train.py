@@ -151,7 +151,11 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
     total_loss = torch.zeros((), device=device)
     seen, steps, start = 0, 0, time.perf_counter()
     rows_log = open(os.path.join(args.output_dir, f"rows_rank{args.rank}.jsonl"), "a") if args.log_rows else None
-    for step, batch in enumerate(loader):
+    from tqdm import tqdm
+
+    bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=args.rank != 0 or not sys.stderr.isatty())
+    for step, batch in enumerate(bar):
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -175,6 +179,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
             save_checkpoint(epoch, loader.state_dict())
         if args.max_steps_per_epoch and steps >= args.max_steps_per_epoch:
             break
+    bar.close()
     if rows_log is not None:
         rows_log.close()
     seconds = time.perf_counter() - start
