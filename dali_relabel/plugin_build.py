@@ -78,6 +78,30 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
+def nvcc_version(nvcc: str) -> str:
+    """``"13.0"`` from ``nvcc --version`` (empty if it cannot be read)."""
+    import re
+
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else ""
+
+
+def cuda_mismatch_warning(flavour: str, version: str) -> str:
+    """A warning when nvcc's CUDA major differs from the DALI flavour's (``nvidia-dali-cuda120``)."""
+    import re
+
+    match = re.search(r"cuda(\d+)\d$", flavour)
+    if not match or not version or version.split(".")[0] == match.group(1):
+        return ""
+    return (f"dali-relabel: the CUDA backend is built with nvcc {version} for {flavour}; its kernels "
+            f"need a driver that supports CUDA {version.split('.')[0]}. On an older driver, point "
+            "CUDA_HOME at a matching toolkit and run `dali-relabel build-plugin --force`.")
+
+
 def find_cuda_include(nvcc: Optional[str]) -> str:
     """A directory with ``cuda_runtime.h`` (DALI's headers include it even for CPU operators)."""
     candidates = []
@@ -159,7 +183,11 @@ def build_plugin(target_dir: str, with_cuda: Optional[bool] = None, verbose: boo
             if verbose:
                 print(" ".join(cmd), file=sys.stderr)
             _run(cmd, work)
-        manifest = dict(identity, source_hash=source_hash(), cuda=use_cuda,
+        version = nvcc_version(nvcc) if use_cuda else ""
+        warning = cuda_mismatch_warning(str(identity["dali_flavour"]), version)
+        if warning:
+            print(warning, file=sys.stderr)
+        manifest = dict(identity, source_hash=source_hash(), cuda=use_cuda, nvcc_version=version,
                         cuda_archs=os.environ.get("DALI_RELABEL_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) if use_cuda else "",
                         nvcc=nvcc or "", python=sys.version.split()[0],
                         build_seconds=round(time.time() - started, 1))

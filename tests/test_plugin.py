@@ -75,3 +75,10 @@ def test_cuda_backend_is_compiled_where_nvcc_exists():
         pytest.skip("no nvcc on this machine")
     manifest = plugin.load_plugin()
     assert manifest["cuda"] is True and "90" in manifest["cuda_archs"]
+
+
+def test_cuda_toolkit_newer_than_the_dali_flavour_is_pointed_out():
+    warning = plugin_build.cuda_mismatch_warning("nvidia-dali-cuda120", "13.0")
+    assert "nvcc 13.0" in warning and "driver that supports CUDA 13" in warning
+    assert plugin_build.cuda_mismatch_warning("nvidia-dali-cuda130", "13.0") == ""
+    assert plugin_build.cuda_mismatch_warning("nvidia-dali-cuda120", "12.6") == ""
