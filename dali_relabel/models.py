@@ -27,7 +27,24 @@ class _Residual(nn.Module):
         return torch.relu(self.body(x) + self.skip(x))
 
 
-class SmallResNet(nn.Module):
+class _FeaturesThenLinear(nn.Module):
+    """``fc(avgpool(features(x)))``, with the timm-style hooks ``dali-relabel generate`` uses."""
+
+    features: nn.Module
+    fc: nn.Linear
+
+    def forward_features(self, x):
+        """The last feature map ``[B, F, h, w]``."""
+        return self.features(x)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class SmallResNet(_FeaturesThenLinear):
     """A small residual network (widths w, 2w, 4w, 8w; stride 16) with a ``fc`` classifier."""
 
     def __init__(self, num_classes: int, width: int = 32):
@@ -42,18 +59,8 @@ class SmallResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
-    def forward_features(self, x):
-        """The last feature map ``[B, F, h, w]`` (used by ``dali-relabel generate``)."""
-        return self.features(x)
 
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-class TinyCNN(nn.Module):
+class TinyCNN(_FeaturesThenLinear):
     """Two convolutions and a linear layer, no batch norm."""
 
     def __init__(self, num_classes: int, width: int = 8):
@@ -62,15 +69,6 @@ class TinyCNN(nn.Module):
                                       nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width * 2, num_classes)
-
-    def forward_features(self, x):
-        return self.features(x)
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 BUILTIN = {"tiny_cnn": TinyCNN, "small_resnet": lambda num_classes: SmallResNet(num_classes, width=16),

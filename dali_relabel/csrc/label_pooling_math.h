@@ -36,62 +36,67 @@ struct PoolingSample {
   int64_t in_offset;   // where this sample's k*H*W entries start (elements), GPU backend only
 };
 
+// RoIAlign's sampling along one axis: `grid` points per output bin, each interpolated between two
+// cells. Every function below walks the points through this one definition, so the CPU and CUDA
+// backends compute identical weights.
+struct AxisSampling {
+  float start, bin_size;
+  int grid, samples;
+
+  RELABEL_HD AxisSampling(float start_, float end, int bins) : start(start_) {
+    float roi = end - start;
+    if (roi < 1.f) roi = 1.f;
+    bin_size = roi / static_cast<float>(bins);
+    grid = static_cast<int>(ceilf(roi / static_cast<float>(bins)));
+    samples = grid > 0 ? grid : 1;
+  }
+
+  // Sample point `s` of output bin `bin` over `size` cells: false if it lies outside the map (it
+  // still counts in the average, with weight 0), else the two cells and the weight `l` of `high`.
+  RELABEL_HD bool Point(int bin, int s, int size, int *low, int *high, float *l) const {
+    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
+    if (y < -1.f || y > static_cast<float>(size)) return false;
+    if (y <= 0.f) y = 0.f;
+    *low = static_cast<int>(y);
+    if (*low >= size - 1) {
+      *high = *low = size - 1;
+      y = static_cast<float>(*low);
+    } else {
+      *high = *low + 1;
+    }
+    *l = y - *low;
+    return true;
+  }
+};
+
 // The weight of map cell `cell` (of `size` along this axis) in output bin `bin` of `bins`, for a box
 // [start, end) in grid coordinates. Matches torchvision's roi_align bilinear_interpolate.
 RELABEL_HD inline float AxisWeight(float start, float end, int size, int bins, int bin, int cell) {
-  float roi = end - start;
-  if (roi < 1.f) roi = 1.f;
-  const float bin_size = roi / static_cast<float>(bins);
-  const int grid = static_cast<int>(ceilf(roi / static_cast<float>(bins)));
-  const int samples = grid > 0 ? grid : 1;
+  const AxisSampling sampling(start, end, bins);
   float total = 0.f;
-  for (int s = 0; s < grid; s++) {
-    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
-    if (y < -1.f || y > static_cast<float>(size)) continue;
-    if (y <= 0.f) y = 0.f;
-    int low = static_cast<int>(y);
-    int high;
-    if (low >= size - 1) {
-      high = low = size - 1;
-      y = static_cast<float>(low);
-    } else {
-      high = low + 1;
-    }
-    const float l = y - low;
-    const float h = 1.f - l;
-    if (low == cell) total += h;
+  int low, high;
+  float l;
+  for (int s = 0; s < sampling.grid; s++) {
+    if (!sampling.Point(bin, s, size, &low, &high, &l)) continue;
+    if (low == cell) total += 1.f - l;
     if (high == cell) total += l;
   }
-  return total / static_cast<float>(samples);
+  return total / static_cast<float>(sampling.samples);
 }
 
-// All `size` cell weights of one output bin at once (host side): each sample point adds to the two
-// cells it interpolates between, in the same order and arithmetic as AxisWeight, so the results are
-// identical; O(samples) instead of O(cells * samples).
+// All `size` cell weights of one output bin at once (host side), equal to AxisWeight for every cell;
+// O(samples) instead of O(cells * samples).
 inline void AxisWeights(float start, float end, int size, int bins, int bin, float *weights) {
+  const AxisSampling sampling(start, end, bins);
   for (int cell = 0; cell < size; cell++) weights[cell] = 0.f;
-  float roi = end - start;
-  if (roi < 1.f) roi = 1.f;
-  const float bin_size = roi / static_cast<float>(bins);
-  const int grid = static_cast<int>(ceilf(roi / static_cast<float>(bins)));
-  const int samples = grid > 0 ? grid : 1;
-  for (int s = 0; s < grid; s++) {
-    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
-    if (y < -1.f || y > static_cast<float>(size)) continue;
-    if (y <= 0.f) y = 0.f;
-    int low = static_cast<int>(y);
-    int high;
-    if (low >= size - 1) {
-      high = low = size - 1;
-      y = static_cast<float>(low);
-    } else {
-      high = low + 1;
-    }
-    const float l = y - low;
+  int low, high;
+  float l;
+  for (int s = 0; s < sampling.grid; s++) {
+    if (!sampling.Point(bin, s, size, &low, &high, &l)) continue;
     weights[low] += 1.f - l;
     weights[high] += l;
   }
-  for (int cell = 0; cell < size; cell++) weights[cell] /= static_cast<float>(samples);
+  for (int cell = 0; cell < size; cell++) weights[cell] /= static_cast<float>(sampling.samples);
 }
 
 }  // namespace dali_relabel
