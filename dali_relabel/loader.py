@@ -8,6 +8,7 @@ yield padding samples.
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import List, Optional, Sequence
 
@@ -90,6 +91,22 @@ def worker_start_method(requested: str) -> str:
     return requested
 
 
+def start_workers(pipe) -> None:
+    """Start a pipeline's source workers without handing them this process's garbage.
+
+    Forked workers inherit every object of this process. Garbage in reference cycles (for example
+    an earlier loader's DALI pipeline) would be collected inside a worker, and a DALI pipeline torn
+    down there crashes the worker. So collect it here first, and freeze what is left, so the
+    workers' collector never looks at inherited objects.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        pipe.start_py_workers()
+    finally:
+        gc.unfreeze()
+
+
 class PipelineBatches:
     """Batches of one DALI pipeline fed by a :class:`SampleSource`: dicts of torch tensors named by
     ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
@@ -105,7 +122,7 @@ class PipelineBatches:
         self.source = source
         self.device = device
         self.pipeline = pipe
-        pipe.start_py_workers()
+        start_workers(pipe)
         pipe.build()
         self._iterator = DALIGenericIterator([pipe], output_map, size=-1, auto_reset=True,
                                              prepare_first_batch=False)
