@@ -50,7 +50,10 @@ class DataConfig:
         cutmix_mode: ``"authors"`` (mix the pooled targets by area) or ``"localized"`` (the pasted
             box's target pooled from the partner's map over exactly that box), see
             :mod:`dali_relabel.mixing`.
-        cutmix_stop_epoch: no CutMix from this epoch on (the authors switch it off at the end).
+        cutmix_stop_epoch: no CutMix (nor Mixup) from this epoch on (the authors switch it off at
+            the end).
+        mixup_alpha: Mixup on soft targets for the pairs CutMix left alone (0 disables it):
+            ``lam ~ Beta(alpha, alpha)``, images and targets both ``lam * own + (1 - lam) * partner``.
     """
 
     image_size: int = 224
@@ -78,6 +81,7 @@ class DataConfig:
     cutmix_alpha: float = 1.0
     cutmix_mode: str = "authors"
     cutmix_stop_epoch: Optional[int] = None
+    mixup_alpha: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ class DataConfig:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
         if self.cutmix_mode not in ("authors", "localized"):
             raise ValueError(f"cutmix_mode must be 'authors' or 'localized', got {self.cutmix_mode!r}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must not be negative, got {self.mixup_alpha}")
         if not 0 <= self.cutmix_probability <= 1 or self.cutmix_alpha <= 0:
             raise ValueError("cutmix_probability must lie in [0, 1] and cutmix_alpha be positive")
         if self.cutmix_probability > 0 and tuple(self.output_size) != (1, 1):

@@ -18,7 +18,7 @@ import torch
 from .config import DataConfig
 from .distributed import rank_and_world
 from .imagefolder import list_images
-from .mixing import CutMixSpec, apply_cutmix
+from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
 from .sources import SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
 from .store import LabelStore, StoreError
 
@@ -276,12 +276,22 @@ class ReLabelLoader(PipelineBatches):
         super().__init__(pipe, plan, source, device, output_map, start_epoch)
 
     def _transform(self, batch: dict) -> dict:
-        if "mix_box" not in batch:
-            return batch
-        images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
-                                          batch.get("pasted"), channels_last=self.config.channels_last)
-        batch = dict(batch, images=images, targets=targets)
-        batch.pop("pasted", None)
+        config = self.config
+        if "mix_box" in batch:
+            images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
+                                              batch.get("pasted"), channels_last=config.channels_last)
+            batch = dict(batch, images=images, targets=targets)
+            batch.pop("pasted", None)
+        stopped = config.cutmix_stop_epoch is not None and self.epoch >= config.cutmix_stop_epoch
+        if config.mixup_alpha > 0 and not stopped:
+            size = batch["images"].shape[0]
+            position = self.source.resume_batch if self._epochs_done == 0 else 0
+            lam = mixup_weights(size, config.mixup_alpha, config.seed, self.epoch,
+                                position + self._batch_in_epoch)
+            untouched = (batch["mix_box"].reshape(size, 4) == 0).all(1) if "mix_box" in batch \
+                else torch.ones(size, dtype=torch.bool)
+            images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
+            batch = dict(batch, images=images, targets=targets)
         return batch
 
     def __iter__(self):

@@ -11,6 +11,9 @@ image; each sample shows its partner's pixels inside the box. Two ways to build 
   target is the partner's map pooled over exactly the pasted box (mapped back through the partner's
   crop and mirror), the rest is the sample's own map pooled over its crop without the box. Both
   pools run in the fused operator (its ``region`` input).
+
+Pairs that CutMix leaves alone can be mixed with Mixup instead (:func:`apply_mixup`): images and soft
+targets both ``lam * own + (1 - lam) * partner``.
 """
 from __future__ import annotations
 
@@ -103,3 +106,24 @@ def apply_cutmix(images: torch.Tensor, boxes: torch.Tensor, own: torch.Tensor,
     weight = lam.to(own.dtype).view(-1, *([1] * (own.dim() - 1)))
     targets = weight * own + (1 - weight) * donor[partner.to(donor.device)]
     return mixed_images, targets, lam
+
+
+def mixup_weights(batch_size: int, alpha: float, seed: int, epoch: int, batch_index: int) -> torch.Tensor:
+    """``[B]`` Mixup weights ``lam ~ Beta(alpha, alpha)``, one per pair (shared by both samples),
+    drawn from ``(seed, epoch, batch_index)`` so every rank and every resumed run draws the same."""
+    rng = np.random.default_rng([seed, epoch, batch_index, 0x313])
+    pair_lam = rng.beta(alpha, alpha, size=(batch_size + 1) // 2)
+    index = np.minimum(np.arange(batch_size), np.arange(batch_size)[::-1])
+    return torch.from_numpy(pair_lam[index].astype(np.float32))
+
+
+def apply_mixup(images: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor):
+    """Mix each sample selected by ``mask`` ``[B]`` with its partner: ``lam * own + (1 - lam) * partner``
+    for images ``[B, ...]`` and targets ``[B, C]``; the others are returned unchanged."""
+    partner = partners(images.shape[0], images.device)
+    weight = torch.where(mask.to(lam.device), lam, torch.ones_like(lam))
+    w_images = weight.to(images.device, images.dtype).view(-1, *([1] * (images.dim() - 1)))
+    w_targets = weight.to(targets.device, targets.dtype).view(-1, *([1] * (targets.dim() - 1)))
+    mixed_images = w_images * images + (1 - w_images) * images[partner]
+    mixed_targets = w_targets * targets + (1 - w_targets) * targets[partner.to(targets.device)]
+    return mixed_images, mixed_targets

@@ -56,7 +56,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     mix.add_argument("--cutmix-prob", type=float, default=0.0)
     mix.add_argument("--cutmix-alpha", type=float, default=1.0)
     mix.add_argument("--cutmix-mode", choices=["authors", "localized"], default="authors")
-    mix.add_argument("--cutmix-off-epochs", type=int, default=0, help="no CutMix in the last N epochs")
+    mix.add_argument("--cutmix-off-epochs", type=int, default=0,
+                     help="no CutMix (nor Mixup) in the last N epochs")
+    mix.add_argument("--mixup-alpha", type=float, default=0.0,
+                     help="Mixup on soft targets for pairs CutMix leaves alone (0: off)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--model", default="resnet50")
     opt.add_argument("--epochs", type=int, default=100)
@@ -98,7 +101,7 @@ def data_config(args) -> DataConfig:
                       hw_decoder_load=args.hw_decoder_load, flip_probability=args.flip_probability, seed=args.seed,
                       output_dtype="float16" if args.amp == "fp16" else "float32",
                       cutmix_probability=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
-                      cutmix_mode=args.cutmix_mode, cutmix_stop_epoch=stop)
+                      cutmix_mode=args.cutmix_mode, cutmix_stop_epoch=stop, mixup_alpha=args.mixup_alpha)
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):

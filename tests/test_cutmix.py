@@ -113,3 +113,39 @@ def test_loader_mixes_pairs_with_their_own_partners(mode, tmp_path):
             share = float((pixel_rows == other).float().mean())
             assert abs(share - float(weights[other] / (weights[own] + weights[other]))) < 0.01
     assert mixed_samples >= 8
+
+
+def test_mixup_weights_are_shared_by_pairs_and_reproducible():
+    from dali_relabel.mixing import apply_mixup, mixup_weights
+
+    lam = mixup_weights(5, 0.4, seed=1, epoch=2, batch_index=3)
+    torch.testing.assert_close(lam, lam.flip(0))
+    torch.testing.assert_close(lam, mixup_weights(5, 0.4, seed=1, epoch=2, batch_index=3))
+    assert not torch.equal(lam, mixup_weights(5, 0.4, seed=1, epoch=2, batch_index=4))
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    targets = torch.eye(4)
+    weights = torch.tensor([0.7, 0.6, 0.6, 0.7])
+    mask = torch.tensor([True, False, False, True])
+    mixed, mixed_targets = apply_mixup(images, targets, weights, mask)
+    torch.testing.assert_close(mixed[0], torch.full((3, 2, 2), 0.7 * 0 + 0.3 * 3))
+    torch.testing.assert_close(mixed[1], images[1])
+    torch.testing.assert_close(mixed_targets[3], torch.tensor([0.3, 0, 0, 0.7]))
+
+
+def test_loader_mixup_mixes_pixels_and_targets_by_the_same_weight(tmp_path):
+    from dali_relabel.loader import ReLabelLoader
+    from test_loader import make_id_dataset
+
+    image_root, store = make_id_dataset(str(tmp_path), 16)
+    config = DataConfig(image_size=16, py_num_workers=1, num_threads=1, mixup_alpha=1.0, seed=2)
+    loader = ReLabelLoader(image_root, store, batch_size=8, config=config, device="cpu", return_rows=True)
+    from test_loader import _id_colour
+
+    for images, targets, rows in loader:
+        rgb = images.mean(dim=(2, 3)) * torch.tensor(config.std).view(1, 3) + torch.tensor(config.mean).view(1, 3)
+        for i in range(len(rows)):
+            own, other = int(rows[i]), int(rows.flip(0)[i])
+            lam = float(targets[i, own] / (targets[i, own] + targets[i, other]))
+            expected = lam * torch.tensor(_id_colour(own), dtype=torch.float32) + \
+                (1 - lam) * torch.tensor(_id_colour(other), dtype=torch.float32)
+            assert torch.allclose(rgb[i], expected, atol=3), (rgb[i], expected, lam)
