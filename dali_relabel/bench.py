@@ -897,9 +897,9 @@ def plot_throughput(result: dict, path: str) -> None:
                         color=[colours.get(n, "#555555") for n in names])
         left.set_xticks(range(len(names)))
         left.set_xticklabels(names)
-        for bar, value in zip(bars, medians):
-            left.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center",
-                          va="bottom", xytext=(0, 3), textcoords="offset points")
+        for bar, value in zip(bars, medians):  # inside the bar, clear of the error bar
+            left.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value / 2), ha="center",
+                          va="center", color="white", fontweight="bold")
         left.set_ylabel("images/s (median, bars: min-max)")
     else:
         left.text(0.5, 0.5, "loaders not measured", ha="center", va="center", transform=left.transAxes)
@@ -923,8 +923,9 @@ def plot_throughput(result: dict, path: str) -> None:
         right.set_xticklabels([f"{r['device']}\nB={r['batch_size']}" for r in rows])
         right.axhline(1.0, color="black", linewidth=0.8)
         right.set_yscale("log")
+        right.set_ylim(0.8, max(raw + only + [10.0]) * 4)  # room for the labels and the legend
         right.set_ylabel("speedup over the dense reference")
-        right.legend(fontsize=8)
+        right.legend(fontsize=8, loc="upper left")
     else:
         right.text(0.5, 0.5, "operator not measured", ha="center", va="center", transform=right.transAxes)
     right.set_title("fused operator vs dense scatter + roi_align")
