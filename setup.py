@@ -6,13 +6,22 @@ the package builds the plugin on first use into a per-DALI-version cache (``dali
 build-plugin`` does it explicitly). With ``pip install --no-build-isolation`` and DALI installed, the
 plugin is built now and shipped inside the package.
 """
+import importlib.util
 import os
-import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _plugin_build_module():
+    """``dali_relabel/plugin_build.py`` alone (standard library only), not the whole package."""
+    spec = importlib.util.spec_from_file_location(
+        "_dali_relabel_plugin_build", os.path.join(HERE, "dali_relabel", "plugin_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildPyWithPlugin(build_py):
@@ -26,11 +35,9 @@ class BuildPyWithPlugin(build_py):
             print("dali-relabel: DALI is not importable in this build environment; the plugin will be "
                   "built on first use (or run `dali-relabel build-plugin`).")
             return
-        from dali_relabel.plugin_build import build_plugin
-
         target = os.path.join(self.build_lib, "dali_relabel", "_prebuilt")
         try:
-            build_plugin(target)
+            _plugin_build_module().build_plugin(target)
         except Exception as error:  # a failed optional build must not fail the install
             print(f"dali-relabel: plugin not prebuilt ({error}); it will be built on first use.")
 
