@@ -23,8 +23,8 @@ class FusedLabelPooling:
         max_batch_size: the largest batch that will be passed.
         layout, output_size, temperature, apply_softmax: the operator's arguments.
         region_mode: ``"inside"`` or ``"outside"`` to pass a ``region`` to each call (CutMix).
-        pool: ``False`` builds the same pipeline without the operator, returning the logits moved
-            to ``device`` and back (to measure the feeding overhead).
+        pool: ``False`` builds the same pipeline without the operator: every input is moved to
+            ``device`` and the logits come back (to measure the feeding overhead).
         device: ``"cpu"`` or ``"gpu"`` (the CUDA backend; results are copied back to the host).
         num_threads: DALI CPU threads.
 
@@ -54,8 +54,8 @@ class FusedLabelPooling:
             # Zero-argument callables: DALI would pass an iteration number to a one-argument one.
             count = 7 if region_mode else 6
             inputs = [fn.external_source(source=_field_reader(feed, i), batch=True) for i in range(count)]
-            if not pool:
-                return inputs[0].gpu() if device == "gpu" else inputs[0]
+            if not pool:  # every input stays an output, so DALI prunes none of the feeding
+                return tuple(x.gpu() if device == "gpu" else x for x in inputs)
             extra = {"region_mode": region_mode} if region_mode else {}
             return fn.relabel.label_pooling(*inputs, device=device, num_classes=num_classes,
                                             layout=layout, output_size=list(output_size),
@@ -79,7 +79,7 @@ class FusedLabelPooling:
         # A batch given as one contiguous [B, ...] array is copied into DALI in one piece.
         self._feed = [np.ascontiguousarray(np.asarray(f).reshape(batch, -1) if i >= 2 else np.asarray(f))
                       for i, f in enumerate(fields)]
-        (out,) = self.pipeline.run()
+        out = self.pipeline.run()[0]
         if self.device == "gpu":
             out = out.as_cpu()
         return torch.from_numpy(out.as_array())  # every sample has the same shape: one copy
