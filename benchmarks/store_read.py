@@ -9,10 +9,10 @@ import os
 import sys
 
 try:
-    from dali_relabel.bench import main
+    from dali_relabel.cli import main
 except ImportError:  # not installed: use the checkout this file lives in
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from dali_relabel.bench import main
+    from dali_relabel.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--store-read"] + sys.argv[1:]))
+    sys.exit(main(["bench", "--store-read"] + sys.argv[1:]))

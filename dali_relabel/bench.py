@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import io
 import json
 import math
@@ -589,12 +590,7 @@ def run_op_benchmark(batch_sizes: Sequence[int], devices: Sequence[str], num_cla
             def reference():  # the dense reference on the operator's device, result on the host
                 return reference_label_pooling(*on_device, boxes, num_classes, layout="WH", flips=mirror).cpu()
 
-            def run_fused():
-                return fused(*inputs)
-
-            def run_feed():
-                return feed(*inputs)
-
+            run_fused, run_feed = functools.partial(fused, *inputs), functools.partial(feed, *inputs)
             expected = reference_label_pooling(logits_t, ids_t, boxes, num_classes, layout="WH", flips=mirror)
             got = run_fused()
             max_abs_diff = float((got.float() - expected).abs().max())
@@ -1203,15 +1199,3 @@ def run_from_args(args) -> dict:
     if args.store_read:
         return run_store_read(args)
     return run_throughput(args)
-
-
-def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        run_from_args(args)
-    except BenchError as error:
-        print(f"benchmark: {error}", file=sys.stderr)
-        return 2
-    return 0

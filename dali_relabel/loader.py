@@ -246,9 +246,11 @@ class ReLabelLoader(PipelineBatches):
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
         device = resolve_device(device)
-        load_plugin()
+        if self.store is not None:  # only soft targets use the operator
+            load_plugin()
+            if device == "gpu":
+                require_gpu_backend()
         if device == "gpu":
-            require_gpu_backend()
             device_id = torch.cuda.current_device() if device_id is None else device_id
         else:
             device_id = None
