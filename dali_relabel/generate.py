@@ -408,14 +408,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Row plan (duck-typed :class:`~dali_relabel.sources.EpochPlan`)
+# Row plan (duck-typed :class:`~dali_relabel.plan.EpochPlan`)
 
 
 @dataclass(frozen=True)
 class RowPlan:
     """Rows ``start .. stop - 1`` read in order (every epoch the same) in batches of ``batch_size``;
     the last batch is padded with repeats marked invalid. Stands in for
-    :class:`~dali_relabel.sources.EpochPlan` in :class:`~dali_relabel.sources.SampleSource`."""
+    :class:`~dali_relabel.plan.EpochPlan` in :class:`~dali_relabel.sources.BatchSource`."""
 
     start: int
     stop: int
@@ -492,21 +492,26 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
 def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
                  stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool):
-    from .loader import PipelineBatches, worker_start_method
+    from .loader import PipelineBatches, _pipeline_kwargs
+    from .paths import PathTable
     from .pipelines.graphs import teacher_pipeline
-    from .sources import SampleSource
+    from .sources import BatchSource
 
     plan = RowPlan(int(first_row), int(stop_row), int(batch_size))
-    source = SampleSource(image_root, relpaths, labels, plan)
+    paths = PathTable.from_strings(relpaths)
+    labels = np.asarray(labels, dtype=np.int32)
     teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
                                     channels_last=device == "gpu")
-    pipe = teacher_pipeline(source, teacher_config, int(size),
-                            decoder_device="mixed" if device == "gpu" else "cpu",
-                            batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
-                            seed=config.seed, py_num_workers=config.py_num_workers,
-                            py_start_method=worker_start_method(config.py_start_method),
-                            prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
-    return PipelineBatches(pipe, plan, source, device, ["images", "labels", "rows", "valid", "shapes"])
+    kwargs = _pipeline_kwargs(config, batch_size, device_id)
+
+    def make_source(control, bad_rows):
+        return BatchSource(image_root, paths, labels, plan, control, bad_rows=bad_rows)
+
+    def make_pipeline(source):
+        return teacher_pipeline(source, teacher_config, int(size),
+                                decoder_device="mixed" if device == "gpu" else "cpu", **kwargs)
+
+    return PipelineBatches(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid", "shapes"])
 
 
 def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224, grid=15, k: int = 5,

@@ -2,15 +2,20 @@
 
 :class:`ReLabelLoader` builds the training graph (``pipelines/graphs.py``) over an image tree and its
 label store and yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's
-device; :class:`ValidationLoader` yields ``(images, labels)``. Both have ``__len__``, reshuffle every
-epoch, shard by **global** rank (from ``torch.distributed`` or the ``torchrun`` environment), and never
-yield padding samples.
+device; :class:`ValidationLoader` yields ``(images, labels)``. Both behave like a
+``torch.utils.data.DataLoader`` where training scripts rely on it: ``len()``, every ``iter()`` starts a
+new pass, ``set_epoch``, ``state_dict``/``load_state_dict``. They shard by **global** rank (from
+``torch.distributed`` or the ``torchrun`` environment) and never yield padding samples.
+
+:class:`PipelineBatches`, their base, drives one DALI pipeline fed by a
+:class:`~dali_relabel.sources.BatchSource` pass after pass.
 """
 from __future__ import annotations
 
 import gc
 import os
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +24,9 @@ from .config import DataConfig
 from .distributed import rank_and_world
 from .imagefolder import list_images
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
-from .sources import SKIPPED, VALID, BadImageError, EpochPlan, SampleSource
+from .paths import PathTable
+from .plan import EpochPlan
+from .sources import SKIPPED, VALID, BadImageError, BatchSource, EpochControl, check_encoded_image
 from .store import LabelStore, StoreError
 
 
@@ -62,10 +69,17 @@ def check_store_matches_images(store: LabelStore, image_root: str, allow_extra_i
 
 
 def decode_problem(path: str) -> Optional[str]:
-    """Why DALI's CPU decoder cannot decode ``path`` (run alone), or ``None`` if it can."""
+    """Why DALI's CPU decoder cannot read or decode ``path`` (run alone), or ``None`` if it can."""
     from nvidia.dali import fn, pipeline_def
 
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    try:
+        check_encoded_image(data, path)
+    except BadImageError as error:
+        return str(error).rsplit(": ", 1)[-1]
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def decode_one():
@@ -79,14 +93,19 @@ def decode_problem(path: str) -> Optional[str]:
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = [line for line in lines if "failure" in line or "Error" in line or "error" in line]
-        return (detail[-1] if detail else lines[-1])[:200]
+        return "cannot be decoded (DALI: " + (detail[-1] if detail else lines[-1])[:200] + ")"
     return None
 
 
 def worker_start_method(requested: str) -> str:
     """The start method for DALI's source workers: ``requested``, but ``"spawn"`` instead of
-    ``"fork"`` once this process has initialised CUDA (forked workers would break)."""
-    if requested == "fork" and torch.cuda.is_available() and torch.cuda.is_initialized():
+    ``"fork"`` once this process has initialised the CUDA driver (forked workers would break).
+
+    Asks DALI's own check: ``torch.cuda.is_available()`` initialises the driver without making
+    ``torch.cuda.is_initialized()`` true."""
+    from nvidia.dali.backend import IsDriverInitialized
+
+    if requested == "fork" and IsDriverInitialized():
         return "spawn"
     return requested
 
@@ -107,86 +126,238 @@ def start_workers(pipe) -> None:
         gc.unfreeze()
 
 
+@dataclass
+class _Pass:
+    """One pass (an ``iter()``) over the loader."""
+
+    epoch: int
+    first: int  # the epoch's batch the pass starts at
+    consumed: int = 0  # pipeline batches taken so far
+    finished: bool = False
+
+
 class PipelineBatches:
-    """Batches of one DALI pipeline fed by a :class:`SampleSource`: dicts of torch tensors named by
+    """Passes over one DALI pipeline fed by a :class:`BatchSource`: dicts of torch tensors named by
     ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
 
-    The base of the loaders below, and of the teacher pass of ``dali-relabel generate``.
+    Args:
+        plan: the rank's row plan.
+        make_source: ``(control, bad_rows) -> BatchSource``.
+        make_pipeline: ``source -> Pipeline`` (not yet built).
+        output_map: names of the pipeline's outputs.
+        start_epoch, resume_batch: where the first pass starts.
+        skip_bad_images: replace undecodable images (found when a batch fails) instead of raising
+            :class:`BadImageError`; the pipeline is rebuilt at the failed batch, so nothing else of
+            the epoch changes.
+        lookahead: batches after a failed one that may have caused its error (DALI prefetches).
+
+    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it); a pass left
+    unfinished is stopped when the next one starts, which costs decoding the batches DALI had already
+    prefetched (about ``2 * prefetch_queue_depth``).
     """
 
-    def __init__(self, pipe, plan: EpochPlan, source: SampleSource, device: str, output_map: List[str],
-                 start_epoch: int = 0):
+    def __init__(self, plan, make_source: Callable[[EpochControl, Sequence[int]], BatchSource],
+                 make_pipeline: Callable[[BatchSource], object], output_map: List[str],
+                 start_epoch: int = 0, resume_batch: int = 0, skip_bad_images: bool = False,
+                 lookahead: int = 4):
+        if not 0 <= resume_batch <= plan.num_batches:
+            raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
+        self.plan = plan
+        self._make_source = make_source
+        self._make_pipeline = make_pipeline
+        self._output_map = output_map
+        self.skip_bad_images = skip_bad_images
+        self._lookahead = lookahead
+        self.epoch, self._first_batch = self._normalise(start_epoch, resume_batch)
+        self.skipped_images = 0
+        self.bad_rows: List[int] = []
+        self._pass: Optional[_Pass] = None
+        self._iterator = None
+        self._start_pipeline(self.epoch, self._first_batch)
+
+    # -- the pipeline ------------------------------------------------------------------------------
+    def _start_pipeline(self, epoch: int, first_batch: int) -> None:
+        """A new pipeline (and source workers) whose first pass reads ``epoch`` from ``first_batch``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.plan = plan
-        self.source = source
-        self.device = device
-        self.pipeline = pipe
-        start_workers(pipe)
-        pipe.build()
-        self._iterator = DALIGenericIterator([pipe], output_map, size=-1, auto_reset=True,
+        self.control = EpochControl()
+        self.control.begin(0, epoch, first_batch, self.plan.num_batches)
+        self.source = self._make_source(self.control, list(self.bad_rows))
+        self.pipeline = self._make_pipeline(self.source)
+        start_workers(self.pipeline)
+        self.pipeline.build()
+        self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
-        self.epoch = start_epoch  # the epoch the next iteration over the loader yields
-        self.skipped_images = 0
-        self._epochs_done = 0
-        self._batch_in_epoch = 0
-
-    def __len__(self) -> int:
-        """Batches of the coming epoch (fewer in an epoch resumed mid-way)."""
-        return self.source.batches_in_epoch(self._epochs_done)
-
-    def state_dict(self) -> dict:
-        """Where the data order stands: ``{"epoch", "batch"}`` (batches of that epoch already yielded)."""
-        first = self.source.resume_batch if self._epochs_done == 0 else 0
-        return {"epoch": self.epoch, "batch": first + self._batch_in_epoch}
-
-    def _transform(self, batch: dict) -> dict:
-        """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
-        return batch
-
-    def __iter__(self):
-        return self._batches()
+        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
+        self._needs_reset = False
 
     def close(self) -> None:
-        """Drop the iterator and the pipeline now, so the source's worker processes stop."""
+        """Stop the pipeline and its source's worker processes now."""
+        self._pass = None
         self._iterator = None
         self.pipeline = None
+        gc.collect()
+        if getattr(self, "control", None) is not None:
+            self.control.close()
+
+    # -- DataLoader-like state ----------------------------------------------------------------------
+    def _normalise(self, epoch: int, batch: int):
+        """``batch == num_batches`` is the next epoch's start."""
+        return (epoch + 1, 0) if batch >= self.plan.num_batches else (epoch, batch)
+
+    def __len__(self) -> int:
+        """Batches the next pass yields (fewer in an epoch resumed mid-way; padding-only batches of
+        a small last shard count too)."""
+        return self.plan.num_batches - self._first_batch
 
     @property
     def batch_size(self) -> int:
         return self.plan.batch_size
 
-    def _batches(self):
-        self._batch_in_epoch = 0
-        try:
-            for outputs in self._iterator:
-                batch = self._transform(outputs[0])
-                status = batch["valid"].reshape(-1).cpu()
-                self.skipped_images += int((status == SKIPPED).sum())
-                keep = status == VALID
-                self._batch_in_epoch += 1
-                if bool(keep.all()):
-                    yield batch
-                elif bool(keep.any()):
-                    index = keep.nonzero().reshape(-1)
-                    yield {name: value[index.to(value.device)] for name, value in batch.items()}
-        except RuntimeError as error:
-            raise self._explain(error) from error
-        self.epoch += 1
-        self._epochs_done += 1
-        self._batch_in_epoch = 0
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass reads (its permutation, crops and CutMix boxes). Setting the epoch
+        a resumed position belongs to keeps that position."""
+        if epoch != self.epoch:
+            self.epoch, self._first_batch = int(epoch), 0
 
-    def _explain(self, error: RuntimeError) -> Exception:
-        """Name the file behind a decoder failure: decode each image of the failed batch alone."""
-        rows, _ = self.plan.rows(self.epoch)
-        first = self.source.resume_batch if self._epochs_done == 0 else 0
-        start = (first + self._batch_in_epoch) * self.plan.batch_size
-        for row in rows[start:start + self.plan.batch_size]:
-            path = os.path.join(self.source.image_root, self.source.relpaths[int(row)])
-            problem = decode_problem(path)
-            if problem:
-                return BadImageError(f"{path}: cannot be decoded (DALI: {problem})")
-        return error
+    def state_dict(self) -> dict:
+        """Where the data order stands: the epoch and the batches of it already yielded, plus what
+        must not change for that position to mean the same samples."""
+        if self._pass is not None and not self._pass.finished:
+            epoch, batch = self._normalise(self._pass.epoch, self._pass.first + self._pass.consumed)
+        else:
+            epoch, batch = self.epoch, self._first_batch
+        return {"epoch": epoch, "batch": batch, **self._fingerprint()}
+
+    def _fingerprint(self) -> dict:
+        plan = self.plan
+        keys = ("batch_size", "num_samples", "world_size", "rank", "seed", "shuffle", "last_batch")
+        return {key: getattr(plan, key) for key in keys if hasattr(plan, key)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s position; refuses a state made with other settings
+        (another batch size or world size would silently skip or repeat samples)."""
+        mine = self._fingerprint()
+        differ = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if differ:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"cannot resume the data position with other settings ({detail}); resume "
+                             "with the saved settings or start the epoch again")
+        self._end_pass()
+        self.epoch, self._first_batch = self._normalise(int(state["epoch"]), int(state["batch"]))
+
+    # -- passes ------------------------------------------------------------------------------------
+    def __iter__(self):
+        return self._batches()
+
+    def _begin_pass(self) -> _Pass:
+        self._end_pass()
+        current = _Pass(self.epoch, self._first_batch)
+        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches)
+        if self._needs_reset:
+            self._iterator.reset()
+            self._needs_reset = False
+        self.epoch, self._first_batch = current.epoch + 1, 0  # the next pass, unless set otherwise
+        self._pass = current
+        return current
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
+        current, self._pass = self._pass, None
+        if current is None or current.finished:
+            return
+        self.control.stop(self._dali_epoch, current.first + current.consumed)
+        try:
+            while True:
+                next(self._iterator)
+        except StopIteration:
+            self._dali_epoch += 1
+            self._needs_reset = True
+        except RuntimeError:  # an error in a batch nobody will see: start afresh
+            self._restart_pipeline(self.epoch, self._first_batch)
+
+    def _restart_pipeline(self, epoch: int, first_batch: int) -> None:
+        self._iterator = None
+        self.pipeline = None
+        self.control.close()
+        self._start_pipeline(epoch, first_batch)
+
+    def _batches(self):
+        current = self._begin_pass()
+        while True:
+            if self._pass is not current:
+                return  # a newer pass took over
+            try:
+                outputs = next(self._iterator)
+            except StopIteration:
+                current.finished = True
+                self._pass = None
+                self._dali_epoch += 1
+                self._needs_reset = True
+                return
+            except RuntimeError as error:
+                self._recover(current, error)
+                continue
+            current.consumed += 1
+            batch = self._transform(outputs[0], current)
+            status = batch["valid"].reshape(-1).cpu()
+            self.skipped_images += int((status == SKIPPED).sum())
+            keep = status == VALID
+            if bool(keep.all()):
+                yield batch
+            elif bool(keep.any()):
+                index = keep.nonzero().reshape(-1)
+                yield {name: value[index.to(value.device)] for name, value in batch.items()}
+
+    def _transform(self, batch: dict, current: _Pass) -> dict:
+        """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
+        return batch
+
+    def _recover(self, current: _Pass, error: RuntimeError) -> None:
+        """A batch failed: name the bad file, or (``skip_bad_images``) leave it out and go on."""
+        failed = current.first + current.consumed
+        bad = self._find_bad_rows(current.epoch, failed)
+        if not bad:
+            raise error
+        if not self.skip_bad_images:
+            row, problem = bad[0]
+            raise BadImageError(f"{self.source.path(row)}: {problem}") from error
+        self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
+        self._restart_pipeline(current.epoch, failed)  # the same epoch from the failed batch on
+        current.first, current.consumed = failed, 0
+
+    def _find_bad_rows(self, epoch: int, batch: int):
+        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few)."""
+        last = min(self.plan.num_batches, batch + 1 + self._lookahead)
+        for index in range(batch, last):
+            rows, _ = self.source.batch_rows(epoch, index)
+            found = []
+            for row in dict.fromkeys(int(r) for r in rows):
+                problem = decode_problem(self.source.path(row))
+                if problem:
+                    found.append((row, problem))
+            if found:
+                return found
+        return []
+
+
+def _resolve_rank(rank: Optional[int], world_size: Optional[int]):
+    default_rank, default_world = rank_and_world()
+    return (default_rank if rank is None else rank), (default_world if world_size is None else world_size)
+
+
+def _device_id(device: str, device_id: Optional[int]) -> Optional[int]:
+    if device != "gpu":
+        return None
+    return torch.cuda.current_device() if device_id is None else device_id
+
+
+def _pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int]) -> dict:
+    """Execution settings every graph is built with."""
+    return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                seed=config.seed, py_num_workers=config.py_num_workers,
+                py_start_method=worker_start_method(config.py_start_method),
+                prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
 
 
 class ReLabelLoader(PipelineBatches):
@@ -205,11 +376,13 @@ class ReLabelLoader(PipelineBatches):
         return_labels: yield ``(images, targets, labels)``.
         return_rows: also yield the store rows of the batch (last element).
         check_files: at start-up, refuse a store whose rows do not match the image tree.
-        skip_bad_images: replace undecodable images instead of raising (counted in
+        skip_bad_images: leave undecodable images out instead of raising (counted in
             :attr:`skipped_images`).
         start_epoch: epoch number of the first epoch (resuming).
         resume_batch: batches of ``start_epoch`` already trained on (from :meth:`state_dict`).
 
+    Crops and flips are drawn per sample from ``(config.seed, epoch, row)``
+    (:mod:`dali_relabel.crops`), so a resumed run sees exactly the crops an uninterrupted one would.
     CutMix (``config.cutmix_probability > 0``) is applied before the batch is handed out: images
     carry their partner's pixels in the pair's box and targets are mixed (:mod:`dali_relabel.mixing`).
 
@@ -223,73 +396,75 @@ class ReLabelLoader(PipelineBatches):
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
-        from .plugin import load_plugin, require_gpu_backend
         from .pipelines.graphs import train_pipeline
+        from .plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
         self.image_root = os.fspath(image_root)
         if store is None:  # hard labels of the image tree, as one-hot targets
             self.store = None
             images = list_images(self.image_root)
-            relpaths, labels, self.class_names = images.relpaths, images.labels, images.classes
+            paths, labels, self.class_names = PathTable.from_strings(images.relpaths), images.labels, images.classes
             self.num_classes, self.layout = len(images.classes), "HW"
             if config.cutmix_probability > 0 and config.cutmix_mode == "localized":
                 raise ValueError("localized CutMix needs label maps (a store)")
         else:
             self.store = store if isinstance(store, LabelStore) else LabelStore(store)
+            paths = PathTable.from_strings(self.store.paths)
+            try:
+                paths.check_confined(self.store.path)
+            except ValueError as error:
+                raise StoreError(self.store.path, str(error).split(": ", 1)[1]) from None
             if check_files:
                 check_store_matches_images(self.store, self.image_root)
-            relpaths, labels, self.class_names = self.store.paths, self.store.labels, self.store.class_names
+            labels, self.class_names = self.store.labels, self.store.class_names
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
-        default_rank, default_world = rank_and_world()
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
+        rank, world_size = _resolve_rank(rank, world_size)
         device = resolve_device(device)
-        if self.store is not None:  # only soft targets use the operator
-            load_plugin()
-            if device == "gpu":
-                require_gpu_backend()
-        if device == "gpu":
-            device_id = torch.cuda.current_device() if device_id is None else device_id
-        else:
-            device_id = None
-        plan = EpochPlan(len(relpaths), batch_size, rank, world_size, seed=config.seed,
+        load_plugin()  # the crop-window operator, and the pooling operator for soft targets
+        if device == "gpu" and self.store is not None:
+            require_gpu_backend()
+        plan = EpochPlan(len(paths), batch_size, rank, world_size, seed=config.seed,
                          shuffle=shuffle, last_batch=config.last_batch)
         cutmix = None
         if config.cutmix_probability > 0:
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch)
-        source = SampleSource(self.image_root, relpaths, labels, plan,
-                              store_path=self.store.path if self.store else None, epoch_offset=start_epoch,
-                              skip_bad_images=skip_bad_images, cutmix=cutmix, resume_batch=resume_batch)
         output_map = ["images", "targets", "labels", "rows", "valid"]
         if cutmix is not None:
             output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
-        pipe = train_pipeline(source, config, self.num_classes, self.layout,
-                              decoder_device="mixed" if device == "gpu" else "cpu",
-                              batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
-                              seed=config.seed * 1000 + rank + 7919 * start_epoch,
-                              py_num_workers=config.py_num_workers,
-                              py_start_method=worker_start_method(config.py_start_method),
-                              prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+        store_path = self.store.path if self.store else None
+        labels = np.asarray(labels, dtype=np.int32)
+        pipeline_kwargs = _pipeline_kwargs(config, batch_size, _device_id(device, device_id))
+        decoder = "mixed" if device == "gpu" else "cpu"
+
+        def make_source(control, bad_rows):
+            return BatchSource(self.image_root, paths, labels, plan, control, store_path=store_path,
+                               seed=config.seed, cutmix=cutmix, bad_rows=bad_rows)
+
+        def make_pipeline(source):
+            return train_pipeline(source, config, self.num_classes, self.layout, decoder_device=decoder,
+                                  **pipeline_kwargs)
+
+        self.device = device
         self.return_labels = return_labels
         self.return_rows = return_rows
-        super().__init__(pipe, plan, source, device, output_map, start_epoch)
+        super().__init__(plan, make_source, make_pipeline, output_map, start_epoch=start_epoch,
+                         resume_batch=resume_batch, skip_bad_images=skip_bad_images)
 
-    def _transform(self, batch: dict) -> dict:
+    def _transform(self, batch: dict, current: _Pass) -> dict:
         config = self.config
         if "mix_box" in batch:
             images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
                                               batch.get("pasted"), channels_last=config.channels_last)
             batch = dict(batch, images=images, targets=targets)
             batch.pop("pasted", None)
-        stopped = config.cutmix_stop_epoch is not None and self.epoch >= config.cutmix_stop_epoch
+        stopped = config.cutmix_stop_epoch is not None and current.epoch >= config.cutmix_stop_epoch
         if config.mixup_alpha > 0 and not stopped:
             size = batch["images"].shape[0]
-            position = self.source.resume_batch if self._epochs_done == 0 else 0
-            lam = mixup_weights(size, config.mixup_alpha, config.seed, self.epoch,
-                                position + self._batch_in_epoch)
+            lam = mixup_weights(size, config.mixup_alpha, config.seed, current.epoch,
+                                current.first + current.consumed - 1)
             untouched = (batch["mix_box"].reshape(size, 4) == 0).all(1) if "mix_box" in batch \
                 else torch.ones(size, dtype=torch.bool)
             images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
@@ -307,7 +482,7 @@ class ReLabelLoader(PipelineBatches):
 
 
 class ValidationLoader(PipelineBatches):
-    """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once.
+    """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once per pass.
 
     Args:
         image_root: the tree (``root/<class>/<image>``).
@@ -327,21 +502,23 @@ class ValidationLoader(PipelineBatches):
 
         self.config = config = (config or DataConfig()).replace(last_batch="pad")
         self.images = list_images(image_root, classes=classes)
-        default_rank, default_world = rank_and_world()
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
+        rank, world_size = _resolve_rank(rank, world_size)
         device = resolve_device(device)
-        device_id = (torch.cuda.current_device() if device_id is None else device_id) if device == "gpu" else None
         plan = EpochPlan(len(self.images), batch_size, rank, world_size, shuffle=False, last_batch="pad")
-        source = SampleSource(self.images.root, self.images.relpaths, self.images.labels, plan)
-        pipe = validation_pipeline(source, config, decoder_device="mixed" if device == "gpu" else "cpu",
-                                   batch_size=batch_size, num_threads=config.num_threads,
-                                   device_id=device_id, seed=config.seed,
-                                   py_num_workers=config.py_num_workers,
-                                   py_start_method=worker_start_method(config.py_start_method),
-                                   prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+        paths = PathTable.from_strings(self.images.relpaths)
+        labels = np.asarray(self.images.labels, dtype=np.int32)
+        pipeline_kwargs = _pipeline_kwargs(config, batch_size, _device_id(device, device_id))
+        decoder = "mixed" if device == "gpu" else "cpu"
+
+        def make_source(control, bad_rows):
+            return BatchSource(self.images.root, paths, labels, plan, control, bad_rows=bad_rows)
+
+        def make_pipeline(source):
+            return validation_pipeline(source, config, decoder_device=decoder, **pipeline_kwargs)
+
+        self.device = device
         self.return_rows = return_rows
-        super().__init__(pipe, plan, source, device, ["images", "labels", "rows", "valid"])
+        super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"])
 
     def __iter__(self):
         for batch in self._batches():

@@ -2,7 +2,7 @@
 
 Samples are mixed in fixed pairs: position ``i`` of a pipeline batch with position ``B - 1 - i``
 (the order is shuffled every epoch, so pairs are random). Both samples of a pair share one box,
-drawn by the external source from ``(seed, epoch, iteration, pair)``, pixel-aligned to the output
+drawn by the data source per batch from ``(seed, epoch, batch)``, pixel-aligned to the output
 image; each sample shows its partner's pixels inside the box. Two ways to build the target:
 
 * ``"authors"`` (the ReLabel authors' recipe, default): ``lam * t_own + (1 - lam) * t_partner``, both
@@ -44,25 +44,31 @@ class CutMixSpec:
     seed: int = 0
     stop_epoch: Optional[int] = None
 
-    def box(self, epoch: int, iteration: int, index_in_batch: int, batch_size: int) -> np.ndarray:
-        """The pair's box ``(y0, x0, y1, x1)`` in output fractions; zeros when not mixed."""
-        partner = batch_size - 1 - index_in_batch
-        empty = np.zeros(4, np.float32)
-        if partner == index_in_batch or (self.stop_epoch is not None and epoch >= self.stop_epoch):
-            return empty
-        pair = min(index_in_batch, partner)
-        rng = np.random.default_rng([self.seed, epoch, iteration, pair, 0xC0FFEE])
-        if rng.random() >= self.probability:
-            return empty
-        lam = rng.beta(self.alpha, self.alpha)
+    def boxes(self, epoch: int, batch_index: int, batch_size: int) -> np.ndarray:
+        """float32 ``[B, 4]`` boxes ``(y0, x0, y1, x1)`` in output fractions of one batch; position
+        ``i`` and its partner ``B - 1 - i`` share a box, all zeros where the pair is not mixed.
+
+        Drawn from ``(seed, epoch, batch_index)`` in one go, so every rank and every resumed run
+        draws the same boxes for the same batch.
+        """
+        boxes = np.zeros((batch_size, 4), np.float32)
+        pairs = batch_size // 2
+        if pairs == 0 or (self.stop_epoch is not None and epoch >= self.stop_epoch):
+            return boxes
+        rng = np.random.default_rng([self.seed, epoch, batch_index, 0xC0FFEE])
+        mixed = rng.random(pairs) < self.probability
+        lam = rng.beta(self.alpha, self.alpha, size=pairs)
+        centre = rng.integers(0, self.image_size, size=(pairs, 2))
         size = self.image_size
-        cut = int(round(np.sqrt(1.0 - lam) * size))
-        cy, cx = rng.integers(0, size, size=2)
-        y0, y1 = np.clip([cy - cut // 2, cy + cut - cut // 2], 0, size)
-        x0, x1 = np.clip([cx - cut // 2, cx + cut - cut // 2], 0, size)
-        if y1 <= y0 or x1 <= x0:
-            return empty
-        return (np.array([y0, x0, y1, x1], np.float64) / size).astype(np.float32)
+        cut = np.round(np.sqrt(1.0 - lam) * size).astype(np.int64)
+        low = np.clip(centre - (cut // 2)[:, None], 0, size)
+        high = np.clip(centre + (cut - cut // 2)[:, None], 0, size)
+        mixed &= (high > low).all(axis=1)
+        pair_boxes = (np.concatenate([low, high], axis=1).astype(np.float64) / size).astype(np.float32)
+        pair_boxes[~mixed] = 0
+        boxes[:pairs] = pair_boxes
+        boxes[batch_size - pairs:] = pair_boxes[::-1]
+        return boxes
 
 
 def partners(batch_size: int, device=None) -> torch.Tensor:

@@ -167,14 +167,17 @@ def build_plugin(target_dir: str, with_cuda: Optional[bool] = None, verbose: boo
     work = tempfile.mkdtemp(prefix="dali_relabel_build_")
     try:
         common = ["-O3", "-DNDEBUG", f"-I{CSRC_DIR}", f"-I{cuda_include}"] + dali_cflags
-        commands = [[cxx, "-std=c++20", "-fPIC", "-Wall", "-c", os.path.join(CSRC_DIR, "label_pooling.cc"),
-                     "-o", "label_pooling.o"] + common]
-        objects = ["label_pooling.o"]
+        commands, objects = [], []
+        for source in sorted(glob.glob(os.path.join(CSRC_DIR, "*.cc"))):  # the CPU operators
+            obj = os.path.splitext(os.path.basename(source))[0] + ".o"
+            commands.append([cxx, "-std=c++20", "-fPIC", "-Wall", "-c", source, "-o", obj] + common)
+            objects.append(obj)
         if use_cuda:
-            commands.append([nvcc, "-std=c++20", "-Xcompiler", "-fPIC", "--fmad=false", "-c",
-                             os.path.join(CSRC_DIR, "label_pooling.cu"), "-o", "label_pooling_gpu.o"]
-                            + _cuda_arch_flags() + common)
-            objects.append("label_pooling_gpu.o")
+            for source in sorted(glob.glob(os.path.join(CSRC_DIR, "*.cu"))):
+                obj = os.path.splitext(os.path.basename(source))[0] + "_gpu.o"
+                commands.append([nvcc, "-std=c++20", "-Xcompiler", "-fPIC", "--fmad=false", "-c", source,
+                                 "-o", obj] + _cuda_arch_flags() + common)
+                objects.append(obj)
             link = [nvcc, "-shared", "-o", LIBRARY_NAME] + objects + dali_lflags + [
                 "-Xlinker", f"-rpath={lib_dir}", "-cudart", "static"]
         else:

@@ -1,32 +1,42 @@
-"""The per-sample external source: image bytes, label map and row id from one call.
+"""The batch data source: one call per batch hands DALI the file paths, label maps and row ids.
 
-:class:`EpochPlan` decides which rows a rank reads in an epoch (like ``DistributedSampler``: a
-permutation from ``(seed, epoch)``, split by global rank, the last partial batch dropped or padded with
-samples marked invalid). :class:`SampleSource` is the callable handed to DALI's parallel
-``fn.external_source``: for ``SampleInfo(idx_in_epoch, ..., epoch_idx)`` it returns the encoded image,
-its label map (from the same store row), the hard label, the row id and a validity flag. Because the
-image path and the map come from the same row in the same call, an image can never be paired with
-another image's map.
+:class:`BatchSource` is the callable behind a parallel, batch-granular ``fn.external_source``. For
+``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
+returns, as whole-batch arrays: the image paths (for DALI's C++ file reader ``fn.io.file.read``), the
+rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
+validity flag, each sample's random key (:mod:`dali_relabel.crops`) and, with CutMix, the pair boxes.
+Everything per sample (reading files, decoding, cropping, pooling) happens in DALI's C++. Because the
+paths and the maps are gathered for the same rows in the same call, an image can never be paired
+with another image's map.
+
+:class:`EpochControl` is a few integers in a shared file through which the loader tells the source's
+worker process which epoch a pass reads, from which batch, and where an abandoned pass stops.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+import tempfile
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .crops import sample_keys
 from .mixing import CutMixSpec
-from .store import LabelStore
+from .paths import PathTable
+from .plan import EpochPlan
+from .store import LabelStore, StoreError, map_value_problem
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OTHER_MAGICS = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _EOI_SEARCH_BYTES = 4096
 
-
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
+
+__all__ = ["BatchSource", "EpochControl", "EpochPlan", "BadImageError", "check_encoded_image",
+           "PADDING", "VALID", "SKIPPED"]
 
 
 class BadImageError(ValueError):
@@ -37,8 +47,8 @@ def check_encoded_image(data: np.ndarray, path: str) -> None:
     """Cheap structural check of an encoded image (raises :class:`BadImageError`).
 
     Catches empty files, files that are no image at all and truncated JPEG/PNG files (their end
-    marker is missing), which would otherwise stop the whole DALI pipeline without naming the file.
-    CMYK and grayscale JPEGs and PNGs named ``.JPEG`` pass: DALI decodes them.
+    marker is missing), with a message that says which. CMYK and grayscale JPEGs and PNGs named
+    ``.JPEG`` pass: DALI decodes them.
     """
     head = data[:8].tobytes()
     if data.size == 0:
@@ -53,125 +63,108 @@ def check_encoded_image(data: np.ndarray, path: str) -> None:
         raise BadImageError(f"{path}: not a recognised image format (starts with {head[:4]!r})")
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which rows one rank reads in each epoch.
+def _shared_directory() -> str:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
-    Args:
-        num_samples: rows in the dataset (N).
-        batch_size: samples per batch on this rank.
-        rank, world_size: this rank's global rank and the number of ranks.
-        seed: base of the epoch permutation (identical on every rank).
-        shuffle: permute each epoch (else the natural order).
-        last_batch: ``"drop"``: every rank reads ``N // world_size // batch_size`` full batches;
-            ``"pad"``: every sample is read exactly once per epoch over all ranks, and batches are
-            filled up with repeats marked invalid (all ranks read the same number of batches).
+
+class EpochControl:
+    """Per DALI epoch: ``(epoch, first_batch, stop_batch)``, in a small file mapped by every process.
+
+    The loader writes an epoch's entry before DALI starts that epoch (:meth:`begin`) and may lower its
+    stop while it runs (:meth:`stop`); the source reads the entry on every call. Entries live in a
+    ring, since at most the running epoch and the next one are in flight.
     """
 
-    num_samples: int
-    batch_size: int
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-    shuffle: bool = True
-    last_batch: str = "drop"
+    RING = 4
 
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.last_batch not in ("drop", "pad"):
-            raise ValueError(f"last_batch must be 'drop' or 'pad', got {self.last_batch!r}")
-        if self.num_batches == 0:
-            raise ValueError(f"{self.num_samples} samples over {self.world_size} ranks do not fill one "
-                             f"batch of {self.batch_size}; use a smaller batch or last_batch='pad'")
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix="dali_relabel_control_", dir=_shared_directory())
+        os.close(fd)
+        self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, 3))
+        self._finalizer = weakref.finalize(self, _unlink, self.path)
 
-    @property
-    def samples_per_rank(self) -> int:
-        if self.last_batch == "drop":
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int) -> None:
+        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop_batch)
 
-    @property
-    def num_batches(self) -> int:
-        if self.last_batch == "drop":
-            return self.samples_per_rank // self.batch_size
-        return -(-self.samples_per_rank // self.batch_size)
+    def stop(self, dali_epoch: int, stop_batch: int) -> None:
+        self._table[dali_epoch % self.RING, 2] = stop_batch
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The global order of epoch ``epoch`` (same on every rank)."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+    def entry(self, dali_epoch: int) -> Tuple[int, int, int]:
+        epoch, first, stop = self._table[dali_epoch % self.RING]
+        return int(epoch), int(first), int(stop)
 
-    def rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(rows, valid)`` of this rank for ``epoch``, each ``num_batches * batch_size`` long."""
-        order = self.permutation(epoch)
-        shard = order[self.rank::self.world_size]
-        total = self.num_batches * self.batch_size
-        if self.last_batch == "drop":
-            return shard[:total], np.ones(total, dtype=bool)
-        filler = shard if len(shard) else order[:1]
-        rows = np.resize(filler, total)
-        valid = np.arange(total) < len(shard)
-        return rows, valid
+    def close(self) -> None:
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.RING, 3))
+        self._finalizer = None  # only the creating process removes the file
 
 
-class SampleSource:
-    """Callable for a parallel, per-sample ``fn.external_source``.
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class BatchSource:
+    """Callable for a parallel, batch-granular ``fn.external_source`` (``batch_info=True``).
 
     Args:
-        image_root: directory the relative paths are relative to.
-        relpaths: relative image path of every row.
-        labels: hard label of every row.
-        plan: the :class:`EpochPlan` of this rank.
-        store_path: label store whose row ``r`` is the map of ``relpaths[r]``; ``None`` for a source
-            without maps (validation).
-        epoch_offset: added to DALI's epoch counter (to resume at a later epoch).
-        skip_bad_images: replace an undecodable image by another sample marked invalid (and count
-            it) instead of raising :class:`BadImageError`.
-        cutmix: draw a CutMix box for each pair of batch positions (adds the ``mix_box`` output).
-        resume_batch: in the first epoch, start at this batch (resuming mid-epoch).
+        image_root: directory the stored paths are relative to.
+        paths: relative image path of every row.
+        labels: int hard label of every row.
+        plan: the rank's plan (an :class:`EpochPlan`, or anything with ``batch_size``,
+            ``num_batches`` and ``rows(epoch)``).
+        control: where each pass starts and stops (written by the loader).
+        store_path: label store whose row ``r`` is the map of ``paths[r]``; ``None`` for a source
+            without maps.
+        seed: base of the per-sample random keys (``keys`` output); ``None`` leaves the keys out.
+        cutmix: draw CutMix pair boxes (adds the ``mix_box`` output).
+        bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
+            :data:`SKIPPED`.
 
-    Outputs per sample: ``jpeg`` uint8 ``[n]``, then (with a store) ``logits [k, H, W]`` and
-    ``class_ids [k, H, W]``, then ``label`` int32 ``[1]``, ``row`` int64 ``[1]`` and ``valid`` uint8
-    ``[1]``: :data:`VALID`, :data:`PADDING` (a repeat that fills the last batch) or :data:`SKIPPED`
-    (a stand-in for a bad image). Only :data:`VALID` samples are meant to be trained on. With
-    ``cutmix``, a last output ``mix_box`` float32 ``[4]``.
+    Outputs (whole-batch arrays; per sample): ``paths`` uint8 ``[L]`` (zero-padded absolute path) and
+    ``path_lengths`` int32 ``[1]``, then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
+    then ``labels`` int32 ``[1]``, ``rows`` int64 ``[1]``, ``valid`` uint8 ``[1]`` (:data:`VALID`,
+    :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on), with a seed
+    ``keys`` uint64 scalars, with CutMix ``mix_box`` float32 ``[4]``.
     """
 
-    def __init__(self, image_root: str, relpaths: Sequence[str], labels: Sequence[int], plan: EpochPlan,
-                 store_path: Optional[str] = None, epoch_offset: int = 0, skip_bad_images: bool = False,
-                 cutmix: Optional[CutMixSpec] = None, resume_batch: int = 0):
-        self.image_root = os.fspath(image_root)
-        self.relpaths: List[str] = list(relpaths)
+    def __init__(self, image_root: str, paths: PathTable, labels: np.ndarray, plan: EpochPlan,
+                 control: EpochControl, store_path: Optional[str] = None, seed: Optional[int] = None,
+                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
+        self.image_root = os.path.abspath(os.fspath(image_root))
+        self.prefix = (self.image_root.rstrip("/") + "/").encode("utf-8")
+        self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int32)
         self.plan = plan
+        self.control = control
         self.store_path = store_path
-        self.epoch_offset = epoch_offset
-        self.skip_bad_images = skip_bad_images
+        self.seed = seed
         self.cutmix = cutmix
-        if not 0 <= resume_batch < plan.num_batches:
-            raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
-        self.resume_batch = resume_batch
+        self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
-        self._epoch = None
+        self._epoch: Optional[int] = None
         self._rows = self._valid = None
-        self.bad_images: List[str] = []
 
-    def _plan_for(self, epoch: int):
-        if self._epoch != epoch:
-            self._rows, self._valid = self.plan.rows(epoch + self.epoch_offset)
-            if epoch == 0 and self.resume_batch:
-                skip = self.resume_batch * self.plan.batch_size
-                self._rows, self._valid = self._rows[skip:], self._valid[skip:]
-            self._epoch = epoch
-        return self._rows, self._valid
+    @property
+    def names(self) -> List[str]:
+        """Output names, in order."""
+        return (["paths", "path_lengths"] + (["logits", "class_ids"] if self.store_path else [])
+                + ["labels", "rows", "valid"] + (["keys"] if self.seed is not None else [])
+                + (["mix_box"] if self.cutmix is not None else []))
 
-    def batches_in_epoch(self, epoch: int) -> int:
-        """Batches DALI epoch ``epoch`` (counted from this source's start) will yield."""
-        return self.plan.num_batches - (self.resume_batch if epoch == 0 else 0)
+    def path(self, row: int) -> str:
+        """The absolute image path of ``row``."""
+        return os.path.join(self.image_root, self.paths[row])
 
     def store(self) -> LabelStore:
         # Opened lazily in the worker process that uses it (never shared across fork).
@@ -179,60 +172,71 @@ class SampleSource:
             self._store = LabelStore(self.store_path, check_values=False)
         return self._store
 
-    def read_image(self, row: int) -> np.ndarray:
-        path = os.path.join(self.image_root, self.relpaths[row])
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as error:
-            raise BadImageError(f"{path}: cannot be read ({error.strerror or error})") from None
-        check_encoded_image(data, path)
-        return data
+    def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, valid)`` of ``epoch`` (the plan's, cached for the running epoch)."""
+        if self._epoch != epoch:
+            self._rows, self._valid = self.plan.rows(epoch)
+            self._epoch = epoch
+        return self._rows, self._valid
 
-    def __call__(self, sample_info):
-        rows, valid = self._plan_for(sample_info.epoch_idx)
-        index = sample_info.idx_in_epoch
-        if index >= len(rows):
+    def batch_rows(self, epoch: int, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, status)`` of batch ``batch`` of ``epoch``, bad rows already replaced."""
+        rows, valid = self.epoch_rows(epoch)
+        size = self.plan.batch_size
+        span = slice(batch * size, (batch + 1) * size)
+        batch_rows = rows[span].astype(np.int64)
+        status = np.where(valid[span], VALID, PADDING).astype(np.uint8)
+        if self.bad_rows.size:
+            self._substitute(rows, batch * size, batch_rows, status)
+        return batch_rows, status
+
+    def _substitute(self, epoch_rows: np.ndarray, start: int, batch_rows: np.ndarray,
+                    status: np.ndarray) -> None:
+        bad = np.flatnonzero(np.isin(batch_rows, self.bad_rows))
+        if not bad.size:
+            return
+        good = np.flatnonzero(~np.isin(epoch_rows, self.bad_rows))
+        if not good.size:
+            raise BadImageError("no decodable image left in this epoch")
+        for position in bad:  # rare: only known-bad images
+            after = np.searchsorted(good, start + position) % len(good)
+            batch_rows[position] = epoch_rows[good[after]]
+            status[position] = SKIPPED
+
+    def __call__(self, batch_info):
+        epoch, first, stop = self.control.entry(batch_info.epoch_idx)
+        batch = first + batch_info.iteration
+        if batch >= min(stop, self.plan.num_batches):
             raise StopIteration
-        row, status = int(rows[index]), VALID if valid[index] else PADDING
-        try:
-            data = self.read_image(row)
-        except BadImageError as error:
-            if not self.skip_bad_images:
-                raise
-            self.bad_images.append(str(error))
-            row, data = self._substitute(rows, index)
-            status = SKIPPED
-        outputs = [data]
+        rows, status = self.batch_rows(epoch, batch)
+        paths, lengths = self.paths.gather(rows, self.prefix)
+        out: Dict[str, np.ndarray] = {"paths": paths, "path_lengths": lengths[:, None]}
         if self.store_path:
-            label_map = self.store().read_checked(row)
-            outputs += [label_map.logits, label_map.class_ids]
-        outputs += [np.array([self.labels[row]], dtype=np.int32), np.array([row], dtype=np.int64),
-                    np.array([status], dtype=np.uint8)]
+            maps = self.store().read(rows)
+            self._check_maps(rows, maps.logits, maps.class_ids)
+            out.update(logits=maps.logits, class_ids=maps.class_ids)
+        out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
+        if self.seed is not None:
+            out["keys"] = sample_keys(self.seed, epoch, rows)
         if self.cutmix is not None:
-            epoch = sample_info.epoch_idx + self.epoch_offset
-            iteration = sample_info.iteration + (self.resume_batch if sample_info.epoch_idx == 0 else 0)
-            outputs.append(self.cutmix.box(epoch, iteration, sample_info.idx_in_batch, self.plan.batch_size))
-        return tuple(outputs)
+            out["mix_box"] = self.cutmix.boxes(epoch, batch, len(rows))
+        return tuple(out[name] for name in self.names)
 
-    def _substitute(self, rows: np.ndarray, index: int):
-        """Another decodable sample of this epoch, to fill a bad image's slot (marked invalid)."""
-        for step in range(1, len(rows)):
-            candidate = int(rows[(index + step) % len(rows)])
-            try:
-                return candidate, self.read_image(candidate)
-            except BadImageError:
-                continue
-        raise BadImageError("no decodable image left in this epoch")
+    def _check_maps(self, rows: np.ndarray, logits: np.ndarray, class_ids: np.ndarray) -> None:
+        """One vectorised check of the batch's maps; the error names the first bad row and its file."""
+        problem = map_value_problem(logits, class_ids, self.store().num_classes)
+        if problem is not None:
+            index, what = problem
+            row = int(rows[index])
+            raise StoreError(self.store_path, f"row {row} ({self.paths[row]}): {what}")
 
 
-def describe_outputs(source: SampleSource):
-    """(names, DALI dtypes, ndims) of the source's outputs, in order."""
+def output_types(source: BatchSource):
+    """(DALI dtypes, ndims) of the source's outputs, in order (``None``: taken from the data)."""
     from nvidia.dali import types
 
-    with_maps = bool(source.store_path)
-    names = ["jpegs"] + (["logits", "class_ids"] if with_maps else []) + ["labels", "rows", "valid"]
-    dtypes = [types.UINT8] + ([None, None] if with_maps else []) + [types.INT32, types.INT64, types.UINT8]
-    ndims = [1] + ([3, 3] if with_maps else []) + [1, 1, 1]
-    if source.cutmix is not None:
-        names, dtypes, ndims = names + ["mix_box"], dtypes + [types.FLOAT], ndims + [1]
-    return names, dtypes, ndims
+    known = {"paths": (types.UINT8, 1), "path_lengths": (types.INT32, 1), "logits": (None, 3),
+             "class_ids": (None, 3), "labels": (types.INT32, 1), "rows": (types.INT64, 1),
+             "valid": (types.UINT8, 1), "keys": (types.UINT64, 0), "mix_box": (types.FLOAT, 1)}
+    specs = [known[name] for name in source.names]
+    return [s[0] for s in specs], [s[1] for s in specs]

@@ -103,17 +103,32 @@ def plan_hash(paths: Sequence[str], header_items: dict) -> str:
     return digest.hexdigest()
 
 
+def map_value_problem(logits: np.ndarray, class_ids: np.ndarray, num_classes: int):
+    """``None`` if every class id of a batch of maps ``[n, k, H, W]`` lies in ``[0, num_classes)`` and
+    every logit is finite, else ``(sample index, what is wrong)`` for the first bad sample."""
+    n = len(logits)
+    bad_ids = ((class_ids < 0) | (class_ids >= num_classes)).reshape(n, -1)
+    bad_logits = ~np.isfinite(logits).reshape(n, -1)
+    if not (bad_ids.any() or bad_logits.any()):
+        return None
+    first = int(np.flatnonzero(bad_ids.any(axis=1) | bad_logits.any(axis=1))[0])
+    if bad_ids[first].any():
+        value = class_ids.reshape(n, -1)[first][bad_ids[first]][0]
+        return first, f"class id {int(value)} is outside [0, {num_classes})"
+    position = int(np.flatnonzero(bad_logits[first])[0])
+    index = tuple(int(i) for i in np.unravel_index(position, logits.shape[1:]))
+    return first, f"logit at index {index} is {logits[first][index]} (not finite)"
+
+
 def check_map_values(logits: np.ndarray, class_ids: np.ndarray, num_classes: int, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` if class ids are out of range or logits not finite."""
-    if class_ids.size:
-        low, high = int(class_ids.min()), int(class_ids.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(f"{where}: class id {bad} is outside [0, {num_classes})")
-    finite = np.isfinite(logits)
-    if not finite.all():
-        index = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ValueError(f"{where}: logit at index {index} is {logits[index]} (not finite)")
+    """Raise ``ValueError`` naming ``where`` if class ids are out of range or logits not finite
+    (``logits``/``class_ids`` of one map ``[k, H, W]`` or a batch ``[n, k, H, W]``)."""
+    batch = logits.ndim == 4
+    problem = map_value_problem(logits if batch else logits[None], class_ids if batch else class_ids[None],
+                                num_classes)
+    if problem is not None:
+        index, what = problem
+        raise ValueError(f"{where}{f' (map {index})' if batch else ''}: {what}")
 
 
 class StoreWriter:

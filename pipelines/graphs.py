@@ -1,13 +1,21 @@
-"""DALI graphs for ReLabel training and for validation.
+"""DALI graphs for ReLabel training, validation and the teacher pass of ``dali-relabel generate``.
 
-Train: ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice(axis_names="HW")``
-(``mixed`` on a GPU, ``cpu`` without) -> ``resize`` -> ``crop_mirror_normalize`` with a ``coin_flip``
-mirror, and the fused ``relabel.label_pooling`` operator fed with the same crop window, image shape
-and mirror flag, so the soft target always describes exactly the pixels the model sees.
+Every graph starts from a :class:`~dali_relabel.sources.BatchSource`: one call per batch hands over the
+image paths, which DALI's C++ file reader ``io.file.read`` reads, and (for training) the rows' label
+maps and random keys.
+
+Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (keyed random-resized crop and flip) ->
+``decoders.image_slice(axis_names="HW")`` (``mixed`` on a GPU, ``cpu`` without) -> ``resize`` ->
+``crop_mirror_normalize``, and the fused ``relabel.label_pooling`` operator fed with the same crop
+window, image shape and mirror flag, so the soft target always describes exactly the pixels the
+model sees.
 
 Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
 
-Both graphs run with ``device_id=None`` (CPU only). Execution settings (batch size, threads, device,
+The plain graphs at the end read the same files with ``readers.file`` and no maps: the baselines of
+the throughput benchmark.
+
+All graphs run with ``device_id=None`` (CPU only). Execution settings (batch size, threads, device,
 seed) are given where a graph is built: ``train_pipeline(..., batch_size=..., device_id=...)``.
 """
 from __future__ import annotations
@@ -15,19 +23,25 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
-from dali_relabel.sources import SampleSource, describe_outputs
+from dali_relabel.sources import BatchSource, output_types
 
 # Largest ImageNet training images are about 5,980 x 6,430; hints spare the mixed decoder regrowing.
-_BYTES_PER_SAMPLE_HINT = 1 << 20  # per output slot in shared memory; a JPEG fits, grows if not
 _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
+# Shared-memory bytes per sample of the source's batch (a path and a 15x15 top-5 map need ~3.5 KB).
+_SOURCE_BYTES_PER_SAMPLE = 8 << 10
 
 
-def _external_source(source: SampleSource, config: DataConfig):
-    names, dtypes, ndims = describe_outputs(source)
-    outputs = fn.external_source(source=source, num_outputs=len(names), parallel=True, batch=False,
-                                 dtype=dtypes, ndim=ndims, prefetch_queue_depth=config.prefetch_queue_depth,
-                                 bytes_per_sample_hint=_BYTES_PER_SAMPLE_HINT)
-    return dict(zip(names, outputs))
+def read_batches(source: BatchSource, config: DataConfig) -> dict:
+    """The source's outputs by name, plus ``jpegs``: the encoded files, read by DALI."""
+    dtypes, ndims = output_types(source)
+    outputs = fn.external_source(source=source, num_outputs=len(source.names), parallel=True, batch=True,
+                                 batch_info=True, dtype=dtypes, ndim=ndims,
+                                 prefetch_queue_depth=config.prefetch_queue_depth,
+                                 bytes_per_sample_hint=_SOURCE_BYTES_PER_SAMPLE)
+    data = dict(zip(source.names, outputs))
+    paths = fn.slice(data["paths"], start=[0], shape=data["path_lengths"], axes=[0])
+    data["jpegs"] = fn.io.file.read(paths)
+    return data
 
 
 def _normalize(images, config: DataConfig, mirror=None):
@@ -44,8 +58,13 @@ def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
     return args
 
 
+def _resize_square(images, config: DataConfig):
+    return fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
+                     interp_type=types.INTERP_LINEAR)
+
+
 @pipeline_def
-def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, layout: str,
+def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, layout: str,
                    decoder_device: str = "cpu"):
     """ReLabel training graph. Outputs: images, soft targets, labels, rows, valid.
 
@@ -55,50 +74,43 @@ def train_pipeline(source: SampleSource, config: DataConfig, num_classes: int, l
     targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
 
     Args:
-        source: a :class:`SampleSource` with a store.
+        source: a :class:`BatchSource` with random keys (``seed``), usually with a store.
         config: data settings.
         num_classes: C of the soft targets.
         layout: ``"HW"`` or ``"WH"``, how boxes meet the maps.
         decoder_device: ``"mixed"`` (GPU decode; targets pooled on the GPU too) or ``"cpu"``.
     """
-    data = _external_source(source, config)
+    data = read_batches(source, config)
     jpegs = data["jpegs"]
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
-    anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
-                                            random_aspect_ratio=list(config.ratio),
-                                            num_attempts=config.num_attempts)
+    anchor, crop, mirror = fn.relabel.random_crop_window(
+        shape, data["keys"], random_area=list(config.scale), random_aspect_ratio=list(config.ratio),
+        num_attempts=config.num_attempts, flip_probability=config.flip_probability)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **_decoder_args(decoder_device, config))
-    images = fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
-                       interp_type=types.INTERP_LINEAR)
-    mirror = fn.random.coin_flip(probability=config.flip_probability)
-    images = _normalize(images, config, mirror)
+    images = _normalize(_resize_square(images, config), config, mirror)
+    extra = [data["mix_box"]] if source.cutmix is not None else []
     if not source.store_path:  # hard labels: one-hot targets, same augmentation
         targets = fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT)
         targets = fn.reshape(targets, shape=[num_classes])
         if decoder_device == "mixed":
             targets = targets.gpu()
-        extra = [data["mix_box"]] if source.cutmix is not None else []
         return (images, targets, data["labels"], data["rows"], data["valid"], *extra)
     pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
                 output_size=list(config.output_size), temperature=config.temperature, layout=layout)
     inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
-    outputs = [images, None, data["labels"], data["rows"], data["valid"]]
     if source.cutmix is not None and config.cutmix_mode == "localized":
-        outputs[1] = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="outside", **pool)
-        outputs += [data["mix_box"],
-                    fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="inside", **pool)]
-    else:
-        outputs[1] = fn.relabel.label_pooling(*inputs, **pool)
-        if source.cutmix is not None:
-            outputs.append(data["mix_box"])
-    return tuple(outputs)
+        outside = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="outside", **pool)
+        inside = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="inside", **pool)
+        return images, outside, data["labels"], data["rows"], data["valid"], data["mix_box"], inside
+    targets = fn.relabel.label_pooling(*inputs, **pool)
+    return (images, targets, data["labels"], data["rows"], data["valid"], *extra)
 
 
 @pipeline_def
-def validation_pipeline(source: SampleSource, config: DataConfig, decoder_device: str = "cpu"):
+def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device: str = "cpu"):
     """Validation graph: resize shorter side, centre crop. Outputs: images, labels, rows, valid."""
-    data = _external_source(source, config)
+    data = read_batches(source, config)
     images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
     images = fn.resize(images, resize_shorter=config.val_resize, antialias=True,
                        interp_type=types.INTERP_LINEAR)
@@ -109,32 +121,55 @@ def validation_pipeline(source: SampleSource, config: DataConfig, decoder_device
 
 
 @pipeline_def
-def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
-                         shard_id: int = 0, num_shards: int = 1):
-    """The plain DALI baseline: ``readers.file`` + random-resized crop + flip + normalize, hard labels."""
-    jpegs, labels = fn.readers.file(file_root=file_root, random_shuffle=True, shard_id=shard_id,
-                                    num_shards=num_shards, pad_last_batch=True, name="Reader")
-    images = fn.decoders.image_random_crop(jpegs, random_area=list(config.scale),
-                                           random_aspect_ratio=list(config.ratio),
-                                           num_attempts=config.num_attempts,
-                                           **_decoder_args(decoder_device, config))
-    images = fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
-                       interp_type=types.INTERP_LINEAR)
-    images = _normalize(images, config, fn.random.coin_flip(probability=config.flip_probability))
-    return images, labels
-
-
-@pipeline_def
-def teacher_pipeline(source: SampleSource, config: DataConfig, size: int, decoder_device: str = "cpu"):
+def teacher_pipeline(source: BatchSource, config: DataConfig, size: int, decoder_device: str = "cpu"):
     """Full-image teacher input for ``dali-relabel generate``: no crop, every image resized to
     ``size x size`` ignoring its aspect ratio (as the ReLabel paper feeds EfficientNet-L2), linear with
     antialiasing, then normalized. Outputs: images, labels, rows, valid, and the encoded image's
     shape ``(H, W, C)`` from ``peek_image_shape`` (the original size the map describes).
 
-    ``source`` is a :class:`SampleSource` without a store (outputs jpeg, label, row, valid)."""
-    data = _external_source(source, config)
+    ``source`` is a :class:`BatchSource` without a store and without keys."""
+    data = read_batches(source, config)
     shape = fn.peek_image_shape(data["jpegs"], adjust_orientation=config.adjust_orientation)
     images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
     images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
     images = _normalize(images, config)
     return images, data["labels"], data["rows"], data["valid"], shape
+
+
+def _plain_reader(file_root: str, shard_id: int, num_shards: int):
+    return fn.readers.file(file_root=file_root, random_shuffle=True, shard_id=shard_id,
+                           num_shards=num_shards, pad_last_batch=True, name="Reader")
+
+
+@pipeline_def
+def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
+                         shard_id: int = 0, num_shards: int = 1):
+    """Plain DALI on the same decode path as :func:`train_pipeline`, without maps: ``readers.file`` ->
+    ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip +
+    normalize. Outputs: images, hard labels. The throughput benchmark's ceiling."""
+    jpegs, labels = _plain_reader(file_root, shard_id, num_shards)
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
+    anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
+                                            random_aspect_ratio=list(config.ratio),
+                                            num_attempts=config.num_attempts)
+    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
+                                     **_decoder_args(decoder_device, config))
+    images = _normalize(_resize_square(images, config), config,
+                        fn.random.coin_flip(probability=config.flip_probability))
+    return images, labels
+
+
+@pipeline_def
+def example_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
+                           shard_id: int = 0, num_shards: int = 1):
+    """DALI's example ImageNet graph (``decoders.image_random_crop``, the crop fused into the decoder)
+    with our resize and normalisation: ``readers.file`` -> ``image_random_crop`` -> resize -> flip +
+    normalize. Outputs: images, hard labels."""
+    jpegs, labels = _plain_reader(file_root, shard_id, num_shards)
+    images = fn.decoders.image_random_crop(jpegs, random_area=list(config.scale),
+                                           random_aspect_ratio=list(config.ratio),
+                                           num_attempts=config.num_attempts,
+                                           **_decoder_args(decoder_device, config))
+    images = _normalize(_resize_square(images, config), config,
+                        fn.random.coin_flip(probability=config.flip_probability))
+    return images, labels

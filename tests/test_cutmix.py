@@ -12,18 +12,25 @@ pytest.importorskip("nvidia.dali")
 
 def test_pair_boxes_are_shared_pixel_aligned_and_deterministic():
     spec = CutMixSpec(probability=1.0, alpha=1.0, image_size=32, seed=4)
-    for iteration in range(5):
-        boxes = [spec.box(2, iteration, i, 7) for i in range(7)]
+    for batch_index in range(5):
+        boxes = spec.boxes(2, batch_index, 7)
+        assert boxes.shape == (7, 4) and boxes.dtype == np.float32
         for i in range(7):
             np.testing.assert_array_equal(boxes[i], boxes[6 - i])
         assert not boxes[3].any(), "the middle sample of an odd batch has no partner"
         for box in boxes[:3]:
             assert np.allclose(box * 32, np.round(box * 32)) and box[2] > box[0] and box[3] > box[1]
-    np.testing.assert_array_equal(spec.box(2, 1, 0, 7), CutMixSpec(1.0, 1.0, 32, seed=4).box(2, 1, 0, 7))
-    assert not CutMixSpec(1.0, 1.0, 32, stop_epoch=2).box(2, 0, 0, 8).any()
-    assert not CutMixSpec(0.0, 1.0, 32).box(0, 0, 0, 8).any()
-    areas = [np.prod(spec.box(0, it, 0, 8)[2:] - spec.box(0, it, 0, 8)[:2]) for it in range(300)]
+    np.testing.assert_array_equal(spec.boxes(2, 1, 7), CutMixSpec(1.0, 1.0, 32, seed=4).boxes(2, 1, 7))
+    assert not np.array_equal(spec.boxes(2, 1, 8), spec.boxes(2, 2, 8)), "batches draw their own boxes"
+    assert not CutMixSpec(1.0, 1.0, 32, stop_epoch=2).boxes(2, 0, 8).any()
+    assert not CutMixSpec(0.0, 1.0, 32).boxes(0, 0, 8).any()
+    assert not spec.boxes(0, 0, 1).any(), "a batch of one has no pair"
+    boxes = np.concatenate([spec.boxes(0, b, 8)[:4] for b in range(75)])
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
     assert 0.3 < np.mean(areas) < 0.6, "Beta(1,1) boxes should cover about half the image on average"
+    half = CutMixSpec(probability=0.5, alpha=1.0, image_size=32, seed=1)
+    mixed = np.mean([half.boxes(0, b, 64)[:32].any(axis=1).mean() for b in range(20)])
+    assert 0.4 < mixed < 0.6, f"probability 0.5 mixed {mixed:.2f} of the pairs"
 
 
 def test_apply_cutmix_pastes_partner_pixels_and_mixes_by_area():
@@ -52,7 +59,7 @@ def _pair_case(seed):
     shapes = np.array([[100, 70], [80, 120], [90, 100], [60, 61]], np.int32)
     flips = np.array([0, 1, 1, 0], np.int32)
     spec = CutMixSpec(1.0, 1.0, 16, seed=seed)
-    boxes = np.stack([spec.box(0, 0, i, batch) for i in range(batch)])
+    boxes = spec.boxes(0, 0, batch)
     return num_classes, (logits, ids, anchors, shapes, images, flips), boxes
 
 

@@ -185,5 +185,6 @@ def test_resume_in_the_middle_of_an_epoch_yields_exactly_the_rest(id_dataset):
                             start_epoch=3, resume_batch=3)
     assert len(resumed) == len(batches) - 3
     assert [rows.tolist() for _, _, rows in resumed] == batches[3:]
-    assert resumed.state_dict() == {"epoch": 4, "batch": 0}
+    state = resumed.state_dict()
+    assert (state["epoch"], state["batch"], state["batch_size"]) == (4, 0, 5)
     assert len(resumed) == len(batches), "the epoch after a resumed one is whole again"

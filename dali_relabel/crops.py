@@ -1,0 +1,90 @@
+"""Keyed randomness: every sample's crop and flip follow from ``(seed, epoch, row)`` alone.
+
+The data source gives each sample a 64-bit key (:func:`sample_keys`); the plugin operator
+``fn.relabel.random_crop_window`` (``csrc/crop_window.h``) draws the sample's random-resized-crop window
+and flip from a SplitMix64 stream started at that key. Nothing else enters, so a resumed run, another
+number of DALI threads, another batch position or another data path (tree or tar shards) give the
+same crop of the same image in the same epoch. :func:`crop_window` is the Python twin of the
+operator, used by the tests to check it draw for draw.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's step on a uint64 array (wrapping arithmetic): ``finalize(x + gamma)``."""
+    z = values + _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(seed: int, epoch: int, rows) -> np.ndarray:
+    """uint64 keys of ``rows`` in ``epoch``: ``mix(mix(mix(seed) + epoch) + row)``.
+
+    Each step is a bijection, so within one (seed, epoch) different rows get different keys.
+    """
+    base = _mix(np.array([seed & _MASK], dtype=np.uint64))
+    base = _mix(base + np.uint64(epoch & _MASK))
+    return _mix(np.asarray(rows, dtype=np.int64).astype(np.uint64) + base)
+
+
+class SplitMix64:
+    """The operator's random stream, in Python integers."""
+
+    def __init__(self, key: int):
+        self.state = int(key) & _MASK
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        return (self.next() >> 11) * 2.0 ** -53
+
+    def below(self, n: int) -> int:
+        return min(int(self.uniform() * n), n - 1)
+
+
+def crop_window(height: int, width: int, key: int, scale: Sequence[float] = (0.08, 1.0),
+                ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10,
+                flip_probability: float = 0.5) -> Tuple[int, int, int, int, int]:
+    """``(y, x, h, w, mirror)`` of an ``height x width`` image for ``key``, as the operator draws it.
+
+    ``scale`` and ``ratio`` are rounded to float32 first, as the operator receives them.
+    """
+    area_lo, area_hi, ratio_lo, ratio_hi, flip_probability = (
+        float(np.float32(v)) for v in (*scale, *ratio, flip_probability))
+    rng = SplitMix64(key)
+    mirror = int(rng.uniform() < flip_probability)
+    area = float(height) * float(width)
+    log_lo, log_hi = math.log(ratio_lo), math.log(ratio_hi)
+    for _ in range(attempts):
+        target = area * (area_lo + (area_hi - area_lo) * rng.uniform())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * rng.uniform())
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            y = rng.below(height - h + 1)
+            x = rng.below(width - w + 1)
+            return y, x, h, w, mirror
+    in_ratio = width / height
+    w, h = width, height
+    if in_ratio < ratio_lo:
+        h = round(w / ratio_lo)
+    elif in_ratio > ratio_hi:
+        w = round(h * ratio_hi)
+    h, w = min(max(h, 1), height), min(max(w, 1), width)
+    return (height - h) // 2, (width - w) // 2, h, w, mirror
