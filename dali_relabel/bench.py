@@ -480,7 +480,7 @@ def make_authors(data: BenchData, config, batch_size: int, device: str, workers:
 
     from .store import LabelStore
 
-    store = LabelStore(data.store_path, check_values=False)
+    store = LabelStore(data.store_path, verify="header")
     dataset = AuthorsDataset(data.image_root, data.maps_dir, store.paths, store.labels.tolist(), config)
     num_classes = store.num_classes
     store.close()
@@ -1009,7 +1009,7 @@ def prepare_store_read(data_dir: str, rows: int, batch: int, repeats: int, num_c
         from .store import LabelStore
 
         log(f"writing {len(pt_rows)} per-image .pt files (authors' format) -> {maps_dir}")
-        with LabelStore(store_path, check_values=False) as store:
+        with LabelStore(store_path, verify="header") as store:
             maps = store.read(pt_rows)
             for i, row in enumerate(pt_rows):
                 path = os.path.join(maps_dir, f"{row:07d}.pt")
@@ -1047,7 +1047,7 @@ def run_store_read(args) -> dict:
                    for r in batch_rows]
         return torch.stack(tensors)
 
-    store = LabelStore(store_path, check_values=False)
+    store = LabelStore(store_path, verify="header")
     store.read([0])
     evict_ok = True
     times = {cache: {m: [] for m in STORE_METHODS} for cache in row_sets}
@@ -1066,7 +1066,7 @@ def run_store_read(args) -> dict:
                         store.close()
                         gc.collect()
                         evict_ok &= _evict(store_path)
-                        store = LabelStore(store_path, check_values=False)
+                        store = LabelStore(store_path, verify="header")
                         store.read([0])  # opens and maps the file; row 0 is never timed
                 start = time.perf_counter()
                 if method == "pt-files":

@@ -484,7 +484,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
     if classes_from_store is not None:
         from .store import LabelStore
 
-        store = LabelStore(classes_from_store, check_values=False)
+        store = LabelStore(classes_from_store, verify="header")
         classes = list(store.class_names)
         store.close()
         if len(classes) != num_classes:

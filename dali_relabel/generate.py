@@ -480,11 +480,11 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
     if not os.path.exists(target) or _read_settings(target) != settings:
         return False
     try:
-        store = LabelStore(target, check_values=False)
+        store = LabelStore(target, verify="header")
     except StoreError:
         return False
     try:
-        return store.paths == list(paths)
+        return store.paths.tolist() == list(paths)
     finally:
         store.close()
 
@@ -505,7 +505,7 @@ def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int]
     kwargs = _pipeline_kwargs(config, batch_size, device_id)
 
     def make_source(control, bad_rows):
-        return BatchSource(image_root, paths, labels, plan, control, bad_rows=bad_rows)
+        return BatchSource(image_root, plan, control, paths=paths, labels=labels, bad_rows=bad_rows)
 
     def make_pipeline(source):
         return teacher_pipeline(source, teacher_config, int(size),
@@ -698,7 +698,7 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
     present = [p for p in parts if os.path.exists(p)]
     if not present:
         raise GenerateError(f"no parts of {out} found ({parts[0]} ...)")
-    stores = [LabelStore(p, check_values=False) for p in present]
+    stores = [LabelStore(p, verify="header") for p in present]
     try:
         first = stores[0]
         header = first.header
@@ -728,7 +728,7 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
                 missing = [p for p in parts if p not in present]
                 raise GenerateError(f"the parts of {out} cover {expect_start} of {total} rows (missing: "
                                     f"{missing[:1]})")
-        paths = [p for store in stores for p in store.paths]
+        paths = [p for store in stores for p in store.paths.tolist()]
         # Resume only a merge of these parts (not, say, an interrupted single-process run's partial).
         merged_settings = {key: value for key, value in (settings[0] or {}).items() if key != "rows"}
         merged_settings.update(merged_from=world_size, part_sha256=[s.header.content_sha256 for s in stores])
@@ -813,7 +813,7 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     result = dict(out=path, rank=rank, world_size=world_size, teacher=teacher_name or model_name, size=size,
                   grid=list(_grid_pair(grid)), k=k, num_classes=len(classes))
     if rank == 0:
-        store = LabelStore(path, check_values=False)
+        store = LabelStore(path, verify="header")
         result.update(rows=len(store), content_sha256=store.header.content_sha256)
         store.close()
     return result

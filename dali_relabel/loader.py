@@ -51,16 +51,17 @@ def check_store_matches_images(store: LabelStore, image_root: str, allow_extra_i
     """
     images = list_images(image_root, classes=None)
     on_disk = set(images.relpaths)
-    for row, path in enumerate(store.paths):
+    stored = store.paths.tolist()
+    for row, path in enumerate(stored):
         if path not in on_disk:
             raise StoreError(store.path, f"row {row} refers to {path}, which is not under {image_root} "
                                          "(is this store made for another image set?)")
-    if not allow_extra_images and len(on_disk) != len(store.paths):
-        in_store = set(store.paths)
+    if not allow_extra_images and len(on_disk) != len(stored):
+        in_store = set(stored)
         extra = next(p for p in images.relpaths if p not in in_store)
         raise StoreError(store.path, f"{len(on_disk) - len(in_store)} images under {image_root} have no "
                                      f"map, first: {extra}")
-    for row, path in enumerate(store.paths):
+    for row, path in enumerate(stored):
         label = int(store.labels[row])
         folder = path.split("/", 1)[0]
         if label >= 0 and store.class_names[label] != folder:
@@ -410,14 +411,14 @@ class ReLabelLoader(PipelineBatches):
                 raise ValueError("localized CutMix needs label maps (a store)")
         else:
             self.store = store if isinstance(store, LabelStore) else LabelStore(store)
-            paths = PathTable.from_strings(self.store.paths)
+            paths, labels = None, None  # the source maps the store's own in its worker
             try:
-                paths.check_confined(self.store.path)
+                self.store.paths.check_confined("stored image paths")
             except ValueError as error:
-                raise StoreError(self.store.path, str(error).split(": ", 1)[1]) from None
+                raise StoreError(self.store.path, str(error)) from None
             if check_files:
                 check_store_matches_images(self.store, self.image_root)
-            labels, self.class_names = self.store.labels, self.store.class_names
+            self.class_names = self.store.class_names
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
         rank, world_size = _resolve_rank(rank, world_size)
@@ -425,7 +426,8 @@ class ReLabelLoader(PipelineBatches):
         load_plugin()  # the crop-window operator, and the pooling operator for soft targets
         if device == "gpu" and self.store is not None:
             require_gpu_backend()
-        plan = EpochPlan(len(paths), batch_size, rank, world_size, seed=config.seed,
+        num_samples = len(self.store) if self.store is not None else len(paths)
+        plan = EpochPlan(num_samples, batch_size, rank, world_size, seed=config.seed,
                          shuffle=shuffle, last_batch=config.last_batch)
         cutmix = None
         if config.cutmix_probability > 0:
@@ -435,13 +437,12 @@ class ReLabelLoader(PipelineBatches):
         if cutmix is not None:
             output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
         store_path = self.store.path if self.store else None
-        labels = np.asarray(labels, dtype=np.int32)
         pipeline_kwargs = _pipeline_kwargs(config, batch_size, _device_id(device, device_id))
         decoder = "mixed" if device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
-            return BatchSource(self.image_root, paths, labels, plan, control, store_path=store_path,
-                               seed=config.seed, cutmix=cutmix, bad_rows=bad_rows)
+            return BatchSource(self.image_root, plan, control, store_path=store_path, paths=paths,
+                               labels=labels, seed=config.seed, cutmix=cutmix, bad_rows=bad_rows)
 
         def make_pipeline(source):
             return train_pipeline(source, config, self.num_classes, self.layout, decoder_device=decoder,
@@ -511,7 +512,7 @@ class ValidationLoader(PipelineBatches):
         decoder = "mixed" if device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
-            return BatchSource(self.images.root, paths, labels, plan, control, bad_rows=bad_rows)
+            return BatchSource(self.images.root, plan, control, paths=paths, labels=labels, bad_rows=bad_rows)
 
         def make_pipeline(source):
             return validation_pipeline(source, config, decoder_device=decoder, **pipeline_kwargs)

@@ -119,13 +119,14 @@ class BatchSource:
 
     Args:
         image_root: directory the stored paths are relative to.
-        paths: relative image path of every row.
-        labels: int hard label of every row.
         plan: the rank's plan (an :class:`EpochPlan`, or anything with ``batch_size``,
             ``num_batches`` and ``rows(epoch)``).
         control: where each pass starts and stops (written by the loader).
-        store_path: label store whose row ``r`` is the map of ``paths[r]``; ``None`` for a source
-            without maps.
+        store_path: label store whose row ``r`` holds the map, path and label of image ``r``;
+            ``None`` for a source without maps (then ``paths`` and ``labels`` are required).
+        paths: relative image path of every row (default: the store's, memory-mapped in the
+            process that reads them, so nothing big is copied into the worker).
+        labels: int hard label of every row (default: the store's).
         seed: base of the per-sample random keys (``keys`` output); ``None`` leaves the keys out.
         cutmix: draw CutMix pair boxes (adds the ``mix_box`` output).
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
@@ -138,13 +139,16 @@ class BatchSource:
     ``keys`` uint64 scalars, with CutMix ``mix_box`` float32 ``[4]``.
     """
 
-    def __init__(self, image_root: str, paths: PathTable, labels: np.ndarray, plan: EpochPlan,
-                 control: EpochControl, store_path: Optional[str] = None, seed: Optional[int] = None,
+    def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
+                 store_path: Optional[str] = None, paths: Optional[PathTable] = None,
+                 labels: Optional[np.ndarray] = None, seed: Optional[int] = None,
                  cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
+        if store_path is None and (paths is None or labels is None):
+            raise ValueError("a source without a store needs paths and labels")
         self.image_root = os.path.abspath(os.fspath(image_root))
         self.prefix = (self.image_root.rstrip("/") + "/").encode("utf-8")
-        self.paths = paths
-        self.labels = np.asarray(labels, dtype=np.int32)
+        self._paths = paths
+        self._labels = None if labels is None else np.asarray(labels, dtype=np.int32)
         self.plan = plan
         self.control = control
         self.store_path = store_path
@@ -154,6 +158,19 @@ class BatchSource:
         self._store: Optional[LabelStore] = None
         self._epoch: Optional[int] = None
         self._rows = self._valid = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_store=None, _epoch=None, _rows=None, _valid=None)
+        return state
+
+    @property
+    def paths(self) -> PathTable:
+        return self._paths if self._paths is not None else self.store().paths
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels if self._labels is not None else self.store().labels
 
     @property
     def names(self) -> List[str]:
@@ -169,7 +186,7 @@ class BatchSource:
     def store(self) -> LabelStore:
         # Opened lazily in the worker process that uses it (never shared across fork).
         if self._store is None:
-            self._store = LabelStore(self.store_path, check_values=False)
+            self._store = LabelStore(self.store_path, verify="header")
         return self._store
 
     def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,14 @@
 """The HDF5 label-map store: writer, reader and open-time validation.
 
-The format (version 1) is specified in ``docs/store_format.md``. In short: one file, one row per
+The format (version 2) is specified in ``docs/store_format.md``. In short: one file, one row per
 image, ``logits [N, k, H, W]`` float16 and ``class_ids [N, k, H, W]`` (smallest unsigned type that
-holds ``num_classes``), plus each row's relative image path, hard label, image size, and the class
-names. Readers map the two big arrays into memory, so gathering a batch of random rows costs one
-numpy fancy-index, and they open the file lazily in each process, so a store object can be handed to
-DALI workers and DDP ranks before or after ``fork``.
+holds ``num_classes``), each row's relative image path (one contiguous byte buffer plus offsets), hard
+label and image size, and the class names. Every value is checked once, when it is written, and the
+file records that together with a SHA-256 per block of rows. Readers map the big arrays into memory
+(so gathering a batch of random rows costs one numpy fancy-index and every process on a node shares
+the page cache), check the header and a sample of the hashes at open, and open the file lazily in
+each process, so a store object can be handed to DALI workers and DDP ranks before or after ``fork``.
+Version 1 files (paths as HDF5 strings, nothing recorded) are still read.
 """
 from __future__ import annotations
 
@@ -18,10 +21,17 @@ from typing import List, Optional, Sequence
 import h5py
 import numpy as np
 
+from .paths import PathTable
+
 FORMAT_NAME = "dali-relabel-label-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PARTIAL_SUFFIX = ".partial"
-_HASH_CHUNK_ROWS = 8192
+HASH_CHUNK_ROWS = 8192  # rows per recorded SHA-256 (version 2)
+#: How much a reader checks at open: the header only; plus the paths' hash and one random block's
+#: hash; plus every block's hash and every value.
+VERIFY_LEVELS = ("header", "sample", "full")
+_SCAN_ROWS = 8192
 
 
 class StoreError(ValueError):
@@ -56,6 +66,8 @@ class StoreHeader:
     teacher_input_size: int = 0
     source: str = ""
     content_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+    values_checked: bool = False
 
     @property
     def map_shape(self):
@@ -83,12 +95,38 @@ def _normalise_relpath(path: str) -> str:
     return str(path).replace(os.sep, "/")
 
 
-def content_hash(logits, class_ids, labels, image_sizes, paths: Sequence[str]) -> str:
-    """SHA-256 of a store's arrays in row order (array-likes are read in chunks)."""
+# -- hashing --------------------------------------------------------------------------------------
+def row_bytes(logits, class_ids, labels, image_sizes) -> np.ndarray:
+    """The bytes of rows ``[n]`` as hashed (version 2): each row's logits, class ids, label and size,
+    row after row, as a uint8 ``[n, bytes per row]`` array."""
+    n = len(logits)
+    parts = [np.ascontiguousarray(a).reshape(n, -1).view(np.uint8)
+             for a in (logits, class_ids, np.asarray(labels).reshape(n, 1), np.asarray(image_sizes).reshape(n, 2))]
+    return np.concatenate(parts, axis=1)
+
+
+def paths_digest(paths: PathTable) -> bytes:
+    """SHA-256 of the path table (offsets as little-endian int64, then the bytes)."""
+    digest = hashlib.sha256(paths.offsets.astype("<i8").tobytes())
+    digest.update(paths.data.tobytes())
+    return digest.digest()
+
+
+def root_hash(chunk_digests: np.ndarray, path_digest: bytes, class_names: Sequence[str]) -> str:
+    """A version-2 store's ``content_sha256``: over the row blocks' hashes, the paths and the names."""
+    digest = hashlib.sha256(b"dali-relabel-label-store/2\0")
+    digest.update(np.ascontiguousarray(chunk_digests, dtype=np.uint8).tobytes())
+    digest.update(path_digest)
+    digest.update("\n".join(class_names).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def content_hash_v1(logits, class_ids, labels, image_sizes, paths: Sequence[str]) -> str:
+    """A version-1 store's ``content_sha256`` (arrays in row blocks, then the joined paths)."""
     digest = hashlib.sha256()
     n = len(paths)
-    for start in range(0, n, _HASH_CHUNK_ROWS):
-        stop = min(n, start + _HASH_CHUNK_ROWS)
+    for start in range(0, n, _SCAN_ROWS):
+        stop = min(n, start + _SCAN_ROWS)
         for array in (logits, class_ids, labels, image_sizes):
             digest.update(np.ascontiguousarray(array[start:stop]).tobytes())
     digest.update("\n".join(paths).encode("utf-8"))
@@ -103,26 +141,40 @@ def plan_hash(paths: Sequence[str], header_items: dict) -> str:
     return digest.hexdigest()
 
 
+# -- value rules ----------------------------------------------------------------------------------
 def map_value_problem(logits: np.ndarray, class_ids: np.ndarray, num_classes: int):
-    """``None`` if every class id of a batch of maps ``[n, k, H, W]`` lies in ``[0, num_classes)`` and
-    every logit is finite, else ``(sample index, what is wrong)`` for the first bad sample."""
+    """``None`` if a batch of maps ``[n, k, H, W]`` keeps the format's rules (every class id in
+    ``[0, num_classes)``, distinct within each cell, every logit finite), else ``(index of the first
+    bad map, what is wrong)``."""
     n = len(logits)
-    bad_ids = ((class_ids < 0) | (class_ids >= num_classes)).reshape(n, -1)
-    bad_logits = ~np.isfinite(logits).reshape(n, -1)
-    if not (bad_ids.any() or bad_logits.any()):
+    if n == 0:
         return None
-    first = int(np.flatnonzero(bad_ids.any(axis=1) | bad_logits.any(axis=1))[0])
-    if bad_ids[first].any():
-        value = class_ids.reshape(n, -1)[first][bad_ids[first]][0]
+    bad_ids = ((class_ids < 0) | (class_ids >= num_classes)).reshape(n, -1).any(axis=1)
+    bad_logits = ~np.isfinite(logits).reshape(n, -1).all(axis=1)
+    ordered = np.sort(class_ids.reshape(n, class_ids.shape[1], -1), axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).reshape(n, -1).any(axis=1)
+    bad = bad_ids | bad_logits | repeated
+    if not bad.any():
+        return None
+    first = int(np.flatnonzero(bad)[0])
+    if bad_ids[first]:
+        ids = class_ids[first].reshape(-1)
+        value = ids[(ids < 0) | (ids >= num_classes)][0]
         return first, f"class id {int(value)} is outside [0, {num_classes})"
-    position = int(np.flatnonzero(bad_logits[first])[0])
-    index = tuple(int(i) for i in np.unravel_index(position, logits.shape[1:]))
-    return first, f"logit at index {index} is {logits[first][index]} (not finite)"
+    if bad_logits[first]:
+        position = int(np.flatnonzero(~np.isfinite(logits[first]).reshape(-1))[0])
+        index = tuple(int(i) for i in np.unravel_index(position, logits.shape[1:]))
+        return first, f"logit at index {index} is {logits[first][index]} (not finite)"
+    ids = class_ids[first].reshape(class_ids.shape[1], -1)
+    cell = int(np.flatnonzero((np.sort(ids, axis=0)[1:] == np.sort(ids, axis=0)[:-1]).any(axis=0))[0])
+    y, x = np.unravel_index(cell, class_ids.shape[2:])
+    return first, (f"cell ({int(y)}, {int(x)}) holds class ids {sorted(int(c) for c in ids[:, cell])}: "
+                   "a class may appear once per cell")
 
 
 def check_map_values(logits: np.ndarray, class_ids: np.ndarray, num_classes: int, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` if class ids are out of range or logits not finite
-    (``logits``/``class_ids`` of one map ``[k, H, W]`` or a batch ``[n, k, H, W]``)."""
+    """Raise ``ValueError`` naming ``where`` if maps break the format's rules (see
+    :func:`map_value_problem`); ``logits``/``class_ids`` of one map ``[k, H, W]`` or a batch ``[n, k, H, W]``."""
     batch = logits.ndim == 4
     problem = map_value_problem(logits if batch else logits[None], class_ids if batch else class_ids[None],
                                 num_classes)
@@ -131,12 +183,22 @@ def check_map_values(logits: np.ndarray, class_ids: np.ndarray, num_classes: int
         raise ValueError(f"{where}{f' (map {index})' if batch else ''}: {what}")
 
 
+# -- writing --------------------------------------------------------------------------------------
+def _contiguous_dataset(f, name: str, shape, dtype) -> None:
+    """A contiguous, uncompressed dataset allocated up front (so readers can memory-map it)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    space = h5py.h5s.create_simple(tuple(int(s) for s in shape))
+    h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
+
+
 class StoreWriter:
     """Writes a store row by row, in a fixed order, to ``<out>.partial``; renames it when complete.
 
     Args:
         path: the final store path.
-        paths: relative image path of every row, in row order (fixes N and the row order).
+        paths: relative image path of every row, in row order (fixes N and the row order); paths
+            that would leave the image root (absolute, ``..``) are refused.
         num_classes, k, grid_h, grid_w: map geometry.
         layout: ``"HW"`` (geometric) or ``"WH"`` (the authors' transposed convention).
         class_names: ``num_classes`` names in class-id order.
@@ -146,7 +208,9 @@ class StoreWriter:
             file written with another salt is started again rather than resumed.
 
     Rows are written with :meth:`write` in order; :attr:`rows_written` says where to continue after
-    a resume. :meth:`finish` computes the checksum and publishes the file.
+    a resume. Every row is checked as it is written (class ids in range and distinct per cell, finite
+    logits, labels in ``[-1, num_classes)``) and hashed per block of rows; :meth:`finish` records the
+    hashes and publishes the file.
     """
 
     def __init__(self, path, paths: Sequence[str], num_classes: int, k: int, grid_h: int,
@@ -163,19 +227,29 @@ class StoreWriter:
         self.num_rows = len(self.paths)
         if self.num_rows == 0:
             raise ValueError("a store needs at least one row")
+        self.path_table = PathTable.from_strings(self.paths)
+        self.path_table.check_confined("image paths")
         self.num_classes = int(num_classes)
+        self.class_names = [str(c) for c in class_names]
         self.map_shape = (int(k), int(grid_h), int(grid_w))
         self.ids_dtype = class_id_dtype(num_classes)
         attrs = dict(format=FORMAT_NAME, format_version=FORMAT_VERSION, num_rows=self.num_rows,
                      num_classes=self.num_classes, k=int(k), grid_h=int(grid_h), grid_w=int(grid_w),
                      layout=layout, teacher=str(teacher), teacher_input_size=int(teacher_input_size),
-                     source=str(source))
-        self._plan = plan_hash(self.paths, {**attrs, "class_names": list(class_names), "salt": plan_salt})
+                     source=str(source), hash_chunk_rows=HASH_CHUNK_ROWS, values_checked=True)
+        self._plan = plan_hash(self.paths, {**attrs, "class_names": self.class_names, "salt": plan_salt})
         self._file = None
         if resume and os.path.exists(self.partial_path):
             self._file = self._try_resume()
         if self._file is None:
-            self._file = self._create(attrs, class_names)
+            self._file = self._create(attrs)
+        self._chunk = hashlib.sha256()
+        done = self.rows_written
+        chunk_start = done - done % HASH_CHUNK_ROWS
+        if done > chunk_start:  # resumed inside a block: hash its rows written so far again
+            f = self._file
+            self._chunk.update(row_bytes(f["logits"][chunk_start:done], f["class_ids"][chunk_start:done],
+                                         f["labels"][chunk_start:done], f["image_sizes"][chunk_start:done]))
 
     @property
     def rows_written(self) -> int:
@@ -191,29 +265,32 @@ class StoreWriter:
             return None
         return f
 
-    def _create(self, attrs: dict, class_names: Sequence[str]):
+    def _create(self, attrs: dict):
         f = h5py.File(self.partial_path, "w")
         f.attrs.update(attrs)
         f.attrs["complete"] = False
         f.attrs["rows_written"] = 0
         f.attrs["plan_sha256"] = self._plan
         n, shape = self.num_rows, self.map_shape
-        # Contiguous, uncompressed and allocated up front, so readers can memory-map them.
-        for name, dtype in (("logits", np.float16), ("class_ids", self.ids_dtype)):
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            space = h5py.h5s.create_simple((n,) + shape)
-            h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
-        f.create_dataset("labels", shape=(n,), dtype=np.int32, fillvalue=-1)
-        f.create_dataset("image_sizes", shape=(n, 2), dtype=np.int32, fillvalue=0)
-        f.create_dataset("paths", data=_str_array(self.paths))
-        f.create_dataset("class_names", data=_str_array(class_names))
+        _contiguous_dataset(f, "logits", (n,) + shape, np.float16)
+        _contiguous_dataset(f, "class_ids", (n,) + shape, self.ids_dtype)
+        _contiguous_dataset(f, "labels", (n,), np.int32)
+        _contiguous_dataset(f, "image_sizes", (n, 2), np.int32)
+        _contiguous_dataset(f, "path_offsets", (n + 1,), np.int64)
+        _contiguous_dataset(f, "path_bytes", (len(self.path_table.data),), np.uint8)
+        f["path_offsets"][...] = self.path_table.offsets
+        f["path_bytes"][...] = self.path_table.data
+        f.create_dataset("class_names", data=_str_array(self.class_names))
+        f.create_dataset("chunk_sha256", shape=(-(-n // HASH_CHUNK_ROWS), 32), dtype=np.uint8)
         f.flush()
         return f
 
     def write(self, start: int, logits: np.ndarray, class_ids: np.ndarray,
               labels: Optional[np.ndarray] = None, image_sizes: Optional[np.ndarray] = None) -> None:
-        """Write rows ``start .. start + len(logits) - 1``; ``start`` must equal :attr:`rows_written`."""
+        """Write rows ``start .. start + len(logits) - 1``; ``start`` must equal :attr:`rows_written`.
+
+        ``labels`` default to -1 (unknown), ``image_sizes`` to (0, 0).
+        """
         if start != self.rows_written:
             raise ValueError(f"rows must be written in order: expected row {self.rows_written}, got {start}")
         logits = np.asarray(logits)
@@ -226,25 +303,47 @@ class StoreWriter:
             raise ValueError(f"writing rows up to {start + count} into a store of {self.num_rows}")
         with np.errstate(over="ignore"):
             logits = logits.astype(np.float16)  # checked after the cast: 1e5 becomes inf here
-        check_map_values(logits, class_ids, self.num_classes, f"rows {start}..{start + count - 1}")
+        where = f"rows {start}..{start + count - 1}"
+        check_map_values(logits, class_ids, self.num_classes, where)
+        labels = (np.full(count, -1, np.int32) if labels is None
+                  else np.asarray(labels).astype(np.int32, casting="unsafe").reshape(count))
+        if ((labels < -1) | (labels >= self.num_classes)).any():
+            bad = int(labels[(labels < -1) | (labels >= self.num_classes)][0])
+            raise ValueError(f"{where}: label {bad} is outside [-1, {self.num_classes})")
+        sizes = (np.zeros((count, 2), np.int32) if image_sizes is None
+                 else np.asarray(image_sizes, dtype=np.int32).reshape(count, 2))
+        if (sizes < 0).any():
+            raise ValueError(f"{where}: image sizes must not be negative")
+        ids = class_ids.astype(self.ids_dtype)
         stop = start + count
         f = self._file
         f["logits"][start:stop] = logits
-        f["class_ids"][start:stop] = class_ids.astype(self.ids_dtype)
-        if labels is not None:
-            f["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
-        if image_sizes is not None:
-            f["image_sizes"][start:stop] = np.asarray(image_sizes, dtype=np.int32).reshape(count, 2)
+        f["class_ids"][start:stop] = ids
+        f["labels"][start:stop] = labels
+        f["image_sizes"][start:stop] = sizes
+        self._hash_rows(start, row_bytes(logits, ids, labels, sizes))
         f.attrs["rows_written"] = stop
         f.flush()
 
+    def _hash_rows(self, start: int, data: np.ndarray) -> None:
+        """Feed rows ``start ..`` into the block hashes, recording each block as it completes."""
+        row = start
+        while len(data):
+            chunk = row // HASH_CHUNK_ROWS
+            take = min(len(data), (chunk + 1) * HASH_CHUNK_ROWS - row)
+            self._chunk.update(data[:take].tobytes())
+            row, data = row + take, data[take:]
+            if row % HASH_CHUNK_ROWS == 0 or row == self.num_rows:
+                self._file["chunk_sha256"][chunk] = np.frombuffer(self._chunk.digest(), np.uint8)
+                self._chunk = hashlib.sha256()
+
     def finish(self) -> str:
-        """Checksum, mark complete, close and rename to the final path; returns that path."""
+        """Record the content hash, mark complete, close and rename to the final path; returns it."""
         if self.rows_written != self.num_rows:
             raise ValueError(f"only {self.rows_written} of {self.num_rows} rows were written")
         f = self._file
-        f.attrs["content_sha256"] = content_hash(f["logits"], f["class_ids"], f["labels"],
-                                                 f["image_sizes"], self.paths)
+        f.attrs["content_sha256"] = root_hash(f["chunk_sha256"][()], paths_digest(self.path_table),
+                                              self.class_names)
         f.attrs["complete"] = True
         f.close()
         self._file = None
@@ -280,7 +379,8 @@ def write_store(path, paths: Sequence[str], logits: np.ndarray, class_ids: np.nd
     return os.fspath(path)
 
 
-def _memmap_dataset(path: str, dataset) -> Optional[np.ndarray]:
+# -- reading --------------------------------------------------------------------------------------
+def _memmap_dataset(path: str, dataset, advice: Optional[int] = None) -> Optional[np.ndarray]:
     """A read-only memory map of a contiguous, uncompressed, allocated dataset, else ``None``."""
     if dataset.chunks is not None or dataset.compression is not None or dataset.size == 0:
         return None
@@ -289,10 +389,13 @@ def _memmap_dataset(path: str, dataset) -> Optional[np.ndarray]:
         return None
     array = np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
     raw = getattr(array, "_mmap", None)
-    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
-        # Rows are read in random order: read-around would fetch pages nobody asked for.
-        raw.madvise(mmap.MADV_RANDOM)
+    if advice is not None and raw is not None:
+        raw.madvise(advice)
     return array
+
+
+_RANDOM = getattr(mmap, "MADV_RANDOM", None)  # batch reads: read-around would fetch unused pages
+_SEQUENTIAL = getattr(mmap, "MADV_SEQUENTIAL", None)  # scans: read ahead
 
 
 class LabelStore:
@@ -300,21 +403,30 @@ class LabelStore:
 
     Args:
         path: the store file.
-        check_values: scan every class id and logit at open (range and finiteness). Costs one pass
-            over the arrays; processes that reopen a store already checked by their parent pass
-            ``False`` (the per-row checks of :meth:`read_checked` still apply).
+        verify: how much to check at open (:data:`VERIFY_LEVELS`):
+
+            * ``"header"``: format, version, completeness, dataset shapes and dtypes, and that the
+              writer checked every value; nothing is read beyond the header (what worker processes
+              and tools that only read the header use);
+            * ``"sample"`` (default): also the paths (hash, and confinement to the image root) and
+              the hash of one random block of rows; a version-1 store, which records no checks, has
+              its values scanned;
+            * ``"full"``: every block's hash and every value (reads the whole file sequentially).
 
     The HDF5 handle is opened lazily and reopened after ``fork``, so the object is safe to pickle and
-    to share with worker processes. Small per-row metadata (paths, labels, sizes, names) is loaded
-    into memory at open.
+    to share with worker processes. The big arrays, the paths, labels and sizes are memory-mapped: a
+    process holds no copy of its own.
     """
 
-    def __init__(self, path, check_values: bool = True):
+    def __init__(self, path, verify: str = "sample"):
+        if verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         self.path = os.fspath(path)
         self._pid = None
         self._file = None
-        self._logits = None
-        self._class_ids = None
+        self._arrays = {}
+        self._paths: Optional[PathTable] = None
+        self._row_of_path = None
         if not os.path.exists(self.path):
             hint = ""
             if os.path.exists(self.path + PARTIAL_SUFFIX):
@@ -322,14 +434,9 @@ class LabelStore:
                         "same command to resume it)")
             raise StoreError(self.path, "no such store" + hint)
         self.header = self._validate_header()
-        f = self._handle()
-        self.paths: List[str] = _decode_strings(f["paths"])
-        self.class_names: List[str] = _decode_strings(f["class_names"])
-        self.labels: np.ndarray = f["labels"][()]
-        self.image_sizes: np.ndarray = f["image_sizes"][()]
-        self._row_of_path = None
-        if check_values:
-            self.check_values()
+        self.class_names: List[str] = _decode_strings(self._open()["class_names"])
+        if verify in ("sample", "full"):
+            self._verify_at_open(full=verify == "full")
 
     # -- opening ---------------------------------------------------------------------------------
     def _open(self):
@@ -340,20 +447,17 @@ class LabelStore:
             except OSError as error:
                 raise StoreError(self.path, f"cannot be opened as HDF5 ({error})") from None
             self._pid = os.getpid()
-            self._logits = self._class_ids = None
+            self._arrays = {}
+            self._paths = None
         return self._file
 
-    def _handle(self):
-        """The open file, with ``_logits``/``_class_ids`` mapped (header already validated)."""
-        self._open()
-        if self._logits is None:
-            self._logits = _memmap_dataset(self.path, self._file["logits"])
-            self._class_ids = _memmap_dataset(self.path, self._file["class_ids"])
-            if self._logits is None:
-                self._logits = self._file["logits"]
-            if self._class_ids is None:
-                self._class_ids = self._file["class_ids"]
-        return self._file
+    def _array(self, name: str):
+        """Dataset ``name`` memory-mapped (random access), or the h5py dataset if it cannot be."""
+        f = self._open()
+        if name not in self._arrays:
+            mapped = _memmap_dataset(self.path, f[name], _RANDOM if name in ("logits", "class_ids") else None)
+            self._arrays[name] = mapped if mapped is not None else f[name]
+        return self._arrays[name]
 
     def _validate_header(self) -> StoreHeader:
         f = self._open()
@@ -362,10 +466,10 @@ class LabelStore:
             raise StoreError(self.path, f"not a dali-relabel label store (format attribute is "
                                         f"{attrs.get('format')!r})")
         version = int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(self.path, f"format version {version} is not supported (this reader "
-                                        f"reads version {FORMAT_VERSION}); upgrade dali-relabel or "
-                                        "reconvert the maps")
+                                        f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                                        "upgrade dali-relabel or reconvert the maps")
         if not bool(attrs.get("complete", False)):
             raise StoreError(self.path, "the store is incomplete (its write was interrupted)")
         try:
@@ -375,7 +479,8 @@ class LabelStore:
                 layout=str(attrs["layout"]), teacher=str(attrs.get("teacher", "")),
                 teacher_input_size=int(attrs.get("teacher_input_size", 0)),
                 source=str(attrs.get("source", "")),
-                content_sha256=str(attrs.get("content_sha256", "")))
+                content_sha256=str(attrs.get("content_sha256", "")), format_version=version,
+                values_checked=version >= 2 and bool(attrs.get("values_checked", False)))
         except KeyError as missing:
             raise StoreError(self.path, f"header attribute {missing} is missing") from None
         if header.layout not in ("HW", "WH"):
@@ -384,15 +489,21 @@ class LabelStore:
         expected = {
             "logits": ((n,) + map_shape, [np.dtype(np.float16), np.dtype(np.float32)]),
             "class_ids": ((n,) + map_shape, None),
-            "paths": ((n,), None),
             "labels": ((n,), None),
             "image_sizes": ((n, 2), None),
             "class_names": ((header.num_classes,), None),
         }
+        if version == 1:
+            expected["paths"] = ((n,), None)
+        else:
+            expected["path_offsets"] = ((n + 1,), [np.dtype(np.int64)])
+            expected["path_bytes"] = (None, [np.dtype(np.uint8)])
+            expected["chunk_sha256"] = ((-(-n // int(attrs.get("hash_chunk_rows", HASH_CHUNK_ROWS))), 32),
+                                        [np.dtype(np.uint8)])
         for name, (shape, dtypes) in expected.items():
             if name not in f:
                 raise StoreError(self.path, f"dataset '{name}' is missing")
-            if f[name].shape != shape:
+            if shape is not None and f[name].shape != shape:
                 raise StoreError(self.path, f"dataset '{name}' has shape {f[name].shape}, expected "
                                             f"{shape} from the header")
             if dtypes is not None and f[name].dtype not in dtypes:
@@ -401,29 +512,81 @@ class LabelStore:
             raise StoreError(self.path, f"class_ids must be integers, found {f['class_ids'].dtype}")
         return header
 
-    def check_values(self) -> None:
-        """Scan all class ids and logits; raise :class:`StoreError` naming the first bad row."""
-        self._handle()
-        n = self.header.num_rows
-        for start in range(0, n, _HASH_CHUNK_ROWS):
-            stop = min(n, start + _HASH_CHUNK_ROWS)
-            logits = np.asarray(self._logits[start:stop])
-            ids = np.asarray(self._class_ids[start:stop])
-            bad_ids = (ids < 0) | (ids >= self.header.num_classes)
-            bad_logits = ~np.isfinite(logits)
-            for bad, what in ((bad_ids, "a class id outside [0, %d)" % self.header.num_classes),
-                              (bad_logits, "a non-finite logit")):
-                if bad.any():
-                    row = start + int(np.argwhere(bad.reshape(len(bad), -1).any(axis=1))[0, 0])
-                    raise StoreError(self.path, f"row {row} ({self.paths[row]}) has {what}")
+    def _verify_at_open(self, full: bool) -> None:
+        paths = self.paths
+        try:
+            paths.check_confined("stored image paths")
+        except ValueError as error:
+            raise StoreError(self.path, str(error)) from None
+        labels = np.asarray(self.labels)
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise StoreError(self.path, f"row {row} ({paths[row]}) has label {int(labels[row])}, outside "
+                                        f"[-1, {self.num_classes})")
+        if self.header.format_version == 1:
+            self.check_values()
+            if full:
+                self.verify_checksum()
+            return
+        if not self.header.values_checked or full:
+            self.check_values()
+        if full:
+            self.verify_checksum()
+            return
+        f = self._open()
+        if root_hash(f["chunk_sha256"][()], paths_digest(paths), self.class_names) != self.header.content_sha256:
+            raise StoreError(self.path, "content checksum mismatch in the image paths, class names or "
+                                        "recorded hashes (the file was changed or damaged after it was written)")
+        chunks = len(f["chunk_sha256"])
+        self.verify_checksum(chunks=[int(np.random.default_rng().integers(chunks))])
 
-    def verify_checksum(self) -> None:
-        """Recompute the content hash and compare it with the header (reads the whole store)."""
-        f = self._handle()
-        actual = content_hash(self._logits, self._class_ids, f["labels"], f["image_sizes"], self.paths)
-        if actual != self.header.content_sha256:
-            raise StoreError(self.path, f"content checksum mismatch (stored "
-                                        f"{self.header.content_sha256[:12]}, actual {actual[:12]})")
+    # -- checks ----------------------------------------------------------------------------------
+    def _scan_arrays(self):
+        """``(logits, class_ids)`` mapped for one sequential pass (read-ahead on)."""
+        f = self._open()
+        mapped = [_memmap_dataset(self.path, f[name], _SEQUENTIAL) for name in ("logits", "class_ids")]
+        return [m if m is not None else f[name] for m, name in zip(mapped, ("logits", "class_ids"))]
+
+    def check_values(self) -> None:
+        """Scan every map (sequentially); raise :class:`StoreError` naming the first bad row."""
+        logits, class_ids = self._scan_arrays()
+        n = self.header.num_rows
+        for start in range(0, n, _SCAN_ROWS):
+            stop = min(n, start + _SCAN_ROWS)
+            problem = map_value_problem(np.asarray(logits[start:stop]), np.asarray(class_ids[start:stop]),
+                                        self.num_classes)
+            if problem is not None:
+                row = start + problem[0]
+                raise StoreError(self.path, f"row {row} ({self.paths[row]}): {problem[1]}")
+
+    def verify_checksum(self, chunks: Optional[Sequence[int]] = None) -> None:
+        """Recompute the content hash (every block, or the blocks ``chunks``) and compare it with
+        what the writer recorded; raise :class:`StoreError` on a mismatch."""
+        f = self._open()
+        if self.header.format_version == 1:
+            actual = content_hash_v1(self._array("logits"), self._array("class_ids"), f["labels"],
+                                     f["image_sizes"], self.paths.tolist())
+            if actual != self.header.content_sha256:
+                raise StoreError(self.path, f"content checksum mismatch (stored "
+                                            f"{self.header.content_sha256[:12]}, actual {actual[:12]})")
+            return
+        recorded = f["chunk_sha256"][()]
+        if chunks is None:
+            if root_hash(recorded, paths_digest(self.paths), self.class_names) != self.header.content_sha256:
+                raise StoreError(self.path, "content checksum mismatch in the image paths, class names or "
+                                            "recorded hashes (the file was changed or damaged after it was "
+                                            "written)")
+            chunks = range(len(recorded))
+        logits, class_ids = self._scan_arrays()
+        rows = int(f.attrs.get("hash_chunk_rows", HASH_CHUNK_ROWS))
+        for chunk in chunks:
+            start, stop = chunk * rows, min(self.header.num_rows, (chunk + 1) * rows)
+            data = row_bytes(np.asarray(logits[start:stop]), np.asarray(class_ids[start:stop]),
+                             np.asarray(self.labels[start:stop]), np.asarray(self.image_sizes[start:stop]))
+            if hashlib.sha256(data.tobytes()).digest() != recorded[chunk].tobytes():
+                raise StoreError(self.path, f"content checksum mismatch in rows {start}..{stop - 1} (the "
+                                            "file was changed or damaged after it was written)")
 
     # -- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -437,22 +600,47 @@ class LabelStore:
     def layout(self) -> str:
         return self.header.layout
 
+    @property
+    def paths(self) -> PathTable:
+        """Every row's image path relative to the image root (memory-mapped)."""
+        self._open()
+        if self._paths is None:
+            f = self._file
+            if self.header.format_version == 1:
+                self._paths = PathTable.from_strings(_decode_strings(f["paths"]))
+            else:
+                offsets = self._array("path_offsets")
+                data = self._array("path_bytes")
+                self._paths = PathTable(np.asarray(data) if not isinstance(data, np.ndarray) else data,
+                                        np.asarray(offsets) if not isinstance(offsets, np.ndarray) else offsets)
+        return self._paths
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 ``[N]`` hard labels (-1: unknown), memory-mapped."""
+        return np.asarray(self._array("labels"))
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """int32 ``[N, 2]`` (height, width) of each image, memory-mapped."""
+        return np.asarray(self._array("image_sizes"))
+
     def read(self, rows) -> LabelMap:
         """Maps of ``rows`` (an int or a sequence): ``logits [n, k, H, W]``, ``class_ids [n, k, H, W]``."""
-        self._handle()
+        logits, class_ids = self._array("logits"), self._array("class_ids")
         if np.isscalar(rows):
             row = int(rows)
             if not 0 <= row < len(self):
                 raise IndexError(f"row {row} is outside the store's {len(self)} rows")
-            return LabelMap(np.asarray(self._logits[row]), np.asarray(self._class_ids[row]))
+            return LabelMap(np.asarray(logits[row]), np.asarray(class_ids[row]))
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows outside [0, {len(self)}) requested")
-        if isinstance(self._logits, np.ndarray):
-            return LabelMap(self._logits[rows], self._class_ids[rows])
+        if isinstance(logits, np.ndarray):
+            return LabelMap(logits[rows], class_ids[rows])
         # h5py needs increasing indices: read sorted unique rows, then restore the order.
         unique, inverse = np.unique(rows, return_inverse=True)
-        return LabelMap(self._logits[unique][inverse], self._class_ids[unique][inverse])
+        return LabelMap(logits[unique][inverse], class_ids[unique][inverse])
 
     def read_checked(self, row: int) -> LabelMap:
         """One row's map, with its values checked; errors name the row and its image path."""
@@ -469,17 +657,19 @@ class LabelStore:
     def row_of(self, relpath: str) -> int:
         """The row holding the map of image ``relpath`` (``KeyError`` if there is none)."""
         if self._row_of_path is None:
-            self._row_of_path = {p: i for i, p in enumerate(self.paths)}
+            self._row_of_path = {p: i for i, p in enumerate(self.paths.tolist())}
         return self._row_of_path[_normalise_relpath(relpath)]
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
-        self._file = self._logits = self._class_ids = None
+        self._file = None
+        self._arrays = {}
+        self._paths = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_file=None, _logits=None, _class_ids=None, _pid=None)
+        state.update(_file=None, _arrays={}, _paths=None, _pid=None, _row_of_path=None)
         return state
 
     def __enter__(self):
@@ -491,7 +681,7 @@ class LabelStore:
     def __repr__(self) -> str:
         h = self.header
         return (f"LabelStore({self.path!r}, rows={h.num_rows}, classes={h.num_classes}, "
-                f"k={h.k}, grid={h.grid_h}x{h.grid_w}, layout={h.layout})")
+                f"k={h.k}, grid={h.grid_h}x{h.grid_w}, layout={h.layout}, version={h.format_version})")
 
 
 def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict:
@@ -508,12 +698,13 @@ def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict
                            for t, y in zip(top1[known], hard[known])])) if known.any() else float("nan")
     size_bytes = os.path.getsize(store.path)
     return {
-        "path": store.path, "format_version": FORMAT_VERSION, "rows": h.num_rows,
+        "path": store.path, "format_version": h.format_version, "rows": h.num_rows,
         "num_classes": h.num_classes, "k": h.k, "grid": [h.grid_h, h.grid_w], "layout": h.layout,
         "teacher": h.teacher, "teacher_input_size": h.teacher_input_size, "source": h.source,
-        "content_sha256": h.content_sha256, "file_bytes": size_bytes,
-        "bytes_per_image": size_bytes / max(1, h.num_rows),
-        "class_ids_dtype": str(store._class_ids.dtype), "memory_mapped": isinstance(store._logits, np.ndarray),
+        "content_sha256": h.content_sha256, "values_checked_when_written": h.values_checked,
+        "file_bytes": size_bytes, "bytes_per_image": size_bytes / max(1, h.num_rows),
+        "class_ids_dtype": str(store._array("class_ids").dtype),
+        "memory_mapped": isinstance(store._array("logits"), np.ndarray),
         "sampled_rows": int(len(rows)),
         "logit_mean": float(logits.mean()), "logit_min": float(logits.min()), "logit_max": float(logits.max()),
         "top1_logit_mean": float(logits[:, 0].mean()),

@@ -40,7 +40,7 @@ def _map_file(r, rel):
 
 
 def _check_rows_against_files(store, r):
-    for row, rel in enumerate(store.paths):
+    for row, rel in enumerate(store.paths.tolist()):
         tensor = torch.load(_map_file(r, rel), weights_only=True)
         got = store.read(row)
         np.testing.assert_array_equal(got.logits.astype(np.float32), tensor[0].numpy())
@@ -72,7 +72,7 @@ def test_convert_pairs_rows_with_maps(release):
     assert h.layout == "WH" and h.source == "relabel-release"
     assert h.teacher == RELEASE_TEACHER and h.teacher_input_size == RELEASE_TEACHER_SIZE
     assert (h.num_rows, h.num_classes, h.k, h.grid_h, h.grid_w) == (N, NUM_CLASSES, K, MAP_H, MAP_W)
-    assert store.paths == release["relpaths"]
+    assert store.paths.tolist() == release["relpaths"]
     assert store.class_names == [f"class_{c:02d}" for c in range(NUM_CLASSES)]
     np.testing.assert_array_equal(store.labels, np.repeat(np.arange(NUM_CLASSES), PER_CLASS))
     np.testing.assert_array_equal(store.image_sizes, np.array(SIZES))
@@ -117,8 +117,8 @@ def test_allow_missing_skips_and_reports(release):
     assert "1 images without a map" in report.summary()
     assert "1 maps without an image" in report.summary()
     store = LabelStore(out)
-    assert store.paths == [p for p in release["relpaths"] if p != missing]
-    np.testing.assert_array_equal(store.labels, [int(p[6:8]) for p in store.paths])
+    assert store.paths.tolist() == [p for p in release["relpaths"] if p != missing]
+    np.testing.assert_array_equal(store.labels, [int(p[6:8]) for p in store.paths.tolist()])
     keep = [i for i, p in enumerate(release["relpaths"]) if p != missing]
     np.testing.assert_array_equal(store.image_sizes, np.array(SIZES)[keep])
     _check_rows_against_files(store, release)
@@ -293,7 +293,7 @@ def test_changed_image_set_does_not_resume(release, monkeypatch):
     os.remove(_map_file(release, rel))
     report, out = _convert(release)
     assert report.resumed_from_row == 0 and report.rows == N - 1
-    assert LabelStore(out).paths == release["relpaths"][:-1]
+    assert LabelStore(out).paths.tolist() == release["relpaths"][:-1]
 
 
 # ---------------------------------------------------------------------------------------- classes
@@ -322,7 +322,7 @@ def test_logit_beyond_float16_range_is_not_published_as_inf(release):
     except ConversionError as error:
         assert _map_file(release, rel) in str(error)
         return
-    LabelStore(out, check_values=True)
+    LabelStore(out, verify="full")
 
 
 def test_partial_from_another_maps_directory_is_not_resumed(release, monkeypatch):

@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from dali_relabel.paths import PathTable
 from dali_relabel.store import (FORMAT_NAME, FORMAT_VERSION, PARTIAL_SUFFIX, LabelStore, StoreError,
-                                StoreWriter, content_hash, summarize, write_store)
+                                StoreWriter, paths_digest, root_hash, row_bytes, summarize, write_store)
 from helpers import random_maps
 
 N, K, H, W, C = 10, 3, 4, 5, 7
@@ -62,7 +63,7 @@ def _write_rows(writer, d, start, stop):
 def test_round_trip_every_row_and_metadata(store_path, data):
     with LabelStore(store_path) as store:
         assert len(store) == N
-        assert store.paths == data["paths"]
+        assert store.paths.tolist() == data["paths"]
         assert store.class_names == data["class_names"]
         np.testing.assert_array_equal(store.labels, data["labels"])
         np.testing.assert_array_equal(store.image_sizes, data["image_sizes"])
@@ -71,8 +72,12 @@ def test_round_trip_every_row_and_metadata(store_path, data):
         assert h.map_shape == (K, H, W)
         assert (h.layout, h.teacher, h.teacher_input_size, h.source) == ("HW", "teach", 475, "test")
         assert store.layout == "HW" and store.num_classes == C
-        assert h.content_sha256 == content_hash(data["logits"], data["class_ids"].astype(np.uint8),
-                                                data["labels"], data["image_sizes"], data["paths"])
+        rows = row_bytes(data["logits"], data["class_ids"].astype(np.uint8), data["labels"], data["image_sizes"])
+        import hashlib
+        chunk = np.frombuffer(hashlib.sha256(rows.tobytes()).digest(), np.uint8)[None]
+        assert h.content_sha256 == root_hash(chunk, paths_digest(PathTable.from_strings(data["paths"])),
+                                             data["class_names"])
+        assert h.values_checked and h.format_version == FORMAT_VERSION
         for r in range(N):
             m = store[r]
             assert m.logits.dtype == np.float16
@@ -106,18 +111,17 @@ def test_defaults_for_labels_sizes_and_names(tmp_path, data):
 def test_paths_are_normalised_to_slashes(tmp_path, data):
     paths = [p.replace("/", os.sep) for p in data["paths"]]
     path = write_store(tmp_path / "s.h5", paths, data["logits"], data["class_ids"], num_classes=C)
-    assert LabelStore(path).paths == data["paths"]
+    assert LabelStore(path).paths.tolist() == data["paths"]
 
 
 @pytest.mark.parametrize("num_classes,dtype", [(7, np.uint8), (256, np.uint8), (257, np.uint16),
                                                (1000, np.uint16)])
 def test_class_id_dtype(tmp_path, num_classes, dtype):
     logits, ids = random_maps(4, 5, 3, 3, num_classes, seed=num_classes)
-    ids[0, 0, 0, 0] = num_classes - 1  # the largest id must survive the narrow type
-    ids[0, 1, 0, 0] = 0 if ids[0, 0, 0, 0] != 0 else 1
+    ids[0, :, 0, 0] = [num_classes - 1, 0, 1, 2, 3]  # the largest id must survive the narrow type
     path = write_store(tmp_path / "s.h5", _paths(4), logits, ids, num_classes=num_classes)
     store = LabelStore(path)
-    assert store._class_ids.dtype == dtype
+    assert store._array("class_ids").dtype == dtype
     with h5py.File(path, "r") as f:
         assert f["class_ids"].dtype == dtype
     np.testing.assert_array_equal(store.read(np.arange(4)).class_ids, ids)
@@ -172,8 +176,9 @@ def test_read_unsorted_and_repeated_rows(store_path, data):
 def test_memory_mapped_fast_path(store_path):
     store = LabelStore(store_path)
     store.read(0)
-    assert isinstance(store._logits, np.ndarray)
-    assert isinstance(store._class_ids, np.ndarray)
+    for name in ("logits", "class_ids", "labels", "image_sizes", "path_bytes", "path_offsets"):
+        assert isinstance(store._array(name), np.memmap), name
+    assert isinstance(store.paths.data, np.memmap) and isinstance(store.labels, np.ndarray)
     assert summarize(store)["memory_mapped"] is True
 
 
@@ -194,10 +199,10 @@ def test_chunked_gzip_copy_reads_identically(tmp_path, store_path, data):
         assert f["logits"].compression == "gzip" and f["logits"].chunks is not None
     fast, slow = LabelStore(store_path), LabelStore(copy)
     slow.read(0)
-    assert not isinstance(slow._logits, np.ndarray)  # falls back to h5py datasets
+    assert not isinstance(slow._array("logits"), np.ndarray)  # falls back to h5py datasets
     assert summarize(slow)["memory_mapped"] is False
     assert slow.header == fast.header
-    assert slow.paths == fast.paths and slow.class_names == fast.class_names
+    assert slow.paths.tolist() == fast.paths.tolist() and slow.class_names == fast.class_names
     np.testing.assert_array_equal(slow.labels, fast.labels)
     np.testing.assert_array_equal(slow.image_sizes, fast.image_sizes)
     for rows in (np.arange(N), [7, 2, 2, 9, 0, 7, 3], [5]):
@@ -214,7 +219,7 @@ def test_pickle_round_trip(store_path, data):
     store = LabelStore(store_path)
     store.read(3)  # an open handle must not travel through pickle
     clone = pickle.loads(pickle.dumps(store))
-    assert clone.paths == store.paths and clone.header == store.header
+    assert clone.paths.tolist() == store.paths.tolist() and clone.header == store.header
     got = clone.read(np.arange(N))
     np.testing.assert_array_equal(got.logits, data["logits"])
     np.testing.assert_array_equal(got.class_ids, data["class_ids"])
@@ -296,7 +301,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, store_path):
     np.testing.assert_array_equal(a.class_ids, b.class_ids)
     np.testing.assert_array_equal(resumed.labels, clean.labels)
     np.testing.assert_array_equal(resumed.image_sizes, clean.image_sizes)
-    assert resumed.paths == clean.paths
+    assert resumed.paths.tolist() == clean.paths.tolist()
 
 
 def test_different_plan_does_not_resume(tmp_path, data):
@@ -398,7 +403,7 @@ def test_writer_rejects_logits_that_overflow_float16(tmp_path, data):
         write_store(path, data["paths"], logits, data["class_ids"], num_classes=C)
     except ValueError:
         return  # rejected at write time: fine
-    LabelStore(path, check_values=True)  # otherwise the store it published must be valid
+    LabelStore(path, verify="full")  # otherwise the store it published must be valid
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -439,8 +444,8 @@ def test_other_hdf5_file_is_not_a_store(tmp_path):
 
 
 def test_unsupported_version(store_path):
-    _edit_attrs(store_path, format_version=2)
-    with pytest.raises(StoreError, match="format version 2 is not supported"):
+    _edit_attrs(store_path, format_version=3)
+    with pytest.raises(StoreError, match="format version 3 is not supported"):
         LabelStore(store_path)
 
 
@@ -463,7 +468,8 @@ def test_bad_layout_attribute(store_path):
         LabelStore(store_path)
 
 
-@pytest.mark.parametrize("name", ["paths", "labels", "image_sizes", "class_names"])
+@pytest.mark.parametrize("name", ["path_bytes", "path_offsets", "labels", "image_sizes", "class_names",
+                                  "chunk_sha256"])
 def test_missing_small_dataset(store_path, name):
     with h5py.File(store_path, "r+") as f:
         del f[name]
@@ -505,11 +511,13 @@ def test_wrong_dtypes(store_path):
 def test_class_id_out_of_range_names_row(store_path, data):
     with h5py.File(store_path, "r+") as f:
         f["class_ids"][6, 1, 2, 3] = C
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        LabelStore(store_path)  # the default open checks a block's hash: here the only block
     with pytest.raises(StoreError) as info:
-        LabelStore(store_path, check_values=True)
+        LabelStore(store_path, verify="full")
     msg = str(info.value)
-    assert "row 6" in msg and data["paths"][6] in msg and "class id outside" in msg
-    store = LabelStore(store_path, check_values=False)
+    assert "row 6" in msg and data["paths"][6] in msg and f"class id {C} is outside" in msg
+    store = LabelStore(store_path, verify="header")
     store.read_checked(5)  # other rows are fine
     with pytest.raises(StoreError) as info:
         store.read_checked(6)
@@ -523,10 +531,10 @@ def test_nan_logit_names_row(store_path, data):
     with h5py.File(store_path, "r+") as f:
         f["logits"][8, 0, 0, 4] = np.nan
     with pytest.raises(StoreError) as info:
-        LabelStore(store_path)
+        LabelStore(store_path, verify="full")
     msg = str(info.value)
-    assert "row 8" in msg and data["paths"][8] in msg and "non-finite logit" in msg
-    store = LabelStore(store_path, check_values=False)
+    assert "row 8" in msg and data["paths"][8] in msg and "not finite" in msg
+    store = LabelStore(store_path, verify="header")
     np.testing.assert_array_equal(store.read_checked(7).logits, data["logits"][7])
     with pytest.raises(StoreError) as info:
         store.read_checked(8)
@@ -539,24 +547,170 @@ def test_first_bad_row_is_named(store_path, data):
         f["class_ids"][9, 0, 0, 0] = 200
         f["class_ids"][2, 2, 3, 4] = 100
     with pytest.raises(StoreError, match=r"row 2 \("):
-        LabelStore(store_path)
+        LabelStore(store_path, verify="full")
 
 
-def test_verify_checksum(store_path):
-    LabelStore(store_path).verify_checksum()
+def test_a_few_corrupted_bytes_are_caught_at_open(store_path):
+    """20 bytes of valid-looking logits changed after writing: the default open checks a block's
+    hash (here the only block) and refuses; ``verify="header"`` opens, ``verify_checksum`` refuses."""
     with h5py.File(store_path, "r+") as f:
-        value = f["logits"][3, 1, 2, 2]
-        f["logits"][3, 1, 2, 2] = value + np.float16(1.0)
-    store = LabelStore(store_path)  # values are still valid, only the checksum catches it
+        offset = f["logits"].id.get_offset()
+    with open(store_path, "r+b") as fh:
+        fh.seek(offset + 100)
+        fh.write(bytes(np.full(20, 0x3C, np.uint8)))  # float16 ~1.0: finite, in range
+    with pytest.raises(StoreError, match="checksum mismatch in rows 0..9"):
+        LabelStore(store_path)
+    store = LabelStore(store_path, verify="header")
     with pytest.raises(StoreError, match="checksum mismatch"):
         store.verify_checksum()
 
 
 def test_verify_checksum_catches_label_change(store_path):
     with h5py.File(store_path, "r+") as f:
-        f["labels"][0] = f["labels"][0] + 1
+        f["labels"][0] = (f["labels"][0] + 1) % C
     with pytest.raises(StoreError, match="checksum mismatch"):
-        LabelStore(store_path).verify_checksum()
+        LabelStore(store_path)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        LabelStore(store_path, verify="header").verify_checksum()
+
+
+def test_verify_checksum_catches_path_change(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["path_bytes"][0] = ord("X")
+    with pytest.raises(StoreError, match="checksum mismatch in the image paths"):
+        LabelStore(store_path)
+
+
+def test_block_hashes_localise_damage(tmp_path, data, monkeypatch):
+    import dali_relabel.store as store_module
+
+    monkeypatch.setattr(store_module, "HASH_CHUNK_ROWS", 4)  # 10 rows: blocks 0-3, 4-7, 8-9
+    path = _write(tmp_path / "blocks.h5", data)
+    with h5py.File(path, "r") as f:
+        assert f["chunk_sha256"].shape == (3, 32) and int(f.attrs["hash_chunk_rows"]) == 4
+    monkeypatch.setattr(store_module, "HASH_CHUNK_ROWS", 8192)  # the reader uses the recorded size
+    LabelStore(path, verify="full")
+    with h5py.File(path, "r+") as f:
+        f["image_sizes"][5] = [1, 1]
+    store = LabelStore(path, verify="header")
+    store.verify_checksum(chunks=[0])
+    store.verify_checksum(chunks=[2])
+    with pytest.raises(StoreError, match="rows 4..7"):
+        store.verify_checksum(chunks=[1])
+    with pytest.raises(StoreError, match="rows 4..7"):
+        store.verify_checksum()
+
+
+def test_resumed_write_inside_a_block_hashes_identically(tmp_path, data, monkeypatch):
+    import dali_relabel.store as store_module
+
+    monkeypatch.setattr(store_module, "HASH_CHUNK_ROWS", 4)
+    clean = _write(tmp_path / "clean.h5", data)
+    out = tmp_path / "resumed.h5"
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 6)  # stops inside block 4-7
+    w.close()
+    w = _writer(out, data)
+    assert w.rows_written == 6
+    _write_rows(w, data, 6, N)
+    w.finish()
+    assert LabelStore(out, verify="full").header.content_sha256 == LabelStore(clean).header.content_sha256
+
+
+def test_open_does_not_scan_values_of_a_checked_store(store_path, monkeypatch):
+    def fail(self):
+        raise AssertionError("the default open must not scan every value of a version-2 store")
+
+    monkeypatch.setattr(LabelStore, "check_values", fail)
+    LabelStore(store_path)
+    with pytest.raises(AssertionError):
+        LabelStore(store_path, verify="full")
+
+
+def test_writer_refuses_repeated_class_in_a_cell(tmp_path, data):
+    ids = data["class_ids"].copy()
+    ids[3, 1, 2, 2] = ids[3, 0, 2, 2]
+    with pytest.raises(ValueError, match=r"map 3\): cell \(2, 2\) holds class ids .* a class may appear once"):
+        write_store(tmp_path / "dup.h5", data["paths"], data["logits"], ids, num_classes=C)
+    assert not os.path.exists(tmp_path / "dup.h5")
+
+
+def test_repeated_class_in_a_cell_is_caught_when_verified(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["class_ids"][4, 2, 1, 0] = f["class_ids"][4, 0, 1, 0]
+    with pytest.raises(StoreError, match=r"row 4 .*a class may appear once per cell"):
+        LabelStore(store_path, verify="full")
+
+
+def test_writer_refuses_labels_out_of_range(tmp_path, data):
+    labels = data["labels"].copy()
+    labels[2] = C
+    with pytest.raises(ValueError, match=f"label {C} is outside"):
+        write_store(tmp_path / "l.h5", data["paths"], data["logits"], data["class_ids"], num_classes=C,
+                    labels=labels)
+
+
+def test_label_out_of_range_is_refused_at_open(store_path, data):
+    with h5py.File(store_path, "r+") as f:
+        f["labels"][7] = 99
+    with pytest.raises(StoreError, match=rf"row 7 \({data['paths'][7]}\) has label 99, outside"):
+        LabelStore(store_path)
+
+
+@pytest.mark.parametrize("bad", ["../outside.JPEG", "/etc/passwd", "cls_0/../../x.JPEG", "a/..", "a\0b"])
+def test_writer_refuses_paths_that_leave_the_root(tmp_path, data, bad):
+    paths = list(data["paths"])
+    paths[1] = bad.replace("\\0", "\0")
+    with pytest.raises(ValueError, match="row 1"):
+        write_store(tmp_path / "p.h5", paths, data["logits"], data["class_ids"], num_classes=C)
+
+
+def test_dotted_names_are_not_parent_references(tmp_path, data):
+    paths = list(data["paths"])
+    paths[0], paths[1] = "cls_0/..hidden.JPEG", "cls_0/a..b/c...JPEG"
+    path = write_store(tmp_path / "ok.h5", paths, data["logits"], data["class_ids"], num_classes=C)
+    assert LabelStore(path).paths.tolist()[:2] == paths[:2]
+
+
+def test_tampered_path_leaving_the_root_is_refused_at_open(store_path):
+    with h5py.File(store_path, "r+") as f:
+        start = int(f["path_offsets"][3])
+        f["path_bytes"][start:start + 3] = np.frombuffer(b"../", np.uint8)
+    with pytest.raises(StoreError, match="row 3 has the path '../"):
+        LabelStore(store_path)
+
+
+def _write_version1(path, d):
+    """A store in the version-1 layout (paths as HDF5 strings), as dali-relabel 0.1 wrote it."""
+    from dali_relabel.store import content_hash_v1
+
+    ids = d["class_ids"].astype(np.uint8)
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format=FORMAT_NAME, format_version=1, complete=True, num_rows=N, num_classes=C,
+                       k=K, grid_h=H, grid_w=W, layout="WH", teacher="t", teacher_input_size=0, source="old",
+                       content_sha256=content_hash_v1(d["logits"], ids, d["labels"], d["image_sizes"],
+                                                      d["paths"]))
+        f.create_dataset("logits", data=d["logits"])
+        f.create_dataset("class_ids", data=ids)
+        f.create_dataset("labels", data=d["labels"])
+        f.create_dataset("image_sizes", data=d["image_sizes"])
+        f.create_dataset("paths", data=np.array(d["paths"], dtype=h5py.string_dtype("utf-8")))
+        f.create_dataset("class_names", data=np.array(d["class_names"], dtype=h5py.string_dtype("utf-8")))
+    return path
+
+
+def test_version1_store_is_still_read(tmp_path, data):
+    path = _write_version1(tmp_path / "v1.h5", data)
+    store = LabelStore(path, verify="full")
+    assert store.header.format_version == 1 and not store.header.values_checked
+    assert store.paths.tolist() == data["paths"] and store.layout == "WH"
+    np.testing.assert_array_equal(store.read(np.arange(N)).logits, data["logits"])
+    np.testing.assert_array_equal(store.labels, data["labels"])
+    store.close()
+    with h5py.File(path, "r+") as f:
+        f["class_ids"][2, 0, 0, 0] = 250
+    with pytest.raises(StoreError, match="row 2"):
+        LabelStore(path)  # nothing recorded: the default open scans a version-1 store's values
 
 
 # -------------------------------------------------------------------------------------- summarize
