@@ -28,6 +28,7 @@ from .paths import PathTable
 from .plan import EpochPlan
 from .sources import SKIPPED, VALID, BadImageError, BatchSource, EpochControl, check_encoded_image
 from .store import LabelStore, StoreError
+from .tree_check import check_store_matches_images
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -41,32 +42,6 @@ def resolve_device(device: Optional[str]) -> str:
     if device == "cpu":
         return "cpu"
     raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
-
-
-def check_store_matches_images(store: LabelStore, image_root: str, allow_extra_images: bool = False) -> None:
-    """Refuse a store that does not describe the images under ``image_root`` (first offending path).
-
-    Every store row needs its image; every image under the root needs a row (unless
-    ``allow_extra_images``); the class folder of each row must be the class name of its label.
-    """
-    images = list_images(image_root, classes=None)
-    on_disk = set(images.relpaths)
-    stored = store.paths.tolist()
-    for row, path in enumerate(stored):
-        if path not in on_disk:
-            raise StoreError(store.path, f"row {row} refers to {path}, which is not under {image_root} "
-                                         "(is this store made for another image set?)")
-    if not allow_extra_images and len(on_disk) != len(stored):
-        in_store = set(stored)
-        extra = next(p for p in images.relpaths if p not in in_store)
-        raise StoreError(store.path, f"{len(on_disk) - len(in_store)} images under {image_root} have no "
-                                     f"map, first: {extra}")
-    for row, path in enumerate(stored):
-        label = int(store.labels[row])
-        folder = path.split("/", 1)[0]
-        if label >= 0 and store.class_names[label] != folder:
-            raise StoreError(store.path, f"row {row} ({path}) has label {label} = "
-                                         f"{store.class_names[label]!r}, but lies in folder {folder!r}")
 
 
 def decode_problem(path: str) -> Optional[str]:
@@ -376,7 +351,9 @@ class ReLabelLoader(PipelineBatches):
         shuffle: new permutation every epoch.
         return_labels: yield ``(images, targets, labels)``.
         return_rows: also yield the store rows of the batch (last element).
-        check_files: at start-up, refuse a store whose rows do not match the image tree.
+        check_files: at start-up, refuse a store whose rows do not match the image tree (checked
+            once per store and tree, then remembered while the tree's folders are unchanged; see
+            :mod:`dali_relabel.tree_check`).
         skip_bad_images: leave undecodable images out instead of raising (counted in
             :attr:`skipped_images`).
         start_epoch: epoch number of the first epoch (resuming).
