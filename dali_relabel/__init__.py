@@ -4,23 +4,26 @@ Main entry points:
 
 * :class:`~dali_relabel.store.LabelStore` / :class:`~dali_relabel.store.StoreWriter`: the HDF5 label-map store;
 * :func:`~dali_relabel.reference.reference_label_pooling`: the authors' LabelPooling in plain PyTorch;
-* :func:`~dali_relabel.plugin.load_plugin`: the fused DALI operator ``fn.relabel.label_pooling``;
+* :func:`~dali_relabel.plugin.load_plugin`: the fused DALI operators ``fn.relabel.*``;
 * :class:`~dali_relabel.loader.ReLabelLoader` / :class:`~dali_relabel.loader.ValidationLoader`: drop-in
   ``(images, targets)`` iterators.
-"""
-from .config import DataConfig
-from .store import LabelMap, LabelStore, StoreError, StoreWriter, write_store
 
+Names are imported on first use, so ``import dali_relabel`` (and the command line's start) stays
+light: the loaders pull in DALI and torch, the store h5py.
+"""
 __version__ = "0.1.0"
 
-__all__ = ["DataConfig", "LabelMap", "LabelStore", "StoreError", "StoreWriter", "write_store",
-           "ReLabelLoader", "ValidationLoader", "__version__"]
+_EXPORTS = {
+    "DataConfig": "config", "LabelMap": "store", "LabelStore": "store", "StoreError": "store",
+    "StoreWriter": "store", "write_store": "store", "ReLabelLoader": "loader", "ValidationLoader": "loader",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name):
-    # The loaders import DALI and torch; keep `import dali_relabel` light for the store tools.
-    if name in ("ReLabelLoader", "ValidationLoader"):
-        from . import loader
+    if name in _EXPORTS:
+        from importlib import import_module
 
-        return getattr(loader, name)
-    raise AttributeError(name)
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'dali_relabel' has no attribute {name!r}")

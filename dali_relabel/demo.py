@@ -22,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List
 
-import torch
-
 
 @dataclass
 class DemoSettings:
@@ -98,6 +96,8 @@ def run_demo(out_dir: str = "demo_output", settings: DemoSettings = None) -> Dic
     teacher_result = _train(teacher_run, settings, teacher_root, val_root, real, settings.teacher,
                             settings.teacher_epochs, settings.teacher_size, scale=(0.35, 1.0))
     teacher = create_model(settings.teacher, settings.classes)
+    import torch
+
     teacher.load_state_dict(torch.load(os.path.join(teacher_run, "checkpoint.pth"), map_location="cpu",
                                        weights_only=False)["model"])
     print("[3/4] generating the machine label maps with the teacher", flush=True)
