@@ -1,0 +1,104 @@
+"""Keyed crops: the ``relabel.random_crop_window`` operator against its Python twin, the keys, and the
+windows' distribution (torchvision's RandomResizedCrop rules)."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dali_relabel.crops import SplitMix64, crop_window, sample_keys
+
+pytest.importorskip("nvidia.dali")
+
+
+def _operator_windows(shapes, keys, **kwargs):
+    """``[(y, x, h, w, mirror)]`` drawn by the operator for image shapes ``[B, 2 or 3]`` and keys ``[B]``."""
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel.plugin import load_plugin
+
+    load_plugin()
+    shapes, keys = np.ascontiguousarray(shapes), np.ascontiguousarray(keys)
+
+    @pipeline_def(batch_size=len(shapes), num_threads=1, device_id=None)
+    def windows():
+        image_shape = fn.external_source(source=lambda: shapes, batch=True)
+        key = fn.external_source(source=lambda: keys, batch=True)
+        return tuple(fn.relabel.random_crop_window(image_shape, key, **kwargs))
+
+    pipe = windows()
+    pipe.build()
+    anchor, size, mirror = (out.as_array() for out in pipe.run())
+    return [tuple(int(v) for v in (a[0], a[1], s[0], s[1], m)) for a, s, m in zip(anchor, size, mirror)]
+
+
+def test_operator_draws_exactly_what_the_twin_draws():
+    rng = np.random.default_rng(0)
+    n = 600
+    shapes = np.stack([rng.integers(1, 1200, n), rng.integers(1, 1200, n), np.full(n, 3)], axis=1)
+    shapes[:20] = [[2000, 30, 3]] * 20  # very tall: the aspect-ratio fallback
+    shapes[20:30] = [[1, 1, 3]] * 10
+    keys = sample_keys(11, 4, np.arange(n))
+    got = _operator_windows(shapes, keys)
+    expected = [crop_window(int(h), int(w), int(k)) for (h, w, _), k in zip(shapes, keys)]
+    assert got == expected
+
+
+@settings(max_examples=15, deadline=None)
+@given(lo=st.floats(0.01, 1.0), span=st.floats(0.0, 1.0), r_lo=st.floats(0.2, 1.5), r_span=st.floats(0.0, 3.0),
+       attempts=st.integers(0, 12), flip=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**40))
+def test_operator_and_twin_agree_for_any_settings(lo, span, r_lo, r_span, attempts, flip, seed):
+    rng = np.random.default_rng(seed)
+    shapes = np.stack([rng.integers(1, 700, 16), rng.integers(1, 700, 16)], axis=1).astype(np.int32)
+    keys = rng.integers(0, 2**63, 16, dtype=np.int64).astype(np.uint64)
+    scale, ratio = (lo, min(1.0, lo + span)), (r_lo, r_lo + r_span)
+    got = _operator_windows(shapes, keys, random_area=list(scale), random_aspect_ratio=list(ratio),
+                            num_attempts=attempts, flip_probability=flip)
+    expected = [crop_window(int(h), int(w), int(k), scale, ratio, attempts, flip) for (h, w), k in zip(shapes, keys)]
+    assert got == expected
+
+
+def test_windows_follow_random_resized_crop():
+    keys = sample_keys(0, 0, np.arange(4000))
+    height, width = 480, 480  # square: accepting a window favours neither orientation
+    windows = [crop_window(height, width, int(k)) for k in keys]
+    areas, ratios, mirrors = [], [], []
+    for y, x, h, w, mirror in windows:
+        assert 0 <= y <= height - h and 0 <= x <= width - w and h >= 1 and w >= 1
+        areas.append(h * w / (height * width))
+        ratios.append(w / h)
+        mirrors.append(mirror)
+    areas, ratios = np.array(areas), np.array(ratios)
+    assert areas.min() >= 0.079 and areas.max() <= 1.0
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.34
+    assert 0.47 < np.mean(mirrors) < 0.53
+    # log-uniform ratio over a symmetric range: its log averages to 0 (std of the mean ~0.003)
+    assert abs(np.mean(np.log(ratios))) < 0.015
+    ys = np.array([y / (height - h) for y, x, h, w, _ in windows if h < height])
+    assert 0.45 < ys.mean() < 0.55, "positions are uniform over the free range"
+
+
+def test_fallback_is_the_largest_centred_window_in_the_ratio_range():
+    y, x, h, w, _ = crop_window(2000, 30, key=5, attempts=0)
+    assert (h, w) == (round(30 / 0.75), 30) and (y, x) == ((2000 - h) // 2, 0)
+    y, x, h, w, _ = crop_window(30, 2000, key=5, attempts=0)
+    assert (h, w) == (30, round(30 * float(np.float32(4 / 3)))) and x == (2000 - w) // 2
+    assert crop_window(300, 320, key=5, attempts=0)[:4] == (0, 0, 300, 320)
+
+
+def test_keys_are_distinct_per_row_and_change_with_seed_and_epoch():
+    rows = np.arange(100_000)
+    keys = sample_keys(3, 7, rows)
+    assert keys.dtype == np.uint64 and len(np.unique(keys)) == len(rows)
+    assert np.array_equal(keys, sample_keys(3, 7, rows))
+    assert not np.any(keys == sample_keys(3, 8, rows))
+    assert not np.any(keys == sample_keys(4, 7, rows))
+    assert sample_keys(3, 7, [5])[0] == keys[5], "a row's key does not depend on its neighbours"
+
+
+def test_splitmix_matches_the_reference_sequence():
+    # The published SplitMix64 outputs for seed 1234567 (Vigna's reference implementation).
+    rng = SplitMix64(1234567)
+    assert [rng.next() for _ in range(3)] == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+    assert math.isclose(SplitMix64(0).uniform(), (SplitMix64(0).next() >> 11) * 2.0 ** -53)
