@@ -1,21 +1,34 @@
 """Data settings: the one home for every default the pipelines, iterator, CLI and benchmarks share.
 
-A training script builds one :class:`DataConfig`, overrides what it needs (from the command line or
-a recipe) and hands it down; nothing below re-declares these defaults.
+A training script builds one :class:`DataConfig`, overrides what it needs (from the command line, a
+recipe, or timm's / torchvision's arguments through :mod:`dali_relabel.compat`) and hands it down;
+nothing below re-declares these defaults.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+#: ImageNet channel statistics in 0-1 units (torchvision's and timm's convention).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: The box conventions a label map can be pooled with (see docs/store_format.md, "layout").
 #: ``"HW"``: map axis 1 runs along the image's height (geometric). ``"WH"``: map axis 1 runs along the
 #: image's width, i.e. the map is pooled transposed, as the ReLabel authors' loader does.
 LAYOUTS = ("HW", "WH")
+#: Image dtypes the loaders hand out.
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+#: Resampling filters; ``"random"`` picks bilinear or bicubic per sample, as timm's default does.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "random")
+#: How the last partial batch of an epoch is handled.
+LAST_BATCH_POLICIES = ("drop", "pad")
+#: The two ReLabel CutMix target recipes (:mod:`dali_relabel.mixing`).
+CUTMIX_MODES = ("authors", "localized")
+#: One CutMix/Mixup draw per pair of samples, or one for the whole batch (timm's default).
+MIX_GRANULARITIES = ("pair", "batch")
 
 
 @dataclass
@@ -23,26 +36,36 @@ class DataConfig:
     """Settings for the training and validation data paths.
 
     Attributes:
-        image_size: side of the square training crop after resize.
-        val_resize: shorter side before the validation centre crop.
+        image_size: side of the square training and validation crop.
+        crop_pct: validation crop share: the shorter side is resized to ``image_size / crop_pct``
+            before the centre crop (timm's ``crop_pct``; 0.875 is 224 of 256).
+        val_resize: shorter side before the validation centre crop; overrides ``crop_pct``
+            (torchvision's ``--val-resize-size``).
         scale: random-resized-crop area range, as fractions of the image area.
         ratio: random-resized-crop aspect-ratio range (w / h), sampled log-uniformly.
         num_attempts: crop draws before the whole-image fallback.
         flip_probability: probability of a horizontal flip.
-        mean, std: per-channel normalisation, in 0-255 pixel units.
-        output_dtype: ``"float16"`` or ``"float32"`` images.
-        channels_last: NHWC images instead of NCHW.
+        interpolation: resampling filter of the training resize (one of :data:`INTERPOLATIONS`).
+        val_interpolation: resampling filter of the validation resize (``None``: as ``interpolation``,
+            bilinear where that is ``"random"``).
+        color_jitter: ``(brightness, contrast, saturation, hue)`` strengths like torchvision's
+            ``ColorJitter`` (a single number sets the first three); ``None`` or zeros: off.
+        mean, std: per-channel normalisation in 0-1 units (``(x / 255 - mean) / std``).
+        output_dtype: images as one of :data:`OUTPUT_DTYPES`.
+        channels_last: images in ``torch.channels_last`` memory format (shape still ``[B, 3, H, W]``).
         output_size: (h, w) grid of the soft target; (1, 1) gives ``[num_classes]`` targets.
         temperature: softmax temperature applied to the pooled logits.
+        label_smoothing: ``targets = (1 - e) * targets + e / num_classes`` (after mixing).
         layout: ``None`` to use the store's own layout, else ``"HW"`` or ``"WH"`` to override it.
         adjust_orientation: apply EXIF orientation when decoding. Off by default because the
             teachers that made ReLabel maps saw images as PIL loads them (without EXIF rotation).
         hw_decoder_load: share of JPEG decoding given to the GPU's hardware decoder (mixed backend).
         num_threads: DALI CPU threads per pipeline.
-        py_num_workers: processes feeding the external source.
+        py_num_workers: processes running the batch source (one call per batch; one is plenty).
         py_start_method: ``"fork"`` or ``"spawn"`` for those processes.
         prefetch_queue_depth: batches prepared ahead.
-        seed: base seed; the epoch order and the augmentations derive from it.
+        seed: base seed; the epoch order, every sample's crop, flip and jitter, and the mixing boxes
+            derive from it (and from the epoch and row), never from the rank or the resume point.
         last_batch: ``"drop"`` the last partial batch, or ``"pad"`` it (padded samples are
             marked and removed by the iterator, so nothing is trained on twice).
         cutmix_probability: chance that a pair of samples is CutMix-ed (0 disables CutMix).
@@ -54,25 +77,33 @@ class DataConfig:
             the end).
         mixup_alpha: Mixup on soft targets for the pairs CutMix left alone (0 disables it):
             ``lam ~ Beta(alpha, alpha)``, images and targets both ``lam * own + (1 - lam) * partner``.
+        mixup_probability: chance that a pair CutMix left alone is Mixup-ed.
+        mix_granularity: ``"pair"`` (every pair draws its own box and weight) or ``"batch"`` (one
+            draw for the whole batch, as timm's default ``mode='batch'``).
     """
 
     image_size: int = 224
-    val_resize: int = 256
+    crop_pct: float = 0.875
+    val_resize: Optional[int] = None
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     num_attempts: int = 10
     flip_probability: float = 0.5
+    interpolation: str = "bilinear"
+    val_interpolation: Optional[str] = None
+    color_jitter: Optional[Tuple[float, float, float, float]] = None
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     output_dtype: str = "float32"
     channels_last: bool = False
     output_size: Tuple[int, int] = (1, 1)
     temperature: float = 1.0
+    label_smoothing: float = 0.0
     layout: Optional[str] = None
     adjust_orientation: bool = False
     hw_decoder_load: float = 0.65
     num_threads: int = 4
-    py_num_workers: int = 2
+    py_num_workers: int = 1
     py_start_method: str = "fork"
     prefetch_queue_depth: int = 2
     seed: int = 0
@@ -82,34 +113,61 @@ class DataConfig:
     cutmix_mode: str = "authors"
     cutmix_stop_epoch: Optional[int] = None
     mixup_alpha: float = 0.0
+    mixup_probability: float = 1.0
+    mix_granularity: str = "pair"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS} or None, got {self.layout!r}")
-        if self.output_dtype not in ("float16", "float32"):
-            raise ValueError(f"output_dtype must be 'float16' or 'float32', got {self.output_dtype!r}")
-        if self.last_batch not in ("drop", "pad"):
-            raise ValueError(f"last_batch must be 'drop' or 'pad', got {self.last_batch!r}")
-        if self.py_start_method not in ("fork", "spawn"):
-            raise ValueError(f"py_start_method must be 'fork' or 'spawn', got {self.py_start_method!r}")
+        def choose(name, allowed, allow_none=False):
+            value = getattr(self, name)
+            if not (value in allowed or (allow_none and value is None)):
+                raise ValueError(f"{name} must be one of {allowed}{' or None' if allow_none else ''}, "
+                                 f"got {value!r}")
+
+        choose("layout", LAYOUTS, allow_none=True)
+        choose("output_dtype", OUTPUT_DTYPES)
+        choose("interpolation", INTERPOLATIONS)
+        choose("val_interpolation", tuple(i for i in INTERPOLATIONS if i != "random"), allow_none=True)
+        choose("last_batch", LAST_BATCH_POLICIES)
+        choose("py_start_method", ("fork", "spawn"))
+        choose("cutmix_mode", CUTMIX_MODES)
+        choose("mix_granularity", MIX_GRANULARITIES)
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
-        if self.cutmix_mode not in ("authors", "localized"):
-            raise ValueError(f"cutmix_mode must be 'authors' or 'localized', got {self.cutmix_mode!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {self.crop_pct}")
+        if max(self.mean) > 1 or max(self.std) > 1 or min(self.std) <= 0:
+            raise ValueError(f"mean and std are given in 0-1 units, as in torchvision and timm (e.g. "
+                             f"{IMAGENET_MEAN}); got mean={tuple(self.mean)}, std={tuple(self.std)}")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must not be negative, got {self.mixup_alpha}")
+        if not 0 <= self.mixup_probability <= 1:
+            raise ValueError(f"mixup_probability must lie in [0, 1], got {self.mixup_probability}")
         if not 0 <= self.cutmix_probability <= 1 or self.cutmix_alpha <= 0:
             raise ValueError("cutmix_probability must lie in [0, 1] and cutmix_alpha be positive")
         if self.cutmix_probability > 0 and tuple(self.output_size) != (1, 1):
             raise ValueError("CutMix needs output_size (1, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         self.output_size = tuple(int(s) for s in self.output_size)
         if len(self.output_size) != 2 or min(self.output_size) < 1:
             raise ValueError(f"output_size must be two positive ints, got {self.output_size}")
+        self.color_jitter = _jitter_strengths(self.color_jitter)
+
+    @property
+    def resize_size(self) -> int:
+        """The validation resize of the shorter side: ``val_resize``, else ``image_size / crop_pct``."""
+        return int(self.val_resize) if self.val_resize else int(math.floor(self.image_size / self.crop_pct))
+
+    @property
+    def mixing(self) -> bool:
+        """Whether CutMix or Mixup is configured at all."""
+        return self.cutmix_probability > 0 or (self.mixup_alpha > 0 and self.mixup_probability > 0)
 
     def replace(self, **changes) -> "DataConfig":
         """A copy with some fields changed."""
@@ -117,3 +175,18 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _jitter_strengths(value) -> Optional[Tuple[float, float, float, float]]:
+    """``(brightness, contrast, saturation, hue)`` from ``None``, a number or a sequence of 3 or 4."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = (value, value, value, 0.0)
+    value = tuple(float(v) for v in value)
+    if len(value) == 3:
+        value += (0.0,)
+    if len(value) != 4 or min(value) < 0 or value[3] > 0.5:
+        raise ValueError(f"color_jitter must be a number or (brightness, contrast, saturation[, hue]) with "
+                         f"non-negative strengths and hue at most 0.5, got {value}")
+    return None if not any(value) else value

@@ -5,12 +5,14 @@ The data source gives each sample a 64-bit key (:func:`sample_keys`); the plugin
 and flip from a SplitMix64 stream started at that key. Nothing else enters, so a resumed run, another
 number of DALI threads, another batch position or another data path (tree or tar shards) give the
 same crop of the same image in the same epoch. :func:`crop_window` is the Python twin of the
-operator, used by the tests to check it draw for draw.
+operator, used by the tests to check it draw for draw. :class:`SampleDraws` takes the other
+per-sample choices (colour jitter, the interpolation) from the same keys.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,3 +90,45 @@ def crop_window(height: int, width: int, key: int, scale: Sequence[float] = (0.0
         w = round(h * ratio_hi)
     h, w = min(max(h, 1), height), min(max(w, 1), width)
     return (height - h) // 2, (width - w) // 2, h, w, mirror
+
+
+def sample_uniforms(keys, stream: int, count: int) -> np.ndarray:
+    """float64 ``[B, count]`` uniforms in ``[0, 1)`` from each sample's key, independent of the crop
+    stream and of other ``stream`` numbers (used for colour jitter and the interpolation choice)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    salts = _mix(np.array([0xA0761D6478BD642F ^ stream], dtype=np.uint64) + np.arange(count, dtype=np.uint64))
+    bits = _mix(keys[:, None] ^ salts[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+@dataclass(frozen=True)
+class SampleDraws:
+    """Per-sample random choices beyond the crop, drawn from the same keys by the data source.
+
+    Args:
+        color_jitter: ``(brightness, contrast, saturation, hue)`` strengths (``None``: none drawn).
+        random_interpolation: draw bilinear or bicubic per sample (timm's ``"random"``).
+    """
+
+    color_jitter: Optional[Tuple[float, float, float, float]] = None
+    random_interpolation: bool = False
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return (("jitter",) if self.color_jitter else ()) + (("interp",) if self.random_interpolation else ())
+
+    def draw(self, keys) -> dict:
+        """``jitter`` float32 ``[B, 4]``: brightness, contrast and saturation factors in
+        ``[max(0, 1 - s), 1 + s]`` and a hue shift in degrees in ``[-360 h, 360 h]``; ``interp`` int32
+        ``[B]``: 0 bilinear, 1 bicubic."""
+        out = {}
+        if self.color_jitter:
+            u = sample_uniforms(keys, 1, 4)
+            low = np.array([max(0.0, 1 - s) for s in self.color_jitter[:3]] + [-self.color_jitter[3]])
+            high = np.array([1 + s for s in self.color_jitter[:3]] + [self.color_jitter[3]])
+            values = low + (high - low) * u
+            values[:, 3] *= 360.0
+            out["jitter"] = values.astype(np.float32)
+        if self.random_interpolation:
+            out["interp"] = (sample_uniforms(keys, 2, 1)[:, 0] >= 0.5).astype(np.int32)
+        return out

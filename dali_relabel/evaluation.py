@@ -291,7 +291,7 @@ def evaluate(model: torch.nn.Module, loader, real_labels: Optional[Sequence[Sequ
         model: a classifier returning ``[B, C]`` logits; it is put in ``eval()`` mode.
         loader: an iterable of ``(images, labels)``, or of ``(images, labels, rows)`` when
             ``loader.return_rows`` is true: normally a :class:`~dali_relabel.loader.ValidationLoader`.
-            Images in NHWC (``config.channels_last``) are permuted to NCHW views.
+            Images are ``[B, 3, H, W]`` in any memory format.
         real_labels: ReaL labels as read by :func:`load_real_labels` (``real.json`` order). When the
             loader has a file list (``loader.images.relpaths``) they are put in its order with
             :func:`align_real_labels`; otherwise they are indexed by the yielded rows directly. Needs
@@ -331,7 +331,6 @@ def evaluate(model: torch.nn.Module, loader, real_labels: Optional[Sequence[Sequ
         relpaths = getattr(getattr(loader, "images", None), "relpaths", None)
         if relpaths is not None:
             real_labels = align_real_labels(real_labels, relpaths)
-    nhwc = bool(getattr(getattr(loader, "config", None), "channels_last", False))
     dtype = _model_dtype(model)
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
@@ -343,10 +342,7 @@ def evaluate(model: torch.nn.Module, loader, real_labels: Optional[Sequence[Sequ
                 images, labels, rows = batch[0], batch[1], batch[-1]
             else:
                 images, labels, rows = batch[0], batch[1], None
-            images = images.to(device, non_blocking=True)
-            if nhwc:
-                images = images.permute(0, 3, 1, 2)
-            images = images.to(dtype)
+            images = images.to(device, non_blocking=True).to(dtype)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -463,7 +459,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
         imagenetv2: the tree's folders are class indices (:func:`imagenetv2_classes`).
         config: a :class:`~dali_relabel.config.DataConfig`; its ``image_size`` / ``val_resize`` are
             replaced by the checkpoint's ``args`` (``image_size`` or ``val_crop_size``, ``val_resize``
-            or ``val_resize_size``) when present.
+            or ``val_resize_size``) when present (without a resize, ``crop_pct`` decides it).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined if needed and every rank
     evaluates its shard. Returns :func:`evaluate`'s dict plus what was evaluated (model, classes,
@@ -478,7 +474,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
     config = config or DataConfig()
     image_size = args.get("image_size") or args.get("val_crop_size") or config.image_size
     val_resize = args.get("val_resize") or args.get("val_resize_size") or config.val_resize
-    config = config.replace(image_size=int(image_size), val_resize=int(val_resize))
+    config = config.replace(image_size=int(image_size), val_resize=int(val_resize) if val_resize else None)
 
     classes = None
     if classes_from_store is not None:
@@ -513,7 +509,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
         if joined:
             torch.distributed.destroy_process_group()
     result.update(checkpoint=os.fspath(checkpoint), val=os.fspath(val_root), model=name,
-                  num_classes=num_classes, image_size=config.image_size, val_resize=config.val_resize,
+                  num_classes=num_classes, image_size=config.image_size, val_resize=config.resize_size,
                   real_file=os.fspath(real) if real is not None else None,
                   label_order="store" if classes_from_store is not None and not imagenetv2
                   else "imagenetv2" if imagenetv2 else "sorted folders")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .crops import SampleDraws
 from .distributed import rank_and_world
 from .imagefolder import list_images
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
@@ -31,17 +32,29 @@ from .store import LabelStore, StoreError
 from .tree_check import check_store_matches_images
 
 
-def resolve_device(device: Optional[str]) -> str:
-    """``"gpu"`` or ``"cpu"``; ``None``/``"auto"`` picks the GPU when torch sees one."""
-    if device in (None, "auto"):
+def resolve_device(device) -> str:
+    """``"gpu"`` or ``"cpu"`` for what PyTorch accepts as a device (``"cuda"``, ``"cuda:1"``,
+    ``torch.device``, ``"cpu"``; also ``"gpu"``); ``None``/``"auto"`` picks the GPU when torch sees one."""
+    if device is None or device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
-    if device in ("cuda", "gpu"):
+    kind = "cuda" if device == "gpu" else torch.device(device).type
+    if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device='gpu' was requested but torch sees no CUDA GPU")
+            raise RuntimeError(f"device {str(device)!r} was requested but torch sees no CUDA GPU")
         return "gpu"
-    if device == "cpu":
+    if kind == "cpu":
         return "cpu"
-    raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+    raise ValueError(f"device must be a CPU or CUDA device (or 'auto'), got {device!r}")
+
+
+def device_index(device, device_id: Optional[int] = None) -> Optional[int]:
+    """The CUDA device index for ``device`` (``None`` on the CPU): the index in ``"cuda:1"`` or a
+    ``torch.device``, else ``device_id``, else torch's current device."""
+    if resolve_device(device) != "gpu":
+        return None
+    if device not in (None, "auto", "gpu") and torch.device(device).index is not None:
+        return torch.device(device).index
+    return torch.cuda.current_device() if device_id is None else int(device_id)
 
 
 def decode_problem(path: str) -> Optional[str]:
@@ -108,6 +121,7 @@ class _Pass:
 
     epoch: int
     first: int  # the epoch's batch the pass starts at
+    mixing: bool = True  # CutMix/Mixup switched on for this pass
     consumed: int = 0  # pipeline batches taken so far
     finished: bool = False
 
@@ -226,10 +240,15 @@ class PipelineBatches:
     def __iter__(self):
         return self._batches()
 
+    def _mixing_enabled(self) -> bool:
+        """Whether the next pass mixes (subclasses with CutMix/Mixup say)."""
+        return True
+
     def _begin_pass(self) -> _Pass:
         self._end_pass()
-        current = _Pass(self.epoch, self._first_batch)
-        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches)
+        current = _Pass(self.epoch, self._first_batch, self._mixing_enabled())
+        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
+                           current.mixing)
         if self._needs_reset:
             self._iterator.reset()
             self._needs_reset = False
@@ -300,6 +319,7 @@ class PipelineBatches:
             raise BadImageError(f"{self.source.path(row)}: {problem}") from error
         self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
         self._restart_pipeline(current.epoch, failed)  # the same epoch from the failed batch on
+        self.control.begin(0, current.epoch, failed, self.plan.num_batches, current.mixing)
         current.first, current.consumed = failed, 0
 
     def _find_bad_rows(self, epoch: int, batch: int):
@@ -322,18 +342,64 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]):
     return (default_rank if rank is None else rank), (default_world if world_size is None else world_size)
 
 
-def _device_id(device: str, device_id: Optional[int]) -> Optional[int]:
-    if device != "gpu":
-        return None
-    return torch.cuda.current_device() if device_id is None else device_id
-
-
 def _pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int]) -> dict:
     """Execution settings every graph is built with."""
     return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
                 seed=config.seed, py_num_workers=config.py_num_workers,
                 py_start_method=worker_start_method(config.py_start_method),
                 prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+
+
+def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
+    """DALI's images as PyTorch wants them: ``[B, 3, H, W]``, in ``channels_last`` memory format when
+    asked (a view of DALI's HWC output, no copy), and bfloat16 when asked (DALI makes float32)."""
+    if config.channels_last:
+        images = images.permute(0, 3, 1, 2)
+    if config.output_dtype == "bfloat16":
+        images = images.to(torch.bfloat16)
+    return images
+
+
+class LoaderDataset:
+    """What ``loader.dataset`` is to a training script: the image set's size and classes.
+
+    ``len()`` counts the images of all ranks (like a ``Dataset`` wrapped by a ``DistributedSampler``);
+    ``classes`` and ``class_to_idx`` are torchvision ``ImageFolder``'s.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], num_samples: int):
+        self.root = root
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self._num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+    def __repr__(self) -> str:
+        return f"LoaderDataset(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"
+
+
+class LoaderSampler:
+    """What ``loader.sampler`` is to a training script: ``set_epoch`` (as on a ``DistributedSampler``;
+    it sets the loader's epoch), ``len()`` (this rank's samples per epoch) and iteration over this
+    rank's rows of the coming epoch."""
+
+    def __init__(self, loader: "PipelineBatches"):
+        import weakref
+
+        self._loader = weakref.ref(loader)  # no cycle: dropping the loader stops its workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader().set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self._loader().plan.samples_per_rank
+
+    def __iter__(self):
+        loader = self._loader()
+        rows, valid = loader.plan.rows(loader.epoch)
+        return iter(rows[valid].tolist())
 
 
 class ReLabelLoader(PipelineBatches):
@@ -345,8 +411,9 @@ class ReLabelLoader(PipelineBatches):
             tree's hard labels (one-hot targets, the baseline) with the same pipeline.
         batch_size: samples per batch on this rank.
         config: data settings (:class:`DataConfig`); ``config.layout`` overrides the store's.
-        device: ``"gpu"`` (decode on ``mixed``, pool on the GPU), ``"cpu"``, or ``"auto"``.
-        device_id: CUDA device for ``"gpu"`` (default: the current torch device).
+        device: where images and targets are made: ``"cuda"``, ``"cuda:1"``, a ``torch.device``
+            (decode on DALI's ``mixed`` backend, pool on the GPU), ``"cpu"``, or ``"auto"``.
+        device_id: CUDA device when ``device`` names none (default: torch's current device).
         rank, world_size: default from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
         shuffle: new permutation every epoch.
         return_labels: yield ``(images, targets, labels)``.
@@ -359,18 +426,24 @@ class ReLabelLoader(PipelineBatches):
         start_epoch: epoch number of the first epoch (resuming).
         resume_batch: batches of ``start_epoch`` already trained on (from :meth:`state_dict`).
 
-    Crops and flips are drawn per sample from ``(config.seed, epoch, row)``
-    (:mod:`dali_relabel.crops`), so a resumed run sees exactly the crops an uninterrupted one would.
-    CutMix (``config.cutmix_probability > 0``) is applied before the batch is handed out: images
-    carry their partner's pixels in the pair's box and targets are mixed (:mod:`dali_relabel.mixing`).
+    Behaves like a ``torch.utils.data.DataLoader`` where training scripts rely on it: ``len()``,
+    every ``iter()`` a new pass, ``set_epoch`` (also ``loader.sampler.set_epoch``), ``dataset``,
+    ``batch_size``, ``drop_last``, ``state_dict``/``load_state_dict``, and ``mixup_enabled`` (timm
+    switches mixing off with it).
 
-    Images are ``[B, 3, S, S]`` (``[B, S, S, 3]`` with ``channels_last``) float16/float32, targets
-    ``[B, C]`` float32 (``[B, C, oh, ow]`` for an output grid). With ``last_batch="pad"`` the last
-    batch may be smaller; it never contains padding.
+    Crops, flips, colour jitter and random interpolation are drawn per sample from
+    ``(config.seed, epoch, row)`` (:mod:`dali_relabel.crops`), so a resumed run sees exactly the crops
+    an uninterrupted one would. CutMix and Mixup (``config.cutmix_probability``,
+    ``config.mixup_alpha``) are applied before the batch is handed out: images carry their partner's
+    pixels and targets are mixed (:mod:`dali_relabel.mixing`); ``config.label_smoothing`` last.
+
+    Images are ``[B, 3, S, S]`` (``torch.channels_last`` memory format with ``config.channels_last``)
+    in ``config.output_dtype``, targets ``[B, C]`` float32 (``[B, C, oh, ow]`` for an output grid).
+    With ``last_batch="pad"`` the last batch may be smaller; it never contains padding.
     """
 
     def __init__(self, image_root, store, batch_size: int, config: Optional[DataConfig] = None,
-                 device: Optional[str] = "auto", device_id: Optional[int] = None,
+                 device="auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
@@ -399,9 +472,10 @@ class ReLabelLoader(PipelineBatches):
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
         rank, world_size = _resolve_rank(rank, world_size)
-        device = resolve_device(device)
+        self.device = resolve_device(device)
+        index = device_index(device, device_id)
         load_plugin()  # the crop-window operator, and the pooling operator for soft targets
-        if device == "gpu" and self.store is not None:
+        if self.device == "gpu" and self.store is not None:
             require_gpu_backend()
         num_samples = len(self.store) if self.store is not None else len(paths)
         plan = EpochPlan(num_samples, batch_size, rank, world_size, seed=config.seed,
@@ -409,27 +483,36 @@ class ReLabelLoader(PipelineBatches):
         cutmix = None
         if config.cutmix_probability > 0:
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
-                                seed=config.seed, stop_epoch=config.cutmix_stop_epoch)
+                                seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
+                                per_batch=config.mix_granularity == "batch")
+        draws = SampleDraws(config.color_jitter, config.interpolation == "random")
         output_map = ["images", "targets", "labels", "rows", "valid"]
         if cutmix is not None:
             output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
         store_path = self.store.path if self.store else None
-        pipeline_kwargs = _pipeline_kwargs(config, batch_size, _device_id(device, device_id))
-        decoder = "mixed" if device == "gpu" else "cpu"
+        pipeline_kwargs = _pipeline_kwargs(config, batch_size, index)
+        decoder = "mixed" if self.device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
             return BatchSource(self.image_root, plan, control, store_path=store_path, paths=paths,
-                               labels=labels, seed=config.seed, cutmix=cutmix, bad_rows=bad_rows)
+                               labels=labels, seed=config.seed, draws=draws, cutmix=cutmix, bad_rows=bad_rows)
 
         def make_pipeline(source):
             return train_pipeline(source, config, self.num_classes, self.layout, decoder_device=decoder,
                                   **pipeline_kwargs)
 
-        self.device = device
         self.return_labels = return_labels
         self.return_rows = return_rows
+        self.mixup_enabled = True
+        self.dataset = LoaderDataset(self.image_root, self.class_names, num_samples)
+        self.sampler = LoaderSampler(self)
+        self.batch_sampler = None
+        self.drop_last = config.last_batch == "drop"
         super().__init__(plan, make_source, make_pipeline, output_map, start_epoch=start_epoch,
                          resume_batch=resume_batch, skip_bad_images=skip_bad_images)
+
+    def _mixing_enabled(self) -> bool:
+        return self.mixup_enabled
 
     def _transform(self, batch: dict, current: _Pass) -> dict:
         config = self.config
@@ -439,19 +522,23 @@ class ReLabelLoader(PipelineBatches):
             batch = dict(batch, images=images, targets=targets)
             batch.pop("pasted", None)
         stopped = config.cutmix_stop_epoch is not None and current.epoch >= config.cutmix_stop_epoch
-        if config.mixup_alpha > 0 and not stopped:
+        if config.mixup_alpha > 0 and current.mixing and not stopped:
             size = batch["images"].shape[0]
             lam = mixup_weights(size, config.mixup_alpha, config.seed, current.epoch,
-                                current.first + current.consumed - 1)
+                                current.first + current.consumed - 1, config.mixup_probability,
+                                per_batch=config.mix_granularity == "batch")
             untouched = (batch["mix_box"].reshape(size, 4) == 0).all(1) if "mix_box" in batch \
                 else torch.ones(size, dtype=torch.bool)
             images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
             batch = dict(batch, images=images, targets=targets)
+        if config.label_smoothing:
+            smoothing = config.label_smoothing
+            batch = dict(batch, targets=batch["targets"] * (1 - smoothing) + smoothing / self.num_classes)
         return batch
 
     def __iter__(self):
         for batch in self._batches():
-            out = [batch["images"], batch["targets"]]
+            out = [_as_torch_images(batch["images"], self.config), batch["targets"]]
             if self.return_labels:
                 out.append(batch["labels"].reshape(-1).long())
             if self.return_rows:
@@ -460,20 +547,22 @@ class ReLabelLoader(PipelineBatches):
 
 
 class ValidationLoader(PipelineBatches):
-    """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once per pass.
+    """Validation batches ``(images, labels)`` over an ImageFolder tree, every image exactly once per
+    pass (over all ranks).
 
     Args:
         image_root: the tree (``root/<class>/<image>``).
         batch_size: samples per batch on this rank.
-        config: data settings (``val_resize``, ``image_size``, normalisation).
+        config: data settings (``image_size``, ``crop_pct`` or ``val_resize``, ``val_interpolation``,
+            normalisation, ``output_dtype``, ``channels_last``).
         classes: class names in label order (default: sorted folders; pass the store's
             ``class_names`` when evaluating a model trained on a store).
         return_rows: also yield the index of each image in the sorted file list (for ReaL labels).
-        Other arguments as :class:`ReLabelLoader`.
+        Other arguments as :class:`ReLabelLoader`; the DataLoader-like attributes too.
     """
 
     def __init__(self, image_root, batch_size: int, config: Optional[DataConfig] = None,
-                 device: Optional[str] = "auto", device_id: Optional[int] = None,
+                 device="auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  classes: Optional[Sequence[str]] = None, return_rows: bool = False):
         from .pipelines.graphs import validation_pipeline
@@ -481,12 +570,12 @@ class ValidationLoader(PipelineBatches):
         self.config = config = (config or DataConfig()).replace(last_batch="pad")
         self.images = list_images(image_root, classes=classes)
         rank, world_size = _resolve_rank(rank, world_size)
-        device = resolve_device(device)
+        self.device = resolve_device(device)
         plan = EpochPlan(len(self.images), batch_size, rank, world_size, shuffle=False, last_batch="pad")
         paths = PathTable.from_strings(self.images.relpaths)
         labels = np.asarray(self.images.labels, dtype=np.int32)
-        pipeline_kwargs = _pipeline_kwargs(config, batch_size, _device_id(device, device_id))
-        decoder = "mixed" if device == "gpu" else "cpu"
+        pipeline_kwargs = _pipeline_kwargs(config, batch_size, device_index(device, device_id))
+        decoder = "mixed" if self.device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
             return BatchSource(self.images.root, plan, control, paths=paths, labels=labels, bad_rows=bad_rows)
@@ -494,13 +583,16 @@ class ValidationLoader(PipelineBatches):
         def make_pipeline(source):
             return validation_pipeline(source, config, decoder_device=decoder, **pipeline_kwargs)
 
-        self.device = device
         self.return_rows = return_rows
+        self.dataset = LoaderDataset(self.images.root, self.images.classes, len(self.images))
+        self.sampler = LoaderSampler(self)
+        self.batch_sampler = None
+        self.drop_last = False
         super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"])
 
     def __iter__(self):
         for batch in self._batches():
-            out = [batch["images"], batch["labels"].reshape(-1).long()]
+            out = [_as_torch_images(batch["images"], self.config), batch["labels"].reshape(-1).long()]
             if self.return_rows:
                 out.append(batch["rows"].reshape(-1))
             yield tuple(out)

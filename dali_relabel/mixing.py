@@ -23,19 +23,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-MODES = ("authors", "localized")
-
 
 @dataclass(frozen=True)
 class CutMixSpec:
-    """CutMix settings carried by the external source.
+    """CutMix settings carried by the data source.
 
     Args:
-        probability: chance that a pair is mixed.
+        probability: chance that a pair (or, with ``per_batch``, the batch) is mixed.
         alpha: ``lam ~ Beta(alpha, alpha)`` before the box is clipped.
         image_size: side of the (square) output image, to align boxes to pixels.
         seed: base seed (the same on every rank; pairs differ because rows differ).
         stop_epoch: epochs from this one on are not mixed (``None``: never stop).
+        per_batch: one draw (mixed or not, and the box) for all pairs of a batch, as timm's
+            ``mode='batch'``; else one per pair.
     """
 
     probability: float
@@ -43,6 +43,7 @@ class CutMixSpec:
     image_size: int
     seed: int = 0
     stop_epoch: Optional[int] = None
+    per_batch: bool = False
 
     def boxes(self, epoch: int, batch_index: int, batch_size: int) -> np.ndarray:
         """float32 ``[B, 4]`` boxes ``(y0, x0, y1, x1)`` in output fractions of one batch; position
@@ -56,9 +57,10 @@ class CutMixSpec:
         if pairs == 0 or (self.stop_epoch is not None and epoch >= self.stop_epoch):
             return boxes
         rng = np.random.default_rng([self.seed, epoch, batch_index, 0xC0FFEE])
-        mixed = rng.random(pairs) < self.probability
-        lam = rng.beta(self.alpha, self.alpha, size=pairs)
-        centre = rng.integers(0, self.image_size, size=(pairs, 2))
+        draws = 1 if self.per_batch else pairs
+        mixed = rng.random(draws) < self.probability
+        lam = rng.beta(self.alpha, self.alpha, size=draws)
+        centre = rng.integers(0, self.image_size, size=(draws, 2))
         size = self.image_size
         cut = np.round(np.sqrt(1.0 - lam) * size).astype(np.int64)
         low = np.clip(centre - (cut // 2)[:, None], 0, size)
@@ -66,6 +68,7 @@ class CutMixSpec:
         mixed &= (high > low).all(axis=1)
         pair_boxes = (np.concatenate([low, high], axis=1).astype(np.float64) / size).astype(np.float32)
         pair_boxes[~mixed] = 0
+        pair_boxes = np.broadcast_to(pair_boxes, (pairs, 4))
         boxes[:pairs] = pair_boxes
         boxes[batch_size - pairs:] = pair_boxes[::-1]
         return boxes
@@ -114,11 +117,16 @@ def apply_cutmix(images: torch.Tensor, boxes: torch.Tensor, own: torch.Tensor,
     return mixed_images, targets, lam
 
 
-def mixup_weights(batch_size: int, alpha: float, seed: int, epoch: int, batch_index: int) -> torch.Tensor:
-    """``[B]`` Mixup weights ``lam ~ Beta(alpha, alpha)``, one per pair (shared by both samples),
-    drawn from ``(seed, epoch, batch_index)`` so every rank and every resumed run draws the same."""
+def mixup_weights(batch_size: int, alpha: float, seed: int, epoch: int, batch_index: int,
+                  probability: float = 1.0, per_batch: bool = False) -> torch.Tensor:
+    """``[B]`` Mixup weights, one per pair (shared by both samples; 1 where the pair is not mixed):
+    with chance ``probability`` ``lam ~ Beta(alpha, alpha)``. ``per_batch``: one draw for all pairs.
+    Drawn from ``(seed, epoch, batch_index)`` so every rank and every resumed run draws the same."""
     rng = np.random.default_rng([seed, epoch, batch_index, 0x313])
-    pair_lam = rng.beta(alpha, alpha, size=(batch_size + 1) // 2)
+    draws = 1 if per_batch else (batch_size + 1) // 2
+    pair_lam = rng.beta(alpha, alpha, size=draws)
+    pair_lam[rng.random(draws) >= probability] = 1.0
+    pair_lam = np.broadcast_to(pair_lam, ((batch_size + 1) // 2,))
     index = np.minimum(np.arange(batch_size), np.arange(batch_size)[::-1])
     return torch.from_numpy(pair_lam[index].astype(np.float32))
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .crops import sample_keys
+from .crops import SampleDraws, sample_keys
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
@@ -69,11 +69,13 @@ def _shared_directory() -> str:
 
 
 class EpochControl:
-    """Per DALI epoch: ``(epoch, first_batch, stop_batch)``, in a small file mapped by every process.
+    """Per DALI epoch: ``(epoch, first_batch, stop_batch, mixing)``, in a small file mapped by every
+    process.
 
     The loader writes an epoch's entry before DALI starts that epoch (:meth:`begin`) and may lower its
     stop while it runs (:meth:`stop`); the source reads the entry on every call. Entries live in a
-    ring, since at most the running epoch and the next one are in flight.
+    ring, since at most the running epoch and the next one are in flight. ``mixing`` (0 or 1) switches
+    the pass's CutMix boxes on or off (timm's ``loader.mixup_enabled``).
     """
 
     RING = 4
@@ -81,18 +83,18 @@ class EpochControl:
     def __init__(self):
         fd, self.path = tempfile.mkstemp(prefix="dali_relabel_control_", dir=_shared_directory())
         os.close(fd)
-        self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, 3))
+        self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, 4))
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
-    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int) -> None:
-        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop_batch)
+    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int, mixing: bool = True) -> None:
+        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop_batch, int(mixing))
 
     def stop(self, dali_epoch: int, stop_batch: int) -> None:
         self._table[dali_epoch % self.RING, 2] = stop_batch
 
-    def entry(self, dali_epoch: int) -> Tuple[int, int, int]:
-        epoch, first, stop = self._table[dali_epoch % self.RING]
-        return int(epoch), int(first), int(stop)
+    def entry(self, dali_epoch: int) -> Tuple[int, int, int, bool]:
+        epoch, first, stop, mixing = self._table[dali_epoch % self.RING]
+        return int(epoch), int(first), int(stop), bool(mixing)
 
     def close(self) -> None:
         if getattr(self, "_finalizer", None) is not None:
@@ -103,7 +105,7 @@ class EpochControl:
 
     def __setstate__(self, state):
         self.path = state["path"]
-        self._table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.RING, 3))
+        self._table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.RING, 4))
         self._finalizer = None  # only the creating process removes the file
 
 
@@ -128,7 +130,8 @@ class BatchSource:
             process that reads them, so nothing big is copied into the worker).
         labels: int hard label of every row (default: the store's).
         seed: base of the per-sample random keys (``keys`` output); ``None`` leaves the keys out.
-        cutmix: draw CutMix pair boxes (adds the ``mix_box`` output).
+        draws: other per-sample random choices drawn from the keys (``jitter``, ``interp`` outputs).
+        cutmix: draw CutMix pair boxes (adds the ``mix_box`` output; zeros in passes with mixing off).
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
 
@@ -136,13 +139,15 @@ class BatchSource:
     ``path_lengths`` int32 ``[1]``, then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
     then ``labels`` int32 ``[1]``, ``rows`` int64 ``[1]``, ``valid`` uint8 ``[1]`` (:data:`VALID`,
     :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on), with a seed
-    ``keys`` uint64 scalars, with CutMix ``mix_box`` float32 ``[4]``.
+    ``keys`` uint64 scalars and the ``draws`` (:class:`~dali_relabel.crops.SampleDraws`), with CutMix
+    ``mix_box`` float32 ``[4]``.
     """
 
     def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
                  store_path: Optional[str] = None, paths: Optional[PathTable] = None,
                  labels: Optional[np.ndarray] = None, seed: Optional[int] = None,
-                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
+                 draws: Optional[SampleDraws] = None, cutmix: Optional[CutMixSpec] = None,
+                 bad_rows: Sequence[int] = ()):
         if store_path is None and (paths is None or labels is None):
             raise ValueError("a source without a store needs paths and labels")
         self.image_root = os.path.abspath(os.fspath(image_root))
@@ -153,6 +158,7 @@ class BatchSource:
         self.control = control
         self.store_path = store_path
         self.seed = seed
+        self.draws = draws if seed is not None else None
         self.cutmix = cutmix
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
@@ -177,6 +183,7 @@ class BatchSource:
         """Output names, in order."""
         return (["paths", "path_lengths"] + (["logits", "class_ids"] if self.store_path else [])
                 + ["labels", "rows", "valid"] + (["keys"] if self.seed is not None else [])
+                + (list(self.draws.names) if self.draws is not None else [])
                 + (["mix_box"] if self.cutmix is not None else []))
 
     def path(self, row: int) -> str:
@@ -221,7 +228,7 @@ class BatchSource:
             status[position] = SKIPPED
 
     def __call__(self, batch_info):
-        epoch, first, stop = self.control.entry(batch_info.epoch_idx)
+        epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         batch = first + batch_info.iteration
         if batch >= min(stop, self.plan.num_batches):
             raise StopIteration
@@ -235,8 +242,11 @@ class BatchSource:
         out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
         if self.seed is not None:
             out["keys"] = sample_keys(self.seed, epoch, rows)
+            if self.draws is not None:
+                out.update(self.draws.draw(out["keys"]))
         if self.cutmix is not None:
-            out["mix_box"] = self.cutmix.boxes(epoch, batch, len(rows))
+            out["mix_box"] = (self.cutmix.boxes(epoch, batch, len(rows)) if mixing
+                              else np.zeros((len(rows), 4), np.float32))
         return tuple(out[name] for name in self.names)
 
     def _check_maps(self, rows: np.ndarray, logits: np.ndarray, class_ids: np.ndarray) -> None:
@@ -254,6 +264,7 @@ def output_types(source: BatchSource):
 
     known = {"paths": (types.UINT8, 1), "path_lengths": (types.INT32, 1), "logits": (None, 3),
              "class_ids": (None, 3), "labels": (types.INT32, 1), "rows": (types.INT64, 1),
-             "valid": (types.UINT8, 1), "keys": (types.UINT64, 0), "mix_box": (types.FLOAT, 1)}
+             "valid": (types.UINT8, 1), "keys": (types.UINT64, 0), "jitter": (types.FLOAT, 1),
+             "interp": (types.INT32, 0), "mix_box": (types.FLOAT, 1)}
     specs = [known[name] for name in source.names]
     return [s[0] for s in specs], [s[1] for s in specs]

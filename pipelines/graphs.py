@@ -44,11 +44,19 @@ def read_batches(source: BatchSource, config: DataConfig) -> dict:
     return data
 
 
+_INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+                  "nearest": types.INTERP_NN, "lanczos": types.INTERP_LANCZOS3}
+
+
 def _normalize(images, config: DataConfig, mirror=None):
+    """Flip, ``(x / 255 - mean) / std``, and the layout: HWC for channels-last images (the iterator
+    hands them out as ``[B, 3, H, W]`` in ``torch.channels_last`` memory format), else CHW. bfloat16
+    images leave DALI as float32 (DALI has no bfloat16) and are converted by the iterator."""
     kwargs = {} if mirror is None else {"mirror": mirror}
     dtype = types.FLOAT16 if config.output_dtype == "float16" else types.FLOAT
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC" if config.channels_last else "CHW",
-                                    mean=list(config.mean), std=list(config.std), **kwargs)
+                                    mean=[255.0 * m for m in config.mean], std=[255.0 * s for s in config.std],
+                                    **kwargs)
 
 
 def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
@@ -58,9 +66,22 @@ def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
     return args
 
 
-def _resize_square(images, config: DataConfig):
-    return fn.resize(images, size=[config.image_size, config.image_size], antialias=True,
-                     interp_type=types.INTERP_LINEAR)
+def _resize_square(images, config: DataConfig, data: dict):
+    """The crop resized to ``image_size``; with ``interpolation="random"`` the source's per-sample
+    choice (0 bilinear, 1 bicubic) picks the filter."""
+    if config.interpolation == "random":
+        choice = fn.cast(data["interp"] + int(types.INTERP_LINEAR), dtype=types.INTERP_TYPE)
+    else:
+        choice = _INTERPOLATION[config.interpolation]
+    return fn.resize(images, size=[config.image_size, config.image_size], antialias=True, interp_type=choice)
+
+
+def _color_jitter(images, data: dict):
+    """Brightness, contrast, saturation and hue from the source's per-sample factors (torchvision's
+    ColorJitter applies them in a random order around the image's mean grey; DALI's color_twist in
+    this fixed order, contrast around mid-grey)."""
+    jitter = data["jitter"]
+    return fn.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2], hue=jitter[3])
 
 
 @pipeline_def
@@ -88,7 +109,10 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
         num_attempts=config.num_attempts, flip_probability=config.flip_probability)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, config), config, mirror)
+    images = _resize_square(images, config, data)
+    if config.color_jitter:
+        images = _color_jitter(images, data)
+    images = _normalize(images, config, mirror)
     extra = [data["mix_box"]] if source.cutmix is not None else []
     if not source.store_path:  # hard labels: one-hot targets, same augmentation
         targets = fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT)
@@ -109,11 +133,14 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
 
 @pipeline_def
 def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device: str = "cpu"):
-    """Validation graph: resize shorter side, centre crop. Outputs: images, labels, rows, valid."""
+    """Validation graph: the shorter side resized to ``config.resize_size``, the centre
+    ``image_size`` crop. Outputs: images, labels, rows, valid."""
     data = read_batches(source, config)
     images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
-    images = fn.resize(images, resize_shorter=config.val_resize, antialias=True,
-                       interp_type=types.INTERP_LINEAR)
+    interpolation = config.val_interpolation or (
+        "bilinear" if config.interpolation == "random" else config.interpolation)
+    images = fn.resize(images, resize_shorter=config.resize_size, antialias=True,
+                       interp_type=_INTERPOLATION[interpolation])
     images = fn.crop(images, crop=[config.image_size, config.image_size],
                      out_of_bounds_policy="pad")
     images = _normalize(images, config)
@@ -136,6 +163,11 @@ def teacher_pipeline(source: BatchSource, config: DataConfig, size: int, decoder
     return images, data["labels"], data["rows"], data["valid"], shape
 
 
+def _fixed_interpolation(config: DataConfig) -> DataConfig:
+    """The plain graphs have no per-sample draws: bilinear stands in for ``"random"``."""
+    return config.replace(interpolation="bilinear") if config.interpolation == "random" else config
+
+
 def _plain_reader(file_root: str, shard_id: int, num_shards: int):
     return fn.readers.file(file_root=file_root, random_shuffle=True, shard_id=shard_id,
                            num_shards=num_shards, pad_last_batch=True, name="Reader")
@@ -154,7 +186,7 @@ def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str
                                             num_attempts=config.num_attempts)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, config), config,
+    images = _normalize(_resize_square(images, _fixed_interpolation(config), {}), config,
                         fn.random.coin_flip(probability=config.flip_probability))
     return images, labels
 
@@ -170,6 +202,6 @@ def example_train_pipeline(file_root: str, config: DataConfig, decoder_device: s
                                            random_aspect_ratio=list(config.ratio),
                                            num_attempts=config.num_attempts,
                                            **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, config), config,
+    images = _normalize(_resize_square(images, _fixed_interpolation(config), {}), config,
                         fn.random.coin_flip(probability=config.flip_probability))
     return images, labels

@@ -48,7 +48,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
     data.add_argument("--layout", choices=["HW", "WH"], default=None, help="override the store's layout")
     data.add_argument("--temperature", type=float, default=1.0)
-    data.add_argument("--workers", type=int, default=4, help="external-source worker processes")
+    data.add_argument("--workers", type=int, default=1, help="processes running the batch source")
     data.add_argument("--threads", type=int, default=4, help="DALI CPU threads")
     data.add_argument("--hw-decoder-load", type=float, default=0.65)
     data.add_argument("--flip-probability", type=float, default=0.5)

@@ -55,7 +55,7 @@ def test_cmyk_grayscale_and_disguised_png_decode_as_rgb(tmp_path):
     images, targets, rows = next(iter(_loader(image_root, store, 4)))
     assert images.shape == (4, 3, 16, 16) and rows.tolist() == [0, 1, 2, 3]
     config = DataConfig()
-    rgb = images.mean(dim=(2, 3)) * torch.tensor(config.std).view(1, 3) + torch.tensor(config.mean).view(1, 3)
+    rgb = images.mean(dim=(2, 3)) * (255 * torch.tensor(config.std)).view(1, 3) + (255 * torch.tensor(config.mean)).view(1, 3)
     for row in (0, 1, 3):  # colour images keep their colour, whatever the container
         assert torch.allclose(rgb[row], torch.tensor([200.0, 60.0, 30.0]), atol=12), rgb[row]
     assert abs(rgb[2, 0] - rgb[2, 1]) < 2 and abs(rgb[2, 1] - rgb[2, 2]) < 2  # gray stays gray

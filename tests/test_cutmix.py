@@ -89,7 +89,7 @@ def _pixel_rows(image, config):
     """Row id encoded by each pixel's colour (see test_loader.make_id_dataset)."""
     from test_loader import STEP
 
-    rgb = image.float() * torch.tensor(config.std).view(3, 1, 1) + torch.tensor(config.mean).view(3, 1, 1)
+    rgb = image.float() * (255 * torch.tensor(config.std)).view(3, 1, 1) + (255 * torch.tensor(config.mean)).view(3, 1, 1)
     return (torch.round((rgb[1] - 20) / STEP) * 10 + torch.round((rgb[0] - 20) / STEP)).long()
 
 
@@ -149,7 +149,7 @@ def test_loader_mixup_mixes_pixels_and_targets_by_the_same_weight(tmp_path):
     from test_loader import _id_colour
 
     for images, targets, rows in loader:
-        rgb = images.mean(dim=(2, 3)) * torch.tensor(config.std).view(1, 3) + torch.tensor(config.mean).view(1, 3)
+        rgb = images.mean(dim=(2, 3)) * (255 * torch.tensor(config.std)).view(1, 3) + (255 * torch.tensor(config.mean)).view(1, 3)
         for i in range(len(rows)):
             own, other = int(rows[i]), int(rows.flip(0)[i])
             lam = float(targets[i, own] / (targets[i, own] + targets[i, other]))

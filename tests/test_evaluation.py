@@ -207,8 +207,8 @@ class ColourOracle(torch.nn.Module):
         super().__init__()
         self.register_buffer("palette", torch.tensor(palette, dtype=torch.float32))
         self.register_buffer("class_of", torch.tensor(class_of))
-        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3))
-        self.register_buffer("std", torch.tensor(config.std).view(1, 3))
+        self.register_buffer("mean", 255 * torch.tensor(config.mean).view(1, 3))
+        self.register_buffer("std", 255 * torch.tensor(config.std).view(1, 3))
         self.num_classes = num_classes
 
     def forward(self, images):

@@ -234,8 +234,8 @@ def test_store_header_rows_labels_and_sizes(data, store_path):
 
 def _pil_maps(data, model, relpaths):
     """Each image preprocessed with PIL (full image, bilinear to SIZE x SIZE, ImageNet mean/std)."""
-    mean = torch.tensor(CONFIG.mean).view(1, 3, 1, 1)
-    std = torch.tensor(CONFIG.std).view(1, 3, 1, 1)
+    mean = 255 * torch.tensor(CONFIG.mean).view(1, 3, 1, 1)
+    std = 255 * torch.tensor(CONFIG.std).view(1, 3, 1, 1)
     batch = []
     for rel in relpaths:
         with Image.open(os.path.join(data["images"], rel)) as image:

@@ -60,8 +60,8 @@ def make_id_dataset(root, num_images, num_classes_folders=3, map_grid=(4, 6)):
 
 
 def _row_from_pixels(images, config):
-    mean = torch.tensor(config.mean).view(1, 3)
-    std = torch.tensor(config.std).view(1, 3)
+    mean = 255 * torch.tensor(config.mean).view(1, 3)
+    std = 255 * torch.tensor(config.std).view(1, 3)
     rgb = images.float().mean(dim=(2, 3)) * std + mean
     low = torch.round((rgb[:, 0] - 20) / STEP)
     high = torch.round((rgb[:, 1] - 20) / STEP)
@@ -116,7 +116,8 @@ def test_token_targets_and_float16_channels_last(id_dataset):
     config = DataConfig(image_size=16, output_size=(2, 2), output_dtype="float16", channels_last=True,
                         py_num_workers=1, num_threads=1)
     images, targets = next(iter(ReLabelLoader(image_root, store, batch_size=4, config=config, device="cpu")))
-    assert images.shape == (4, 16, 16, 3) and images.dtype == torch.float16
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float16
+    assert images.is_contiguous(memory_format=torch.channels_last), "PyTorch's channels_last: NCHW shape, NHWC strides"
     assert targets.shape == (4, 42, 2, 2)
     torch.testing.assert_close(targets.sum(1), torch.ones(4, 2, 2))
 
