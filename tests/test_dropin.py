@@ -1,0 +1,232 @@
+"""The loaders as training scripts use a ``torch.utils.data.DataLoader``: passes, epochs, attributes,
+state, devices, dtypes and the data settings timm and torchvision pass; crops keyed by row."""
+import numpy as np
+import pytest
+import torch
+
+from dali_relabel.config import DataConfig
+from dali_relabel.store import write_store
+from helpers import make_jpeg_tree, random_maps
+
+pytest.importorskip("nvidia.dali")
+
+N_CLASSES, PER_CLASS = 4, 6  # 24 images
+SMALL = dict(image_size=16, num_threads=1, py_num_workers=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """Random-texture JPEGs of different sizes (crops change the pixels) and a random store."""
+    root = tmp_path_factory.mktemp("textured")
+    rng = np.random.default_rng(0)
+    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(N_CLASSES * PER_CLASS)]
+    relpaths = make_jpeg_tree(root / "images", N_CLASSES, PER_CLASS, sizes=sizes)
+    logits, ids = random_maps(len(relpaths), 3, 4, 4, N_CLASSES * 3, seed=1)
+    labels = [int(p.split("/")[0][-2:]) for p in relpaths]
+    store = write_store(root / "store.h5", relpaths, logits, ids, N_CLASSES * 3, labels=labels,
+                        class_names=[f"class_{c:02d}" for c in range(N_CLASSES * 3)])
+    return str(root / "images"), str(store)
+
+
+def _loader(textured, batch_size=4, **config):
+    from dali_relabel.loader import ReLabelLoader
+
+    image_root, store = textured
+    return ReLabelLoader(image_root, store, batch_size=batch_size, config=DataConfig(**{**SMALL, **config}),
+                         device="cpu", return_rows=True)
+
+
+def _rows(batches):
+    return [rows.tolist() for _, _, rows in batches]
+
+
+# -- passes and epochs ---------------------------------------------------------------------------
+def test_every_iter_is_a_full_pass_after_a_peek_or_a_break(textured):
+    loader = _loader(textured)
+    assert len(loader) == 6
+    next(iter(loader))  # peek
+    assert len(list(loader)) == 6
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    passes = [_rows(loader) for _ in range(2)]
+    assert [len(p) for p in passes] == [6, 6]
+    for rows in passes:
+        assert sorted(r for batch in rows for r in batch) == list(range(24))
+    assert passes[0] != passes[1], "a new pass draws a new order"
+
+
+def test_set_epoch_chooses_the_order_like_a_distributed_sampler(textured):
+    a, b = _loader(textured), _loader(textured)
+    a.sampler.set_epoch(7)  # timm and torchvision call it on loader.sampler
+    b.set_epoch(7)
+    first = _rows(a)
+    assert first == _rows(b)
+    a.sampler.set_epoch(7)
+    assert _rows(a) == first, "the same epoch gives the same order"
+    a.set_epoch(8)
+    assert _rows(a) != first
+    b.set_epoch(7)
+    assert list(b.sampler) == [r for batch in first for r in batch], "the sampler yields the pass's rows"
+    assert len(b.sampler) == 24
+
+
+def test_dataloader_attributes(textured):
+    loader = _loader(textured, batch_size=5)
+    assert len(loader.dataset) == 24 and loader.batch_size == 5
+    assert loader.dataset.classes[:4] == [f"class_{c:02d}" for c in range(4)]
+    assert loader.dataset.class_to_idx["class_02"] == 2
+    assert loader.drop_last is True and loader.batch_sampler is None
+    assert len(loader) == 4 and len(loader.sampler) == 24
+    assert loader.mixup_enabled is True
+
+
+def test_validation_covers_every_image_once_after_a_peek_on_two_ranks(textured):
+    from dali_relabel.loader import ValidationLoader
+
+    image_root, _ = textured
+    loaders = [ValidationLoader(image_root, 5, config=DataConfig(**SMALL), device="cpu", rank=r, world_size=2,
+                                return_rows=True) for r in range(2)]
+    next(iter(loaders[0]))
+    seen = [row for loader in loaders for _, _, rows in loader for row in rows.tolist()]
+    assert sorted(seen) == list(range(24))
+    assert len(loaders[0].dataset) == 24 and loaders[0].drop_last is False
+
+
+# -- state -----------------------------------------------------------------------------------------
+def _batches_with_pixels(loader):
+    return [(rows.tolist(), images.clone(), targets.clone()) for images, targets, rows in loader]
+
+
+def test_resume_gives_the_same_rows_crops_and_targets(textured):
+    reference = _loader(textured)
+    reference.set_epoch(3)
+    full = _batches_with_pixels(reference)
+    interrupted = _loader(textured)
+    interrupted.set_epoch(3)
+    for i, _ in enumerate(interrupted):
+        if i == 1:
+            break
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["batch"]) == (3, 2)
+    resumed = _loader(textured, num_threads=2)  # other threads: crops must not depend on them
+    resumed.load_state_dict(state)
+    rest = _batches_with_pixels(resumed)
+    assert len(rest) == len(full) - 2
+    for (rows_a, images_a, targets_a), (rows_b, images_b, targets_b) in zip(full[2:], rest):
+        assert rows_a == rows_b
+        torch.testing.assert_close(images_a, images_b, rtol=0, atol=0)
+        torch.testing.assert_close(targets_a, targets_b, rtol=0, atol=0)
+    assert resumed.state_dict()["epoch"] == 4 and resumed.state_dict()["batch"] == 0
+
+
+def test_state_at_the_end_of_an_epoch_is_the_next_epoch(textured):
+    loader = _loader(textured)
+    for _ in loader:
+        pass
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batch"]) == (1, 0)
+    other = _loader(textured)
+    other.load_state_dict(dict(loader.state_dict(), epoch=0, batch=6))  # saved after the last batch
+    assert (other.state_dict()["epoch"], other.state_dict()["batch"]) == (1, 0) and len(other) == 6
+
+
+def test_resume_with_other_settings_is_refused(textured):
+    state = _loader(textured, batch_size=4).state_dict()
+    with pytest.raises(ValueError, match="batch_size: saved 4, now 3"):
+        _loader(textured, batch_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        _loader(textured, seed=6).load_state_dict(state)
+
+
+def test_crops_depend_on_the_row_not_on_batch_or_threads(textured):
+    a = {r: img for imgs, _, rows in _loader(textured, batch_size=4) for r, img in zip(rows.tolist(), imgs)}
+    b = {r: img for imgs, _, rows in _loader(textured, batch_size=6, num_threads=3) for r, img in zip(rows.tolist(), imgs)}
+    assert a.keys() == b.keys()
+    for row in a:
+        torch.testing.assert_close(a[row], b[row], rtol=0, atol=0)
+
+
+# -- devices and dtypes ----------------------------------------------------------------------------
+def test_devices_as_pytorch_takes_them():
+    from dali_relabel.loader import device_index, resolve_device
+
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == "cpu"
+    assert device_index("cpu") is None
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1", torch.device("cuda", 0), "gpu"):
+            with pytest.raises(RuntimeError, match="no CUDA GPU"):
+                resolve_device(device)
+    with pytest.raises(ValueError):
+        resolve_device("meta")
+    with pytest.raises(RuntimeError):
+        resolve_device("tpu")
+
+
+@pytest.mark.gpu
+def test_cuda_index_is_taken_from_the_device():
+    from dali_relabel.loader import device_index
+
+    assert device_index("cuda:0") == 0 and device_index(torch.device("cuda", 0)) == 0
+    assert device_index("cuda", device_id=0) == 0
+
+
+def test_bfloat16_channels_last_images(textured):
+    images, targets, _ = next(iter(_loader(textured, output_dtype="bfloat16", channels_last=True)))
+    assert images.dtype == torch.bfloat16 and images.shape == (4, 3, 16, 16)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    reference, _, _ = next(iter(_loader(textured)))
+    torch.testing.assert_close(images.float(), reference, rtol=1e-2, atol=2e-2)
+
+
+# -- settings scripts pass ---------------------------------------------------------------------------
+def test_interpolation_choices_change_the_pixels(textured):
+    bilinear, _, rows = next(iter(_loader(textured)))
+    bicubic, _, rows_b = next(iter(_loader(textured, interpolation="bicubic")))
+    random_, _, _ = next(iter(_loader(textured, interpolation="random")))
+    assert rows.tolist() == rows_b.tolist()
+    assert not torch.equal(bilinear, bicubic)
+    for image in random_:  # every sample is either its bilinear or its bicubic crop
+        matches = [torch.equal(image, other) for other in (*bilinear, *bicubic)]
+        assert sum(matches) >= 1
+
+
+def test_label_smoothing_on_soft_targets(textured):
+    _, plain, _ = next(iter(_loader(textured)))
+    _, smooth, _ = next(iter(_loader(textured, label_smoothing=0.1)))
+    classes = plain.shape[1]
+    torch.testing.assert_close(smooth, plain * 0.9 + 0.1 / classes)
+    torch.testing.assert_close(smooth.sum(1), torch.ones(len(smooth)))
+
+
+def test_color_jitter_is_keyed_and_changes_pixels(textured):
+    plain, _, _ = next(iter(_loader(textured)))
+    jittered, _, _ = next(iter(_loader(textured, color_jitter=0.4)))
+    again, _, _ = next(iter(_loader(textured, color_jitter=(0.4, 0.4, 0.4))))
+    assert not torch.equal(plain, jittered)
+    torch.testing.assert_close(jittered, again, rtol=0, atol=0)
+
+
+def test_mixup_enabled_switches_mixing_off_for_the_next_pass(textured):
+    plain = _batches_with_pixels(_loader(textured))
+    mixed = _loader(textured, cutmix_probability=1.0, mixup_alpha=1.0)
+    first = _batches_with_pixels(mixed)
+    assert not torch.equal(first[0][1], plain[0][1]), "CutMix/Mixup should change the pixels"
+    mixed.mixup_enabled = False  # what timm does at --mixup-off-epoch
+    mixed.set_epoch(0)
+    off = _batches_with_pixels(mixed)
+    for (rows_a, images_a, targets_a), (rows_b, images_b, targets_b) in zip(plain, off):
+        assert rows_a == rows_b
+        torch.testing.assert_close(images_a, images_b, rtol=0, atol=0)
+        torch.testing.assert_close(targets_a, targets_b, rtol=0, atol=0)
+
+
+def test_validation_resize_follows_crop_pct(textured):
+    assert DataConfig(image_size=224).resize_size == 256
+    assert DataConfig(image_size=224, crop_pct=0.95).resize_size == 235
+    assert DataConfig(image_size=224, crop_pct=0.95, val_resize=232).resize_size == 232
+
+
+def test_mean_and_std_are_in_zero_one_units():
+    with pytest.raises(ValueError, match="0-1 units"):
+        DataConfig(mean=(123.7, 116.3, 103.5))
+    assert DataConfig().mean == (0.485, 0.456, 0.406)
