@@ -79,7 +79,7 @@ class PathTable:
         if (self.data == 0).any():
             row = int(np.searchsorted(self.offsets, np.flatnonzero(self.data == 0)[0], side="right") - 1)
             raise UnsafePathError(f"{where}: row {row} has a path with a NUL byte")
-        blob = self.data.tobytes()
+        blob = memoryview(np.ascontiguousarray(self.data))
         for match in re.finditer(rb"\.\.", blob):
             row = int(np.searchsorted(self.offsets, match.start(), side="right") - 1)
             begin, end = self.offsets[row], self.offsets[row + 1]

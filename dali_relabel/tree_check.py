@@ -73,6 +73,7 @@ def check_labels_match_folders(store: LabelStore) -> None:
 
 def _list_and_compare(store: LabelStore, image_root: str, allow_extra_images: bool) -> List[str]:
     """The full check; returns the folders holding images (for the fingerprint)."""
+    check_labels_match_folders(store)
     images = list_images(image_root, classes=None)
     on_disk = set(images.relpaths)
     stored = store.paths.tolist()
@@ -106,7 +107,6 @@ def check_store_matches_images(store: LabelStore, image_root, allow_extra_images
     image_root = os.path.abspath(os.fspath(image_root))
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image root {image_root} is not a directory")
-    check_labels_match_folders(store)
     key = hashlib.sha256(json.dumps([_CACHE_VERSION, store.header.content_sha256, image_root,
                                      bool(allow_extra_images)]).encode()).hexdigest()[:32]
     entry = os.path.join(_cache_dir(), key + ".json")
