@@ -64,6 +64,8 @@ class DataConfig:
         py_num_workers: processes running the batch source (one call per batch; one is plenty).
         py_start_method: ``"fork"`` or ``"spawn"`` for those processes.
         prefetch_queue_depth: batches prepared ahead.
+        worker_timeout: seconds without a batch before the loader calls its source workers stuck and
+            raises, naming them (0: wait forever); a dead or stopped worker is reported at once.
         seed: base seed; the epoch order, every sample's crop, flip and jitter, and the mixing boxes
             derive from it (and from the epoch and row), never from the rank or the resume point.
         last_batch: ``"drop"`` the last partial batch, or ``"pad"`` it (padded samples are
@@ -106,6 +108,7 @@ class DataConfig:
     py_num_workers: int = 1
     py_start_method: str = "fork"
     prefetch_queue_depth: int = 2
+    worker_timeout: float = 300.0
     seed: int = 0
     last_batch: str = "drop"
     cutmix_probability: float = 0.0
@@ -150,6 +153,8 @@ class DataConfig:
             raise ValueError("cutmix_probability must lie in [0, 1] and cutmix_alpha be positive")
         if self.cutmix_probability > 0 and tuple(self.output_size) != (1, 1):
             raise ValueError("CutMix needs output_size (1, 1)")
+        if self.worker_timeout < 0:
+            raise ValueError(f"worker_timeout must not be negative, got {self.worker_timeout}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0 <= self.label_smoothing < 1:

@@ -30,6 +30,7 @@ from .plan import EpochPlan
 from .sources import SKIPPED, VALID, BadImageError, BatchSource, EpochControl, check_encoded_image
 from .store import LabelStore, StoreError
 from .tree_check import check_store_matches_images
+from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 
 def resolve_device(device) -> str:
@@ -140,6 +141,9 @@ class PipelineBatches:
             :class:`BadImageError`; the pipeline is rebuilt at the failed batch, so nothing else of
             the epoch changes.
         lookahead: batches after a failed one that may have caused its error (DALI prefetches).
+        timeout: seconds without a batch before the source workers count as stuck; a dead or
+            stopped worker is reported at once (:mod:`dali_relabel.watchdog`). After such an error
+            the next pass starts on a new pipeline.
 
     Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it); a pass left
     unfinished is stopped when the next one starts, which costs decoding the batches DALI had already
@@ -149,7 +153,7 @@ class PipelineBatches:
     def __init__(self, plan, make_source: Callable[[EpochControl, Sequence[int]], BatchSource],
                  make_pipeline: Callable[[BatchSource], object], output_map: List[str],
                  start_epoch: int = 0, resume_batch: int = 0, skip_bad_images: bool = False,
-                 lookahead: int = 4):
+                 lookahead: int = 4, timeout: float = 300.0):
         if not 0 <= resume_batch <= plan.num_batches:
             raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
         self.plan = plan
@@ -158,6 +162,7 @@ class PipelineBatches:
         self._output_map = output_map
         self.skip_bad_images = skip_bad_images
         self._lookahead = lookahead
+        self.timeout = timeout
         self.epoch, self._first_batch = self._normalise(start_epoch, resume_batch)
         self.skipped_images = 0
         self.bad_rows: List[int] = []
@@ -178,17 +183,24 @@ class PipelineBatches:
         self.pipeline.build()
         self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
+        self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout)
         self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
         self._needs_reset = False
 
     def close(self) -> None:
         """Stop the pipeline and its source's worker processes now."""
         self._pass = None
+        self._drop_pipeline()
+
+    def _drop_pipeline(self) -> None:
         self._iterator = None
+        if getattr(self, "pipeline", None) is not None:
+            shutdown_pipeline(self.pipeline, blocked=self._guard.broken)
         self.pipeline = None
-        gc.collect()
         if getattr(self, "control", None) is not None:
             self.control.close()
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
 
     # -- DataLoader-like state ----------------------------------------------------------------------
     def _normalise(self, epoch: int, batch: int):
@@ -244,13 +256,18 @@ class PipelineBatches:
         """Whether the next pass mixes (subclasses with CutMix/Mixup say)."""
         return True
 
+    def _next_outputs(self):
+        return next(self._iterator)
+
     def _begin_pass(self) -> _Pass:
         self._end_pass()
+        if self._guard.broken:  # the last pass lost a worker: start on a new pipeline
+            self._restart_pipeline(self.epoch, self._first_batch)
         current = _Pass(self.epoch, self._first_batch, self._mixing_enabled())
         self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
                            current.mixing)
         if self._needs_reset:
-            self._iterator.reset()
+            self._guard.call(self._iterator.reset)
             self._needs_reset = False
         self.epoch, self._first_batch = current.epoch + 1, 0  # the next pass, unless set otherwise
         self._pass = current
@@ -259,12 +276,12 @@ class PipelineBatches:
     def _end_pass(self) -> None:
         """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
         current, self._pass = self._pass, None
-        if current is None or current.finished:
+        if current is None or current.finished or self._guard.broken:
             return
         self.control.stop(self._dali_epoch, current.first + current.consumed)
         try:
             while True:
-                next(self._iterator)
+                self._guard.call(self._next_outputs)
         except StopIteration:
             self._dali_epoch += 1
             self._needs_reset = True
@@ -272,9 +289,7 @@ class PipelineBatches:
             self._restart_pipeline(self.epoch, self._first_batch)
 
     def _restart_pipeline(self, epoch: int, first_batch: int) -> None:
-        self._iterator = None
-        self.pipeline = None
-        self.control.close()
+        self._drop_pipeline()
         self._start_pipeline(epoch, first_batch)
 
     def _batches(self):
@@ -283,13 +298,15 @@ class PipelineBatches:
             if self._pass is not current:
                 return  # a newer pass took over
             try:
-                outputs = next(self._iterator)
+                outputs = self._guard.call(self._next_outputs)
             except StopIteration:
                 current.finished = True
                 self._pass = None
                 self._dali_epoch += 1
                 self._needs_reset = True
                 return
+            except LoaderWorkerError:
+                raise  # the position stays where it was: the next pass can resume it
             except RuntimeError as error:
                 self._recover(current, error)
                 continue
@@ -510,7 +527,8 @@ class ReLabelLoader(PipelineBatches):
         self.batch_sampler = None
         self.drop_last = config.last_batch == "drop"
         super().__init__(plan, make_source, make_pipeline, output_map, start_epoch=start_epoch,
-                         resume_batch=resume_batch, skip_bad_images=skip_bad_images)
+                         resume_batch=resume_batch, skip_bad_images=skip_bad_images,
+                         timeout=config.worker_timeout)
 
     def _mixing_enabled(self) -> bool:
         return self.mixup_enabled
@@ -589,7 +607,8 @@ class ValidationLoader(PipelineBatches):
         self.sampler = LoaderSampler(self)
         self.batch_sampler = None
         self.drop_last = False
-        super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"])
+        super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"],
+                         timeout=config.worker_timeout)
 
     def __iter__(self):
         for batch in self._batches():

@@ -15,6 +15,7 @@ worker process which epoch a pass reads, from which batch, and where an abandone
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -61,6 +62,20 @@ def check_encoded_image(data: np.ndarray, path: str) -> None:
             raise BadImageError(f"{path}: truncated PNG (no IEND chunk)")
     elif not head.startswith(OTHER_MAGICS):
         raise BadImageError(f"{path}: not a recognised image format (starts with {head[:4]!r})")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker process: have the kernel kill it when ``parent_pid`` (its parent) exits (Linux
+    ``PR_SET_PDEATHSIG``), so a killed trainer leaves no orphans holding its files; exit now if the
+    parent is already gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: nothing to arm
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _shared_directory() -> str:
@@ -164,10 +179,12 @@ class BatchSource:
         self._store: Optional[LabelStore] = None
         self._epoch: Optional[int] = None
         self._rows = self._valid = None
+        self._owner = os.getpid()  # the loader's process; worker processes die with it
+        self._armed_in: Optional[int] = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_store=None, _epoch=None, _rows=None, _valid=None)
+        state.update(_store=None, _epoch=None, _rows=None, _valid=None, _armed_in=None)
         return state
 
     @property
@@ -228,6 +245,10 @@ class BatchSource:
             status[position] = SKIPPED
 
     def __call__(self, batch_info):
+        if self._armed_in != os.getpid():
+            if os.getpid() != self._owner:
+                die_with_parent(self._owner)
+            self._armed_in = os.getpid()
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         batch = first + batch_info.iteration
         if batch >= min(stop, self.plan.num_batches):

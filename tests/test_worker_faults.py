@@ -1,0 +1,127 @@
+"""A dead, stopped or stuck source worker is an error naming it within seconds, never a hang; the
+position survives and the next pass starts on a new pipeline."""
+import os
+import signal
+import time
+
+import pytest
+
+from dali_relabel.config import DataConfig
+from dali_relabel.sources import BatchSource
+from dali_relabel.store import write_store
+from dali_relabel.watchdog import LoaderWorkerError, _process_state, describe_exit
+from helpers import make_jpeg_tree, random_maps
+
+pytest.importorskip("nvidia.dali")
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    relpaths = make_jpeg_tree(root / "images", 4, 10, size=(24, 24))
+    logits, ids = random_maps(len(relpaths), 2, 3, 3, 6, seed=0)
+    store = write_store(root / "s.h5", relpaths, logits, ids, 6, labels=[int(p[6:8]) for p in relpaths],
+                        class_names=[f"class_{c:02d}" for c in range(6)])
+    return str(root / "images"), str(store)
+
+
+def _loader(small_set, **config):
+    from dali_relabel.loader import ReLabelLoader
+
+    settings = dict(image_size=16, num_threads=1, py_num_workers=1, prefetch_queue_depth=1)
+    return ReLabelLoader(*small_set, batch_size=4, config=DataConfig(**{**settings, **config}), device="cpu",
+                         return_rows=True)
+
+
+def _worker_pid(loader):
+    from dali_relabel.watchdog import source_workers
+
+    workers = source_workers(loader.pipeline)
+    assert len(workers) == 1
+    return workers[0].pid
+
+
+def test_killed_worker_is_named_and_the_position_resumes(small_set):
+    loader = _loader(small_set)
+    batches = iter(loader)
+    seen = [next(batches)[2].tolist() for _ in range(2)]
+    pid = _worker_pid(loader)
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(LoaderWorkerError, match=f"DALI source worker {pid} was killed by SIGKILL"):
+        for _, _, rows in batches:
+            seen.append(rows.tolist())
+    assert time.monotonic() - started < 10
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["batch"] == len(seen)
+    loader.load_state_dict(state)
+    rest = [rows.tolist() for _, _, rows in loader]
+    assert len(seen) + len(rest) == 10
+    assert sorted(r for batch in seen + rest for r in batch) == list(range(40))
+    assert len(list(loader)) == 10, "later passes run on the new pipeline"
+
+
+def test_stopped_worker_is_named(small_set):
+    loader = _loader(small_set)
+    batches = iter(loader)
+    next(batches)
+    pid = _worker_pid(loader)
+    os.kill(pid, signal.SIGSTOP)
+    with pytest.raises(LoaderWorkerError, match=f"DALI source worker {pid} is stopped"):
+        for _ in batches:
+            pass
+    deadline = time.monotonic() + 5  # the loader killed the worker it abandoned
+    while _process_state(pid) not in ("", "Z", "X") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _process_state(pid) in ("", "Z", "X")
+
+
+_REAL_CALL = BatchSource.__call__
+
+
+def _hanging_call(self, batch_info):
+    if batch_info.iteration >= 2:
+        time.sleep(60)
+    return _REAL_CALL(self, batch_info)
+
+
+def test_stuck_worker_times_out_naming_the_workers(small_set, monkeypatch):
+    monkeypatch.setattr(BatchSource, "__call__", _hanging_call)  # inherited by the forked worker
+    loader = _loader(small_set, worker_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(LoaderWorkerError, match=r"no batch for \d+ s \(timeout 2 s\); source workers: \d+ sleeping"):
+        for _ in loader:
+            pass
+    assert time.monotonic() - started < 20
+
+
+def test_exit_descriptions():
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(None) == "is still running"
+
+
+def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
+    """A trainer killed outright leaves no source worker behind (they would keep its files open)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from dali_relabel.config import DataConfig\n"
+        "from dali_relabel.loader import ReLabelLoader\n"
+        "from dali_relabel.watchdog import source_workers\n"
+        f"loader = ReLabelLoader({small_set[0]!r}, {small_set[1]!r}, batch_size=4, device='cpu',\n"
+        "                       config=DataConfig(image_size=16, num_threads=1, py_num_workers=1))\n"
+        "next(iter(loader))\n"
+        "print(*[p.pid for p in source_workers(loader.pipeline)], flush=True)\n"
+        "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in process.stdout.readline().split()]
+    assert workers
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(_process_state(pid) not in ("", "Z", "X") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_process_state(pid) in ("", "Z", "X") for pid in workers), "an orphaned worker lives on"
