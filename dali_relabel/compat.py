@@ -1,0 +1,134 @@
+"""Data settings from timm's and torchvision's training scripts, as a :class:`DataConfig`.
+
+:func:`from_timm` maps timm's ``resolve_data_config`` output and its ``train.py`` arguments,
+:func:`from_torchvision` the arguments of torchvision's ``references/classification/train.py``. Every
+setting either maps onto the DALI path or raises :class:`UnsupportedSetting` naming the flag: nothing
+is dropped silently.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .config import DataConfig
+
+
+class UnsupportedSetting(ValueError):
+    """A training-script setting the DALI path cannot honour; the message names the flag."""
+
+
+def _get(args, name: str, default=None):
+    return getattr(args, name, default) if args is not None else default
+
+
+def _refuse(flag: str, value, why: str) -> None:
+    raise UnsupportedSetting(f"{flag} {value!r} is not supported by dali-relabel's loader: {why}")
+
+
+def _square(size, flag: str) -> int:
+    height, width = size[-2:] if isinstance(size, (tuple, list)) else (size, size)
+    if height != width:
+        _refuse(flag, size, "crops are square (image_size x image_size)")
+    return int(height)
+
+
+def _interpolation(name: Optional[str], flag: str, allow_random: bool = True) -> Optional[str]:
+    if not name:
+        return None
+    name = str(name).lower()
+    if name == "random" and allow_random:
+        return "random"
+    if name in ("bilinear", "bicubic", "nearest", "lanczos"):
+        return name
+    _refuse(flag, name, "choose bilinear, bicubic, nearest, lanczos" + (" or random" if allow_random else ""))
+    return None
+
+
+def _mixing(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float) -> dict:
+    """timm's "mix with ``prob``, then CutMix with ``switch_prob`` when both are on" as our chances
+    (CutMix per pair or batch, then Mixup for what CutMix left alone)."""
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        cutmix = prob * switch_prob
+        mixup = prob * (1 - switch_prob) / (1 - cutmix) if cutmix < 1 else 0.0
+        return dict(cutmix_probability=cutmix, cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha,
+                    mixup_probability=mixup)
+    if cutmix_alpha > 0:
+        return dict(cutmix_probability=prob, cutmix_alpha=cutmix_alpha)
+    if mixup_alpha > 0:
+        return dict(mixup_alpha=mixup_alpha, mixup_probability=prob)
+    return {}
+
+
+def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
+    """A :class:`DataConfig` from timm.
+
+    Args:
+        data_config: ``timm.data.resolve_data_config(...)``: ``input_size``, ``interpolation``,
+            ``mean``, ``std``, ``crop_pct``.
+        args: timm ``train.py``'s parsed arguments (augmentation, mixing, smoothing, seed,
+            channels-last); ``None`` for evaluation settings only.
+        overrides: :class:`DataConfig` fields set last.
+    """
+    settings = dict(image_size=_square(data_config["input_size"], "input_size"),
+                    mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                    crop_pct=float(data_config.get("crop_pct") or 0.875))
+    val_interpolation = _interpolation(data_config.get("interpolation"), "interpolation", allow_random=False)
+    if val_interpolation:
+        settings.update(val_interpolation=val_interpolation, interpolation=val_interpolation)
+    if args is not None:
+        for flag, name, off in (("--aa", "aa", None), ("--reprob", "reprob", 0), ("--vflip", "vflip", 0),
+                                ("--aug-repeats", "aug_repeats", 0), ("--aug-splits", "aug_splits", 0),
+                                ("--color-jitter-prob", "color_jitter_prob", None),
+                                ("--grayscale-prob", "grayscale_prob", None),
+                                ("--gaussian-blur-prob", "gaussian_blur_prob", None),
+                                ("--cutmix-minmax", "cutmix_minmax", None), ("--no-aug", "no_aug", False)):
+            value = _get(args, name, off)
+            if value not in (off, None, 0, False):
+                _refuse(flag, value, "the DALI path has no such augmentation; leave it at its default")
+        if _get(args, "train_crop_mode") not in (None, "rrc"):
+            _refuse("--train-crop-mode", args.train_crop_mode, "only random-resized crops (rrc)")
+        if _get(args, "mixup_mode", "batch") not in ("batch", "pair"):
+            _refuse("--mixup-mode", args.mixup_mode, "mixing is per batch or per pair")
+        train_interpolation = _interpolation(_get(args, "train_interpolation"), "--train-interpolation")
+        if train_interpolation:
+            settings["interpolation"] = train_interpolation
+        jitter = _get(args, "color_jitter")
+        settings.update(
+            scale=tuple(_get(args, "scale", (0.08, 1.0))), ratio=tuple(_get(args, "ratio", (3 / 4, 4 / 3))),
+            flip_probability=float(_get(args, "hflip", 0.5)),
+            color_jitter=tuple(jitter) if isinstance(jitter, (list, tuple)) else jitter,
+            label_smoothing=float(_get(args, "smoothing", 0.0) or 0.0),
+            mix_granularity="pair" if _get(args, "mixup_mode", "batch") == "pair" else "batch",
+            channels_last=bool(_get(args, "channels_last", False)))
+        if _get(args, "seed") is not None:
+            settings["seed"] = int(args.seed)
+        if _get(args, "mixup_off_epoch"):  # timm also flips loader.mixup_enabled, with its prefetcher
+            settings["cutmix_stop_epoch"] = int(args.mixup_off_epoch)
+        settings.update(_mixing(float(_get(args, "mixup", 0.0) or 0.0), float(_get(args, "cutmix", 0.0) or 0.0),
+                                float(_get(args, "mixup_prob", 1.0)), float(_get(args, "mixup_switch_prob", 0.5))))
+    settings.update(overrides)
+    return DataConfig(**settings)
+
+
+def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
+    """``(train, validation)`` configs from torchvision's ``references/classification/train.py``
+    arguments.
+
+    Label smoothing is left to the script's ``CrossEntropyLoss(label_smoothing=...)``, which smooths
+    probability targets too (so it is not applied twice). torchvision mixes per batch, choosing
+    MixUp or CutMix with equal chance when both are on; so does the returned config.
+    """
+    for flag, name, off in (("--auto-augment", "auto_augment", None), ("--random-erase", "random_erase", 0.0),
+                            ("--ra-sampler", "ra_sampler", False)):
+        value = _get(args, name, off)
+        if value not in (off, None, 0, False):
+            _refuse(flag, value, "the DALI path has no such augmentation or sampler; leave it at its default")
+    interpolation = _interpolation(_get(args, "interpolation", "bilinear"), "--interpolation",
+                                   allow_random=False) or "bilinear"
+    mixup, cutmix = float(_get(args, "mixup_alpha", 0.0) or 0.0), float(_get(args, "cutmix_alpha", 0.0) or 0.0)
+    train = DataConfig(**{
+        "image_size": int(_get(args, "train_crop_size", 224)), "interpolation": interpolation,
+        "val_interpolation": interpolation, "mix_granularity": "batch",
+        **_mixing(mixup, cutmix, 1.0, 0.5), **overrides})
+    val = train.replace(image_size=int(_get(args, "val_crop_size", 224)),
+                        val_resize=int(_get(args, "val_resize_size", 256)))
+    return train, val

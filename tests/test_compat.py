@@ -1,0 +1,80 @@
+"""Settings of timm's and torchvision's training scripts map onto DataConfig, or are refused by name."""
+from argparse import Namespace
+
+import pytest
+
+from dali_relabel.compat import UnsupportedSetting, from_timm, from_torchvision
+
+TIMM_DATA = {"input_size": (3, 176, 176), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+             "std": (0.25, 0.25, 0.25), "crop_pct": 0.95}
+
+
+def timm_args(**changes):
+    """timm train.py's defaults (the ones the loader reads)."""
+    defaults = dict(aa=None, reprob=0.0, vflip=0.0, aug_repeats=0, aug_splits=0, color_jitter=0.4,
+                    color_jitter_prob=None, grayscale_prob=None, gaussian_blur_prob=None, cutmix_minmax=None,
+                    no_aug=False, train_crop_mode=None, mixup_mode="batch", train_interpolation="random",
+                    scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, smoothing=0.1, seed=42, mixup=0.0,
+                    cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_off_epoch=0, channels_last=False)
+    defaults.update(changes)
+    return Namespace(**defaults)
+
+
+def test_timm_defaults():
+    config = from_timm(TIMM_DATA, timm_args())
+    assert config.image_size == 176 and config.crop_pct == 0.95 and config.resize_size == 185
+    assert config.mean == (0.5, 0.5, 0.5) and config.std == (0.25, 0.25, 0.25)
+    assert config.interpolation == "random" and config.val_interpolation == "bicubic"
+    assert config.color_jitter == (0.4, 0.4, 0.4, 0.0) and config.label_smoothing == 0.1
+    assert config.seed == 42 and not config.mixing and config.mix_granularity == "batch"
+
+
+def test_timm_evaluation_only():
+    config = from_timm(TIMM_DATA)
+    assert config.interpolation == config.val_interpolation == "bicubic" and config.label_smoothing == 0
+
+
+def test_timm_mixing_probabilities():
+    both = from_timm(TIMM_DATA, timm_args(mixup=0.8, cutmix=1.0, mixup_prob=0.6, mixup_switch_prob=0.5))
+    assert both.cutmix_probability == pytest.approx(0.3)
+    # P(mixup) overall = 0.6 * 0.5 = P(not cutmix) * mixup_probability
+    assert (1 - both.cutmix_probability) * both.mixup_probability == pytest.approx(0.3)
+    assert (both.cutmix_alpha, both.mixup_alpha) == (1.0, 0.8)
+    cutmix = from_timm(TIMM_DATA, timm_args(cutmix=1.0, mixup_mode="pair", mixup_off_epoch=90))
+    assert cutmix.cutmix_probability == 1.0 and cutmix.mix_granularity == "pair"
+    assert cutmix.cutmix_stop_epoch == 90 and cutmix.mixup_alpha == 0
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(aa="rand-m9-mstd0.5"), "--aa"), (dict(reprob=0.25), "--reprob"), (dict(vflip=0.5), "--vflip"),
+    (dict(aug_repeats=3), "--aug-repeats"), (dict(train_crop_mode="rkrc"), "--train-crop-mode"),
+    (dict(mixup_mode="elem", mixup=0.2), "--mixup-mode"), (dict(cutmix_minmax=[0.2, 0.8]), "--cutmix-minmax"),
+    (dict(grayscale_prob=0.1), "--grayscale-prob"), (dict(train_interpolation="box"), "--train-interpolation"),
+])
+def test_timm_settings_we_cannot_honour_are_refused_by_name(change, flag):
+    with pytest.raises(UnsupportedSetting, match=flag):
+        from_timm(TIMM_DATA, timm_args(**change))
+
+
+def torchvision_args(**changes):
+    defaults = dict(auto_augment=None, random_erase=0.0, ra_sampler=False, interpolation="bilinear",
+                    train_crop_size=224, val_crop_size=224, val_resize_size=256, mixup_alpha=0.0, cutmix_alpha=0.0)
+    defaults.update(changes)
+    return Namespace(**defaults)
+
+
+def test_torchvision_reference_arguments():
+    train, val = from_torchvision(torchvision_args(train_crop_size=176, val_crop_size=224, val_resize_size=232,
+                                                   interpolation="bicubic", mixup_alpha=0.2, cutmix_alpha=1.0))
+    assert train.image_size == 176 and train.interpolation == "bicubic" and train.label_smoothing == 0
+    assert (val.image_size, val.resize_size, val.val_interpolation) == (224, 232, "bicubic")
+    assert train.mix_granularity == "batch" and train.cutmix_probability == pytest.approx(0.5)
+    assert train.mixup_probability == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("change, flag", [(dict(auto_augment="ta_wide"), "--auto-augment"),
+                                          (dict(random_erase=0.1), "--random-erase"),
+                                          (dict(ra_sampler=True), "--ra-sampler")])
+def test_torchvision_settings_we_cannot_honour_are_refused_by_name(change, flag):
+    with pytest.raises(UnsupportedSetting, match=flag):
+        from_torchvision(torchvision_args(**change))
