@@ -1,18 +1,18 @@
 """Keyed randomness: every sample's crop and flip follow from ``(seed, epoch, row)`` alone.
 
-The data source gives each sample a 64-bit key (:func:`sample_keys`); the plugin operator
-``fn.relabel.random_crop_window`` (``csrc/crop_window.h``) draws the sample's random-resized-crop window
-and flip from a SplitMix64 stream started at that key. Nothing else enters, so a resumed run, another
+Each sample's 64-bit key is :func:`sample_keys` of ``(seed, epoch, row)``; the plugin operator
+``fn.relabel.random_crop_window`` (``csrc/crop_window.h``) computes it from the sample's row and epoch
+and draws the random-resized-crop window and flip from a SplitMix64 stream started at it. Nothing else enters, so a resumed run, another
 number of DALI threads, another batch position or another data path (tree or tar shards) give the
 same crop of the same image in the same epoch. :func:`crop_window` is the Python twin of the
-operator, used by the tests to check it draw for draw. :class:`SampleDraws` takes the other
-per-sample choices (colour jitter, the interpolation) from the same keys.
+operator, used by the tests to check it draw for draw; :func:`draw_jitter` and
+:func:`draw_interpolation` are the twins of ``relabel.sample_draws`` (colour jitter and the random
+interpolation, other streams of the same key).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -94,41 +94,25 @@ def crop_window(height: int, width: int, key: int, scale: Sequence[float] = (0.0
 
 def sample_uniforms(keys, stream: int, count: int) -> np.ndarray:
     """float64 ``[B, count]`` uniforms in ``[0, 1)`` from each sample's key, independent of the crop
-    stream and of other ``stream`` numbers (used for colour jitter and the interpolation choice)."""
+    stream and of other ``stream`` numbers (colour jitter: stream 1, interpolation: stream 2)."""
     keys = np.asarray(keys, dtype=np.uint64)
     salts = _mix(np.array([0xA0761D6478BD642F ^ stream], dtype=np.uint64) + np.arange(count, dtype=np.uint64))
     bits = _mix(keys[:, None] ^ salts[None, :])
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-@dataclass(frozen=True)
-class SampleDraws:
-    """Per-sample random choices beyond the crop, drawn from the same keys by the data source.
+def draw_jitter(key: int, strengths: Sequence[float]) -> Tuple[float, float, float, float]:
+    """The operator ``relabel.sample_draws``'s colour-jitter factors for ``key`` (strengths
+    ``(brightness, contrast, saturation, hue)``, rounded to float32 as the operator receives them):
+    factors uniform in ``[max(0, 1 - s), 1 + s]``, the hue shift in degrees in ``[-360 h, 360 h]``."""
+    s = [float(np.float32(v)) for v in strengths]
+    u = sample_uniforms([key], 1, 4)[0]
+    factors = [(1 - x if x < 1 else 0.0) + ((1 + x) - (1 - x if x < 1 else 0.0)) * float(u[i])
+               for i, x in enumerate(s[:3])]
+    hue = (-s[3] + 2 * s[3] * float(u[3])) * 360.0
+    return tuple(float(np.float32(v)) for v in (*factors, hue))
 
-    Args:
-        color_jitter: ``(brightness, contrast, saturation, hue)`` strengths (``None``: none drawn).
-        random_interpolation: draw bilinear or bicubic per sample (timm's ``"random"``).
-    """
 
-    color_jitter: Optional[Tuple[float, float, float, float]] = None
-    random_interpolation: bool = False
-
-    @property
-    def names(self) -> Tuple[str, ...]:
-        return (("jitter",) if self.color_jitter else ()) + (("interp",) if self.random_interpolation else ())
-
-    def draw(self, keys) -> dict:
-        """``jitter`` float32 ``[B, 4]``: brightness, contrast and saturation factors in
-        ``[max(0, 1 - s), 1 + s]`` and a hue shift in degrees in ``[-360 h, 360 h]``; ``interp`` int32
-        ``[B]``: 0 bilinear, 1 bicubic."""
-        out = {}
-        if self.color_jitter:
-            u = sample_uniforms(keys, 1, 4)
-            low = np.array([max(0.0, 1 - s) for s in self.color_jitter[:3]] + [-self.color_jitter[3]])
-            high = np.array([1 + s for s in self.color_jitter[:3]] + [self.color_jitter[3]])
-            values = low + (high - low) * u
-            values[:, 3] *= 360.0
-            out["jitter"] = values.astype(np.float32)
-        if self.random_interpolation:
-            out["interp"] = (sample_uniforms(keys, 2, 1)[:, 0] >= 0.5).astype(np.int32)
-        return out
+def draw_interpolation(key: int) -> int:
+    """The operator's interpolation choice for ``key``: 0 bilinear, 1 bicubic."""
+    return int(sample_uniforms([key], 2, 1)[0, 0] >= 0.5)

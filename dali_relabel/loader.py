@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .crops import SampleDraws
 from .distributed import rank_and_world
 from .imagefolder import list_images
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
@@ -503,7 +502,6 @@ class ReLabelLoader(PipelineBatches):
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                 per_batch=config.mix_granularity == "batch")
-        draws = SampleDraws(config.color_jitter, config.interpolation == "random")
         output_map = ["images", "targets", "labels", "rows", "valid"]
         if cutmix is not None:
             output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
@@ -513,7 +511,7 @@ class ReLabelLoader(PipelineBatches):
 
         def make_source(control, bad_rows):
             return BatchSource(self.image_root, plan, control, store_path=store_path, paths=paths,
-                               labels=labels, seed=config.seed, draws=draws, cutmix=cutmix, bad_rows=bad_rows)
+                               labels=labels, epochs=True, cutmix=cutmix, bad_rows=bad_rows)
 
         def make_pipeline(source):
             return train_pipeline(source, config, self.num_classes, self.layout, decoder_device=decoder,

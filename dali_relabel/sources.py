@@ -4,7 +4,8 @@
 ``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
 returns, as whole-batch arrays: the image paths (for DALI's C++ file reader ``fn.io.file.read``), the
 rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
-validity flag, each sample's random key (:mod:`dali_relabel.crops`) and, with CutMix, the pair boxes.
+validity flag, the epoch (which, with the row, keys every random choice: :mod:`dali_relabel.crops`)
+and, with CutMix, the pair boxes.
 Everything per sample (reading files, decoding, cropping, pooling) happens in DALI's C++. Because the
 paths and the maps are gathered for the same rows in the same call, an image can never be paired
 with another image's map.
@@ -22,7 +23,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .crops import SampleDraws, sample_keys
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
@@ -144,8 +144,7 @@ class BatchSource:
         paths: relative image path of every row (default: the store's, memory-mapped in the
             process that reads them, so nothing big is copied into the worker).
         labels: int hard label of every row (default: the store's).
-        seed: base of the per-sample random keys (``keys`` output); ``None`` leaves the keys out.
-        draws: other per-sample random choices drawn from the keys (``jitter``, ``interp`` outputs).
+        epochs: add the ``epochs`` output (each sample's epoch, for the keyed random operators).
         cutmix: draw CutMix pair boxes (adds the ``mix_box`` output; zeros in passes with mixing off).
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
@@ -154,15 +153,13 @@ class BatchSource:
     ``path_lengths`` int32 ``[1]``, then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
     then ``labels`` int32 ``[1]``, ``rows`` int64 ``[1]``, ``valid`` uint8 ``[1]`` (:data:`VALID`,
     :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on), with a seed
-    ``keys`` uint64 scalars and the ``draws`` (:class:`~dali_relabel.crops.SampleDraws`), with CutMix
-    ``mix_box`` float32 ``[4]``.
+    ``epochs`` int64 scalars (with ``epochs``), with CutMix ``mix_box`` float32 ``[4]``.
     """
 
     def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
                  store_path: Optional[str] = None, paths: Optional[PathTable] = None,
-                 labels: Optional[np.ndarray] = None, seed: Optional[int] = None,
-                 draws: Optional[SampleDraws] = None, cutmix: Optional[CutMixSpec] = None,
-                 bad_rows: Sequence[int] = ()):
+                 labels: Optional[np.ndarray] = None, epochs: bool = False,
+                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
         if store_path is None and (paths is None or labels is None):
             raise ValueError("a source without a store needs paths and labels")
         self.image_root = os.path.abspath(os.fspath(image_root))
@@ -172,8 +169,7 @@ class BatchSource:
         self.plan = plan
         self.control = control
         self.store_path = store_path
-        self.seed = seed
-        self.draws = draws if seed is not None else None
+        self.epochs = epochs
         self.cutmix = cutmix
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
@@ -199,8 +195,7 @@ class BatchSource:
     def names(self) -> List[str]:
         """Output names, in order."""
         return (["paths", "path_lengths"] + (["logits", "class_ids"] if self.store_path else [])
-                + ["labels", "rows", "valid"] + (["keys"] if self.seed is not None else [])
-                + (list(self.draws.names) if self.draws is not None else [])
+                + ["labels", "rows", "valid"] + (["epochs"] if self.epochs else [])
                 + (["mix_box"] if self.cutmix is not None else []))
 
     def path(self, row: int) -> str:
@@ -261,10 +256,8 @@ class BatchSource:
             self._check_maps(rows, maps.logits, maps.class_ids)
             out.update(logits=maps.logits, class_ids=maps.class_ids)
         out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
-        if self.seed is not None:
-            out["keys"] = sample_keys(self.seed, epoch, rows)
-            if self.draws is not None:
-                out.update(self.draws.draw(out["keys"]))
+        if self.epochs:
+            out["epochs"] = np.full(len(rows), epoch, np.int64)
         if self.cutmix is not None:
             out["mix_box"] = (self.cutmix.boxes(epoch, batch, len(rows)) if mixing
                               else np.zeros((len(rows), 4), np.float32))
@@ -285,7 +278,6 @@ def output_types(source: BatchSource):
 
     known = {"paths": (types.UINT8, 1), "path_lengths": (types.INT32, 1), "logits": (None, 3),
              "class_ids": (None, 3), "labels": (types.INT32, 1), "rows": (types.INT64, 1),
-             "valid": (types.UINT8, 1), "keys": (types.UINT64, 0), "jitter": (types.FLOAT, 1),
-             "interp": (types.INT32, 0), "mix_box": (types.FLOAT, 1)}
+             "valid": (types.UINT8, 1), "epochs": (types.INT64, 0), "mix_box": (types.FLOAT, 1)}
     specs = [known[name] for name in source.names]
     return [s[0] for s in specs], [s[1] for s in specs]

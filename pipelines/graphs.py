@@ -4,7 +4,8 @@ Every graph starts from a :class:`~dali_relabel.sources.BatchSource`: one call p
 image paths, which DALI's C++ file reader ``io.file.read`` reads, and (for training) the rows' label
 maps and random keys.
 
-Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (keyed random-resized crop and flip) ->
+Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized crop and flip keyed by
+``(seed, epoch, row)``; ``relabel.sample_draws`` adds colour jitter and random interpolation) ->
 ``decoders.image_slice(axis_names="HW")`` (``mixed`` on a GPU, ``cpu`` without) -> ``resize`` ->
 ``crop_mirror_normalize``, and the fused ``relabel.label_pooling`` operator fed with the same crop
 window, image shape and mirror flag, so the soft target always describes exactly the pixels the
@@ -66,22 +67,37 @@ def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
     return args
 
 
-def _resize_square(images, config: DataConfig, data: dict):
-    """The crop resized to ``image_size``; with ``interpolation="random"`` the source's per-sample
-    choice (0 bilinear, 1 bicubic) picks the filter."""
+def _resize_square(images, config: DataConfig, interpolation=None):
+    """The crop resized to ``image_size``; ``interpolation``: per-sample choices (0 bilinear,
+    1 bicubic) for ``interpolation="random"``."""
     if config.interpolation == "random":
-        choice = fn.cast(data["interp"] + int(types.INTERP_LINEAR), dtype=types.INTERP_TYPE)
+        choice = fn.cast(interpolation + int(types.INTERP_LINEAR), dtype=types.INTERP_TYPE)
     else:
         choice = _INTERPOLATION[config.interpolation]
     return fn.resize(images, size=[config.image_size, config.image_size], antialias=True, interp_type=choice)
 
 
-def _color_jitter(images, data: dict):
-    """Brightness, contrast, saturation and hue from the source's per-sample factors (torchvision's
-    ColorJitter applies them in a random order around the image's mean grey; DALI's color_twist in
-    this fixed order, contrast around mid-grey)."""
-    jitter = data["jitter"]
-    return fn.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2], hue=jitter[3])
+def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
+    """The keyed random-resized crop, flip, resize and colour jitter of every sample (its choices
+    drawn from ``(config.seed, epoch, row)``). Returns ``(normalised images, shape, anchor, crop,
+    mirror)``: the crop window and mirror flag the label pooling needs."""
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
+    anchor, crop, mirror = fn.relabel.random_crop_window(
+        shape, rows, epochs, seed=config.seed, random_area=list(config.scale),
+        random_aspect_ratio=list(config.ratio), num_attempts=config.num_attempts,
+        flip_probability=config.flip_probability)
+    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **_decoder_args(decoder_device, config))
+    jitter = interpolation = None
+    if config.color_jitter or config.interpolation == "random":
+        jitter, interpolation = fn.relabel.sample_draws(rows, epochs, seed=config.seed,
+                                                        color_jitter=list(config.color_jitter or (0, 0, 0, 0)))
+    images = _resize_square(images, config, interpolation)
+    if config.color_jitter:
+        # torchvision's ColorJitter applies these in a random order around the image's mean grey;
+        # DALI's color_twist in this fixed order, contrast around mid-grey.
+        images = fn.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2],
+                                hue=jitter[3])
+    return _normalize(images, config, mirror), shape, anchor, crop, mirror
 
 
 @pipeline_def
@@ -95,24 +111,15 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
     targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
 
     Args:
-        source: a :class:`BatchSource` with random keys (``seed``), usually with a store.
+        source: a :class:`BatchSource` with ``epochs``, usually with a store.
         config: data settings.
         num_classes: C of the soft targets.
         layout: ``"HW"`` or ``"WH"``, how boxes meet the maps.
         decoder_device: ``"mixed"`` (GPU decode; targets pooled on the GPU too) or ``"cpu"``.
     """
     data = read_batches(source, config)
-    jpegs = data["jpegs"]
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
-    anchor, crop, mirror = fn.relabel.random_crop_window(
-        shape, data["keys"], random_area=list(config.scale), random_aspect_ratio=list(config.ratio),
-        num_attempts=config.num_attempts, flip_probability=config.flip_probability)
-    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
-                                     **_decoder_args(decoder_device, config))
-    images = _resize_square(images, config, data)
-    if config.color_jitter:
-        images = _color_jitter(images, data)
-    images = _normalize(images, config, mirror)
+    images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], data["epochs"], config,
+                                                  decoder_device)
     extra = [data["mix_box"]] if source.cutmix is not None else []
     if not source.store_path:  # hard labels: one-hot targets, same augmentation
         targets = fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT)
@@ -186,7 +193,7 @@ def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str
                                             num_attempts=config.num_attempts)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, _fixed_interpolation(config), {}), config,
+    images = _normalize(_resize_square(images, _fixed_interpolation(config)), config,
                         fn.random.coin_flip(probability=config.flip_probability))
     return images, labels
 
@@ -202,6 +209,6 @@ def example_train_pipeline(file_root: str, config: DataConfig, decoder_device: s
                                            random_aspect_ratio=list(config.ratio),
                                            num_attempts=config.num_attempts,
                                            **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, _fixed_interpolation(config), {}), config,
+    images = _normalize(_resize_square(images, _fixed_interpolation(config)), config,
                         fn.random.coin_flip(probability=config.flip_probability))
     return images, labels

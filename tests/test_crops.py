@@ -7,29 +7,41 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_relabel.crops import SplitMix64, crop_window, sample_keys
+from dali_relabel.crops import SplitMix64, crop_window, draw_interpolation, draw_jitter, sample_keys
 
 pytest.importorskip("nvidia.dali")
 
 
-def _operator_windows(shapes, keys, **kwargs):
-    """``[(y, x, h, w, mirror)]`` drawn by the operator for image shapes ``[B, 2 or 3]`` and keys ``[B]``."""
+def _constant(value):
+    return lambda: value  # no parameter: DALI would pass an iteration number to one
+
+
+def _run_operator(op_name, inputs, num_outputs, **kwargs):
+    """The outputs of ``fn.relabel.<op_name>`` on host arrays ``inputs`` (each ``[B, ...]``)."""
     from nvidia.dali import fn, pipeline_def
 
     from dali_relabel.plugin import load_plugin
 
     load_plugin()
-    shapes, keys = np.ascontiguousarray(shapes), np.ascontiguousarray(keys)
+    inputs = [np.ascontiguousarray(x) for x in inputs]
 
-    @pipeline_def(batch_size=len(shapes), num_threads=1, device_id=None)
-    def windows():
-        image_shape = fn.external_source(source=lambda: shapes, batch=True)
-        key = fn.external_source(source=lambda: keys, batch=True)
-        return tuple(fn.relabel.random_crop_window(image_shape, key, **kwargs))
+    @pipeline_def(batch_size=len(inputs[0]), num_threads=1, device_id=None)
+    def graph():
+        nodes = [fn.external_source(source=_constant(x), batch=True) for x in inputs]
+        return tuple(getattr(fn.relabel, op_name)(*nodes, **kwargs))
 
-    pipe = windows()
+    pipe = graph()
     pipe.build()
-    anchor, size, mirror = (out.as_array() for out in pipe.run())
+    outputs = [out.as_array() for out in pipe.run()]
+    assert len(outputs) == num_outputs
+    return outputs
+
+
+def _operator_windows(shapes, rows, epoch, seed, **kwargs):
+    """``[(y, x, h, w, mirror)]`` drawn by the operator for image shapes ``[B, 2 or 3]`` and rows ``[B]``."""
+    epochs = np.full(len(rows), epoch, np.int64)
+    anchor, size, mirror = _run_operator("random_crop_window", [shapes, np.asarray(rows, np.int64), epochs], 3,
+                                         seed=seed, **kwargs)
     return [tuple(int(v) for v in (a[0], a[1], s[0], s[1], m)) for a, s, m in zip(anchor, size, mirror)]
 
 
@@ -39,8 +51,9 @@ def test_operator_draws_exactly_what_the_twin_draws():
     shapes = np.stack([rng.integers(1, 1200, n), rng.integers(1, 1200, n), np.full(n, 3)], axis=1)
     shapes[:20] = [[2000, 30, 3]] * 20  # very tall: the aspect-ratio fallback
     shapes[20:30] = [[1, 1, 3]] * 10
-    keys = sample_keys(11, 4, np.arange(n))
-    got = _operator_windows(shapes, keys)
+    rows = np.arange(n) * 7 + 3
+    got = _operator_windows(shapes, rows, epoch=4, seed=11)
+    keys = sample_keys(11, 4, rows)
     expected = [crop_window(int(h), int(w), int(k)) for (h, w, _), k in zip(shapes, keys)]
     assert got == expected
 
@@ -51,12 +64,34 @@ def test_operator_draws_exactly_what_the_twin_draws():
 def test_operator_and_twin_agree_for_any_settings(lo, span, r_lo, r_span, attempts, flip, seed):
     rng = np.random.default_rng(seed)
     shapes = np.stack([rng.integers(1, 700, 16), rng.integers(1, 700, 16)], axis=1).astype(np.int32)
-    keys = rng.integers(0, 2**63, 16, dtype=np.int64).astype(np.uint64)
+    rows, epoch, base = rng.integers(0, 2**40, 16), int(rng.integers(0, 1000)), int(rng.integers(0, 2**62))
     scale, ratio = (lo, min(1.0, lo + span)), (r_lo, r_lo + r_span)
-    got = _operator_windows(shapes, keys, random_area=list(scale), random_aspect_ratio=list(ratio),
+    got = _operator_windows(shapes, rows, epoch, base, random_area=list(scale), random_aspect_ratio=list(ratio),
                             num_attempts=attempts, flip_probability=flip)
+    keys = sample_keys(base, epoch, rows)
     expected = [crop_window(int(h), int(w), int(k), scale, ratio, attempts, flip) for (h, w), k in zip(shapes, keys)]
     assert got == expected
+
+
+@pytest.mark.parametrize("strengths", [(0.4, 0.4, 0.4, 0.0), (0.1, 1.5, 0.3, 0.2), (0.0, 0.0, 0.0, 0.5)])
+def test_draws_operator_matches_its_twin(strengths):
+    rows = np.arange(300) * 13
+    jitter, interpolation = _run_operator("sample_draws", [rows, np.full(300, 2, np.int64)], 2, seed=5,
+                                          color_jitter=list(strengths))
+    keys = sample_keys(5, 2, rows)
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(jitter[i], np.array(draw_jitter(int(key), strengths), np.float32))
+        assert int(interpolation[i]) == draw_interpolation(int(key))
+    assert 0.4 < interpolation.mean() < 0.6
+    s32 = [float(np.float32(v)) for v in strengths]
+    for i in range(3):
+        assert jitter[:, i].min() >= max(0.0, 1 - s32[i]) and jitter[:, i].max() <= 1 + s32[i]
+    assert np.abs(jitter[:, 3]).max() <= 360 * s32[3] + 1e-4
+
+
+def test_operator_refuses_negative_rows():
+    with pytest.raises(RuntimeError, match="row -1 and epoch 0 must not be negative"):
+        _operator_windows(np.array([[10, 10]]), [-1], epoch=0, seed=0)
 
 
 def test_windows_follow_random_resized_crop():

@@ -96,7 +96,7 @@ def test_the_source_sent_to_a_worker_does_not_grow_with_n(two_sizes):
     sizes = {}
     for n, (image_root, store_path) in two_sizes.items():
         control = EpochControl()
-        source = BatchSource(image_root, EpochPlan(n, 256), control, store_path=store_path, seed=0)
+        source = BatchSource(image_root, EpochPlan(n, 256), control, store_path=store_path, epochs=True)
         source.batch_rows(0, 0)  # the epoch's rows are cached in this process, not pickled
         clone = pickle.loads(pickle.dumps(source))
         sizes[n] = len(pickle.dumps(source))

@@ -1,10 +1,10 @@
 // Random-resized-crop windows and flips drawn from a per-sample key (no DALI dependency).
 //
-// Every random choice of a sample comes from a SplitMix64 stream started at that sample's 64-bit
-// key, and the key is derived from (seed, epoch, row) by the data source. So a sample's crop and
-// flip depend on nothing else: not on its position in a batch, the thread that draws it, the number
-// of ranks, or whether the run was resumed. `dali_relabel/crops.py` is the Python twin of this file;
-// the tests require both to give identical windows.
+// Every random choice of a sample comes from its 64-bit key, derived from (seed, epoch, row) alone
+// (SampleKey). So a sample's crop, flip and colour jitter depend on nothing else: not on its position
+// in a batch, the thread that draws it, the number of ranks, the data path (tree or tar shards), or
+// whether the run was resumed. `dali_relabel/crops.py` is the Python twin of this file; the tests
+// require both to give identical windows and draws.
 //
 // The window follows torchvision's RandomResizedCrop.get_params: up to `attempts` draws of an area
 // fraction (uniform in [area_lo, area_hi]) and an aspect ratio w/h (log-uniform in
@@ -17,6 +17,25 @@
 #include <cstdint>
 
 namespace dali_relabel {
+
+// SplitMix64's finaliser of x + gamma: a bijection of 64-bit integers.
+inline uint64_t Mix(uint64_t x) {
+  uint64_t z = x + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The key of `row` in `epoch`: each step is a bijection, so rows of one (seed, epoch) never share it.
+inline uint64_t SampleKey(uint64_t seed, uint64_t epoch, uint64_t row) {
+  return Mix(row + Mix(Mix(seed) + epoch));
+}
+
+// Uniform in [0, 1) number `index` of stream `stream` of a key (streams other than the crop's).
+inline double SampleUniform(uint64_t key, uint64_t stream, uint64_t index) {
+  const uint64_t salt = Mix((0xA0761D6478BD642Full ^ stream) + index);
+  return static_cast<double>(Mix(key ^ salt) >> 11) * 0x1.0p-53;
+}
 
 // SplitMix64 (Steele, Lea & Flood 2014): a 64-bit counter through a bijective mixer.
 class SplitMix64 {
@@ -93,6 +112,20 @@ inline CropWindow DrawCropWindow(int64_t height, int64_t width, uint64_t key, co
   out.w = w;
   return out;
 }
+
+// Colour-jitter factors (brightness, contrast, saturation; hue in degrees) for strengths
+// (b, c, s, h): factors uniform in [max(0, 1 - x), 1 + x], hue in [-360 h, 360 h]. Stream 1.
+inline void DrawJitter(uint64_t key, const float strength[4], float out[4]) {
+  for (int i = 0; i < 3; i++) {
+    const double low = strength[i] < 1 ? 1.0 - strength[i] : 0.0, high = 1.0 + strength[i];
+    out[i] = static_cast<float>(low + (high - low) * SampleUniform(key, 1, i));
+  }
+  const double hue = strength[3];
+  out[3] = static_cast<float>((-hue + 2 * hue * SampleUniform(key, 1, 3)) * 360.0);
+}
+
+// 0 (bilinear) or 1 (bicubic), each with probability 1/2. Stream 2.
+inline int DrawInterpolation(uint64_t key) { return SampleUniform(key, 2, 0) >= 0.5 ? 1 : 0; }
 
 }  // namespace dali_relabel
 

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "dali/pipeline/operator/operator.h"
+#include "dali/pipeline/operator/checkpointing/stateless_operator.h"
 #include "label_pooling_math.h"
 
 namespace dali_relabel {
@@ -81,10 +81,10 @@ void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
                     float *out, HostScratch &scratch);
 
 template <typename Backend>
-class LabelPooling : public ::dali::Operator<Backend> {
+class LabelPooling : public ::dali::StatelessOperator<Backend> {  // checkpoints carry nothing of it
  public:
   explicit LabelPooling(const ::dali::OpSpec &spec)
-      : ::dali::Operator<Backend>(spec), params_(spec) {}
+      : ::dali::StatelessOperator<Backend>(spec), params_(spec) {}
   ~LabelPooling() override;
 
   LabelPooling(const LabelPooling &) = delete;
