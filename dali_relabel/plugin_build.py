@@ -139,7 +139,7 @@ def _two_flavours_message(owners: Dict[Tuple[str, str], Dict], package_dir: Opti
         matches = [key for key in names if owners[key]["libdali_bytes"] == size]
         on_disk = matches[0] if len(matches) == 1 else None
     keep = on_disk or names[-1]
-    drop = [name for name, _ in names if name != keep[0]]
+    drop = sorted({name for name, version in names if (name, version) != keep})
     listed = " and ".join(f"{name} {version}" for name, version in names)
     now = f" (libdali.so is {on_disk[0]}'s: it was installed last)" if on_disk else ""
     return (f"two DALI flavours are installed: {listed}. Both install the same `nvidia.dali` package "
