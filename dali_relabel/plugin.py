@@ -10,7 +10,10 @@ plugin built for another DALI fails with undefined symbols or worse. Places look
 
 If none fits, the plugin is compiled into the cache (once, under a file lock, so DDP ranks and DALI
 workers wait for one build) unless ``DALI_RELABEL_NO_BUILD=1``; then a :class:`PluginError` says how
-to build it (``dali-relabel build-plugin``).
+to build it (``dali-relabel build-plugin``). Builds are cached per DALI version and flavour, so
+switching flavours (uninstall one, install the other) builds once for the new one and keeps the old
+build for switching back. Two flavours installed at once, or a DALI whose files an uninstall deleted,
+is a :class:`PluginError` naming the ``pip`` commands that fix it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,17 @@ def cache_dir(identity: Dict) -> str:
     """The cache directory for the running DALI and these sources."""
     flavour = str(identity["dali_flavour"]).replace("nvidia-dali-", "")
     return os.path.join(_cache_root(), f"{identity['dali_version']}-{flavour}-{plugin_build.source_hash()}")
+
+
+def _identity() -> Dict:
+    """:func:`plugin_build.dali_identity`, with a broken or missing DALI as a :class:`PluginError`."""
+    try:
+        return plugin_build.dali_identity()
+    except plugin_build.DaliInstallError as error:  # two flavours, or files gone: the fix is in the text
+        raise PluginError(str(error)) from None
+    except ImportError:
+        raise PluginError("NVIDIA DALI is not installed. Install exactly one flavour: "
+                          "pip install nvidia-dali-cuda120 (nvidia-dali-cuda130 on a CUDA 13 driver)") from None
 
 
 def _candidates() -> List[str]:
@@ -77,12 +91,9 @@ def load_plugin(build: Optional[bool] = None) -> Dict:
     """
     if _loaded is not None:
         return _loaded
-    try:
-        import nvidia.dali.plugin_manager as plugin_manager
-    except ImportError:
-        raise PluginError("NVIDIA DALI is not installed. Install one flavour: "
-                          "pip install 'dali-relabel[cuda120]' (or [cuda130] on CUDA 13)") from None
-    identity = plugin_build.dali_identity()
+    identity = _identity()
+    import nvidia.dali.plugin_manager as plugin_manager
+
     want_cuda = plugin_build.find_nvcc() is not None
     rejected = []
     for directory in _candidates() + [cache_dir(identity)]:
@@ -111,7 +122,8 @@ def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> Non
         if _mismatch(target, identity, want_cuda) is None:
             return  # another process built it while we waited
         print(f"dali-relabel: building the label-pooling plugin for DALI {identity['dali_version']} "
-              f"({'CPU + CUDA' if want_cuda else 'CPU only'}; once per DALI version, about a minute) "
+              f"({identity['dali_flavour']}; {'CPU + CUDA' if want_cuda else 'CPU only'}; once per DALI "
+              "version and flavour, about a minute) "
               f"into {target}", file=sys.stderr, flush=True)
         try:
             plugin_build.build_plugin(target)
@@ -156,7 +168,7 @@ def require_gpu_backend() -> None:
 
 def rebuild(force: bool = True, with_cuda: Optional[bool] = None, verbose: bool = True) -> Dict:
     """Build the plugin for the running DALI into the cache (``dali-relabel build-plugin``)."""
-    identity = plugin_build.dali_identity()
+    identity = _identity()
     target = cache_dir(identity)
     want_cuda = plugin_build.find_nvcc() is not None if with_cuda is None else with_cuda
     if not force and _mismatch(target, identity, want_cuda) is None:

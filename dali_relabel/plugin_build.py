@@ -15,23 +15,34 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 LIBRARY_NAME = "libdali_relabel.so"
 MANIFEST_NAME = "manifest.json"
 BUILD_SCHEMA = 1  # bump when the way the library is built changes
 CSRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 DEFAULT_CUDA_ARCHS = "80;90"
+# The DALI flavours setup.py's extras install, one per CUDA major ("cuda120", "cuda130"). Both put their
+# files into the same `nvidia/dali` package directory, so exactly one may be installed.
+DALI_FLAVOURS = ("nvidia-dali-cuda120", "nvidia-dali-cuda130")
+_DALI_INIT = "nvidia/dali/__init__.py"
+_LIBDALI = "nvidia/dali/libdali.so"
 
 
 class PluginBuildError(RuntimeError):
     """The plugin could not be compiled; the message says what is missing."""
+
+
+class DaliInstallError(PluginBuildError):
+    """DALI is installed twice (two flavours in one ``nvidia/dali``) or its files are gone; the message
+    says which ``pip`` commands fix it."""
 
 
 def source_hash() -> str:
@@ -44,18 +55,115 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def dali_identity() -> Dict[str, object]:
-    """Version, flavour and library fingerprint of the importable DALI (imports it)."""
-    import nvidia.dali as dali
-    import nvidia.dali.sysconfig as dali_sysconfig
+def _dali_package_dir(path: List[str]) -> Optional[str]:
+    """The ``nvidia/dali`` directory that ``import nvidia.dali`` finds on ``path`` (first entry wins)."""
+    for entry in path:
+        candidate = os.path.join(entry or os.getcwd(), "nvidia", "dali")
+        if os.path.isdir(candidate):
+            return os.path.realpath(candidate)
+    return None
+
+
+def installed_dali(path: Optional[List[str]] = None) -> Optional[Tuple[str, str]]:
+    """``(name, version)`` of the distribution that owns the importable ``nvidia/dali``, or ``None``.
+
+    Found from the distributions' file lists (``RECORD``), without importing DALI, so a damaged install
+    is reported instead of failing obscurely. Distributions in a directory shadowed on ``path`` are
+    ignored.
+
+    Args:
+        path: directories to search, like ``sys.path`` (the default).
+
+    Raises:
+        DaliInstallError: two distributions own that directory (pip installs a second flavour over the
+            first, and uninstalling either then deletes the files of both), or the owner's files are
+            missing (what is left after such an uninstall).
+    """
+    path = list(sys.path if path is None else path)
+    package_dir = _dali_package_dir(path)
+    owners: Dict[Tuple[str, str], Dict] = {}
+    for dist in _dali_distributions(path):
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+        if not name.startswith("nvidia-dali"):
+            continue
+        files = dist.files
+        if files is None:  # installed without a RECORD: trust the name
+            if re.fullmatch(r"nvidia-dali(-nightly|-weekly)?-cuda\d+", name):
+                owners.setdefault((name, dist.version), {"dir": None, "libdali_bytes": None})
+            continue
+        by_path = {str(f).replace("\\", "/"): f for f in files}
+        if _DALI_INIT not in by_path:
+            continue  # e.g. nvidia-dali-tf-plugin-*: other files, no conflict
+        where = os.path.realpath(os.path.dirname(str(dist.locate_file(by_path[_DALI_INIT]))))
+        if package_dir is not None and where != package_dir:
+            continue  # shadowed by the copy that is imported
+        libdali = by_path.get(_LIBDALI)
+        owners.setdefault((name, dist.version), {"dir": where, "libdali_bytes": libdali.size if libdali else None})
+    if len(owners) > 1:
+        raise DaliInstallError(_two_flavours_message(owners, package_dir))
+    if not owners:
+        return None
+    (name, version), info = next(iter(owners.items()))
+    if info["dir"] is not None and not os.path.isfile(os.path.join(info["dir"], "__init__.py")):
+        raise DaliInstallError(
+            f"{name} {version} is installed, but its files in {info['dir']} are gone (uninstalling a "
+            "second DALI flavour deletes the files the two share). Reinstall it:\n"
+            f"    pip install --force-reinstall --no-deps {name}=={version}")
+    return name, version
+
+
+def _dali_distributions(path: List[str]) -> list:
+    """The installed distributions on ``path`` whose names start with ``nvidia-dali`` (found by listing
+    the directories: reading every distribution's metadata takes a noticeable fraction of a second)."""
+    import pathlib
     from importlib import metadata
 
-    flavour = "unknown"
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali") and dist.version == dali.__version__:
-            flavour = name
-            break
+    found = []
+    for entry in path:
+        try:
+            names = sorted(os.listdir(entry or "."))
+        except OSError:
+            continue
+        for name in names:
+            if re.match(r"nvidia[-_.]dali", name, re.I) and name.endswith((".dist-info", ".egg-info")):
+                found.append(metadata.PathDistribution(pathlib.Path(entry or ".", name)))
+    return found
+
+
+def _two_flavours_message(owners: Dict[Tuple[str, str], Dict], package_dir: Optional[str]) -> str:
+    names = sorted(owners)
+    on_disk = None  # whose libdali.so is there now: the flavour installed last
+    libdali = os.path.join(package_dir, "libdali.so") if package_dir else ""
+    if libdali and os.path.isfile(libdali):
+        size = os.path.getsize(libdali)
+        matches = [key for key in names if owners[key]["libdali_bytes"] == size]
+        on_disk = matches[0] if len(matches) == 1 else None
+    keep = on_disk or names[-1]
+    drop = sorted({name for name, version in names if (name, version) != keep})
+    listed = " and ".join(f"{name} {version}" for name, version in names)
+    now = f" (libdali.so is {on_disk[0]}'s: it was installed last)" if on_disk else ""
+    return (f"two DALI flavours are installed: {listed}. Both install the same `nvidia.dali` package "
+            f"into {package_dir or 'one directory'}, so its files are a mix{now}, and `pip uninstall` of "
+            "either one deletes the files of both. Keep exactly one: uninstall the other, then reinstall "
+            "the one you keep, e.g.\n"
+            f"    pip uninstall -y {' '.join(drop)} && pip install --force-reinstall --no-deps "
+            f"{keep[0]}=={keep[1]}\n"
+            "(nvidia-dali-cuda130 on a CUDA 13 driver, nvidia-dali-cuda120 otherwise).")
+
+
+def dali_identity() -> Dict[str, object]:
+    """Version, flavour and library fingerprint of the importable DALI (imports it).
+
+    Raises:
+        DaliInstallError: two DALI flavours are installed, or DALI's files are gone (see
+            :func:`installed_dali`).
+        ImportError: DALI is not installed.
+    """
+    owner = installed_dali()
+    import nvidia.dali as dali
+    import nvidia.dali.sysconfig as dali_sysconfig
+
+    flavour = owner[0] if owner else "unknown"
     lib_dir = dali_sysconfig.get_lib_dir()
     libdali = os.path.join(lib_dir, "libdali.so")
     size = os.path.getsize(libdali) if os.path.exists(libdali) else -1

@@ -1,15 +1,30 @@
-"""The plugin loader: only a library built for the running DALI is loaded; otherwise a clear way out."""
+"""The plugin loader: only a library built for the running DALI is loaded; otherwise a clear way out.
+
+Nothing here assumes which DALI flavour or version is installed: "another" flavour or version is
+derived from the running one, so the suite passes under nvidia-dali-cuda120 and nvidia-dali-cuda130.
+"""
 import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 pytest.importorskip("nvidia.dali")
 
-from dali_relabel import plugin, plugin_build  # noqa: E402
+from dali_relabel import cli, plugin, plugin_build  # noqa: E402
+
+
+def _other_flavour(identity):
+    """A DALI flavour that is not the running one."""
+    return next(f for f in plugin_build.DALI_FLAVOURS if f != identity["dali_flavour"])
+
+
+def _other_version(identity):
+    """A DALI version that is not the running one."""
+    return "1.0.0" if identity["dali_version"] != "1.0.0" else "1.0.1"
 
 
 def _fake_build(directory, **changes):
@@ -24,13 +39,21 @@ def _fake_build(directory, **changes):
     return directory
 
 
+def test_the_running_flavour_is_found():
+    import re
+
+    assert re.fullmatch(r"nvidia-dali(-nightly|-weekly)?-cuda\d+", plugin_build.dali_identity()["dali_flavour"])
+
+
 def test_a_build_for_another_dali_or_other_sources_is_rejected(tmp_path):
     identity = plugin_build.dali_identity()
+    version, flavour = _other_version(identity), _other_flavour(identity)
     assert plugin._mismatch(_fake_build(tmp_path / "ok"), identity, want_cuda=False) is None
-    other = _fake_build(tmp_path / "old", dali_version="2.3.0")
-    assert "dali_version='2.3.0'" in plugin._mismatch(other, identity, want_cuda=False)
-    flavour = _fake_build(tmp_path / "flavour", dali_flavour="nvidia-dali-cuda130")
-    assert "dali_flavour" in plugin._mismatch(flavour, identity, want_cuda=False)
+    other = _fake_build(tmp_path / "old", dali_version=version)
+    assert f"dali_version={version!r}" in plugin._mismatch(other, identity, want_cuda=False)
+    other = _fake_build(tmp_path / "flavour", dali_flavour=flavour)
+    assert (f"built for dali_flavour={flavour!r}, running {identity['dali_flavour']!r}"
+            == plugin._mismatch(other, identity, want_cuda=False))
     stale = _fake_build(tmp_path / "stale", source_hash="0000")
     assert plugin._mismatch(stale, identity, want_cuda=False) == "built from other sources"
     cpu_only = _fake_build(tmp_path / "cpu")
@@ -39,25 +62,193 @@ def test_a_build_for_another_dali_or_other_sources_is_rejected(tmp_path):
 
 
 def test_no_fitting_build_and_no_building_gives_instructions(tmp_path):
-    _fake_build(tmp_path / "old", dali_version="2.3.0")
+    version = _other_version(plugin_build.dali_identity())
+    _fake_build(tmp_path / "old", dali_version=version)
     env = dict(os.environ, DALI_RELABEL_PLUGIN_DIR=str(tmp_path / "old"), DALI_RELABEL_NO_BUILD="1",
                XDG_CACHE_HOME=str(tmp_path / "cache"))
     code = "from dali_relabel.plugin import load_plugin\nload_plugin()"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "no dali-relabel plugin fits DALI" in done.stderr
-    assert "dali_version='2.3.0'" in done.stderr and "dali-relabel build-plugin" in done.stderr
+    assert f"dali_version={version!r}" in done.stderr and "dali-relabel build-plugin" in done.stderr
     assert "undefined symbol" not in done.stderr
 
 
 def test_stale_builds_of_the_same_dali_are_pruned(tmp_path):
     current = str(tmp_path / "2.4.0-cuda120-new")
-    for name in ("2.4.0-cuda120-old", "2.4.0-cuda120-new", "2.3.0-cuda120-keep"):
+    for name in ("2.4.0-cuda120-old", "2.4.0-cuda120-new", "2.3.0-cuda120-keep", "2.4.0-cuda130-keep"):
         os.makedirs(tmp_path / name)
         (tmp_path / (name + ".lock")).write_text("")
     plugin._remove_stale_builds(current)
     assert sorted(os.listdir(tmp_path)) == ["2.3.0-cuda120-keep", "2.3.0-cuda120-keep.lock",
-                                            "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock"]
+                                            "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock",
+                                            "2.4.0-cuda130-keep", "2.4.0-cuda130-keep.lock"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Switching flavours in one environment (uninstall one, install the other): the cache is keyed by
+# flavour, so each flavour finds only its own build; faked here by changing the flavour in the identity.
+
+@pytest.fixture
+def flavour_cache(tmp_path, monkeypatch):
+    """(running identity, the same DALI as the other flavour), with an empty plugin cache in tmp_path,
+    no other place to look, and DALI's load_library recording instead of loading."""
+    running = plugin_build.dali_identity()
+    other = dict(running, dali_flavour=_other_flavour(running))  # even the same libdali size
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(plugin, "_candidates", lambda: [])
+    monkeypatch.setattr(plugin, "_loaded", None)
+    loaded = []
+    import nvidia.dali.plugin_manager as plugin_manager
+
+    monkeypatch.setattr(plugin_manager, "load_library", loaded.append)
+    return running, other, loaded
+
+
+def _pretend(monkeypatch, identity):
+    monkeypatch.setattr(plugin_build, "dali_identity", lambda: identity)
+    monkeypatch.setattr(plugin, "_loaded", None)
+
+
+def test_each_flavour_loads_its_own_cached_build(flavour_cache, monkeypatch):
+    running, other, loaded = flavour_cache
+    assert plugin.cache_dir(running) != plugin.cache_dir(other)
+    for identity in (running, other):
+        _fake_build(plugin.cache_dir(identity), dali_flavour=identity["dali_flavour"], cuda=True)
+    for identity in (running, other, running):  # switch there and back: no rebuild either way
+        _pretend(monkeypatch, identity)
+        manifest = plugin.load_plugin(build=False)
+        assert manifest["directory"] == plugin.cache_dir(identity)
+        assert manifest["dali_flavour"] == identity["dali_flavour"]
+    assert loaded == [os.path.join(plugin.cache_dir(i), plugin_build.LIBRARY_NAME) for i in (running, other, running)]
+
+
+@pytest.mark.parametrize("direction", ["to the other flavour", "back to the running flavour"])
+def test_a_build_for_one_flavour_is_never_loaded_for_the_other(flavour_cache, monkeypatch, tmp_path, direction):
+    running, other, loaded = flavour_cache
+    built_for, now = (running, other) if direction == "to the other flavour" else (other, running)
+    _fake_build(plugin.cache_dir(built_for), dali_flavour=built_for["dali_flavour"], cuda=True)
+    assert plugin._mismatch(plugin.cache_dir(built_for), now, want_cuda=False) == (
+        f"built for dali_flavour={built_for['dali_flavour']!r}, running {now['dali_flavour']!r}")
+    _pretend(monkeypatch, now)
+    with pytest.raises(plugin.PluginError, match="dali-relabel build-plugin") as error:
+        plugin.load_plugin(build=False)
+    assert now["dali_flavour"] in str(error.value) and loaded == []
+    # The same build, named explicitly (DALI_RELABEL_PLUGIN_DIR), is refused and the reason is given.
+    monkeypatch.setattr(plugin, "_candidates", lambda: [plugin.cache_dir(built_for)])
+    with pytest.raises(plugin.PluginError, match=f"dali_flavour={built_for['dali_flavour']!r}"):
+        plugin.load_plugin(build=False)
+    assert loaded == []
+
+
+def test_after_switching_flavours_no_building_gives_instructions(tmp_path):
+    """A real process with the other flavour's identity, DALI_RELABEL_NO_BUILD=1 and only the running
+    flavour's build in its cache: the instructions, and the build (not a library) is never opened."""
+    running = plugin_build.dali_identity()
+    env = dict(os.environ, DALI_RELABEL_NO_BUILD="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("DALI_RELABEL_PLUGIN_DIR", None)
+    code = textwrap.dedent(f"""
+        from dali_relabel import plugin, plugin_build
+        real = plugin_build.dali_identity
+        plugin_build.dali_identity = lambda: dict(real(), dali_flavour={_other_flavour(running)!r})
+        plugin._candidates = lambda: []
+        built = plugin.cache_dir(real())
+        import json, os
+        os.makedirs(built)
+        manifest = dict(real(), source_hash=plugin_build.source_hash(), cuda=True)
+        json.dump(manifest, open(os.path.join(built, plugin_build.MANIFEST_NAME), "w"))
+        open(os.path.join(built, plugin_build.LIBRARY_NAME), "wb").write(b"not a library")
+        plugin.load_plugin()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert (f"no dali-relabel plugin fits DALI {running['dali_version']} ({_other_flavour(running)})"
+            in done.stderr), done.stderr
+    assert "run `dali-relabel build-plugin`" in done.stderr
+    assert "ELF" not in done.stderr and "undefined symbol" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Both flavours installed at once: pip puts both into one nvidia/dali directory. Faked with a
+# site directory holding a fake nvidia/dali and the distributions' metadata.
+
+def _fake_site(root, installs, libdali_of=None, files=True, extra_files=()):
+    """A site directory where each (name, version) in ``installs`` was pip-installed into nvidia/dali,
+    in that order (so libdali.so is the last one's, unless ``libdali_of`` names another)."""
+    package = root / "nvidia" / "dali"
+    package.mkdir(parents=True)
+    (root / "nvidia" / "__init__.py").write_text("")
+    sizes = {name: 1000 + 10 * i for i, (name, _) in enumerate(installs)}
+    if files:
+        (package / "__init__.py").write_text("__version__ = '2.4.0'\n")
+        (package / "libdali.so").write_bytes(b"\0" * sizes[libdali_of or installs[-1][0]])
+    for name, version in installs:
+        info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        record = ["nvidia/__init__.py,,0", "nvidia/dali/__init__.py,,22", f"nvidia/dali/libdali.so,,{sizes[name]}",
+                  f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
+        (info / "RECORD").write_text("\n".join(record + list(extra_files)) + "\n")
+    return str(root)
+
+
+CU12, CU13 = plugin_build.DALI_FLAVOURS
+
+
+def test_one_installed_flavour_is_found(tmp_path):
+    site = _fake_site(tmp_path, [(CU13, "2.4.0")])
+    assert plugin_build.installed_dali([site]) == (CU13, "2.4.0")
+    assert plugin_build.installed_dali([str(tmp_path / "empty")]) is None
+
+
+@pytest.mark.parametrize("last", [CU12, CU13])
+def test_two_installed_flavours_are_an_error_naming_the_fix(tmp_path, last):
+    first = CU13 if last == CU12 else CU12
+    site = _fake_site(tmp_path, [(first, "2.4.0"), (last, "2.4.0")])
+    with pytest.raises(plugin_build.DaliInstallError) as error:
+        plugin_build.installed_dali([site])
+    message = str(error.value)
+    assert f"two DALI flavours are installed: {CU12} 2.4.0 and {CU13} 2.4.0" in message
+    assert f"libdali.so is {last}'s" in message  # the files there now: the one installed last
+    # Uninstalling one deletes the files both share, so the one kept is reinstalled.
+    assert f"pip uninstall -y {first} && pip install --force-reinstall --no-deps {last}==2.4.0" in message
+
+
+def test_two_flavours_of_different_versions_are_an_error_too(tmp_path):
+    site = _fake_site(tmp_path, [(CU12, "2.3.0"), (CU13, "2.4.0")], libdali_of=CU12)
+    with pytest.raises(plugin_build.DaliInstallError,
+                       match=f"pip uninstall -y {CU13} && pip install --force-reinstall --no-deps {CU12}==2.3.0"):
+        plugin_build.installed_dali([site])
+
+
+def test_a_flavour_whose_files_were_deleted_is_an_error_naming_the_fix(tmp_path):
+    """What `pip uninstall` of one of two installed flavours leaves: the other, without its files."""
+    site = _fake_site(tmp_path, [(CU13, "2.4.0")], files=False)
+    with pytest.raises(plugin_build.DaliInstallError,
+                       match=f"(?s)its files in .* are gone.*pip install --force-reinstall --no-deps {CU13}==2.4.0"):
+        plugin_build.installed_dali([site])
+
+
+def test_a_shadowed_dali_and_dali_add_ons_are_no_conflict(tmp_path):
+    first = _fake_site(tmp_path / "a", [(CU13, "2.4.0")])
+    shadowed = _fake_site(tmp_path / "b", [(CU12, "2.4.0")])  # later on the path: never imported
+    assert plugin_build.installed_dali([first, shadowed]) == (CU13, "2.4.0")
+    plugin_dir = tmp_path / "a" / "nvidia_dali_tf_plugin_cuda130-2.4.0.dist-info"  # other files
+    plugin_dir.mkdir()
+    (plugin_dir / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-dali-tf-plugin-cuda130\nVersion: 2.4.0\n")
+    (plugin_dir / "RECORD").write_text("nvidia/dali_tf_plugin/__init__.py,,0\n")
+    assert plugin_build.installed_dali([first]) == (CU13, "2.4.0")
+
+
+def test_loading_or_building_with_two_flavours_installed_says_what_to_do(tmp_path, monkeypatch, capsys):
+    site = _fake_site(tmp_path, [(CU12, "2.4.0"), (CU13, "2.4.0")])
+    real = plugin_build.installed_dali
+    monkeypatch.setattr(plugin_build, "installed_dali", lambda path=None: real([site]))
+    monkeypatch.setattr(plugin, "_loaded", None)
+    with pytest.raises(plugin.PluginError, match="(?s)two DALI flavours are installed.*pip uninstall -y"):
+        plugin.load_plugin()
+    assert cli.main(["build-plugin"]) == 2
+    assert "two DALI flavours are installed" in capsys.readouterr().err
 
 
 @pytest.mark.slow
