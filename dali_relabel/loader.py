@@ -376,6 +376,32 @@ def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
     return images
 
 
+def mix_batch(batch: dict, config: DataConfig, num_classes: int, epoch: int, batch_index: int,
+              mixing: bool = True) -> dict:
+    """CutMix (from the batch's ``mix_box``, and ``pasted`` in ``"localized"`` mode), Mixup for the
+    pairs CutMix left alone, then label smoothing: the batch-level work of the training loaders,
+    before padding is removed (pairs need the full batch). ``batch_index`` and ``epoch`` key Mixup's
+    weights; ``mixing`` off (timm's ``mixup_enabled``) leaves Mixup out."""
+    if "mix_box" in batch:
+        images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
+                                          batch.get("pasted"), channels_last=config.channels_last)
+        batch = dict(batch, images=images, targets=targets)
+        batch.pop("pasted", None)
+    stopped = config.cutmix_stop_epoch is not None and epoch >= config.cutmix_stop_epoch
+    if config.mixup_alpha > 0 and mixing and not stopped:
+        size = batch["images"].shape[0]
+        lam = mixup_weights(size, config.mixup_alpha, config.seed, epoch, batch_index, config.mixup_probability,
+                            per_batch=config.mix_granularity == "batch")
+        untouched = (batch["mix_box"].reshape(size, 4) == 0).all(1) if "mix_box" in batch \
+            else torch.ones(size, dtype=torch.bool)
+        images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
+        batch = dict(batch, images=images, targets=targets)
+    if config.label_smoothing:
+        smoothing = config.label_smoothing
+        batch = dict(batch, targets=batch["targets"] * (1 - smoothing) + smoothing / num_classes)
+    return batch
+
+
 class LoaderDataset:
     """What ``loader.dataset`` is to a training script: the image set's size and classes.
 
@@ -532,26 +558,8 @@ class ReLabelLoader(PipelineBatches):
         return self.mixup_enabled
 
     def _transform(self, batch: dict, current: _Pass) -> dict:
-        config = self.config
-        if "mix_box" in batch:
-            images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
-                                              batch.get("pasted"), channels_last=config.channels_last)
-            batch = dict(batch, images=images, targets=targets)
-            batch.pop("pasted", None)
-        stopped = config.cutmix_stop_epoch is not None and current.epoch >= config.cutmix_stop_epoch
-        if config.mixup_alpha > 0 and current.mixing and not stopped:
-            size = batch["images"].shape[0]
-            lam = mixup_weights(size, config.mixup_alpha, config.seed, current.epoch,
-                                current.first + current.consumed - 1, config.mixup_probability,
-                                per_batch=config.mix_granularity == "batch")
-            untouched = (batch["mix_box"].reshape(size, 4) == 0).all(1) if "mix_box" in batch \
-                else torch.ones(size, dtype=torch.bool)
-            images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
-            batch = dict(batch, images=images, targets=targets)
-        if config.label_smoothing:
-            smoothing = config.label_smoothing
-            batch = dict(batch, targets=batch["targets"] * (1 - smoothing) + smoothing / self.num_classes)
-        return batch
+        return mix_batch(batch, self.config, self.num_classes, current.epoch, current.first + current.consumed - 1,
+                         current.mixing)
 
     def __iter__(self):
         for batch in self._batches():

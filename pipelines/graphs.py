@@ -21,15 +21,20 @@ seed) are given where a graph is built: ``train_pipeline(..., batch_size=..., de
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
+from dali_relabel.shards import ShardSet
 from dali_relabel.sources import BatchSource, output_types
 
 # Largest ImageNet training images are about 5,980 x 6,430; hints spare the mixed decoder regrowing.
 _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
 # Shared-memory bytes per sample of the source's batch (a path and a 15x15 top-5 map need ~3.5 KB).
 _SOURCE_BYTES_PER_SAMPLE = 8 << 10
+# Samples the webdataset reader shuffles among (on top of the per-epoch order of the shards).
+_SHUFFLE_BUFFER = 4096
 
 
 def read_batches(source: BatchSource, config: DataConfig) -> dict:
@@ -100,6 +105,34 @@ def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
     return _normalize(images, config, mirror), shape, anchor, crop, mirror
 
 
+def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, num_classes: int, layout: str,
+                 decoder_device: str, mix_box=None):
+    """``[targets]`` pooled from ``data["logits"]``/``data["class_ids"]`` over each crop (one-hot hard
+    labels when ``data`` has no maps); with ``mix_box`` in ``"localized"`` CutMix mode
+    ``[crop minus box, box]``."""
+    if "logits" not in data:  # hard labels: one-hot targets, same augmentation
+        targets = fn.reshape(fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT),
+                             shape=[num_classes])
+        return [targets.gpu() if decoder_device == "mixed" else targets]
+    pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
+                output_size=list(config.output_size), temperature=config.temperature, layout=layout)
+    inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
+    if mix_box is not None and config.cutmix_mode == "localized":
+        return [fn.relabel.label_pooling(*inputs, mix_box, region_mode=mode, **pool) for mode in ("outside", "inside")]
+    return [fn.relabel.label_pooling(*inputs, **pool)]
+
+
+def _validation_images(jpegs, config: DataConfig, decoder_device: str):
+    """The shorter side resized to ``config.resize_size``, the centre ``image_size`` crop, normalised."""
+    images = fn.decoders.image(jpegs, **_decoder_args(decoder_device, config))
+    interpolation = config.val_interpolation or (
+        "bilinear" if config.interpolation == "random" else config.interpolation)
+    images = fn.resize(images, resize_shorter=config.resize_size, antialias=True,
+                       interp_type=_INTERPOLATION[interpolation])
+    images = fn.crop(images, crop=[config.image_size, config.image_size], out_of_bounds_policy="pad")
+    return _normalize(images, config)
+
+
 @pipeline_def
 def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, layout: str,
                    decoder_device: str = "cpu"):
@@ -120,22 +153,10 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
     data = read_batches(source, config)
     images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], data["epochs"], config,
                                                   decoder_device)
-    extra = [data["mix_box"]] if source.cutmix is not None else []
-    if not source.store_path:  # hard labels: one-hot targets, same augmentation
-        targets = fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT)
-        targets = fn.reshape(targets, shape=[num_classes])
-        if decoder_device == "mixed":
-            targets = targets.gpu()
-        return (images, targets, data["labels"], data["rows"], data["valid"], *extra)
-    pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
-                output_size=list(config.output_size), temperature=config.temperature, layout=layout)
-    inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
-    if source.cutmix is not None and config.cutmix_mode == "localized":
-        outside = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="outside", **pool)
-        inside = fn.relabel.label_pooling(*inputs, data["mix_box"], region_mode="inside", **pool)
-        return images, outside, data["labels"], data["rows"], data["valid"], data["mix_box"], inside
-    targets = fn.relabel.label_pooling(*inputs, **pool)
-    return (images, targets, data["labels"], data["rows"], data["valid"], *extra)
+    mix_box = data.get("mix_box")
+    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
+    extra = [] if mix_box is None else [mix_box] + targets[1:]
+    return (images, targets[0], data["labels"], data["rows"], data["valid"], *extra)
 
 
 @pipeline_def
@@ -143,15 +164,56 @@ def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device:
     """Validation graph: the shorter side resized to ``config.resize_size``, the centre
     ``image_size`` crop. Outputs: images, labels, rows, valid."""
     data = read_batches(source, config)
-    images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
-    interpolation = config.val_interpolation or (
-        "bilinear" if config.interpolation == "random" else config.interpolation)
-    images = fn.resize(images, resize_shorter=config.resize_size, antialias=True,
-                       interp_type=_INTERPOLATION[interpolation])
-    images = fn.crop(images, crop=[config.image_size, config.image_size],
-                     out_of_bounds_policy="pad")
-    images = _normalize(images, config)
-    return images, data["labels"], data["rows"], data["valid"]
+    return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"], data["valid"]
+
+
+def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shards: int, shuffle: bool,
+                reader_seed: int, with_maps: bool = True) -> dict:
+    """DALI's webdataset reader over the tar ``names`` of ``shards``, in that order: ``jpegs``, with
+    ``with_maps`` ``logits``/``class_ids`` ``[k, H, W]``, ``labels`` and ``rows`` (int32/int64 ``[1]``).
+    Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to the same size
+    by repeating the last sample, which the iterator drops); ``shuffle``: through a sample buffer."""
+    extensions = ["jpg", "logits", "ids", "label", "row"] if with_maps else ["jpg", "label", "row"]
+    dtypes = {"jpg": types.UINT8, "logits": types.FLOAT16, "label": types.INT32, "row": types.INT64,
+              "ids": {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]}
+    outputs = fn.readers.webdataset(
+        paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
+        ext=extensions, dtypes=[dtypes[e] for e in extensions], shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed, pad_last_batch=True,
+        stick_to_shard=True, name="Reader")
+    data = dict(zip(["jpegs", "logits", "class_ids", "labels", "rows"] if with_maps else ["jpegs", "labels", "rows"],
+                    outputs))
+    if with_maps:
+        data["logits"] = fn.reshape(data["logits"], shape=list(shards.map_shape))
+        data["class_ids"] = fn.reshape(data["class_ids"], shape=list(shards.map_shape))
+    return data
+
+
+@pipeline_def
+def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, config: DataConfig, num_classes: int,
+                         layout: str, decoder_device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
+                         shuffle: bool = True, reader_seed: int = 0, mix_boxes=None):
+    """ReLabel training graph over tar shards (one epoch's order of ``names``): the same keyed
+    augmentation and pooling as :func:`train_pipeline`. Outputs: images, soft targets, labels, rows,
+    and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``) ``mix_box`` (+ ``pasted``)."""
+    data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed)
+    epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
+    images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
+    mix_box = None
+    if mix_boxes is not None:
+        mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=types.FLOAT, ndim=1)
+    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
+    extra = [] if mix_box is None else [mix_box] + targets[1:]
+    return (images, targets[0], data["labels"], data["rows"], *extra)
+
+
+@pipeline_def
+def shard_validation_pipeline(shards: ShardSet, config: DataConfig, decoder_device: str = "cpu",
+                              shard_id: int = 0, num_shards: int = 1):
+    """Validation over tar shards in their stored order. Outputs: images, labels, rows."""
+    data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=False,
+                       reader_seed=0, with_maps=False)
+    return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"]
 
 
 @pipeline_def

@@ -1,0 +1,272 @@
+"""Training and validation batches streamed from tar shards (:mod:`dali_relabel.shards`).
+
+:class:`ShardReLabelLoader` yields the same ``(images, soft_targets)`` as
+:class:`~dali_relabel.loader.ReLabelLoader`, from DALI's webdataset reader instead of an image tree and
+a store: the same keyed crops (a row's crop in an epoch is the same on both paths), the same pooling
+operator, CutMix modes, Mixup and smoothing. What "shuffle" means differs: the tree path reads a full
+permutation of the rows each epoch; here each epoch reads the shards in a new seeded order, every rank
+takes its contiguous part of that sequence (DALI's ``shard_id``/``num_shards``), and a buffer of
+samples is shuffled as they stream in. Rows were already spread randomly over the shards when they
+were written, so every batch mixes classes.
+
+Each pass builds the epoch's pipeline (the shard order is fixed when a pipeline is built). A resumed
+pass restores the reader's position with DALI's pipeline checkpointing (``state_dict`` carries the
+checkpoint), so it continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .loader import LoaderDataset, _as_torch_images, _resolve_rank, device_index, mix_batch, resolve_device
+from .mixing import CutMixSpec
+from .shards import ShardSet
+
+
+def rank_samples(num_samples: int, world_size: int) -> List[int]:
+    """Samples of each rank under DALI's sharding: ``floor((r + 1) N / S) - floor(r N / S)``."""
+    return [(r + 1) * num_samples // world_size - r * num_samples // world_size for r in range(world_size)]
+
+
+class _BoxSource:
+    """CutMix boxes per batch for the shard graph, keyed like the tree path's (``BatchInfo``)."""
+
+    def __init__(self, cutmix: CutMixSpec, epoch: int, batch_size: int, mixing: bool):
+        self.cutmix, self.epoch, self.batch_size, self.mixing = cutmix, epoch, batch_size, mixing
+
+    def __call__(self, info):
+        if not self.mixing:
+            return np.zeros((self.batch_size, 4), np.float32)
+        return self.cutmix.boxes(self.epoch, info.iteration, self.batch_size)
+
+
+class _ShardBatches:
+    """Passes over shard pipelines, one pipeline per pass; DataLoader-like attributes."""
+
+    output_map: List[str] = []
+
+    def __init__(self, shards, batch_size: int, config: DataConfig, device, device_id, rank, world_size,
+                 last_batch: str):
+        from .plugin import load_plugin
+
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
+        self.config = config
+        self.device = resolve_device(device)
+        self.device_id = device_index(device, device_id)
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.batch_size = batch_size
+        self.drop_last = last_batch == "drop"
+        counts = rank_samples(self.shards.num_samples, self.world_size)
+        # Every rank yields the same number of batches (DDP needs it): the shards are padded to the
+        # largest part, and with "drop" the smallest part decides.
+        self.batches_per_epoch = min(counts) // batch_size if self.drop_last else -(-max(counts) // batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.shards.num_samples} samples over {self.world_size} ranks do not fill one "
+                             f"batch of {batch_size}")
+        self.class_names = self.shards.class_names
+        self.num_classes = self.shards.num_classes
+        self.dataset = LoaderDataset(self.shards.directory, self.class_names, self.shards.num_samples)
+        self.batch_sampler = None
+        self.epoch = 0
+        self._first_batch = 0
+        self._checkpoint: Optional[str] = None  # DALI checkpoint of the next pass's start (base64)
+        self._running = None  # (epoch, first batch, iterator, consumed) of the running pass
+        load_plugin()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self._first_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._first_batch, self._checkpoint = int(epoch), 0, None
+
+    def _fingerprint(self) -> dict:
+        return {"batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "seed": self.config.seed, "num_samples": self.shards.num_samples,
+                "store_sha256": self.shards.store_sha256, "last_batch": "drop" if self.drop_last else "pad"}
+
+    def state_dict(self) -> dict:
+        """The epoch, the batches of it already yielded and DALI's checkpoint of that position (each
+        rank has its own), plus what must not change for it to mean the same samples."""
+        state = {"epoch": self.epoch, "batch": self._first_batch, "dali_checkpoint": self._checkpoint}
+        if self._running is not None:
+            epoch, first, iterator, consumed = self._running
+            if first + consumed >= self.batches_per_epoch:
+                state.update(epoch=epoch + 1, batch=0, dali_checkpoint=None)
+            else:
+                checkpoint = iterator.checkpoints()[0]  # DALI's serialised (binary) protobuf
+                state.update(epoch=epoch, batch=first + consumed, dali_checkpoint=base64.b64encode(
+                    checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode("latin-1")).decode("ascii"))
+        return {**state, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._fingerprint()
+        differ = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if differ:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"cannot resume the data position with other settings ({detail})")
+        self._running = None
+        self.epoch, self._first_batch = int(state["epoch"]), int(state["batch"])
+        self._checkpoint = state.get("dali_checkpoint") if self._first_batch else None
+
+    def _pipeline_kwargs(self) -> dict:
+        config = self.config
+        return dict(batch_size=self.batch_size, num_threads=config.num_threads, device_id=self.device_id,
+                    seed=config.seed, prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True,
+                    enable_checkpointing=True)
+
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
+        raise NotImplementedError
+
+    def _passes(self, mixing: bool = True):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        epoch, first, checkpoint = self.epoch, self._first_batch, self._checkpoint
+        self.epoch, self._first_batch, self._checkpoint = epoch + 1, 0, None
+        restored = base64.b64decode(checkpoint) if checkpoint else None
+        pipe = self._build(epoch, restored, mixing)
+        pipe.build()
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        iterator = DALIGenericIterator([pipe], self.output_map, reader_name="Reader", last_batch_policy=policy,
+                                       auto_reset=False, prepare_first_batch=False)
+        running = [epoch, first, iterator, 0]
+        self._running = running
+        try:
+            for outputs in iterator:
+                if self._running is not running:
+                    return  # a newer pass took over
+                running[3] += 1
+                yield epoch, first + running[3] - 1, outputs[0]
+                if first + running[3] >= self.batches_per_epoch:
+                    break  # every rank stops after the same number of batches
+        finally:
+            if self._running is running:
+                self._running = None if first + running[3] >= self.batches_per_epoch else tuple(running)
+
+
+class ShardReLabelLoader(_ShardBatches):
+    """Training batches ``(images, soft_targets)`` from tar shards.
+
+    Args:
+        shards: a :class:`ShardSet`, the shard directory, its ``index.json``, or a brace pattern
+            (``DIR/shard-{000000..000127}.tar``).
+        batch_size, config, device, device_id, rank, world_size, return_labels, return_rows: as
+            :class:`~dali_relabel.loader.ReLabelLoader`.
+        shuffle: a new shard order each epoch and a shuffled sample buffer (else the stored order).
+
+    Behaves like :class:`~dali_relabel.loader.ReLabelLoader` (``len``, passes, ``set_epoch``,
+    ``sampler.set_epoch``, ``state_dict``/``load_state_dict``, ``mixup_enabled``); the image of a row
+    in an epoch gets the same crop, flip and jitter on both paths.
+    """
+
+    def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
+                 device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 shuffle: bool = True, return_labels: bool = False, return_rows: bool = False):
+        config = config or DataConfig()
+        super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch)
+        if self.device == "gpu":
+            from .plugin import require_gpu_backend
+
+            require_gpu_backend()
+        self.layout = config.layout or self.shards.layout
+        self.shuffle = shuffle
+        self.return_labels, self.return_rows = return_labels, return_rows
+        self.mixup_enabled = True
+        self.cutmix = None
+        if config.cutmix_probability > 0:
+            self.cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
+                                     seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
+                                     per_batch=config.mix_granularity == "batch")
+        self.output_map = ["images", "targets", "labels", "rows"]
+        if self.cutmix is not None:
+            self.output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
+        self.sampler = _ShardSampler(self)
+
+    def shard_order(self, epoch: int) -> List[str]:
+        """The shards' order in ``epoch`` (the same on every rank)."""
+        names = [s["name"] for s in self.shards.shards]
+        if not self.shuffle:
+            return names
+        return [names[i] for i in np.random.default_rng([self.config.seed, epoch, 0x5EED]).permutation(len(names))]
+
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
+        from .pipelines.graphs import shard_train_pipeline
+
+        boxes = None if self.cutmix is None else _BoxSource(self.cutmix, epoch, self.batch_size, mixing)
+        reader_seed = int(np.random.default_rng([self.config.seed, epoch, self.rank, 0x5EED]).integers(2**31))
+        return shard_train_pipeline(self.shards, self.shard_order(epoch), epoch, self.config, self.num_classes,
+                                    self.layout, decoder_device="mixed" if self.device == "gpu" else "cpu",
+                                    shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle,
+                                    reader_seed=reader_seed, mix_boxes=boxes, checkpoint=checkpoint,
+                                    **self._pipeline_kwargs())
+
+    def __iter__(self):
+        for epoch, index, batch in self._passes(self.mixup_enabled):
+            batch = mix_batch(batch, self.config, self.num_classes, epoch, index, self.mixup_enabled)
+            out = [_as_torch_images(batch["images"], self.config), batch["targets"]]
+            if self.return_labels:
+                out.append(batch["labels"].reshape(-1).long())
+            if self.return_rows:
+                out.append(batch["rows"].reshape(-1))
+            yield tuple(out)
+
+
+class ShardValidationLoader(_ShardBatches):
+    """Validation batches ``(images, labels)`` from tar shards, every sample exactly once per pass
+    over all ranks (DALI pads each rank's part; the padding is dropped)."""
+
+    output_map = ["images", "labels", "rows"]
+
+    def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
+                 device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 return_rows: bool = False):
+        super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad")
+        self.return_rows = return_rows
+        self.sampler = _ShardSampler(self)
+
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
+        from .pipelines.graphs import shard_validation_pipeline
+
+        return shard_validation_pipeline(self.shards, self.config,
+                                         decoder_device="mixed" if self.device == "gpu" else "cpu",
+                                         shard_id=self.rank, num_shards=self.world_size, checkpoint=checkpoint,
+                                         **self._pipeline_kwargs())
+
+    def __iter__(self):
+        for _, _, batch in self._passes():
+            out = [_as_torch_images(batch["images"], self.config), batch["labels"].reshape(-1).long()]
+            if self.return_rows:
+                out.append(batch["rows"].reshape(-1))
+            yield tuple(out)
+
+
+class _ShardSampler:
+    """``loader.sampler`` for shard loaders: ``set_epoch`` and ``len`` (this rank's samples)."""
+
+    def __init__(self, loader: _ShardBatches):
+        import weakref
+
+        self._loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader().set_epoch(epoch)
+
+    def __len__(self) -> int:
+        loader = self._loader()
+        return rank_samples(loader.shards.num_samples, loader.world_size)[loader.rank]
+
+
+def is_shard_location(location) -> bool:
+    """Whether ``location`` names shards (a directory with ``index.json``, the index, a ``.tar`` or
+    brace pattern) rather than an image tree."""
+    location = os.fspath(location)
+    return (location.endswith((".json", ".tar")) or "{" in location
+            or os.path.exists(os.path.join(location, "index.json")))

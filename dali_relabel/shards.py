@@ -1,0 +1,309 @@
+"""Self-contained tar shards: every image with its label map, streamed together (webdataset).
+
+On a cluster the training set rarely sits as 1.28M small files on a local disk; it lives on a shared
+or object-backed file system where sequential reads of large files are fast and small random reads
+are not. :func:`write_shards` packs an image tree and its label store into tar shards of about
+``shard_bytes`` each. Every sample is one tar member group sharing the key ``<row>``:
+
+* ``<row>.jpg``: the encoded image, byte for byte as in the tree;
+* ``<row>.logits`` and ``<row>.ids``: its label map ``[k, H, W]`` as raw little-endian arrays in the
+  store's dtypes (float16, and uint8/uint16/int32 class ids);
+* ``<row>.label``: the hard label (int32) and ``<row>.row``: the store row (int64), raw.
+
+Rows are spread over the shards in a seeded random order, so every shard holds a balanced mix of
+classes. Beside the shards: DALI's index files (``<shard>.idx``, made with DALI's ``wds2idx``) and
+``index.json``, which records the store's content hash, the class names, the map geometry and
+layout, and each shard's name, sample count and size (a truncated shard is refused by name).
+
+:class:`ShardSet` reads ``index.json`` back (or a ``shard-{000000..000127}.tar`` brace pattern
+beside it). Writing is parallel (one process per shard at a time), shows progress and resumes: a
+shard is complete once its index file exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .store import LabelStore, StoreError
+
+FORMAT_NAME = "dali-relabel-shards"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+EXTENSIONS = ("jpg", "logits", "ids", "label", "row")
+_TAR_BLOCK = 512
+
+
+class ShardError(ValueError):
+    """Shards are missing, truncated, or do not fit their index; the message names the shard."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class ShardSet:
+    """What ``index.json`` says about a directory of shards.
+
+    Attributes:
+        directory: where the shards are.
+        shards: per shard ``{"name", "samples", "bytes"}``.
+        num_samples, num_classes, k, grid_h, grid_w, layout, ids_dtype, class_names: the data.
+        store_sha256: content hash of the store the shards were made from.
+        seed: the seed of the rows' order.
+    """
+
+    directory: str
+    shards: List[dict]
+    num_samples: int
+    num_classes: int
+    k: int
+    grid_h: int
+    grid_w: int
+    layout: str
+    ids_dtype: str
+    class_names: List[str]
+    store_sha256: str
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, location: str, check_sizes: bool = True) -> "ShardSet":
+        """From a directory, its ``index.json``, or a brace pattern ``DIR/shard-{000000..000127}.tar``
+        (which then names the shards to use, all listed in the index beside them)."""
+        location = os.fspath(location)
+        chosen = None
+        if os.path.isdir(location):
+            index_path = os.path.join(location, INDEX_NAME)
+        elif location.endswith(".json"):
+            index_path = location
+        else:
+            index_path = os.path.join(os.path.dirname(location) or ".", INDEX_NAME)
+            chosen = set(os.path.basename(p) for p in expand_braces(location))
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except OSError as error:
+            raise ShardError(f"{index_path}: no shard index ({error.strerror}); write shards with "
+                             "`dali-relabel shard`") from None
+        except ValueError:
+            raise ShardError(f"{index_path}: not a readable shard index") from None
+        if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{index_path}: not a dali-relabel shard index of version {FORMAT_VERSION}")
+        shards = index["shards"]
+        if chosen is not None:
+            unknown = chosen - {s["name"] for s in shards}
+            if unknown:
+                raise ShardError(f"{location}: {sorted(unknown)[0]} is not in {index_path}")
+            shards = [s for s in shards if s["name"] in chosen]
+        found = cls(directory=os.path.dirname(os.path.abspath(index_path)), shards=shards,
+                    num_samples=sum(s["samples"] for s in shards), num_classes=index["num_classes"],
+                    k=index["k"], grid_h=index["grid"][0], grid_w=index["grid"][1], layout=index["layout"],
+                    ids_dtype=index["ids_dtype"], class_names=index["class_names"],
+                    store_sha256=index["store_sha256"], seed=index.get("seed", 0),
+                    extra={k: v for k, v in index.items() if k not in ("shards", "class_names")})
+        if check_sizes:
+            found.check_sizes()
+        return found
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def index_path(self, name: str) -> str:
+        return self.path(name[:-len(".tar")] + ".idx")
+
+    def check_sizes(self) -> None:
+        """Refuse a missing or truncated shard (or index file), naming it."""
+        for shard in self.shards:
+            path = self.path(shard["name"])
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                raise ShardError(f"{path}: missing (index.json lists it)") from None
+            if size != shard["bytes"]:
+                raise ShardError(f"{path}: {size} bytes, but {shard['bytes']} were written: the shard is "
+                                 f"truncated or was changed; write it again (`dali-relabel shard` resumes)")
+            if not os.path.exists(self.index_path(shard["name"])):
+                raise ShardError(f"{self.index_path(shard['name'])}: DALI index of {path} is missing")
+
+    @property
+    def map_shape(self):
+        return (self.k, self.grid_h, self.grid_w)
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """``a-{000..002}.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar]`` (webdataset's shard patterns;
+    zero padding follows the first bound)."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [p for i in range(int(first), int(last) + 1) for p in expand_braces(f"{head}{i:0{width}d}{tail}")]
+
+
+# -- writing --------------------------------------------------------------------------------------
+def _member(name: str, data: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # the same inputs give the same bytes
+    return info
+
+
+def _tar_bytes(sizes: Sequence[int]) -> int:
+    """Bytes a tar member group of these payload sizes takes (a header block each, padded data)."""
+    return sum(_TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK for size in sizes)
+
+
+def _write_shard(task) -> dict:
+    """Write one shard (``.tar`` then DALI's ``.idx``); returns its index entry."""
+    from .sources import die_with_parent
+
+    directory, name, rows, image_root, store_path, parent = task
+    die_with_parent(parent)
+    import io
+
+    import wds2idx
+
+    store = LabelStore(store_path, verify="header")
+    path = os.path.join(directory, name)
+    partial = path + ".partial"
+    maps = store.read(np.sort(rows))
+    order = {int(r): i for i, r in enumerate(np.sort(rows))}
+    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in rows:
+            row = int(row)
+            i = order[row]
+            with open(os.path.join(image_root, store.paths[row]), "rb") as f:
+                image = f.read()
+            key = f"{row:09d}"
+            parts = {"jpg": image, "logits": maps.logits[i].astype("<f2").tobytes(),
+                     "ids": maps.class_ids[i].astype(maps.class_ids.dtype.newbyteorder("<")).tobytes(),
+                     "label": np.int32(store.labels[row]).astype("<i4").tobytes(),
+                     "row": np.int64(row).astype("<i8").tobytes()}
+            for extension in EXTENSIONS:
+                tar.addfile(_member(f"{key}.{extension}", parts[extension]), io.BytesIO(parts[extension]))
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    index_partial = os.path.join(directory, name[:-len(".tar")] + ".idx.partial")
+    with wds2idx.IndexCreator(path, index_partial, verbose=False) as creator:
+        creator.create_index()
+    os.replace(index_partial, index_partial[:-len(".partial")])
+    return {"name": name, "samples": len(rows), "bytes": os.path.getsize(path)}
+
+
+def plan_shards(sizes: np.ndarray, order: np.ndarray, shard_bytes: int) -> List[np.ndarray]:
+    """Split the rows in ``order`` into consecutive groups of about ``shard_bytes`` (``sizes`` are
+    each row's bytes in the tar); every group holds at least one row."""
+    cumulative = np.cumsum(sizes[order])
+    cuts = []
+    start_bytes, start = 0, 0
+    for end in range(1, len(order) + 1):
+        if cumulative[end - 1] - start_bytes >= shard_bytes or end == len(order):
+            cuts.append(order[start:end])
+            start_bytes, start = cumulative[end - 1], end
+    return cuts
+
+
+def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: int = 0,
+                 workers: Optional[int] = None, progress: bool = True, check_files: bool = True) -> ShardSet:
+    """Pack ``image_root`` and its label ``store`` into tar shards under ``out_dir``.
+
+    Args:
+        image_root: the ImageFolder tree the store describes.
+        store: the label store (path or :class:`LabelStore`).
+        out_dir: where the shards, their index files and ``index.json`` go.
+        shard_bytes: target size of a shard.
+        seed: seed of the rows' order over the shards.
+        workers: processes writing shards (default: the cores).
+        progress: show a progress bar.
+        check_files: refuse a store that does not match the tree (the loader's checks).
+
+    A rerun with the same arguments keeps the shards already complete and writes the rest; other
+    arguments over an existing set are refused (delete the directory first).
+    """
+    from tqdm import tqdm
+
+    from .tree_check import check_store_matches_images
+
+    image_root, out_dir = os.path.abspath(os.fspath(image_root)), os.fspath(out_dir)
+    store = store if isinstance(store, LabelStore) else LabelStore(store)
+    if check_files:
+        check_store_matches_images(store, image_root)
+    if shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
+    n = len(store)
+    map_bytes = int(np.prod(store.header.map_shape)) * (2 + store._array("class_ids").dtype.itemsize)
+    paths = store.paths
+
+    def file_sizes(start: int) -> List[int]:
+        return [os.path.getsize(os.path.join(image_root, paths[r])) for r in range(start, min(n, start + 4096))]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:  # a stat per image: I/O bound
+        image_bytes = np.array([s for chunk in pool.map(file_sizes, range(0, n, 4096)) for s in chunk], np.int64)
+    sizes = image_bytes + _tar_bytes([0, map_bytes // 2, map_bytes // 2, 4, 8]) + 2 * _TAR_BLOCK
+    order = np.random.default_rng([seed, 0x5A4D]).permutation(n)
+    groups = plan_shards(sizes, order, shard_bytes)
+    plan = hashlib.sha256(json.dumps([store.header.content_sha256, image_root, seed, shard_bytes,
+                                      FORMAT_VERSION]).encode()).hexdigest()
+    os.makedirs(out_dir, exist_ok=True)
+    plan_path = os.path.join(out_dir, "plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            if json.load(f).get("plan_sha256") != plan:
+                raise ShardError(f"{out_dir} holds shards written with other inputs or settings; delete it "
+                                 "or choose another --out")
+    else:
+        with open(plan_path, "w") as f:
+            json.dump({"plan_sha256": plan, "shards": len(groups)}, f)
+    names = [shard_name(i) for i in range(len(groups))]
+    entries = {}
+    todo = []
+    for name, rows in zip(names, groups):
+        if os.path.exists(os.path.join(out_dir, name[:-len(".tar")] + ".idx")):
+            entries[name] = {"name": name, "samples": len(rows), "bytes": os.path.getsize(os.path.join(out_dir, name))}
+        else:
+            todo.append((out_dir, name, rows, image_root, store.path, os.getpid()))
+    bar = tqdm(total=n, initial=sum(e["samples"] for e in entries.values()), unit="img", desc="shard",
+               disable=not progress)
+    try:
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            for done in as_completed([pool.submit(_write_shard, task) for task in todo]):
+                entry = done.result()
+                entries[entry["name"]] = entry
+                bar.update(entry["samples"])
+    finally:
+        bar.close()
+    header = store.header
+    index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "store": store.path,
+             "store_sha256": header.content_sha256, "image_root": image_root, "seed": seed,
+             "num_classes": header.num_classes, "k": header.k, "grid": [header.grid_h, header.grid_w],
+             "layout": header.layout, "ids_dtype": str(store._array("class_ids").dtype),
+             "extensions": list(EXTENSIONS), "num_samples": n,
+             "shards": [entries[name] for name in names], "class_names": list(store.class_names)}
+    tmp = os.path.join(out_dir, INDEX_NAME + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
+    return ShardSet.load(out_dir)
+
+
+def check_shards_match_store(shards: ShardSet, store: LabelStore) -> None:
+    """Refuse shards made from another store (different content hash)."""
+    if shards.store_sha256 != store.header.content_sha256:
+        raise StoreError(store.path, f"the shards in {shards.directory} were made from another store "
+                                     f"(content {shards.store_sha256[:12]}, this one "
+                                     f"{store.header.content_sha256[:12]})")

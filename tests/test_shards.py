@@ -1,0 +1,177 @@
+"""Tar shards: writing (balanced, resumable, refusing a store of another tree), reading them through
+DALI's webdataset reader with exactly the tree path's crops and targets, ranks, resume, bad shards."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dali_relabel.config import DataConfig
+from dali_relabel.shards import ShardError, ShardSet, expand_braces, write_shards
+from dali_relabel.store import StoreError, write_store
+from helpers import make_jpeg_tree, random_maps
+
+pytest.importorskip("nvidia.dali")
+
+SMALL = dict(image_size=16, num_threads=1, py_num_workers=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(40)]
+    relpaths = make_jpeg_tree(root / "images", 4, 10, sizes=sizes)
+    logits, ids = random_maps(40, 3, 4, 4, 12, seed=1)
+    store = write_store(root / "s.h5", relpaths, logits, ids, 12, labels=[int(p.split("/")[0][-2:]) for p in relpaths],
+                        class_names=[f"class_{c:02d}" for c in range(12)])
+    shards = write_shards(root / "images", store, root / "shards", shard_bytes=20_000, progress=False)
+    return dict(root=root, images=str(root / "images"), store=str(store), shards=shards)
+
+
+def _by_row(batches):
+    return {row: (image, target) for images, targets, rows in batches
+            for row, image, target in zip(rows.tolist(), images, targets)}
+
+
+def test_written_shards_hold_every_row_once_in_a_mixed_order(shard_data):
+    shards = shard_data["shards"]
+    assert len(shards.shards) > 3 and shards.num_samples == 40
+    with open(os.path.join(shards.directory, "index.json")) as f:
+        index = json.load(f)
+    assert index["k"] == 3 and index["grid"] == [4, 4] and index["ids_dtype"] == "uint8"
+    import tarfile
+
+    rows = []
+    for shard in shards.shards:
+        with tarfile.open(shards.path(shard["name"])) as tar:
+            names = tar.getnames()
+        assert len(names) == 5 * shard["samples"]
+        rows += [int(n.split(".")[0]) for n in names[::5]]
+    assert sorted(rows) == list(range(40))
+    # stored in a seeded random order: the first half of the sequence holds rows of every class
+    # (rows are sorted by class folder, 10 per class, so in stored-row order it would hold two)
+    assert rows != sorted(rows) and len({r // 10 for r in rows[:20]}) == 4
+
+
+def test_shards_give_the_tree_paths_crops_and_targets(shard_data):
+    from dali_relabel.loader import ReLabelLoader
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    config = DataConfig(**SMALL, color_jitter=0.3, interpolation="random")
+    tree = _by_row(ReLabelLoader(shard_data["images"], shard_data["store"], 4, config=config, device="cpu",
+                                 return_rows=True))
+    shards = _by_row(ShardReLabelLoader(shard_data["shards"], 4, config=config, device="cpu", return_rows=True))
+    assert len(tree) == len(shards) == 40
+    for row in tree:
+        torch.testing.assert_close(tree[row][0], shards[row][0], rtol=0, atol=0)
+        torch.testing.assert_close(tree[row][1], shards[row][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["authors", "localized"])
+def test_cutmix_modes_from_shards(shard_data, mode):
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    config = DataConfig(**SMALL, cutmix_probability=1.0, cutmix_mode=mode, mixup_alpha=0.5)
+    for images, targets in ShardReLabelLoader(shard_data["shards"], 4, config=config, device="cpu"):
+        torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
+        assert images.shape == (4, 3, 16, 16)
+
+
+def test_two_ranks_read_every_sample_once_and_in_step(shard_data):
+    from dali_relabel.shard_loader import ShardReLabelLoader, ShardValidationLoader
+
+    config = DataConfig(**SMALL, last_batch="pad")
+    rows, counts = [], []
+    for rank in range(2):
+        loader = ShardReLabelLoader(shard_data["shards"], 6, config=config, device="cpu", rank=rank, world_size=2,
+                                    return_rows=True)
+        batches = [batch_rows.tolist() for _, _, batch_rows in loader]
+        counts.append((len(batches), len(loader)))
+        rows += [r for batch in batches for r in batch]
+    assert sorted(rows) == list(range(40)) and counts[0] == counts[1]
+    seen = []
+    for rank in range(2):
+        seen += [r for _, _, batch in ShardValidationLoader(shard_data["shards"], 7, config=config, device="cpu",
+                                                              rank=rank, world_size=2, return_rows=True)
+                 for r in batch.tolist()]
+    assert sorted(seen) == list(range(40))
+
+
+def test_epochs_reorder_and_resume_continues_exactly(shard_data):
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    config = DataConfig(**SMALL, cutmix_probability=1.0, cutmix_mode="localized")
+
+    def loader():
+        return ShardReLabelLoader(shard_data["shards"], 4, config=config, device="cpu", return_rows=True)
+
+    full = loader()
+    full.set_epoch(2)
+    reference = [(rows.tolist(), targets) for _, targets, rows in full]
+    other = loader()
+    other.set_epoch(3)
+    assert [rows.tolist() for _, _, rows in other] != [rows for rows, _ in reference]
+    interrupted = loader()
+    interrupted.set_epoch(2)
+    batches = iter(interrupted)
+    for _ in range(3):
+        next(batches)
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["batch"]) == (2, 3) and state["dali_checkpoint"]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(reference) - 3
+    rest = [(rows.tolist(), targets) for _, targets, rows in resumed]
+    assert [rows for rows, _ in rest] == [rows for rows, _ in reference[3:]]
+    for (_, a), (_, b) in zip(reference[3:], rest):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShardReLabelLoader(shard_data["shards"], 5, config=config, device="cpu").load_state_dict(state)
+
+
+def test_truncated_shard_is_refused_by_name(shard_data, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_data["shards"].directory, copy)
+    victim = copy / shard_data["shards"].shards[2]["name"]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ShardError, match=f"{victim}: .* bytes, but .* were written: the shard is truncated"):
+        ShardSet.load(copy)
+    os.remove(victim)
+    with pytest.raises(ShardError, match="missing"):
+        ShardSet.load(copy)
+
+
+def test_brace_patterns_select_shards(shard_data):
+    assert expand_braces("a/s-{008..010}.tar") == ["a/s-008.tar", "a/s-009.tar", "a/s-010.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    directory = shard_data["shards"].directory
+    some = ShardSet.load(os.path.join(directory, "shard-{000000..000001}.tar"))
+    assert [s["name"] for s in some.shards] == ["shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(ShardError, match="not in"):
+        ShardSet.load(os.path.join(directory, "shard-{000000..000099}.tar"))
+
+
+def test_writing_resumes_and_refuses_other_inputs(shard_data, tmp_path):
+    out = tmp_path / "again"
+    first = write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    victim = first.shards[1]["name"]
+    reference = (out / victim).read_bytes()
+    os.remove(out / victim.replace(".tar", ".idx"))
+    mtimes = {s["name"]: os.path.getmtime(out / s["name"]) for s in first.shards}
+    again = write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    assert (out / victim).read_bytes() == reference, "the same inputs give the same bytes"
+    assert all(os.path.getmtime(out / name) == mtime for name, mtime in mtimes.items() if name != victim)
+    assert again.num_samples == 40
+    with pytest.raises(ShardError, match="other inputs or settings"):
+        write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=10_000, progress=False)
+
+
+def test_a_store_of_another_tree_is_refused(shard_data, tmp_path):
+    relpaths = make_jpeg_tree(tmp_path / "other", 2, 3)
+    with pytest.raises(StoreError, match="which is not under"):
+        write_shards(tmp_path / "other", shard_data["store"], tmp_path / "out", progress=False)
+    assert len(relpaths) == 6
