@@ -7,6 +7,7 @@ build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
 generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
+shard         pack an image folder and its store into tar shards for clusters (webdataset)
 bench         throughput benchmark (plain DALI, dali-relabel, the authors' loader, the operator), --store-read
 """
 from __future__ import annotations
@@ -155,6 +156,35 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    """``"1GB"``, ``"500MB"``, ``"64k"`` or a number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB)")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+
+
+def _cmd_shard(args) -> int:
+    from .shards import ShardError, write_shards
+    from .store import StoreError
+
+    try:
+        shards = write_shards(args.images, args.store, args.out, shard_bytes=args.shard_size, seed=args.seed,
+                              workers=args.workers, progress=not args.quiet)
+    except (ShardError, StoreError, FileNotFoundError, ValueError) as error:
+        print(f"dali-relabel shard: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; rerun the same command to write the rest", file=sys.stderr)
+        return 130
+    total = sum(s["bytes"] for s in shards.shards)
+    print(f"wrote {shards.num_samples} samples in {len(shards.shards)} shards ({total / 1e9:.2f} GB) to "
+          f"{shards.directory}; train with --shards '{shards.directory}/shard-{{000000..{len(shards.shards) - 1:06d}}}.tar'")
+    return 0
+
+
 def _demo_defaults():
     from .demo import DemoSettings
 
@@ -254,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("shard", help="pack an image folder and its label store into tar shards (webdataset)")
+    p.add_argument("--images", required=True, help="ImageFolder root the store describes")
+    p.add_argument("--store", required=True, help="the label store")
+    p.add_argument("--out", required=True, help="directory for the shards, their DALI index files and index.json")
+    p.add_argument("--shard-size", type=_parse_bytes, default=_parse_bytes("1GB"), help="target shard size (1GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows' order over the shards")
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_shard)
 
     from .bench import add_arguments as add_bench_arguments
 

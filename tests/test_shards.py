@@ -175,3 +175,14 @@ def test_a_store_of_another_tree_is_refused(shard_data, tmp_path):
     with pytest.raises(StoreError, match="which is not under"):
         write_shards(tmp_path / "other", shard_data["store"], tmp_path / "out", progress=False)
     assert len(relpaths) == 6
+
+
+def test_shard_command(shard_data, tmp_path):
+    from dali_relabel.cli import _parse_bytes, main
+
+    assert _parse_bytes("1GB") == 1 << 30 and _parse_bytes("500MB") == 500 << 20 and _parse_bytes("4096") == 4096
+    assert main(["shard", "--images", shard_data["images"], "--store", shard_data["store"], "--out",
+                 str(tmp_path / "cli"), "--shard-size", "40kB", "--quiet"]) == 0
+    assert ShardSet.load(tmp_path / "cli").num_samples == 40
+    assert main(["shard", "--images", str(tmp_path), "--store", shard_data["store"], "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
