@@ -466,8 +466,9 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
     image size, ...) and ``rank``.
     """
     from .config import DataConfig
+    from .devices import resolve_device
     from .distributed import rank_and_world
-    from .loader import ValidationLoader, resolve_device
+    from .loader import ValidationLoader
 
     state_dict, args = load_checkpoint(checkpoint)
     model, name, num_classes = build_model(state_dict, args, model_name=model_name)

@@ -492,7 +492,7 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
 def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
                  stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool):
-    from .loader import PipelineBatches, _pipeline_kwargs
+    from .passes import PipelineBatches, pipeline_kwargs
     from .paths import PathTable
     from .pipelines.graphs import teacher_pipeline
     from .sources import BatchSource
@@ -502,7 +502,7 @@ def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int]
     labels = np.asarray(labels, dtype=np.int32)
     teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
                                     channels_last=device == "gpu")
-    kwargs = _pipeline_kwargs(config, batch_size, device_id)
+    kwargs = pipeline_kwargs(config, batch_size, device_id)
 
     def make_source(control, bad_rows):
         return BatchSource(image_root, plan, control, paths=paths, labels=labels, bad_rows=bad_rows)
@@ -550,7 +550,7 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
 
     Returns the path written: ``out``, or this rank's part path when the parts are not merged here.
     """
-    from .loader import resolve_device
+    from .devices import resolve_device
 
     out = os.fspath(out)
     config = config or DataConfig()
@@ -636,7 +636,7 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
             else:
                 device_id = None
             # Readers start before the model moves to the GPU (they fork unless torch already
-            # initialised CUDA; then they spawn, see loader.worker_start_method).
+            # initialised CUDA; then they spawn, see devices.worker_start_method).
             loader = _make_loader(images.root, images.relpaths, labels, start + first, stop, size,
                                   batch_size, device, device_id, config, half_input=use_amp)
             target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
@@ -788,7 +788,7 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     Returns a summary dict (``out``, rows, teacher, ..., ``rank``).
     """
     from .distributed import rank_and_world
-    from .loader import resolve_device
+    from .devices import resolve_device
 
     class_names = read_class_names(class_names_file) if class_names_file else None
     if class_names is None:  # list_images' rule, without walking every file (generate does that)

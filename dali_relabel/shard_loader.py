@@ -20,10 +20,10 @@ import os
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from .config import DataConfig
-from .loader import LoaderDataset, _as_torch_images, _resolve_rank, device_index, mix_batch, resolve_device
+from .devices import device_index, resolve_device
+from .loader import LoaderDataset, _as_torch_images, _resolve_rank, mix_batch
 from .mixing import CutMixSpec
 from .shards import ShardSet
 

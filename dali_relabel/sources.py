@@ -23,45 +23,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .bad_images import BadImageError
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
 from .store import LabelStore, StoreError, map_value_problem
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OTHER_MAGICS = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
-_EOI_SEARCH_BYTES = 4096
-
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
 
-__all__ = ["BatchSource", "EpochControl", "EpochPlan", "BadImageError", "check_encoded_image",
-           "PADDING", "VALID", "SKIPPED"]
-
-
-class BadImageError(ValueError):
-    """An image file cannot be decoded; the message names the file."""
-
-
-def check_encoded_image(data: np.ndarray, path: str) -> None:
-    """Cheap structural check of an encoded image (raises :class:`BadImageError`).
-
-    Catches empty files, files that are no image at all and truncated JPEG/PNG files (their end
-    marker is missing), with a message that says which. CMYK and grayscale JPEGs and PNGs named
-    ``.JPEG`` pass: DALI decodes them.
-    """
-    head = data[:8].tobytes()
-    if data.size == 0:
-        raise BadImageError(f"{path}: empty file")
-    if head.startswith(JPEG_MAGIC):
-        if data[-_EOI_SEARCH_BYTES:].tobytes().rfind(b"\xff\xd9") < 0:
-            raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker)")
-    elif head.startswith(PNG_MAGIC):
-        if data[-_EOI_SEARCH_BYTES:].tobytes().rfind(b"IEND") < 0:
-            raise BadImageError(f"{path}: truncated PNG (no IEND chunk)")
-    elif not head.startswith(OTHER_MAGICS):
-        raise BadImageError(f"{path}: not a recognised image format (starts with {head[:4]!r})")
+__all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
 
 
 def die_with_parent(parent_pid: int) -> None:

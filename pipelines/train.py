@@ -208,7 +208,7 @@ def evaluate(model, args, data_cfg: DataConfig, class_names, device_kind: str) -
 
 
 def main(args) -> dict:
-    from dali_relabel.loader import resolve_device
+    from dali_relabel.devices import resolve_device
 
     device_kind = resolve_device(args.device)
     args.rank, world_size, local_rank = init_distributed(device_kind == "gpu")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dali_relabel.config import DataConfig
-from dali_relabel.sources import BadImageError, check_encoded_image
+from dali_relabel.bad_images import BadImageError, check_encoded_image
 from dali_relabel.store import write_store
 
 pytest.importorskip("nvidia.dali")

@@ -148,7 +148,7 @@ def test_crops_depend_on_the_row_not_on_batch_or_threads(textured):
 
 # -- devices and dtypes ----------------------------------------------------------------------------
 def test_devices_as_pytorch_takes_them():
-    from dali_relabel.loader import device_index, resolve_device
+    from dali_relabel.devices import device_index, resolve_device
 
     assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == "cpu"
     assert device_index("cpu") is None
@@ -164,7 +164,7 @@ def test_devices_as_pytorch_takes_them():
 
 @pytest.mark.gpu
 def test_cuda_index_is_taken_from_the_device():
-    from dali_relabel.loader import device_index
+    from dali_relabel.devices import device_index
 
     assert device_index("cuda:0") == 0 and device_index(torch.device("cuda", 0)) == 0
     assert device_index("cuda", device_id=0) == 0

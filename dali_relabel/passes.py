@@ -1,0 +1,282 @@
+"""Passes over one DALI pipeline fed by a :class:`~dali_relabel.sources.BatchSource`.
+
+:class:`PipelineBatches` is what makes a loader behave like a ``DataLoader``: every ``iter()`` is a new
+pass over the epoch ``set_epoch`` chose (an unfinished pass is stopped when the next one starts),
+``len()``, ``state_dict``/``load_state_dict``, padding and stand-ins removed, a batch that fails to
+decode explained by naming the file (or skipped), and dead or stuck source workers turned into errors
+(:mod:`dali_relabel.watchdog`). The training and validation loaders, and the teacher pass of
+``dali-relabel generate``, are built on it.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from .bad_images import BadImageError, decode_problem
+from .config import DataConfig
+from .devices import worker_start_method
+from .sources import SKIPPED, VALID, BatchSource, EpochControl
+from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
+
+
+def start_workers(pipe) -> None:
+    """Start a pipeline's source workers without handing them this process's garbage.
+
+    Forked workers inherit every object of this process. Garbage in reference cycles (for example
+    an earlier loader's DALI pipeline) would be collected inside a worker, and a DALI pipeline torn
+    down there crashes the worker. So collect it here first, and freeze what is left, so the
+    workers' collector never looks at inherited objects.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        pipe.start_py_workers()
+    finally:
+        gc.unfreeze()
+
+
+@dataclass
+class Pass:
+    """One pass (an ``iter()``) over the loader."""
+
+    epoch: int
+    first: int  # the epoch's batch the pass starts at
+    mixing: bool = True  # CutMix/Mixup switched on for this pass
+    consumed: int = 0  # pipeline batches taken so far
+    finished: bool = False
+
+
+class PipelineBatches:
+    """Passes over one DALI pipeline fed by a :class:`BatchSource`: dicts of torch tensors named by
+    ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
+
+    Args:
+        plan: the rank's row plan.
+        make_source: ``(control, bad_rows) -> BatchSource``.
+        make_pipeline: ``source -> Pipeline`` (not yet built).
+        output_map: names of the pipeline's outputs.
+        start_epoch, resume_batch: where the first pass starts.
+        skip_bad_images: replace undecodable images (found when a batch fails) instead of raising
+            :class:`BadImageError`; the pipeline is rebuilt at the failed batch, so nothing else of
+            the epoch changes.
+        lookahead: batches after a failed one that may have caused its error (DALI prefetches).
+        timeout: seconds without a batch before the source workers count as stuck; a dead or
+            stopped worker is reported at once (:mod:`dali_relabel.watchdog`). After such an error
+            the next pass starts on a new pipeline.
+
+    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it); a pass left
+    unfinished is stopped when the next one starts, which costs decoding the batches DALI had already
+    prefetched (about ``2 * prefetch_queue_depth``).
+    """
+
+    def __init__(self, plan, make_source: Callable[[EpochControl, Sequence[int]], BatchSource],
+                 make_pipeline: Callable[[BatchSource], object], output_map: List[str],
+                 start_epoch: int = 0, resume_batch: int = 0, skip_bad_images: bool = False,
+                 lookahead: int = 4, timeout: float = 300.0):
+        if not 0 <= resume_batch <= plan.num_batches:
+            raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
+        self.plan = plan
+        self._make_source = make_source
+        self._make_pipeline = make_pipeline
+        self._output_map = output_map
+        self.skip_bad_images = skip_bad_images
+        self._lookahead = lookahead
+        self.timeout = timeout
+        self.epoch, self._first_batch = self._normalise(start_epoch, resume_batch)
+        self.skipped_images = 0
+        self.bad_rows: List[int] = []
+        self._pass: Optional[Pass] = None
+        self._iterator = None
+        self._start_pipeline(self.epoch, self._first_batch)
+
+    # -- the pipeline ------------------------------------------------------------------------------
+    def _start_pipeline(self, epoch: int, first_batch: int) -> None:
+        """A new pipeline (and source workers) whose first pass reads ``epoch`` from ``first_batch``."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.control = EpochControl()
+        self.control.begin(0, epoch, first_batch, self.plan.num_batches)
+        self.source = self._make_source(self.control, list(self.bad_rows))
+        self.pipeline = self._make_pipeline(self.source)
+        start_workers(self.pipeline)
+        self.pipeline.build()
+        self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
+                                             prepare_first_batch=False)
+        self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout)
+        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
+        self._needs_reset = False
+
+    def close(self) -> None:
+        """Stop the pipeline and its source's worker processes now."""
+        self._pass = None
+        self._drop_pipeline()
+
+    def _drop_pipeline(self) -> None:
+        self._iterator = None
+        if getattr(self, "pipeline", None) is not None:
+            shutdown_pipeline(self.pipeline, blocked=self._guard.broken)
+        self.pipeline = None
+        if getattr(self, "control", None) is not None:
+            self.control.close()
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
+
+    # -- DataLoader-like state ----------------------------------------------------------------------
+    def _normalise(self, epoch: int, batch: int):
+        """``batch == num_batches`` is the next epoch's start."""
+        return (epoch + 1, 0) if batch >= self.plan.num_batches else (epoch, batch)
+
+    def __len__(self) -> int:
+        """Batches the next pass yields (fewer in an epoch resumed mid-way; padding-only batches of
+        a small last shard count too)."""
+        return self.plan.num_batches - self._first_batch
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass reads (its permutation, crops and CutMix boxes). Setting the epoch
+        a resumed position belongs to keeps that position."""
+        if epoch != self.epoch:
+            self.epoch, self._first_batch = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """Where the data order stands: the epoch and the batches of it already yielded, plus what
+        must not change for that position to mean the same samples."""
+        if self._pass is not None and not self._pass.finished:
+            epoch, batch = self._normalise(self._pass.epoch, self._pass.first + self._pass.consumed)
+        else:
+            epoch, batch = self.epoch, self._first_batch
+        return {"epoch": epoch, "batch": batch, **self._fingerprint()}
+
+    def _fingerprint(self) -> dict:
+        plan = self.plan
+        keys = ("batch_size", "num_samples", "world_size", "rank", "seed", "shuffle", "last_batch")
+        return {key: getattr(plan, key) for key in keys if hasattr(plan, key)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s position; refuses a state made with other settings
+        (another batch size or world size would silently skip or repeat samples)."""
+        mine = self._fingerprint()
+        differ = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if differ:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"cannot resume the data position with other settings ({detail}); resume "
+                             "with the saved settings or start the epoch again")
+        self._end_pass()
+        self.epoch, self._first_batch = self._normalise(int(state["epoch"]), int(state["batch"]))
+
+    # -- passes ------------------------------------------------------------------------------------
+    def __iter__(self):
+        return self._batches()
+
+    def _mixing_enabled(self) -> bool:
+        """Whether the next pass mixes (subclasses with CutMix/Mixup say)."""
+        return True
+
+    def _next_outputs(self):
+        return next(self._iterator)
+
+    def _begin_pass(self) -> Pass:
+        self._end_pass()
+        if self._guard.broken:  # the last pass lost a worker: start on a new pipeline
+            self._restart_pipeline(self.epoch, self._first_batch)
+        current = Pass(self.epoch, self._first_batch, self._mixing_enabled())
+        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
+                           current.mixing)
+        if self._needs_reset:
+            self._guard.call(self._iterator.reset)
+            self._needs_reset = False
+        self.epoch, self._first_batch = current.epoch + 1, 0  # the next pass, unless set otherwise
+        self._pass = current
+        return current
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
+        current, self._pass = self._pass, None
+        if current is None or current.finished or self._guard.broken:
+            return
+        self.control.stop(self._dali_epoch, current.first + current.consumed)
+        try:
+            while True:
+                self._guard.call(self._next_outputs)
+        except StopIteration:
+            self._dali_epoch += 1
+            self._needs_reset = True
+        except RuntimeError:  # an error in a batch nobody will see: start afresh
+            self._restart_pipeline(self.epoch, self._first_batch)
+
+    def _restart_pipeline(self, epoch: int, first_batch: int) -> None:
+        self._drop_pipeline()
+        self._start_pipeline(epoch, first_batch)
+
+    def _batches(self):
+        current = self._begin_pass()
+        while True:
+            if self._pass is not current:
+                return  # a newer pass took over
+            try:
+                outputs = self._guard.call(self._next_outputs)
+            except StopIteration:
+                current.finished = True
+                self._pass = None
+                self._dali_epoch += 1
+                self._needs_reset = True
+                return
+            except LoaderWorkerError:
+                raise  # the position stays where it was: the next pass can resume it
+            except RuntimeError as error:
+                self._recover(current, error)
+                continue
+            current.consumed += 1
+            batch = self._transform(outputs[0], current)
+            status = batch["valid"].reshape(-1).cpu()
+            self.skipped_images += int((status == SKIPPED).sum())
+            keep = status == VALID
+            if bool(keep.all()):
+                yield batch
+            elif bool(keep.any()):
+                index = keep.nonzero().reshape(-1)
+                yield {name: value[index.to(value.device)] for name, value in batch.items()}
+
+    def _transform(self, batch: dict, current: Pass) -> dict:
+        """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
+        return batch
+
+    def _recover(self, current: Pass, error: RuntimeError) -> None:
+        """A batch failed: name the bad file, or (``skip_bad_images``) leave it out and go on."""
+        failed = current.first + current.consumed
+        bad = self._find_bad_rows(current.epoch, failed)
+        if not bad:
+            raise error
+        if not self.skip_bad_images:
+            row, problem = bad[0]
+            raise BadImageError(f"{self.source.path(row)}: {problem}") from error
+        self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
+        self._restart_pipeline(current.epoch, failed)  # the same epoch from the failed batch on
+        self.control.begin(0, current.epoch, failed, self.plan.num_batches, current.mixing)
+        current.first, current.consumed = failed, 0
+
+    def _find_bad_rows(self, epoch: int, batch: int):
+        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few)."""
+        last = min(self.plan.num_batches, batch + 1 + self._lookahead)
+        for index in range(batch, last):
+            rows, _ = self.source.batch_rows(epoch, index)
+            found = []
+            for row in dict.fromkeys(int(r) for r in rows):
+                problem = decode_problem(self.source.path(row))
+                if problem:
+                    found.append((row, problem))
+            if found:
+                return found
+        return []
+
+
+def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int]) -> dict:
+    """Execution settings every graph is built with."""
+    return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                seed=config.seed, py_num_workers=config.py_num_workers,
+                py_start_method=worker_start_method(config.py_start_method),
+                prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
