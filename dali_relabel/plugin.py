@@ -7,13 +7,13 @@ plugin built for another DALI fails with undefined symbols or worse. Places look
 1. ``$DALI_RELABEL_PLUGIN_DIR`` (a directory holding the library and its manifest);
 2. ``dali_relabel/_prebuilt/`` (built by ``setup.py`` when DALI was importable at install time);
 3. the per-DALI cache ``$XDG_CACHE_HOME/dali_relabel/plugin/<dali version>-<flavour>-<source hash>/``
-   (``~/.cache`` without ``XDG_CACHE_HOME``).
+   (``~/.cache`` without ``XDG_CACHE_HOME``). A fitting build is loaded from wherever it is, read-only
+   places included; a cache that cannot be written when a build is needed (read-only home) is a
+   :class:`PluginError` naming the directory and the two variables that point elsewhere.
 
 If none fits, the plugin is compiled into the cache (once, under a file lock, so DDP ranks and DALI
 workers wait for one build) unless ``DALI_RELABEL_NO_BUILD=1``; then a :class:`PluginError` says how
-to build it (``dali-relabel build-plugin``). A fitting build is loaded from wherever it is, read-only
-places included; a cache that cannot be written (read-only home) is a :class:`PluginError` naming the
-directory and the two variables that point elsewhere.
+to build it (``dali-relabel build-plugin``).
 """
 from __future__ import annotations
 
