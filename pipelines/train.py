@@ -33,7 +33,7 @@ from dali_relabel.config import DataConfig
 from dali_relabel.distributed import init_from_env, rank_and_world
 from dali_relabel.loader import ReLabelLoader, ValidationLoader
 from dali_relabel.losses import SoftTargetCrossEntropy
-from dali_relabel.models import create_model
+from dali_relabel.models import create_model, load_problem
 from dali_relabel.outputs import durable_replace
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,9 +137,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling fails in many ways; weights_only refusals among them
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SystemExit(f"--resume {path}: refused: not a checkpoint of tensors and plain values, so it "
-                         f"is not loaded (loading it could run code from the file): {first}") from None
+                         f"is not loaded (loading it could run code from the file): {load_problem(error)}") \
+            from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise SystemExit(f"--resume {path}: not a checkpoint of this script (missing {', '.join(missing)})")

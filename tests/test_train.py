@@ -125,6 +125,7 @@ def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, how):
     with pytest.raises(SystemExit, match=r"--resume .*planted|--resume .*checkpoint\.pth") as info:
         _run_main(argv)
     assert "refused" in str(info.value) and "could run code" in str(info.value)
+    assert "GLOBAL posix.mkdir" in str(info.value), "the message names what the file wanted to run"
     assert not os.path.exists(marker), "loading the checkpoint ran its code"
 
 
