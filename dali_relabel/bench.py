@@ -460,7 +460,8 @@ class AuthorsDataset:
         if flip:
             image = F.hflip(image)
         tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
-        label_map = torch.load(os.path.join(self.maps_dir, map_relpath(relpath)), map_location="cpu")
+        label_map = torch.load(os.path.join(self.maps_dir, map_relpath(relpath)), map_location="cpu",
+                               weights_only=True)
         coords = torch.tensor([top / height, left / width, (top + h) / height, (left + w) / width])
         return tensor, self.labels[index], label_map, coords, flip
 
@@ -1043,7 +1044,7 @@ def run_store_read(args) -> dict:
     result["pt_bytes_per_image"] = float(np.mean(pt_sizes))
 
     def load_pt(batch_rows):
-        tensors = [torch.load(os.path.join(maps_dir, f"{int(r):07d}.pt"), map_location="cpu")
+        tensors = [torch.load(os.path.join(maps_dir, f"{int(r):07d}.pt"), map_location="cpu", weights_only=True)
                    for r in batch_rows]
         return torch.stack(tensors)
 

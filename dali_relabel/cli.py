@@ -19,6 +19,7 @@ import sys
 
 def _cmd_convert(args) -> int:
     from .convert import ConversionError, convert_release
+    from .outputs import OutputBusyError
 
     class_names = None
     if args.class_names:
@@ -28,7 +29,7 @@ def _cmd_convert(args) -> int:
         report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
                                  class_names=class_names, allow_missing=args.allow_missing,
                                  workers=args.workers, restart=args.restart, progress=not args.quiet)
-    except (ConversionError, ValueError, FileNotFoundError) as error:
+    except (ConversionError, OutputBusyError, ValueError, FileNotFoundError) as error:
         print(f"dali-relabel convert: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -122,6 +123,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_generate(args) -> int:
     from .config import DataConfig
     from .generate import GenerateError, run_generate
+    from .outputs import OutputBusyError
     from .store import StoreError
 
     changes = {name: value for name, value in (("py_num_workers", args.workers), ("num_threads", args.threads))
@@ -132,7 +134,7 @@ def _cmd_generate(args) -> int:
                               k=args.k, batch_size=args.batch_size, device=args.device, amp=args.amp,
                               class_names_file=args.class_names, teacher_name=args.teacher_name,
                               config=config, restart=args.restart, progress=not args.quiet)
-    except (GenerateError, StoreError, ValueError, FileNotFoundError) as error:
+    except (GenerateError, StoreError, OutputBusyError, ValueError, FileNotFoundError) as error:
         print(f"dali-relabel generate: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store to write (.h5)")
     p.add_argument("--model", required=True,
                    help="torchvision classification model name (resnet50, efficientnet_b7, convnext_base, "
-                        "...), or timm:NAME if timm is installed")
+                        "...), a built-in model (small_resnet, medium_resnet, tiny_cnn: the demo's), or "
+                        "timm:NAME if timm is installed")
     p.add_argument("--weights", required=True,
                    help="local state dict file (or a checkpoint with a 'model' state dict); nothing is downloaded")
     p.add_argument("--class-names", default=None,

@@ -5,9 +5,15 @@ logits, index 1: class ids stored as floats). The converter walks the ImageFolde
 every image with its map, loads the maps in parallel and streams them into a store marked with the
 authors' box convention (layout ``"WH"``, see ``docs/store_format.md``). An interrupted run leaves
 only ``<out>.partial``; running the same command again resumes it.
+
+One conversion per output: ``<out>.lock`` is held from before the loading processes start until the
+store is published (a second run is refused, naming the first). The loading processes die with the
+main process (``PR_SET_PDEATHSIG``) and are started while the partial file is closed, so none of them
+holds it open (or its HDF5 lock) after a crash.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .imagefolder import ImageList, list_images
+from .outputs import OutputLock
+from .sources import die_with_parent
 from .store import StoreWriter
 
 RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"
@@ -120,7 +128,8 @@ def _load_chunk(task):
     return np.stack(logits), np.stack(ids), np.asarray(sizes, dtype=np.int32), unreadable
 
 
-def _init_worker():
+def _init_worker(parent_pid: int):
+    die_with_parent(parent_pid)  # a killed converter leaves no loader behind (holding its lock)
     import torch
 
     torch.set_num_threads(1)
@@ -168,6 +177,10 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
         chunk_rows: rows per work item and per write.
         restart: discard an interrupted ``<out>.partial`` instead of resuming it.
         progress: show a progress bar.
+
+    Raises :class:`~dali_relabel.outputs.OutputBusyError` when another process writes ``out`` (or
+    holds its partial file open), :class:`~dali_relabel.store.StoreError` for a partial file that
+    cannot be opened (kept; remove it or pass ``restart``).
     """
     from tqdm import tqdm
 
@@ -183,31 +196,37 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
     labels = np.asarray([images.labels[i] for i in keep], dtype=np.int32)
     first_logits, _ = load_release_map(os.path.join(maps_dir, map_relpath(relpaths[0])), num_classes)
     k, grid_h, grid_w = first_logits.shape
-    writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout="WH",
-                         class_names=images.classes, teacher=RELEASE_TEACHER,
-                         teacher_input_size=RELEASE_TEACHER_SIZE, source="relabel-release",
-                         resume=not restart, plan_salt=os.path.abspath(maps_dir))
-    start = report.resumed_from_row = writer.rows_written
-    tasks = []
-    for begin in range(start, len(relpaths), chunk_rows):
-        part = relpaths[begin:begin + chunk_rows]
-        tasks.append(([os.path.join(maps_dir, map_relpath(p)) for p in part],
-                      [os.path.join(images.root, p) for p in part], num_classes, (k, grid_h, grid_w)))
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
-    try:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            row = start
-            for logits, ids, sizes, unreadable in pool.map(_load_chunk, tasks):
-                writer.write(row, logits, ids, labels[row:row + len(logits)], sizes)
-                report.unreadable_image_headers.extend(unreadable)
-                row += len(logits)
-                bar.update(len(logits))
-        writer.finish()
-    except BaseException:
-        writer.close()  # the partial file stays; rerunning the command resumes it
-        raise
-    finally:
-        bar.close()
+    with OutputLock(out) as lock:
+        writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout="WH",
+                             class_names=images.classes, teacher=RELEASE_TEACHER,
+                             teacher_input_size=RELEASE_TEACHER_SIZE, source="relabel-release",
+                             resume=not restart, plan_salt=os.path.abspath(maps_dir), lock=lock)
+        writer.close()  # reopened once the loaders run: no forked loader may inherit the open file
+        start = report.resumed_from_row = writer.rows_written
+        tasks = []
+        for begin in range(start, len(relpaths), chunk_rows):
+            part = relpaths[begin:begin + chunk_rows]
+            tasks.append(([os.path.join(maps_dir, map_relpath(p)) for p in part],
+                          [os.path.join(images.root, p) for p in part], num_classes, (k, grid_h, grid_w)))
+        workers = workers or os.cpu_count() or 1
+        bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
+        try:
+            # fork: every loader starts at the first submit (with the lock held, the store closed)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+                pool.submit(int).result()
+                writer.reopen()
+                row = start
+                for logits, ids, sizes, unreadable in pool.map(_load_chunk, tasks):
+                    writer.write(row, logits, ids, labels[row:row + len(logits)], sizes)
+                    report.unreadable_image_headers.extend(unreadable)
+                    row += len(logits)
+                    bar.update(len(logits))
+            writer.finish()
+        except BaseException:
+            writer.close()  # the partial file stays; rerunning the command resumes it
+            raise
+        finally:
+            bar.close()
     report.rows = len(relpaths)
     return report

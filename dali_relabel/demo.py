@@ -66,10 +66,19 @@ def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str,
     return result
 
 
+def load_trained_model(checkpoint: str, name: str, num_classes: int):
+    """The model ``name`` with the weights of a training checkpoint, loaded without running code from
+    the file (:func:`~dali_relabel.models.load_weights`: ``weights_only=True``)."""
+    from .models import create_model, load_weights
+
+    model = create_model(name, num_classes)
+    model.load_state_dict(load_weights(checkpoint)[0])
+    return model
+
+
 def run_demo(out_dir: str = "demo_output", settings: DemoSettings = None) -> Dict:
     """Run the demo; returns its results and writes them under ``out_dir``."""
     from .generate import generate_label_maps
-    from .models import create_model
     from .show import show_store_row
     from .store import LabelStore
     from .synthetic import generate_image_set, write_oracle_store, write_real_labels
@@ -95,11 +104,7 @@ def run_demo(out_dir: str = "demo_output", settings: DemoSettings = None) -> Dic
     teacher_run = os.path.join(out_dir, "runs", "teacher")
     teacher_result = _train(teacher_run, settings, teacher_root, val_root, real, settings.teacher,
                             settings.teacher_epochs, settings.teacher_size, scale=(0.35, 1.0))
-    teacher = create_model(settings.teacher, settings.classes)
-    import torch
-
-    teacher.load_state_dict(torch.load(os.path.join(teacher_run, "checkpoint.pth"), map_location="cpu",
-                                       weights_only=False)["model"])
+    teacher = load_trained_model(os.path.join(teacher_run, "checkpoint.pth"), settings.teacher, settings.classes)
     print("[3/4] generating the machine label maps with the teacher", flush=True)
     generate_label_maps(train_root, machine, teacher, size=settings.teacher_size, grid=settings.grid,
                         k=min(5, settings.classes),

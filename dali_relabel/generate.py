@@ -28,7 +28,10 @@ module makes them the way the paper describes:
 it was made with: a fingerprint of the weights, size, normalisation, AMP...). Rerunning the same
 command resumes at ``rows_written`` (rounded down to a batch boundary, so batches are composed as in
 an uninterrupted run; rows already written are not written again). A partial file made with other
-settings is discarded and started again.
+settings is discarded and started again; one that cannot be opened (held by another process, or
+damaged) is kept and the run stops saying why. One run per output: ``<out>.lock`` is held from before
+the image readers start until the store is published, and the readers start while the partial file
+is closed (none of them holds it open after a crash; they die with the main process).
 
 **Several processes (torchrun).** Rank ``r`` of ``w`` processes the contiguous rows
 ``[r * N // w, (r + 1) * N // w)`` and writes them as a normal store ``<out>.part{r}of{w}``; after a
@@ -54,6 +57,7 @@ import torch.nn.functional as F
 from .config import DataConfig
 from .distributed import init_from_env
 from .imagefolder import list_images
+from .outputs import OutputLock
 from .store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
 
 SOURCE_NAME = "generate"
@@ -348,6 +352,10 @@ def _timm():
 def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
     import torchvision
 
+    from .models import BUILTIN, create_model
+
+    if name in BUILTIN:  # the small networks of dali_relabel.models (the demo's teacher and student)
+        return create_model(name, num_classes), name
     timm_prefix = next((p for p in ("timm:", "timm/") if name.startswith(p)), None)
     if timm_prefix is None:
         classification = set(torchvision.models.list_models(module=torchvision.models))
@@ -356,7 +364,8 @@ def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
         timm = _timm()
         if timm is None or not timm.is_model(name):
             hint = "" if timm is not None else " (timm is not installed; `pip install timm` for its models)"
-            raise GenerateError(f"unknown model {name!r}: not a torchvision classification model{hint}")
+            raise GenerateError(f"unknown model {name!r}: not built in ({', '.join(BUILTIN)}) and not a "
+                                f"torchvision classification model{hint}")
     else:
         name = name[len(timm_prefix):]
         timm = _timm()
@@ -369,9 +378,11 @@ def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
 
 
 def build_teacher(name: str, weights_path, num_classes: int) -> torch.nn.Module:
-    """A teacher in eval mode: the torchvision classification model ``name`` (or ``"timm:NAME"``, or
-    a timm name torchvision does not know, when timm is installed) with ``num_classes`` outputs and
-    the weights of ``weights_path`` (see :func:`load_state_dict_file`); nothing is downloaded."""
+    """A teacher in eval mode: a built-in model of :mod:`dali_relabel.models` (``small_resnet``,
+    ``medium_resnet``, ``tiny_cnn``), the torchvision classification model ``name`` (or
+    ``"timm:NAME"``, or a timm name torchvision does not know, when timm is installed) with
+    ``num_classes`` outputs and the weights of ``weights_path`` (see :func:`load_state_dict_file`);
+    nothing is downloaded."""
     state_dict = load_state_dict_file(weights_path)
     model, _ = _create_model(name, int(num_classes))
     expected = model.state_dict()
@@ -588,9 +599,10 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
                     grid=[gh, gw], k=int(k))
     relpaths = images.relpaths[start:stop]
     if stop > start and (world_size == 1 or restart or not _complete_part_fits(target, relpaths, settings)):
-        _generate_rows(images, model, dense, target, start, stop, settings, size, (gh, gw), k, batch_size,
-                       device, device_id, config, use_amp, teacher_name, restart,
-                       progress and rank == 0, keep_settings=world_size > 1)
+        with OutputLock(target) as lock:  # before any reader process starts, until the store is published
+            _generate_rows(images, model, dense, target, start, stop, settings, size, (gh, gw), k, batch_size,
+                           device, device_id, config, use_amp, teacher_name, restart,
+                           progress and rank == 0, keep_settings=world_size > 1, lock=lock)
     if world_size == 1:
         return out
     if not merge:
@@ -604,11 +616,12 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
 
 def _generate_rows(images, model, dense, target, start, stop, settings, size, grid, k, batch_size,
                    device, device_id, config, use_amp, teacher_name, restart, progress,
-                   keep_settings: bool) -> None:
+                   keep_settings: bool, lock: OutputLock) -> None:
     """Write rows ``[start, stop)`` of ``images`` to the store ``target`` (resuming ``target.partial``).
 
     ``<target>.generate.json`` records the settings; it is kept after finishing for a part (so a
-    complete part can be reused and checked by the merge) and removed for a final store.
+    complete part can be reused and checked by the merge) and removed for a final store. ``lock`` is the
+    held :class:`~dali_relabel.outputs.OutputLock` of ``target``.
     """
     from tqdm import tqdm
 
@@ -619,12 +632,12 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
     if os.path.exists(partial) and not resume and not restart:
         warnings.warn(f"{partial} was made with other settings (weights, size, grid, ...); starting again",
                       stacklevel=3)
-    if not resume:
-        _remove(partial)
     _write_settings(target, settings)
+    # resume=False discards the old partial file, unless another process holds it (then it is kept)
     writer = StoreWriter(target, relpaths, len(images.classes), k, grid[0], grid[1], layout="HW",
                          class_names=images.classes, teacher=teacher_name, teacher_input_size=int(size),
-                         source=SOURCE_NAME, resume=resume)
+                         source=SOURCE_NAME, resume=resume, lock=lock)
+    writer.close()  # reopened once the readers run: no forked reader may inherit the open file
     done = writer.rows_written
     first = (done // batch_size) * batch_size  # same batch boundaries as an uninterrupted run
     loader = None
@@ -639,6 +652,7 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
             # initialised CUDA; then they spawn, see devices.worker_start_method).
             loader = _make_loader(images.root, images.relpaths, labels, start + first, stop, size,
                                   batch_size, device, device_id, config, half_input=use_amp)
+            writer.reopen()
             target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
             model.eval().to(target_device)
             if device == "gpu":
@@ -732,33 +746,34 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
         # Resume only a merge of these parts (not, say, an interrupted single-process run's partial).
         merged_settings = {key: value for key, value in (settings[0] or {}).items() if key != "rows"}
         merged_settings.update(merged_from=world_size, part_sha256=[s.header.content_sha256 for s in stores])
-        resume = os.path.exists(out + PARTIAL_SUFFIX) and _read_settings(out) == merged_settings
-        if not resume:
-            _remove(out + PARTIAL_SUFFIX)
-        _write_settings(out, merged_settings)
-        writer = StoreWriter(out, paths, header.num_classes, header.k, header.grid_h, header.grid_w,
-                             layout=header.layout, class_names=first.class_names, teacher=header.teacher,
-                             teacher_input_size=header.teacher_input_size, source=header.source,
-                             resume=resume)
-        bar = tqdm(total=len(paths), initial=writer.rows_written, unit="row", desc="merge", disable=not progress)
-        try:
-            offset = 0
-            for store in stores:
-                n = len(store)
-                for begin in range(max(0, writer.rows_written - offset), n, chunk_rows):
-                    end = min(n, begin + chunk_rows)
-                    maps = store.read(np.arange(begin, end))
-                    writer.write(offset + begin, maps.logits, maps.class_ids, store.labels[begin:end],
-                                 store.image_sizes[begin:end])
-                    bar.update(end - begin)
-                offset += n
-            writer.finish()
-            _remove(_settings_path(out))
-        except BaseException:
-            writer.close()
-            raise
-        finally:
-            bar.close()
+        with OutputLock(out) as lock:  # one writer of out, until it is published
+            resume = os.path.exists(out + PARTIAL_SUFFIX) and _read_settings(out) == merged_settings
+            _write_settings(out, merged_settings)
+            # resume=False discards an old partial file, unless another process holds it
+            writer = StoreWriter(out, paths, header.num_classes, header.k, header.grid_h, header.grid_w,
+                                 layout=header.layout, class_names=first.class_names, teacher=header.teacher,
+                                 teacher_input_size=header.teacher_input_size, source=header.source,
+                                 resume=resume, lock=lock)
+            bar = tqdm(total=len(paths), initial=writer.rows_written, unit="row", desc="merge",
+                       disable=not progress)
+            try:
+                offset = 0
+                for store in stores:
+                    n = len(store)
+                    for begin in range(max(0, writer.rows_written - offset), n, chunk_rows):
+                        end = min(n, begin + chunk_rows)
+                        maps = store.read(np.arange(begin, end))
+                        writer.write(offset + begin, maps.logits, maps.class_ids, store.labels[begin:end],
+                                     store.image_sizes[begin:end])
+                        bar.update(end - begin)
+                    offset += n
+                writer.finish()
+                _remove(_settings_path(out))
+            except BaseException:
+                writer.close()
+                raise
+            finally:
+                bar.close()
     finally:
         for store in stores:
             store.close()

@@ -92,6 +92,14 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable or holds no state dict."""
 
 
+def load_problem(error: Exception) -> str:
+    """The telling line of a failed ``torch.load`` (with ``weights_only=True``: the global it refused,
+    rather than torch's advice to retry with ``weights_only=False``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
+    return (telling or lines or [type(error).__name__])[0]
+
+
 def load_weights(path):
     """``(state_dict, args)`` from a weights file.
 
@@ -113,8 +121,8 @@ def load_weights(path):
         with context:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling fails in many ways
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{path}: cannot be loaded as a weights-only checkpoint ({first})") from error
+        raise WeightsError(f"{path}: cannot be loaded as a weights-only checkpoint ({load_problem(error)})") \
+            from error
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(checkpoint).__name__}")
     args = {}

@@ -6,7 +6,10 @@ plugin built for another DALI fails with undefined symbols or worse. Places look
 
 1. ``$DALI_RELABEL_PLUGIN_DIR`` (a directory holding the library and its manifest);
 2. ``dali_relabel/_prebuilt/`` (built by ``setup.py`` when DALI was importable at install time);
-3. the per-DALI cache ``~/.cache/dali_relabel/plugin/<dali version>-<flavour>-<source hash>/``.
+3. the per-DALI cache ``$XDG_CACHE_HOME/dali_relabel/plugin/<dali version>-<flavour>-<source hash>/``
+   (``~/.cache`` without ``XDG_CACHE_HOME``). A fitting build is loaded from wherever it is, read-only
+   places included; a cache that cannot be written when a build is needed (read-only home) is a
+   :class:`PluginError` naming the directory and the two variables that point elsewhere.
 
 If none fits, the plugin is compiled into the cache (once, under a file lock, so DDP ranks and DALI
 workers wait for one build) unless ``DALI_RELABEL_NO_BUILD=1``; then a :class:`PluginError` says how
@@ -114,10 +117,40 @@ def load_plugin(build: Optional[bool] = None) -> Dict:
     return _load(plugin_manager, target)
 
 
+def _unwritable_cache(directory: str, error: OSError, identity: Dict) -> PluginError:
+    reason = error.strerror or str(error)
+    return PluginError(
+        f"the plugin must be built for DALI {identity['dali_version']}, but its cache directory {directory} "
+        f"cannot be written ({reason}). Set XDG_CACHE_HOME to a writable directory (the plugin is built "
+        "into $XDG_CACHE_HOME/dali_relabel/plugin), or set DALI_RELABEL_PLUGIN_DIR to a directory holding "
+        "a plugin built for this DALI (`XDG_CACHE_HOME=DIR dali-relabel build-plugin` makes one; use its "
+        "printed 'directory').")
+
+
+def _inside(error: OSError, directory: str) -> bool:
+    """Whether ``error`` concerns a path in ``directory`` (not, say, a missing compiler)."""
+    names = [n for n in (error.filename, getattr(error, "filename2", None)) if n]
+    root = os.path.abspath(directory) + os.sep
+    return any(os.path.abspath(os.fspath(n)).startswith(root) for n in names)
+
+
+def _ensure_writable(directory: str, identity: Dict) -> None:
+    """Create ``directory`` and check a file can be made in it; else a :class:`PluginError` saying what
+    to set."""
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise _unwritable_cache(directory, error, identity) from None
+
+
 def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> None:
     from filelock import FileLock
 
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    _ensure_writable(os.path.dirname(target), identity)
     with FileLock(target + ".lock"):
         if _mismatch(target, identity, want_cuda) is None:
             return  # another process built it while we waited
@@ -129,6 +162,10 @@ def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> Non
             plugin_build.build_plugin(target)
         except plugin_build.PluginBuildError as error:
             raise PluginError(f"building the plugin failed: {error}\nFix the cause, then {how}.") from None
+        except OSError as error:
+            if not _inside(error, os.path.dirname(target)):
+                raise
+            raise _unwritable_cache(os.path.dirname(target), error, identity) from None
         _remove_stale_builds(target)
 
 
@@ -174,6 +211,12 @@ def rebuild(force: bool = True, with_cuda: Optional[bool] = None, verbose: bool 
     if not force and _mismatch(target, identity, want_cuda) is None:
         with open(os.path.join(target, plugin_build.MANIFEST_NAME)) as f:
             return dict(json.load(f), directory=target)
-    manifest = plugin_build.build_plugin(target, with_cuda=with_cuda, verbose=verbose)
+    _ensure_writable(os.path.dirname(target), identity)
+    try:
+        manifest = plugin_build.build_plugin(target, with_cuda=with_cuda, verbose=verbose)
+    except OSError as error:
+        if not _inside(error, os.path.dirname(target)):
+            raise
+        raise _unwritable_cache(os.path.dirname(target), error, identity) from None
     _remove_stale_builds(target)
     return dict(manifest, directory=target)

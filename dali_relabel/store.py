@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence
 import h5py
 import numpy as np
 
+from .outputs import OutputBusyError, OutputLock, describe_processes, durable_replace, is_lock_error, \
+    processes_holding
 from .paths import PathTable
 
 FORMAT_NAME = "dali-relabel-label-store"
@@ -206,17 +208,27 @@ class StoreWriter:
         resume: continue an interrupted ``<out>.partial`` written for the same plan.
         plan_salt: what else decides the data (e.g. the source directory of the maps); a partial
             file written with another salt is started again rather than resumed.
+        lock: the :class:`~dali_relabel.outputs.OutputLock` of ``path``, already held by the caller
+            (who took it before starting worker processes, and releases it); by default the writer
+            takes it and releases it when it finishes or closes.
+
+    One writer per output: a second writer of the same ``path`` is refused with
+    :class:`~dali_relabel.outputs.OutputBusyError`. A partial file is never truncated unless it can be
+    opened: one held open by another process raises :class:`~dali_relabel.outputs.OutputBusyError`
+    (naming the processes), a damaged one :class:`StoreError`, and the file is kept; with
+    ``resume=False`` an openable or damaged partial file is discarded.
 
     Rows are written with :meth:`write` in order; :attr:`rows_written` says where to continue after
     a resume. Every row is checked as it is written (class ids in range and distinct per cell, finite
     logits, labels in ``[-1, num_classes)``) and hashed per block of rows; :meth:`finish` records the
-    hashes and publishes the file.
+    hashes and publishes the file durably (fsync, rename, fsync of the directory). :meth:`close` and
+    :meth:`reopen` let a caller fork worker processes in between, so that none inherits the open file.
     """
 
     def __init__(self, path, paths: Sequence[str], num_classes: int, k: int, grid_h: int,
                  grid_w: int, layout: str, class_names: Sequence[str], teacher: str = "",
                  teacher_input_size: int = 0, source: str = "", resume: bool = True,
-                 plan_salt: str = ""):
+                 plan_salt: str = "", lock: Optional[OutputLock] = None):
         if layout not in ("HW", "WH"):
             raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
         if len(class_names) != num_classes:
@@ -239,10 +251,21 @@ class StoreWriter:
                      source=str(source), hash_chunk_rows=HASH_CHUNK_ROWS, values_checked=True)
         self._plan = plan_hash(self.paths, {**attrs, "class_names": self.class_names, "salt": plan_salt})
         self._file = None
-        if resume and os.path.exists(self.partial_path):
-            self._file = self._try_resume()
-        if self._file is None:
-            self._file = self._create(attrs)
+        self._partial_stat = None
+        if lock is not None and (not lock.held or os.path.abspath(lock.out) != os.path.abspath(self.path)):
+            raise ValueError(f"the lock given ({lock!r}) is not a held lock of {self.path}")
+        self._own_lock = lock is None
+        self._lock = lock if lock is not None else OutputLock(self.path).acquire()
+        try:
+            if resume and os.path.exists(self.partial_path):
+                self._file = self._try_resume()
+            if self._file is None:
+                self._file = self._create(attrs)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._partial_stat = os.stat(self.partial_path)
+        self._rows_written = int(self._file.attrs["rows_written"])
         self._chunk = hashlib.sha256()
         done = self.rows_written
         chunk_start = done - done % HASH_CHUNK_ROWS
@@ -253,20 +276,46 @@ class StoreWriter:
 
     @property
     def rows_written(self) -> int:
-        return int(self._file.attrs["rows_written"])
+        """Rows in the partial file (also while it is closed)."""
+        return self._rows_written
+
+    def _open_partial(self, mode: str):
+        """The partial file opened with ``mode``; never truncated: raise if it cannot be opened."""
+        try:
+            return h5py.File(self.partial_path, mode)
+        except OSError as error:
+            if is_lock_error(error):
+                holders = describe_processes(processes_holding(self.partial_path))
+                raise OutputBusyError(self.partial_path, (
+                    f"{self.partial_path} is held open by another process"
+                    f"{f' ({holders})' if holders else ''}: another run is writing it, or worker "
+                    "processes of a killed run live on. Stop them (or wait), then run again; the "
+                    "file is kept.")) from None
+            if mode == "r":
+                return None  # damaged: the caller discards it
+            raise StoreError(self.partial_path, (
+                f"cannot be opened to resume the interrupted write ({error}); it may be damaged. It is "
+                "kept: remove it, or start again with --restart (resume=False)")) from None
 
     def _try_resume(self):
-        try:
-            f = h5py.File(self.partial_path, "r+")
-        except OSError:
-            return None  # an unreadable partial file is simply started again
+        f = self._open_partial("r+")
         if f.attrs.get("plan_sha256") != self._plan:
             f.close()
-            return None
+            return None  # written for another plan: start again
         return f
 
+    def _discard_partial(self) -> None:
+        """Remove an old partial file, unless another process holds it open."""
+        if not os.path.exists(self.partial_path):
+            return
+        f = self._open_partial("r")  # raises if another process holds it
+        if f is not None:
+            f.close()
+        os.remove(self.partial_path)
+
     def _create(self, attrs: dict):
-        f = h5py.File(self.partial_path, "w")
+        self._discard_partial()
+        f = h5py.File(self.partial_path, "x")
         f.attrs.update(attrs)
         f.attrs["complete"] = False
         f.attrs["rows_written"] = 0
@@ -293,6 +342,8 @@ class StoreWriter:
         """
         if start != self.rows_written:
             raise ValueError(f"rows must be written in order: expected row {self.rows_written}, got {start}")
+        if self._file is None:
+            raise ValueError(f"{self.partial_path} is closed (reopen() it to go on writing)")
         logits = np.asarray(logits)
         class_ids = np.asarray(class_ids)
         count = len(logits)
@@ -324,6 +375,7 @@ class StoreWriter:
         self._hash_rows(start, row_bytes(logits, ids, labels, sizes))
         f.attrs["rows_written"] = stop
         f.flush()
+        self._rows_written = stop
 
     def _hash_rows(self, start: int, data: np.ndarray) -> None:
         """Feed rows ``start ..`` into the block hashes, recording each block as it completes."""
@@ -341,20 +393,57 @@ class StoreWriter:
         """Record the content hash, mark complete, close and rename to the final path; returns it."""
         if self.rows_written != self.num_rows:
             raise ValueError(f"only {self.rows_written} of {self.num_rows} rows were written")
+        self.reopen()
         f = self._file
         f.attrs["content_sha256"] = root_hash(f["chunk_sha256"][()], paths_digest(self.path_table),
                                               self.class_names)
         f.attrs["complete"] = True
         f.close()
         self._file = None
-        os.replace(self.partial_path, self.path)
+        try:
+            self._check_still_ours()
+            durable_replace(self.partial_path, self.path)
+        finally:
+            self._release_lock()
         return self.path
 
+    def _check_still_ours(self) -> None:
+        try:
+            current = os.stat(self.partial_path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(current, self._partial_stat):
+            raise StoreError(self.partial_path, "was removed or replaced by another process while this "
+                                                "writer filled it; not published")
+
     def close(self) -> None:
-        """Close without publishing (the partial file stays, resumable)."""
+        """Close without publishing (the partial file stays, resumable); releases the writer's own lock."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._release_lock()
+
+    def reopen(self) -> None:
+        """Open the partial file again after :meth:`close`, to go on writing where it stopped (call it
+        after forking worker processes, so that none of them inherits the open file and its lock)."""
+        if self._file is not None:
+            return
+        if not self._lock.held:
+            self._lock.acquire()
+        try:
+            self._check_still_ours()
+            f = self._open_partial("r+")
+            if f.attrs.get("plan_sha256") != self._plan or int(f.attrs["rows_written"]) != self._rows_written:
+                f.close()
+                raise StoreError(self.partial_path, "was changed by another process while closed")
+        except BaseException:
+            self._release_lock()
+            raise
+        self._file = f
+
+    def _release_lock(self) -> None:
+        if self._own_lock and getattr(self, "_lock", None) is not None:
+            self._lock.release()
 
     def __enter__(self):
         return self

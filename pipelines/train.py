@@ -9,8 +9,12 @@ Thin, torchvision-reference style: ``get_args_parser``, ``train_one_epoch``, ``e
 Distributed settings come from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
 NCCL on GPUs, gloo on CPU; data is sharded by global rank. Every run writes ``args.json`` and
 ``metrics.jsonl`` into ``--output-dir``; checkpoints hold model, optimizer, schedule, scaler, epoch,
-args and the data position, and ``--resume`` continues from one (``--resume auto``: the latest in the
-output directory), including in the middle of an epoch.
+args and the loader's ``state_dict()`` (the data position, with the batch size, world size and seed
+it means), and ``--resume`` continues from one (``--resume auto``: the latest in the output
+directory), including in the middle of an epoch, through ``loader.load_state_dict`` (which refuses
+other data settings rather than skip or repeat samples). Checkpoints hold only tensors and plain
+values and are loaded with ``weights_only=True``: a planted file cannot run code. They are published
+durably (fsync, rename, fsync of the directory).
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from dali_relabel.config import DataConfig
 from dali_relabel.distributed import init_from_env, rank_and_world
 from dali_relabel.loader import ReLabelLoader, ValidationLoader
 from dali_relabel.losses import SoftTargetCrossEntropy
-from dali_relabel.models import create_model
+from dali_relabel.models import create_model, load_problem
+from dali_relabel.outputs import durable_replace
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -119,6 +124,33 @@ def find_checkpoint(args) -> Optional[str]:
         path = os.path.join(args.output_dir, "checkpoint.pth")
         return path if os.path.exists(path) else None
     return args.resume or None
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "data")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, loaded with ``weights_only=True`` (tensors and plain Python values
+    only, so loading runs no code from the file); anything else is refused with ``SystemExit``."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling fails in many ways; weights_only refusals among them
+        raise SystemExit(f"--resume {path}: refused: not a checkpoint of tensors and plain values, so it "
+                         f"is not loaded (loading it could run code from the file): {load_problem(error)}") \
+            from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(f"--resume {path}: not a checkpoint of this script (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def save_checkpoint_file(state: dict, path: str) -> None:
+    """Write ``state`` to ``path`` atomically and durably (``<path>.tmp``, fsync, rename, fsync dir)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    durable_replace(tmp, path)
 
 
 class MetricsLog:
@@ -219,16 +251,22 @@ def main(args) -> dict:
         raise SystemExit("--targets relabel needs --store (or use --targets original)")
 
     checkpoint_path = find_checkpoint(args)
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False) if checkpoint_path else None
-    start_epoch = checkpoint["epoch"] if checkpoint else 0
-    resume_batch = checkpoint["data"]["batch"] if checkpoint else 0
-    if checkpoint and resume_batch == 0 and checkpoint.get("epoch_finished"):
-        start_epoch += 1
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
 
     data_cfg = data_config(args)
     store = args.store if args.targets == "relabel" else None
     loader = ReLabelLoader(args.data, store, args.batch_size, config=data_cfg, device=device_kind,
-                           start_epoch=start_epoch, resume_batch=resume_batch, return_rows=args.log_rows)
+                           return_rows=args.log_rows)
+    start_epoch = 0
+    if checkpoint:
+        data_state = dict(checkpoint["data"])
+        if "rank" in data_state:  # rank 0 saved it; every rank stands at the same batch
+            data_state["rank"] = loader.state_dict().get("rank", data_state["rank"])
+        try:
+            loader.load_state_dict(data_state)  # normalises "after the last batch" to the next epoch
+        except ValueError as error:
+            raise SystemExit(f"--resume {checkpoint_path}: {error}") from None
+        start_epoch = loader.state_dict()["epoch"]
     num_classes = loader.num_classes
     if args.rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -263,15 +301,16 @@ def main(args) -> dict:
                  "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                  "epoch_finished": finished, "data": data_state, "args": vars(args),
                  "num_classes": num_classes, "class_names": loader.class_names}
-        tmp = os.path.join(args.output_dir, "checkpoint.pth.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(args.output_dir, "checkpoint.pth"))
+        save_checkpoint_file(state, os.path.join(args.output_dir, "checkpoint.pth"))
 
     result = {}
     for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
         stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, loader, device, epoch,
                                 args, log, save_checkpoint)
-        save_checkpoint(epoch, {"epoch": epoch + 1, "batch": 0}, finished=True)
+        # the loader's own state (with its settings), at the next epoch's start even when
+        # --max-steps-per-epoch cut this one short
+        save_checkpoint(epoch, dict(loader.state_dict(), epoch=epoch + 1, batch=0), finished=True)
         result = {"epoch": epoch, **stats}
         if args.val:
             result.update(evaluate(model, args, data_cfg, loader.class_names, device_kind))

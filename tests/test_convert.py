@@ -352,3 +352,147 @@ def test_partial_from_another_maps_directory_is_not_resumed(release, monkeypatch
     monkeypatch.setattr(StoreWriter, "write", original)
     report, _ = _convert(dict(release, maps=other), out_name="second.h5")
     assert report.resumed_from_row == 0, "maps from another directory must not resume the partial file"
+
+
+# ---------------------------------------------------------------------- faults: kills, two writers
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A conversion that stops after its first write until the file GO exists (or forever), reporting
+# its pid and its loader processes' pids.
+_PAUSED_CONVERT = """
+import json, multiprocessing, os, sys, time
+from dali_relabel.convert import convert_release
+from dali_relabel.store import StoreWriter
+
+maps, images, out, go = sys.argv[1:5]
+write = StoreWriter.write
+
+def paused_write(self, start, *args, **kwargs):
+    write(self, start, *args, **kwargs)
+    if start == 0:
+        workers = [p.pid for p in multiprocessing.active_children()]
+        print(json.dumps({"pid": os.getpid(), "workers": workers}), flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.05)
+
+StoreWriter.write = paused_write
+report = convert_release(maps, images, out, num_classes=%d, workers=2, progress=False, chunk_rows=4)
+print("done", report.rows, flush=True)
+""" % NUM_CLASSES
+
+
+def _start_paused_convert(r, out):
+    import json
+    import subprocess
+    import sys
+
+    go = str(r["tmp"] / "go")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_CONVERT, str(r["maps"]), str(r["images"]),
+                                str(out), go], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        raise AssertionError(f"the conversion did not start: {process.stderr.read()[-3000:]}")
+    info = json.loads(line)
+    assert info["pid"] == process.pid and len(info["workers"]) == 2
+    return process, info["workers"], go
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _wait_gone(pids, seconds=10.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if not _gone(p)]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_killing_the_converter_kills_its_loaders_and_the_rerun_resumes(release, signal_name):
+    """Killed alone, the main process used to leave its loaders alive (holding the partial file and
+    its HDF5 lock); the rerun then emptied the partial file and died with a BlockingIOError."""
+    import signal
+
+    from dali_relabel.outputs import processes_holding
+
+    out = release["tmp"] / "store.h5"
+    partial = str(out) + PARTIAL_SUFFIX
+    process, workers, _ = _start_paused_convert(release, out)
+    try:
+        holders = [pid for pid, _ in processes_holding(partial)]
+        assert holders == [process.pid], "a loader process holds the partial file open"
+        os.kill(process.pid, getattr(signal, signal_name))
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+        process.stdout.close()
+        process.stderr.close()
+    assert _wait_gone(workers) == [], "a loader process outlived the converter"
+    report, _ = _convert(release)
+    assert report.resumed_from_row == 4, "the rows written before the kill were lost"
+    store = LabelStore(out, verify="full")
+    _check_rows_against_files(store, release)
+
+
+def test_a_second_conversion_of_the_same_output_is_refused(release):
+    """Two runs writing one --out: the second used to empty the first's partial file, and the first
+    then published a corrupt store."""
+    import time
+
+    from dali_relabel.outputs import OutputBusyError
+
+    out = release["tmp"] / "store.h5"
+    process, _, go = _start_paused_convert(release, out)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutputBusyError, match=f"is being written by process {process.pid} on .*convert"):
+            _convert(release)
+        with pytest.raises(OutputBusyError):
+            _convert(release, restart=True)
+        assert time.monotonic() - started < 10, "the second run must be refused at once"
+        open(go, "w").close()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "done 12" in stdout
+    store = LabelStore(out, verify="full")
+    _check_rows_against_files(store, release)
+    assert sorted(os.listdir(release["tmp"])) == ["go", "images", "maps", "store.h5"]
+
+
+def test_cli_names_the_other_writer(release, capsys):
+    from dali_relabel.cli import main
+    from dali_relabel.outputs import OutputLock
+
+    out = release["tmp"] / "store.h5"
+    with OutputLock(out):
+        code = main(["convert", "--maps", str(release["maps"]), "--images", str(release["images"]), "--out",
+                     str(out), "--num-classes", str(NUM_CLASSES), "--workers", "1", "--quiet"])
+    assert code == 2
+    assert f"is being written by process {os.getpid()}" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(str(out) + PARTIAL_SUFFIX)
+
+
+def test_conversion_publishes_durably(release, monkeypatch):
+    events = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _, out = _convert(release)
+    assert events == [str(out) + PARTIAL_SUFFIX, str(release["tmp"])]

@@ -29,3 +29,28 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
 
     machine = LabelStore(os.path.join(tmp_path, "machine_store.h5"))
     assert machine.header.source == "generate" and len(machine) == 24 and machine.header.grid_h == 4
+
+
+def test_the_demo_loads_its_teacher_without_running_code_from_the_file(tmp_path):
+    import torch
+
+    from dali_relabel.demo import load_trained_model
+    from dali_relabel.models import WeightsError, create_model
+
+    class Planted:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "code_ran"),))
+
+    torch.manual_seed(0)
+    teacher = create_model("small_resnet", 3)
+    good = tmp_path / "checkpoint.pth"
+    torch.save({"model": teacher.state_dict(), "args": {"model": "small_resnet"}, "epoch": 0,
+                "data": {"epoch": 1, "batch": 0, "batch_size": 8}}, good)
+    loaded = load_trained_model(str(good), "small_resnet", 3)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    planted = tmp_path / "planted.pth"
+    torch.save({"model": teacher.state_dict(), "args": Planted()}, planted)
+    with pytest.raises(WeightsError, match=r"cannot be loaded as a weights-only checkpoint \(.*GLOBAL posix\.mkdir"):
+        load_trained_model(str(planted), "small_resnet", 3)
+    assert not os.path.exists(tmp_path / "code_ran")

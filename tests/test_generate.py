@@ -18,7 +18,7 @@ from dali_relabel.config import DataConfig
 from dali_relabel.generate import (GenerateError, UnsupportedModelError, build_teacher, dense_classifier,
                                    dense_logit_map, generate_label_maps, merge_parts, part_path, topk_grid)
 from dali_relabel.imagefolder import list_images
-from dali_relabel.store import LabelStore, StoreWriter
+from dali_relabel.store import LabelStore, StoreError, StoreWriter
 
 pytest.importorskip("nvidia.dali")
 
@@ -410,3 +410,162 @@ def test_build_teacher_reads_state_dicts_and_checkpoints(data, tmp_path):
     except ImportError:
         with pytest.raises(GenerateError, match="needs timm, which is not installed"):
             build_teacher("timm:resnet50", data["weights"], 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: a killed run, two runs of one output, a damaged partial file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The generation of _generate(data, out), stopped after its first write: reports its pid and its
+# child processes (the DALI readers), then waits to be killed.
+_PAUSED_GENERATE = """
+import json, os, sys, time
+import torch, torchvision
+from dali_relabel.config import DataConfig
+from dali_relabel.generate import generate_label_maps
+from dali_relabel.store import StoreWriter
+
+images, out = sys.argv[1:3]
+write = StoreWriter.write
+
+def children():
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.append(int(name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+def paused_write(self, start, *args, **kwargs):
+    write(self, start, *args, **kwargs)
+    print(json.dumps({"pid": os.getpid(), "children": children()}), flush=True)
+    time.sleep(120)
+
+StoreWriter.write = paused_write
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torchvision.models.resnet18(num_classes=3).eval()
+generate_label_maps(images, out, model, size=%d, grid=%d, k=%d, batch_size=%d, device="cpu",
+                    config=DataConfig(py_num_workers=1, num_threads=1), progress=False, teacher_name="resnet18")
+""" % (SIZE, GRID, K, BATCH)
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_path, tmp_path, monkeypatch):
+    """Killed alone, the main process used to leave its DALI readers alive holding the partial file
+    and its HDF5 lock; the rerun then emptied the partial file and died with a BlockingIOError."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dali_relabel.outputs import processes_holding
+
+    out = tmp_path / "killed.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_GENERATE, data["images"], str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()[-3000:] if process.poll() is not None else "no output"
+        info = json.loads(line)
+        assert info["children"], "the DALI reader processes were not found"
+        holders = [pid for pid, _ in processes_holding(str(out) + ".partial")]
+        assert holders == [process.pid], "a reader process holds the partial file open"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+        process.stdout.close()
+        process.stderr.close()
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in info["children"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in info["children"]), "a reader process outlived generate"
+    starts = _record_write_starts(monkeypatch)
+    _generate(data, out)
+    assert starts == [5, 10], "the rows written before the kill were lost"
+    assert _sha(out) == _sha(store_path)
+
+
+def test_a_second_run_of_the_same_output_is_refused_before_reading(data, tmp_path, monkeypatch):
+    from dali_relabel import generate
+    from dali_relabel.outputs import OutputBusyError, OutputLock
+
+    def no_loader(*args, **kwargs):
+        raise AssertionError("the refused run started its readers")
+
+    monkeypatch.setattr(generate, "_make_loader", no_loader)
+    out = tmp_path / "busy.h5"
+    with OutputLock(out):
+        with pytest.raises(OutputBusyError, match=f"is being written by process {os.getpid()}"):
+            _generate(data, out)
+        with pytest.raises(OutputBusyError):
+            _generate(data, out, restart=True)
+    assert not os.path.exists(str(out) + ".partial")
+    with OutputLock(part_path(out, 0, 2)):  # a rank's part takes one writer too
+        with pytest.raises(OutputBusyError):
+            _generate(data, out, rank=0, world_size=2)
+
+
+def test_merge_is_refused_while_another_process_writes_the_output(data, tmp_path):
+    from dali_relabel.outputs import OutputBusyError, OutputLock
+
+    out = tmp_path / "ranks.h5"
+    for rank in range(2):
+        _generate(data, out, batch_size=6, rank=rank, world_size=2)
+    with OutputLock(out):
+        with pytest.raises(OutputBusyError):
+            merge_parts(out, 2)
+    assert os.path.exists(part_path(out, 0, 2)) and os.path.exists(part_path(out, 1, 2))
+    assert merge_parts(out, 2) == str(out)
+    LabelStore(out, verify="full").close()
+
+
+def test_a_damaged_partial_file_is_kept(data, interrupted, tmp_path):
+    out = _copy_partial(interrupted, tmp_path)
+    partial = str(out) + ".partial"
+    with open(partial, "r+b") as f:
+        f.write(b"\0" * 64)  # the HDF5 superblock gone
+    damaged = open(partial, "rb").read()
+    with pytest.raises(StoreError, match="kept: remove it, or start again with --restart"):
+        _generate(data, out)
+    assert open(partial, "rb").read() == damaged
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in models (the demo's teacher)
+
+
+def test_cli_generate_with_a_built_in_model(data, tmp_path, capsys):
+    from dali_relabel.cli import main
+    from dali_relabel.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_resnet", 3).eval()
+    weights = tmp_path / "small_resnet.pth"
+    torch.save({"model": model.state_dict(), "args": {"model": "small_resnet"}}, weights)  # a training checkpoint
+    out = str(tmp_path / "small.h5")
+    code = main(["generate", "--images", data["images"], "--out", out, "--model", "small_resnet",
+                 "--weights", str(weights), "--size", "64", "--grid", str(GRID), "--k", str(K),
+                 "--batch-size", str(BATCH), "--device", "cpu", "--workers", "1", "--threads", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    reference = _generate(data, tmp_path / "reference.h5", model=model, size=64, teacher_name="small_resnet")
+    assert _sha(out) == _sha(reference)
+    with LabelStore(out) as store:
+        assert store.header.teacher == "small_resnet" and store.header.teacher_input_size == 64
+    torch.save(create_model("medium_resnet", 3).state_dict(), tmp_path / "medium.pt")
+    assert type(build_teacher("medium_resnet", tmp_path / "medium.pt", 3)).__name__ == "SmallResNet"

@@ -273,3 +273,66 @@ def test_cuda_toolkit_newer_than_the_dali_flavour_is_pointed_out():
     assert "nvcc 13.0" in warning and "driver that supports CUDA 13" in warning
     assert plugin_build.cuda_mismatch_warning("nvidia-dali-cuda130", "13.0") == ""
     assert plugin_build.cuda_mismatch_warning("nvidia-dali-cuda120", "12.6") == ""
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_UNWRITABLE_HOME = """
+import os, sys
+from dali_relabel import plugin
+from dali_relabel.cli import main
+
+try:
+    plugin.load_plugin()
+    print("LOADED without a cache")
+except plugin.PluginError as error:
+    print("PluginError:", error)
+print("build-plugin exit code", main(["build-plugin"]), flush=True)
+os.environ["DALI_RELABEL_PLUGIN_DIR"] = sys.argv[1]
+print("LOADED", plugin.load_plugin()["directory"])
+"""
+
+
+def test_unwritable_home_names_the_directory_and_the_variables(tmp_path):
+    """A home that cannot be written (read-only here: a file, so that root cannot write it either) used
+    to end in a raw OSError from load_plugin(), the loaders and build-plugin; a fitting build in a
+    readable place must still load."""
+    fitting = plugin.load_plugin()["directory"]  # built into the cache if needed
+    if os.path.samefile(os.path.dirname(fitting), os.path.join(os.path.dirname(plugin.__file__))):
+        pytest.skip("a prebuilt plugin fits: the cache is never written")
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_CACHE_HOME", "DALI_RELABEL_PLUGIN_DIR", "DALI_RELABEL_NO_BUILD")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _UNWRITABLE_HOME, fitting], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = os.path.join(str(home), ".cache", "dali_relabel", "plugin")
+    error = next(line for line in done.stdout.splitlines() if line.startswith("PluginError:"))
+    assert f"cache directory {cache} cannot be written" in error
+    assert "XDG_CACHE_HOME" in error and "DALI_RELABEL_PLUGIN_DIR" in error
+    assert "build-plugin exit code 2" in done.stdout
+    assert f"cache directory {cache} cannot be written" in done.stderr and "Traceback" not in done.stderr
+    assert f"LOADED {fitting}" in done.stdout
+
+
+def test_read_only_file_system_is_a_plugin_error(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(plugin, "_loaded", None)
+    monkeypatch.delenv("DALI_RELABEL_PLUGIN_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "makedirs", read_only)
+    if plugin._mismatch(os.path.join(os.path.dirname(plugin.__file__), "_prebuilt"),
+                        plugin_build.dali_identity(), plugin_build.find_nvcc() is not None) is None:
+        pytest.skip("a prebuilt plugin fits: the cache is never written")
+    with pytest.raises(plugin.PluginError, match=r"cache directory .*cache/dali_relabel/plugin cannot be written "
+                                                 r"\(Read-only file system\)\. Set XDG_CACHE_HOME .* set "
+                                                 r"DALI_RELABEL_PLUGIN_DIR"):
+        plugin.load_plugin(build=True)
+    with pytest.raises(plugin.PluginError, match="Read-only file system"):
+        plugin.rebuild(force=True)

@@ -328,15 +328,121 @@ def test_different_plan_does_not_resume(tmp_path, data):
     fresh.close()
 
 
-def test_unreadable_partial_is_started_again(tmp_path, data):
+def test_damaged_partial_is_kept_unless_restarted(tmp_path, data):
+    """A partial file that cannot be opened is never truncated by a resume: the error names it and the
+    ways out; only resume=False (--restart) starts again."""
     out = tmp_path / "s.h5"
-    with open(str(out) + PARTIAL_SUFFIX, "wb") as fh:
-        fh.write(b"garbage, not hdf5" * 10)
-    w = _writer(out, data)
+    partial = str(out) + PARTIAL_SUFFIX
+    garbage = b"garbage, not hdf5" * 10
+    with open(partial, "wb") as fh:
+        fh.write(garbage)
+    with pytest.raises(StoreError, match=r"cannot be opened to resume.*kept: remove it, or start again "
+                                         r"with --restart") as info:
+        _writer(out, data)
+    assert partial in str(info.value)
+    with open(partial, "rb") as fh:
+        assert fh.read() == garbage
+    assert not os.path.exists(str(out) + ".lock"), "the lock is released after a refusal"
+    w = _writer(out, data, resume=False)
     assert w.rows_written == 0
     _write_rows(w, data, 0, N)
     w.finish()
     LabelStore(out).verify_checksum()
+
+
+def _hold_open(path, mode):
+    """A separate process holding ``path`` open with h5py (and so HDF5's lock on it)."""
+    import subprocess
+    import sys
+
+    code = (f"import h5py, sys, time\nf = h5py.File({str(path)!r}, {mode!r})\nprint('open', flush=True)\n"
+            "time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_partial_held_by_another_process_is_kept_and_the_holder_named(tmp_path, data):
+    """The old rerun took HDF5's lock error for a damaged file and recreated the partial file empty."""
+    from dali_relabel.outputs import OutputBusyError
+
+    out = tmp_path / "s.h5"
+    partial = str(out) + PARTIAL_SUFFIX
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 4)
+    w.close()
+    size = os.path.getsize(partial)
+    holder = _hold_open(partial, "r+")  # like a worker process of a killed run that outlived it
+    try:
+        for resume in (True, False):
+            with pytest.raises(OutputBusyError, match=f"held open by another process \\(pid {holder.pid} "
+                                                      r".*the file is kept") as info:
+                _writer(out, data, resume=resume)
+            assert partial in str(info.value)
+            assert os.path.getsize(partial) == size
+    finally:
+        holder.kill()
+        holder.wait()
+    w = _writer(out, data)
+    assert w.rows_written == 4, "the rows written before are still there"
+    _write_rows(w, data, 4, N)
+    w.finish()
+    reference = _write(tmp_path / "ref.h5", data)
+    assert LabelStore(out).header.content_sha256 == LabelStore(reference).header.content_sha256
+
+
+def test_a_second_writer_of_the_same_store_is_refused_at_once(tmp_path, data):
+    from dali_relabel.outputs import OutputBusyError
+
+    out = tmp_path / "s.h5"
+    first = _writer(out, data)
+    _write_rows(first, data, 0, 4)
+    with pytest.raises(OutputBusyError, match=f"is being written by process {os.getpid()} on .*wait for it"):
+        _writer(out, data)
+    with pytest.raises(OutputBusyError):
+        _writer(out, data, resume=False)  # nor may it discard the first writer's file
+    _write_rows(first, data, 4, N)
+    first.finish()
+    LabelStore(out, verify="full")
+    assert sorted(os.listdir(tmp_path)) == ["s.h5"], "the lock file is removed once published"
+    second = _writer(out, data)  # the output is free again
+    second.close()
+
+
+def test_close_and_reopen_go_on_where_the_writer_stopped(tmp_path, data):
+    out = tmp_path / "s.h5"
+    w = _writer(out, data)
+    _write_rows(w, data, 0, 3)
+    w.close()
+    assert w.rows_written == 3
+    with pytest.raises(ValueError, match="closed"):
+        _write_rows(w, data, 3, 5)
+    w.reopen()
+    _write_rows(w, data, 3, N)
+    w.finish()
+    reference = _write(tmp_path / "ref.h5", data)
+    assert LabelStore(out).header.content_sha256 == LabelStore(reference).header.content_sha256
+
+
+def test_finish_publishes_durably(tmp_path, data, monkeypatch):
+    """fsync of the complete file, then the rename, then fsync of the directory."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = str(tmp_path / "s.h5")
+    _write(out, data)
+    assert events == [("fsync", out + PARTIAL_SUFFIX), ("replace", out + PARTIAL_SUFFIX, out),
+                      ("fsync", str(tmp_path))]
 
 
 def test_out_of_order_writes_raise(tmp_path, data):

@@ -44,12 +44,17 @@ def _args(image_root, store, out, *extra):
             "--output-dir", out, "--warmup-epochs", "0", "--print-freq", "1", *extra]
 
 
-def _run_main(argv):
+def _train_module():
     sys.path.insert(0, os.path.join(ROOT, "pipelines"))
     try:
         import train
     finally:
         sys.path.pop(0)
+    return train
+
+
+def _run_main(argv):
+    train = _train_module()
     return train.main(train.get_args_parser().parse_args(argv))
 
 
@@ -69,9 +74,10 @@ def test_short_cpu_run_writes_metrics_checkpoint_and_resumes(tmp_path):
         assert json.load(f)["num_classes"] == 3
     import torch
 
-    checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "data"} <= set(checkpoint)
-    assert checkpoint["data"] == {"epoch": 1, "batch": 0}
+    data = checkpoint["data"]  # the loader's own state: the position and the settings it means
+    assert (data["epoch"], data["batch"], data["batch_size"], data["world_size"], data["seed"]) == (1, 0, 8, 1, 0)
     # Asking for two epochs with --resume auto trains only the second.
     _run_main(_args(image_root, store, out, "--epochs", "2", "--batch-size", "8", "--resume", "auto"))
     epochs = [m["epoch"] for m in _metrics(out) if "train_loss" in m]
@@ -85,6 +91,123 @@ def test_original_targets_train_without_a_store(tmp_path):
     argv.remove("--store")
     argv.remove("unused")
     assert _run_main(argv)["images"] == 24
+
+
+class _Planted:
+    """Unpickling this runs ``os.mkdir(marker)``: a stand-in for any code a planted file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _plant_checkpoint(path, marker):
+    import torch
+
+    torch.save({"model": _Planted(marker), "optimizer": {}, "lr_scheduler": {}, "scaler": {}, "epoch": 0,
+                "data": {"epoch": 0, "batch": 0}}, path)
+    torch.load(path, weights_only=False)  # what --resume used to do: the code runs
+    assert os.path.isdir(marker)
+    os.rmdir(marker)
+
+
+@pytest.mark.parametrize("how", ["path", "auto"])
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, how):
+    out = tmp_path / "run"
+    out.mkdir()
+    planted = out / "checkpoint.pth" if how == "auto" else tmp_path / "planted.pth"
+    marker = str(tmp_path / "code_ran")
+    _plant_checkpoint(planted, marker)
+    argv = _args(str(tmp_path / "no_images"), str(tmp_path / "no_store.h5"), str(out), "--epochs", "1",
+                 "--resume", "auto" if how == "auto" else str(planted))
+    with pytest.raises(SystemExit, match=r"--resume .*planted|--resume .*checkpoint\.pth") as info:
+        _run_main(argv)
+    assert "refused" in str(info.value) and "could run code" in str(info.value)
+    assert "GLOBAL posix.mkdir" in str(info.value), "the message names what the file wanted to run"
+    assert not os.path.exists(marker), "loading the checkpoint ran its code"
+
+
+def test_checkpoints_are_saved_durably(tmp_path, monkeypatch):
+    import torch
+
+    train = _train_module()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), real_replace(a, b))[1])
+    path = str(tmp_path / "checkpoint.pth")
+    train.save_checkpoint_file({"model": {"w": torch.zeros(2)}}, path)
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", str(tmp_path))]
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.zeros(2))
+
+
+class _Killed(BaseException):
+    """The process dies here (nothing after it runs)."""
+
+
+@pytest.fixture(scope="module")
+def killed_after_the_last_batch(tmp_path_factory):
+    """A 2-epoch run (3 batches an epoch, a checkpoint every 3 steps) killed while saving the
+    end-of-epoch checkpoint of epoch 0: checkpoint.pth is the one taken after the epoch's last batch."""
+    root = tmp_path_factory.mktemp("killed")
+    image_root, store = make_square_set(str(root))
+    out = str(root / "run")
+    import torch
+
+    save = torch.save
+
+    def killed_at_the_end_of_the_epoch(state, path, *args, **kwargs):
+        if isinstance(state, dict) and state.get("epoch_finished"):
+            raise _Killed()
+        return save(state, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(torch, "save", killed_at_the_end_of_the_epoch)
+        with pytest.raises(_Killed):
+            _run_main(_args(image_root, store, out, "--epochs", "2", "--batch-size", "8",
+                            "--checkpoint-every", "3", "--log-rows"))
+    return image_root, store, out
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    image_root, store, out = run
+    copy = str(tmp_path / "run")
+    shutil.copytree(out, copy)
+    return image_root, store, copy
+
+
+def test_a_run_killed_after_the_last_batch_resumes_at_the_next_epoch(killed_after_the_last_batch, tmp_path):
+    import torch
+
+    from dali_relabel.config import DataConfig
+    from dali_relabel.plan import EpochPlan
+
+    image_root, store, out = _copy_run(killed_after_the_last_batch, tmp_path)
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert checkpoint["epoch"] == 0 and not checkpoint["epoch_finished"]
+    assert (checkpoint["data"]["epoch"], checkpoint["data"]["batch"]) == (1, 0)
+    _run_main(_args(image_root, store, out, "--epochs", "2", "--batch-size", "8", "--checkpoint-every", "3",
+                    "--log-rows", "--resume", "auto"))
+    steps = _read_rows(out, 0)
+    assert [(s["epoch"], s["step"]) for s in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], \
+        "epoch 0 was trained again"
+    plan = EpochPlan(24, 8, seed=0, last_batch=DataConfig().last_batch)
+    expected = plan.rows(1)[0].reshape(3, 8).tolist()
+    assert [s["rows"] for s in steps[3:]] == expected, "the resumed epoch read other samples"
+    final = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert final["epoch"] == 1 and final["epoch_finished"] and final["data"]["epoch"] == 2
+
+
+def test_resuming_with_another_batch_size_is_refused(killed_after_the_last_batch, tmp_path):
+    image_root, store, out = _copy_run(killed_after_the_last_batch, tmp_path)
+    with pytest.raises(SystemExit, match=r"cannot resume the data position with other settings "
+                                         r"\(batch_size: saved 8, now 4\)"):
+        _run_main(_args(image_root, store, out, "--epochs", "2", "--batch-size", "4", "--resume", "auto"))
 
 
 def _read_rows(out, rank):
