@@ -10,18 +10,35 @@ decode explained by naming the file (or skipped), and dead or stuck source worke
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from .bad_images import BadImageError, decode_problem
 from .config import DataConfig
 from .devices import worker_start_method
-from .sources import SKIPPED, VALID, BatchSource, EpochControl
+from .sources import SKIPPED, VALID, BatchSource, EpochControl, die_with_parent
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 
+_STARTING_WORKERS = {"parent": None}
+
+
+def _arm_forked_worker() -> None:
+    """At fork, in the child: a worker forked by :func:`start_workers` dies with its parent."""
+    parent = _STARTING_WORKERS["parent"]
+    if parent is not None:
+        _STARTING_WORKERS["parent"] = None
+        die_with_parent(parent)
+
+
+os.register_at_fork(after_in_child=_arm_forked_worker)
+
+
 def start_workers(pipe) -> None:
-    """Start a pipeline's source workers without handing them this process's garbage.
+    """Start a pipeline's source workers without handing them this process's garbage, and so that
+    they die with this process (forked ones from their first instruction, spawned ones when they
+    unpickle the source).
 
     Forked workers inherit every object of this process. Garbage in reference cycles (for example
     an earlier loader's DALI pipeline) would be collected inside a worker, and a DALI pipeline torn
@@ -30,9 +47,11 @@ def start_workers(pipe) -> None:
     """
     gc.collect()
     gc.freeze()
+    _STARTING_WORKERS["parent"] = os.getpid()
     try:
         pipe.start_py_workers()
     finally:
+        _STARTING_WORKERS["parent"] = None
         gc.unfreeze()
 
 

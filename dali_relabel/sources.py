@@ -147,12 +147,16 @@ class BatchSource:
         self._epoch: Optional[int] = None
         self._rows = self._valid = None
         self._owner = os.getpid()  # the loader's process; worker processes die with it
-        self._armed_in: Optional[int] = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_store=None, _epoch=None, _rows=None, _valid=None, _armed_in=None)
+        state.update(_store=None, _epoch=None, _rows=None, _valid=None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.getpid() != self._owner:  # unpickled in a spawned worker (forked ones are armed at fork)
+            die_with_parent(self._owner)
 
     @property
     def paths(self) -> PathTable:
@@ -211,10 +215,6 @@ class BatchSource:
             status[position] = SKIPPED
 
     def __call__(self, batch_info):
-        if self._armed_in != os.getpid():
-            if os.getpid() != self._owner:
-                die_with_parent(self._owner)
-            self._armed_in = os.getpid()
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         batch = first + batch_info.iteration
         if batch >= min(stop, self.plan.num_batches):

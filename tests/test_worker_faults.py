@@ -102,7 +102,8 @@ def test_exit_descriptions():
 
 
 def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
-    """A trainer killed outright leaves no source worker behind (they would keep its files open)."""
+    """A trainer killed outright, even before its first batch, leaves no source worker behind (they
+    would keep its files open)."""
     import subprocess
     import sys
 
@@ -113,7 +114,6 @@ def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
         "from dali_relabel.watchdog import source_workers\n"
         f"loader = ReLabelLoader({small_set[0]!r}, {small_set[1]!r}, batch_size=4, device='cpu',\n"
         "                       config=DataConfig(image_size=16, num_threads=1, py_num_workers=1))\n"
-        "next(iter(loader))\n"
         "print(*[p.pid for p in source_workers(loader.pipeline)], flush=True)\n"
         "time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
