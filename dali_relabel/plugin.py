@@ -169,21 +169,23 @@ def _build_locked(target: str, identity: Dict, want_cuda: bool, how: str) -> Non
         _remove_stale_builds(target)
 
 
-def _remove_stale_builds(current: str) -> None:
-    """Delete the cached builds of older sources for the same DALI (a process that already loaded
-    one keeps its mapping; the files are only unlinked)."""
+KEEP_BUILDS = 3  # per DALI version: checkouts of different sources (branches) keep theirs
+
+
+def _remove_stale_builds(current: str, keep: int = KEEP_BUILDS) -> None:
+    """Delete the cached builds of other sources for the same DALI, except the ``keep - 1`` most
+    recently built (several checkouts of the project share the cache; a process that already loaded
+    a deleted one keeps its mapping, the files are only unlinked)."""
     import glob
     import shutil
 
     prefix = current.rsplit("-", 1)[0] + "-"
-    for path in glob.glob(prefix + "*"):
-        if path in (current, current + ".lock"):
-            continue
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.endswith(".lock"):
-            with contextlib.suppress(OSError):
-                os.remove(path)
+    others = [p for p in glob.glob(prefix + "*") if os.path.isdir(p) and p != current and ".tmp" not in p]
+    others.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+    for path in others[keep - 1:]:
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.remove(path + ".lock")
 
 
 def _load(plugin_manager, directory: str) -> Dict:

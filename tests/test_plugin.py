@@ -74,15 +74,22 @@ def test_no_fitting_build_and_no_building_gives_instructions(tmp_path):
     assert "undefined symbol" not in done.stderr
 
 
-def test_stale_builds_of_the_same_dali_are_pruned(tmp_path):
+def test_stale_builds_of_the_same_dali_are_pruned_keeping_the_newest(tmp_path):
     current = str(tmp_path / "2.4.0-cuda120-new")
-    for name in ("2.4.0-cuda120-old", "2.4.0-cuda120-new", "2.3.0-cuda120-keep", "2.4.0-cuda130-keep"):
+    names = ("2.4.0-cuda120-oldest", "2.4.0-cuda120-older", "2.4.0-cuda120-recent", "2.4.0-cuda120-new",
+             "2.3.0-cuda120-keep", "2.4.0-cuda130-keep")
+    for age, name in enumerate(reversed(names)):
         os.makedirs(tmp_path / name)
         (tmp_path / (name + ".lock")).write_text("")
-    plugin._remove_stale_builds(current)
-    assert sorted(os.listdir(tmp_path)) == ["2.3.0-cuda120-keep", "2.3.0-cuda120-keep.lock",
-                                            "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock",
-                                            "2.4.0-cuda130-keep", "2.4.0-cuda130-keep.lock"]
+        os.utime(tmp_path / name, (1e9 - age * 100, 1e9 - age * 100))  # later in the list: older
+    plugin._remove_stale_builds(current, keep=3)  # another checkout's two latest builds stay
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["2.3.0-cuda120-keep", "2.3.0-cuda120-keep.lock", "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock",
+         "2.4.0-cuda120-recent", "2.4.0-cuda120-recent.lock", "2.4.0-cuda120-older", "2.4.0-cuda120-older.lock",
+         "2.4.0-cuda130-keep", "2.4.0-cuda130-keep.lock"])
+    plugin._remove_stale_builds(current, keep=1)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("2.4.0-cuda120")) == [
+        "2.4.0-cuda120-new", "2.4.0-cuda120-new.lock"]
 
 
 # ------------------------------------------------------------------------------------------------
