@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", help="pack an image folder and its label store into tar shards (webdataset)")
     p.add_argument("--images", required=True, help="ImageFolder root the store describes")
-    p.add_argument("--store", required=True, help="the label store")
+    p.add_argument("--store", default=None, help="the label store (without one: images and labels only, e.g. "
+                                                 "for validation)")
     p.add_argument("--out", required=True, help="directory for the shards, their DALI index files and index.json")
     p.add_argument("--shard-size", type=_parse_bytes, default=_parse_bytes("1GB"), help="target shard size (1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rows' order over the shards")

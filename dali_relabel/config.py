@@ -189,9 +189,80 @@ def _jitter_strengths(value) -> Optional[Tuple[float, float, float, float]]:
     if isinstance(value, (int, float)):
         value = (value, value, value, 0.0)
     value = tuple(float(v) for v in value)
+    if len(value) == 1:
+        value = value * 3
     if len(value) == 3:
         value += (0.0,)
     if len(value) != 4 or min(value) < 0 or value[3] > 0.5:
         raise ValueError(f"color_jitter must be a number or (brightness, contrast, saturation[, hue]) with "
                          f"non-negative strengths and hue at most 0.5, got {value}")
     return None if not any(value) else value
+
+
+# -- command-line flags from the fields -----------------------------------------------------------
+#: Fields the command line does not offer (``extra`` is for programs, not people).
+_NOT_FLAGS = ("extra",)
+_CHOICES = {"layout": LAYOUTS, "output_dtype": OUTPUT_DTYPES, "interpolation": INTERPOLATIONS,
+            "val_interpolation": tuple(i for i in INTERPOLATIONS if i != "random"),
+            "last_batch": LAST_BATCH_POLICIES, "py_start_method": ("fork", "spawn"), "cutmix_mode": CUTMIX_MODES,
+            "mix_granularity": MIX_GRANULARITIES}
+
+
+def field_help() -> dict:
+    """Each field's description from :class:`DataConfig`'s docstring (``name: text``; ``a, b: text``
+    describes both)."""
+    import inspect
+    import re
+
+    found, names = {}, []
+    for line in inspect.getdoc(DataConfig).split("Attributes:", 1)[1].splitlines():
+        match = re.match(r"^    ([a-z_, ]+): (.*)$", line)
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            for name in names:
+                found[name] = match.group(2).strip()
+        elif line.startswith("        ") and names:
+            for name in names:
+                found[name] += " " + line.strip()
+    return found
+
+
+def add_arguments(parser, title: str = "data (DataConfig)") -> None:
+    """One ``--flag`` per :class:`DataConfig` field (``image_size`` -> ``--image-size``), with the
+    field's default, type, choices and docstring: the command line never re-declares a default."""
+    import argparse
+    import typing
+
+    hints = typing.get_type_hints(DataConfig)
+    helps = field_help()
+    group = parser.add_argument_group(title)
+    for item in dataclasses.fields(DataConfig):
+        if item.name in _NOT_FLAGS:
+            continue
+        default = item.default
+        kind = hints[item.name]
+        options = dict(default=default, dest=item.name, help=f"{helps.get(item.name, '')} (default: {default})")
+        base = [a for a in typing.get_args(kind) if a is not type(None)]
+        inner = base[0] if typing.get_origin(kind) is typing.Union else kind
+        if inner is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(inner) is tuple:
+            members = typing.get_args(inner)
+            options.update(type=members[0], nargs=len(members) if item.name != "color_jitter" else "+",
+                           metavar=item.name.split("_")[-1].upper())
+        else:
+            options.update(type=inner)
+            if item.name in _CHOICES:
+                options["choices"] = _CHOICES[item.name]
+        group.add_argument("--" + item.name.replace("_", "-"), **options)
+
+
+def from_arguments(args, **overrides) -> DataConfig:
+    """The :class:`DataConfig` of arguments added by :func:`add_arguments` (``overrides`` last)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)
+              if f.name not in _NOT_FLAGS and hasattr(args, f.name)}
+    for name in ("scale", "ratio", "mean", "std", "output_size", "color_jitter"):
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    values.update(overrides)
+    return DataConfig(**values)

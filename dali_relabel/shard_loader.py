@@ -172,6 +172,9 @@ class ShardReLabelLoader(_ShardBatches):
                  shuffle: bool = True, return_labels: bool = False, return_rows: bool = False):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch)
+        if not self.shards.has_maps:
+            raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
+                             "store): train on the image tree for hard-label targets")
         if self.device == "gpu":
             from .plugin import require_gpu_backend
 
@@ -220,8 +223,9 @@ class ShardReLabelLoader(_ShardBatches):
 
 
 class ShardValidationLoader(_ShardBatches):
-    """Validation batches ``(images, labels)`` from tar shards, every sample exactly once per pass
-    over all ranks (DALI pads each rank's part; the padding is dropped)."""
+    """Validation batches ``(images, labels)`` from tar shards (with or without maps), every sample
+    exactly once per pass over all ranks (DALI pads each rank's part; the padding is dropped). Shards
+    of a tree written without a store keep its file list: ``images.relpaths`` aligns ReaL labels."""
 
     output_map = ["images", "labels", "rows"]
 
@@ -231,6 +235,10 @@ class ShardValidationLoader(_ShardBatches):
         super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad")
         self.return_rows = return_rows
         self.sampler = _ShardSampler(self)
+        if self.shards.relpaths is not None:  # the tree's file list: ReaL labels are aligned by it
+            from .imagefolder import ImageList
+
+            self.images = ImageList(self.shards.directory, self.class_names, self.shards.relpaths, [])
 
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
         from .pipelines.graphs import shard_validation_pipeline

@@ -10,6 +10,9 @@ are not. :func:`write_shards` packs an image tree and its label store into tar s
   store's dtypes (float16, and uint8/uint16/int32 class ids);
 * ``<row>.label``: the hard label (int32) and ``<row>.row``: the store row (int64), raw.
 
+Without a store (validation sets) the shards hold images, labels and rows only (the rows are the
+images' indices in the tree's sorted file list, and ``index.json`` keeps that list, for ReaL labels).
+
 Rows are spread over the shards in a seeded random order, so every shard holds a balanced mix of
 classes. Beside the shards: DALI's index files (``<shard>.idx``, made with DALI's ``wds2idx``) and
 ``index.json``, which records the store's content hash, the class names, the map geometry and
@@ -73,7 +76,13 @@ class ShardSet:
     class_names: List[str]
     store_sha256: str
     seed: int = 0
+    relpaths: Optional[List[str]] = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether the shards carry label maps (made from a store)."""
+        return bool(self.store_sha256)
 
     @classmethod
     def load(cls, location: str, check_sizes: bool = True) -> "ShardSet":
@@ -109,7 +118,8 @@ class ShardSet:
                     k=index["k"], grid_h=index["grid"][0], grid_w=index["grid"][1], layout=index["layout"],
                     ids_dtype=index["ids_dtype"], class_names=index["class_names"],
                     store_sha256=index["store_sha256"], seed=index.get("seed", 0),
-                    extra={k: v for k, v in index.items() if k not in ("shards", "class_names")})
+                    relpaths=index.get("relpaths"),
+                    extra={k: v for k, v in index.items() if k not in ("shards", "class_names", "relpaths")})
         if check_sizes:
             found.check_sizes()
         return found
@@ -169,30 +179,33 @@ def _write_shard(task) -> dict:
     """Write one shard (``.tar`` then DALI's ``.idx``); returns its index entry."""
     from .sources import die_with_parent
 
-    directory, name, rows, image_root, store_path, parent = task
+    directory, name, rows, image_root, store_path, parent, tree = task
     die_with_parent(parent)
     import io
 
     import wds2idx
 
-    store = LabelStore(store_path, verify="header")
+    if store_path is not None:
+        store = LabelStore(store_path, verify="header")
+        paths, labels = store.paths, store.labels
+        maps = store.read(np.sort(rows))
+        order = {int(r): i for i, r in enumerate(np.sort(rows))}
+    else:
+        paths, labels = tree
     path = os.path.join(directory, name)
     partial = path + ".partial"
-    maps = store.read(np.sort(rows))
-    order = {int(r): i for i, r in enumerate(np.sort(rows))}
     with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
             row = int(row)
-            i = order[row]
-            with open(os.path.join(image_root, store.paths[row]), "rb") as f:
-                image = f.read()
-            key = f"{row:09d}"
-            parts = {"jpg": image, "logits": maps.logits[i].astype("<f2").tobytes(),
-                     "ids": maps.class_ids[i].astype(maps.class_ids.dtype.newbyteorder("<")).tobytes(),
-                     "label": np.int32(store.labels[row]).astype("<i4").tobytes(),
-                     "row": np.int64(row).astype("<i8").tobytes()}
-            for extension in EXTENSIONS:
-                tar.addfile(_member(f"{key}.{extension}", parts[extension]), io.BytesIO(parts[extension]))
+            with open(os.path.join(image_root, paths[row]), "rb") as f:
+                parts = {"jpg": f.read()}
+            if store_path is not None:
+                i = order[row]
+                parts.update(logits=maps.logits[i].astype("<f2").tobytes(),
+                             ids=maps.class_ids[i].astype(maps.class_ids.dtype.newbyteorder("<")).tobytes())
+            parts.update(label=np.int32(labels[row]).astype("<i4").tobytes(), row=np.int64(row).astype("<i8").tobytes())
+            for extension in (e for e in EXTENSIONS if e in parts):
+                tar.addfile(_member(f"{row:09d}.{extension}", parts[extension]), io.BytesIO(parts[extension]))
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -222,7 +235,8 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
 
     Args:
         image_root: the ImageFolder tree the store describes.
-        store: the label store (path or :class:`LabelStore`).
+        store: the label store (path or :class:`LabelStore`); ``None`` packs the tree's images and
+            hard labels alone (validation sets).
         out_dir: where the shards, their index files and ``index.json`` go.
         shard_bytes: target size of a shard.
         seed: seed of the rows' order over the shards.
@@ -235,17 +249,26 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     """
     from tqdm import tqdm
 
+    from .imagefolder import list_images
     from .tree_check import check_store_matches_images
 
     image_root, out_dir = os.path.abspath(os.fspath(image_root)), os.fspath(out_dir)
-    store = store if isinstance(store, LabelStore) else LabelStore(store)
-    if check_files:
-        check_store_matches_images(store, image_root)
+    if store is not None:
+        store = store if isinstance(store, LabelStore) else LabelStore(store)
+        if check_files:
+            check_store_matches_images(store, image_root)
+        paths, labels, class_names = store.paths, np.asarray(store.labels), list(store.class_names)
+        content = store.header.content_sha256
+        map_bytes = int(np.prod(store.header.map_shape)) * (2 + store._array("class_ids").dtype.itemsize)
+        tree = None
+    else:
+        images = list_images(image_root)
+        paths, labels, class_names = images.relpaths, np.asarray(images.labels, np.int32), images.classes
+        content, map_bytes = "", 0
+        tree = (paths, labels)
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
-    n = len(store)
-    map_bytes = int(np.prod(store.header.map_shape)) * (2 + store._array("class_ids").dtype.itemsize)
-    paths = store.paths
+    n = len(paths)
 
     def file_sizes(start: int) -> List[int]:
         return [os.path.getsize(os.path.join(image_root, paths[r])) for r in range(start, min(n, start + 4096))]
@@ -255,8 +278,7 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     sizes = image_bytes + _tar_bytes([0, map_bytes // 2, map_bytes // 2, 4, 8]) + 2 * _TAR_BLOCK
     order = np.random.default_rng([seed, 0x5A4D]).permutation(n)
     groups = plan_shards(sizes, order, shard_bytes)
-    plan = hashlib.sha256(json.dumps([store.header.content_sha256, image_root, seed, shard_bytes,
-                                      FORMAT_VERSION]).encode()).hexdigest()
+    plan = hashlib.sha256(json.dumps([content, image_root, seed, shard_bytes, FORMAT_VERSION]).encode()).hexdigest()
     os.makedirs(out_dir, exist_ok=True)
     plan_path = os.path.join(out_dir, "plan.json")
     if os.path.exists(plan_path):
@@ -274,7 +296,8 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
         if os.path.exists(os.path.join(out_dir, name[:-len(".tar")] + ".idx")):
             entries[name] = {"name": name, "samples": len(rows), "bytes": os.path.getsize(os.path.join(out_dir, name))}
         else:
-            todo.append((out_dir, name, rows, image_root, store.path, os.getpid()))
+            todo.append((out_dir, name, rows, image_root, store.path if store is not None else None, os.getpid(),
+                         tree))
     bar = tqdm(total=n, initial=sum(e["samples"] for e in entries.values()), unit="img", desc="shard",
                disable=not progress)
     try:
@@ -285,13 +308,17 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
                 bar.update(entry["samples"])
     finally:
         bar.close()
-    header = store.header
-    index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "store": store.path,
-             "store_sha256": header.content_sha256, "image_root": image_root, "seed": seed,
-             "num_classes": header.num_classes, "k": header.k, "grid": [header.grid_h, header.grid_w],
-             "layout": header.layout, "ids_dtype": str(store._array("class_ids").dtype),
-             "extensions": list(EXTENSIONS), "num_samples": n,
-             "shards": [entries[name] for name in names], "class_names": list(store.class_names)}
+    index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_root": image_root, "seed": seed,
+             "store": store.path if store is not None else None, "store_sha256": content,
+             "num_classes": len(class_names), "k": 0, "grid": [0, 0], "layout": "HW", "ids_dtype": "",
+             "extensions": [e for e in EXTENSIONS if store is not None or e not in ("logits", "ids")],
+             "num_samples": n, "shards": [entries[name] for name in names], "class_names": class_names}
+    if store is not None:
+        header = store.header
+        index.update(num_classes=header.num_classes, k=header.k, grid=[header.grid_h, header.grid_w],
+                     layout=header.layout, ids_dtype=str(store._array("class_ids").dtype))
+    else:
+        index["relpaths"] = list(paths)  # the rows' files, for ReaL labels
     tmp = os.path.join(out_dir, INDEX_NAME + ".partial")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)

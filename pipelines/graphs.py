@@ -174,8 +174,9 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
     Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to the same size
     by repeating the last sample, which the iterator drops); ``shuffle``: through a sample buffer."""
     extensions = ["jpg", "logits", "ids", "label", "row"] if with_maps else ["jpg", "label", "row"]
-    dtypes = {"jpg": types.UINT8, "logits": types.FLOAT16, "label": types.INT32, "row": types.INT64,
-              "ids": {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]}
+    dtypes = {"jpg": types.UINT8, "logits": types.FLOAT16, "label": types.INT32, "row": types.INT64}
+    if with_maps:
+        dtypes["ids"] = {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]
     outputs = fn.readers.webdataset(
         paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
         ext=extensions, dtypes=[dtypes[e] for e in extensions], shard_id=shard_id, num_shards=num_shards,

@@ -186,3 +186,18 @@ def test_shard_command(shard_data, tmp_path):
     assert ShardSet.load(tmp_path / "cli").num_samples == 40
     assert main(["shard", "--images", str(tmp_path), "--store", shard_data["store"], "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
+
+
+def test_validation_shards_without_a_store_keep_the_file_list(shard_data, tmp_path):
+    from dali_relabel.shard_loader import ShardReLabelLoader, ShardValidationLoader
+
+    shards = write_shards(shard_data["images"], None, tmp_path / "val", shard_bytes=30_000, progress=False)
+    assert not shards.has_maps and shards.relpaths[:2] == ["class_00/img_000.JPEG", "class_00/img_001.JPEG"]
+    loader = ShardValidationLoader(tmp_path / "val", 8, config=DataConfig(**SMALL), device="cpu", return_rows=True)
+    seen = {}
+    for _, labels, rows in loader:
+        seen.update(zip(rows.tolist(), labels.tolist()))
+    assert sorted(seen) == list(range(40)) and all(seen[r] == r // 10 for r in seen)
+    assert loader.images.relpaths == shards.relpaths
+    with pytest.raises(ValueError, match="hold no label maps"):
+        ShardReLabelLoader(tmp_path / "val", 8, config=DataConfig(**SMALL), device="cpu")
