@@ -7,6 +7,7 @@ build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
 generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
+train         train a classifier with ReLabel targets (the recipe pipelines/train.py; torchrun for DDP)
 shard         pack an image folder and its store into tar shards for clusters (webdataset)
 bench         throughput benchmark (plain DALI, dali-relabel, the authors' loader, the operator), --store-read
 """
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
+    sub.add_parser("train", help="train a classifier with ReLabel targets (pipelines/train.py; "
+                                 "`dali-relabel train --help` lists its flags)", add_help=False)
+
     p = sub.add_parser("shard", help="pack an image folder and its label store into tar shards (webdataset)")
     p.add_argument("--images", required=True, help="ImageFolder root the store describes")
     p.add_argument("--store", default=None, help="the label store (without one: images and labels only, e.g. "
@@ -308,7 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_parser():
+    from .pipelines.train import get_args_parser
+
+    return get_args_parser(prog="dali-relabel train")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the training recipe's own parser (pipelines/train.py), built only here
+        from .pipelines.train import main as train_main
+
+        train_main(_train_parser().parse_args(argv[1:]))
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

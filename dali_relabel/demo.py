@@ -48,20 +48,18 @@ class DemoSettings:
 
 def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str, real: str, model: str,
            epochs: int, image_size: int, store: str = None, scale=(0.08, 1.0)) -> Dict:
-    from .pipelines import train
+    from .config import DataConfig
+    from .pipelines.train import train
 
-    argv = ["--data", train_root, "--val", val_root, "--real", real, "--model", model,
-            "--epochs", str(epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
-            "--warmup-epochs", "1", "--weight-decay", "5e-4", "--image-size", str(image_size),
-            "--val-resize", str(image_size), "--scale", str(scale[0]), str(scale[1]),
-            "--workers", str(settings.workers), "--threads", str(settings.threads),
-            "--device", settings.device, "--output-dir", out_dir, "--seed", str(settings.seed),
-            "--print-freq", "0"]
-    argv += ["--targets", "relabel", "--store", store] if store else ["--targets", "original"]
+    config = DataConfig(image_size=image_size, val_resize=image_size, scale=tuple(scale),
+                        py_num_workers=settings.workers, num_threads=settings.threads, seed=settings.seed)
     if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
     started = time.time()
-    result = train.main(train.get_args_parser().parse_args(argv))
+    result = train(config, data=train_root, store=store, targets="relabel" if store else "original",
+                   val=val_root, real=real, model=model, epochs=epochs, batch_size=settings.batch_size,
+                   lr=settings.lr, warmup_epochs=1.0, weight_decay=5e-4, device=settings.device,
+                   output_dir=out_dir, print_freq=0)
     result["wall_seconds"] = time.time() - started
     return result
 

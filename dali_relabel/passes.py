@@ -155,6 +155,11 @@ class PipelineBatches:
     def batch_size(self) -> int:
         return self.plan.batch_size
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch on this rank (the same on every rank)."""
+        return self.plan.num_batches
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next pass reads (its permutation, crops and CutMix boxes). Setting the epoch
         a resumed position belongs to keeps that position."""

@@ -5,6 +5,12 @@ Thin, torchvision-reference style: ``get_args_parser``, ``train_one_epoch``, ``e
     python pipelines/train.py --data /data/imagenet/train --store imagenet_relabel.h5 \\
         --val /data/imagenet/val --model resnet50 --epochs 100 --batch-size 256 --amp bf16
     torchrun --nproc_per_node=8 pipelines/train.py ...        # DDP, one process per GPU
+    dali-relabel train ...                                     # the same script, installed
+    python pipelines/train.py --shards 'shards/shard-{000000..000127}.tar' --val-shards val_shards ...
+
+The data flags are :class:`~dali_relabel.config.DataConfig`'s fields (``--image-size``,
+``--cutmix-probability``, ``--label-smoothing``, ...: ``--help`` lists them with their defaults); the
+Python entry point :func:`train` takes a ``DataConfig`` and the other flags as keywords.
 
 Distributed settings come from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
 NCCL on GPUs, gloo on CPU; data is sharded by global rank. Every run writes ``args.json`` and
@@ -19,6 +25,7 @@ durably (fsync, rename, fsync of the directory).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,45 +33,25 @@ import sys
 import time
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from dali_relabel.config import DataConfig
+from dali_relabel import config as data_settings
 from dali_relabel.distributed import init_from_env, rank_and_world
-from dali_relabel.loader import ReLabelLoader, ValidationLoader
-from dali_relabel.losses import SoftTargetCrossEntropy
-from dali_relabel.models import create_model, load_problem
-from dali_relabel.outputs import durable_replace
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch and the loaders are imported where they are used: building the parser stays light.
+AMP_DTYPES = ("none", "bf16", "fp16")
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="ReLabel training with DALI", add_help=add_help)
+def get_args_parser(add_help: bool = True, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="ReLabel training with DALI", add_help=add_help)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="training ImageFolder root")
-    data.add_argument("--store", help="label-map store (needed for --targets relabel)")
+    data.add_argument("--data", help="training ImageFolder root (or --shards)")
+    data.add_argument("--store", help="label-map store of --data (needed for --targets relabel)")
+    data.add_argument("--shards", help="tar shards instead of --data/--store: their directory, index.json, "
+                                       "or a pattern DIR/shard-{000000..000127}.tar (dali-relabel shard)")
     data.add_argument("--val", help="validation ImageFolder root (evaluated after every epoch)")
+    data.add_argument("--val-shards", help="validation tar shards instead of --val")
     data.add_argument("--real", help="real.json with ReaL labels of the validation images")
     data.add_argument("--targets", choices=["relabel", "original"], default="relabel")
-    data.add_argument("--image-size", type=int, default=224)
-    data.add_argument("--val-resize", type=int, default=256)
-    data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0))
-    data.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
-    data.add_argument("--layout", choices=["HW", "WH"], default=None, help="override the store's layout")
-    data.add_argument("--temperature", type=float, default=1.0)
-    data.add_argument("--workers", type=int, default=1, help="processes running the batch source")
-    data.add_argument("--threads", type=int, default=4, help="DALI CPU threads")
-    data.add_argument("--hw-decoder-load", type=float, default=0.65)
-    data.add_argument("--flip-probability", type=float, default=0.5)
-    mix = parser.add_argument_group("cutmix")
-    mix.add_argument("--cutmix-prob", type=float, default=0.0)
-    mix.add_argument("--cutmix-alpha", type=float, default=1.0)
-    mix.add_argument("--cutmix-mode", choices=["authors", "localized"], default="authors")
-    mix.add_argument("--cutmix-off-epochs", type=int, default=0,
-                     help="no CutMix (nor Mixup) in the last N epochs")
-    mix.add_argument("--mixup-alpha", type=float, default=0.0,
-                     help="Mixup on soft targets for pairs CutMix leaves alone (0: off)")
+    data_settings.add_arguments(parser)
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--model", default="resnet50")
     opt.add_argument("--epochs", type=int, default=100)
@@ -73,17 +60,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     opt.add_argument("--momentum", type=float, default=0.9)
     opt.add_argument("--weight-decay", type=float, default=1e-4)
     opt.add_argument("--warmup-epochs", type=float, default=5.0)
-    opt.add_argument("--label-smoothing", type=float, default=0.0)
-    opt.add_argument("--amp", choices=list(AMP_DTYPES), default="none")
-    opt.add_argument("--channels-last", action="store_true")
+    opt.add_argument("--amp", choices=AMP_DTYPES, default="none")
     run = parser.add_argument_group("run")
-    run.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda (a process's GPU is its LOCAL_RANK)")
     run.add_argument("--output-dir", default="runs/relabel")
     run.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto'")
     run.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: per epoch)")
     run.add_argument("--max-steps-per-epoch", type=int, default=0, help="cut epochs short (smoke tests)")
     run.add_argument("--print-freq", type=int, default=50)
-    run.add_argument("--seed", type=int, default=0)
     run.add_argument("--log-rows", action="store_true", help="log each step's store rows (tests)")
     return parser
 
@@ -98,19 +82,15 @@ def init_distributed(use_gpu: bool):
     return rank, world_size, int(os.environ.get("LOCAL_RANK", 0))
 
 
-def data_config(args) -> DataConfig:
-    stop = args.epochs - args.cutmix_off_epochs if args.cutmix_off_epochs else None
-    return DataConfig(image_size=args.image_size, val_resize=args.val_resize, scale=tuple(args.scale),
-                      ratio=tuple(args.ratio), layout=args.layout, temperature=args.temperature,
-                      py_num_workers=args.workers, num_threads=args.threads,
-                      hw_decoder_load=args.hw_decoder_load, flip_probability=args.flip_probability, seed=args.seed,
-                      output_dtype="float16" if args.amp == "fp16" else "float32",
-                      cutmix_probability=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
-                      cutmix_mode=args.cutmix_mode, cutmix_stop_epoch=stop, mixup_alpha=args.mixup_alpha)
+def data_config(args):
+    """The run's :class:`~dali_relabel.config.DataConfig` (its flags are the fields)."""
+    return data_settings.from_arguments(args)
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up from 0, then cosine decay to 0; stepped once per iteration."""
+    import torch
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -132,6 +112,10 @@ CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "dat
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of this script, loaded with ``weights_only=True`` (tensors and plain Python values
     only, so loading runs no code from the file); anything else is refused with ``SystemExit``."""
+    import torch
+
+    from dali_relabel.models import load_problem
+
     if not os.path.isfile(path):
         raise SystemExit(f"--resume {path}: no such checkpoint file")
     try:
@@ -148,6 +132,10 @@ def load_checkpoint(path: str) -> dict:
 
 def save_checkpoint_file(state: dict, path: str) -> None:
     """Write ``state`` to ``path`` atomically and durably (``<path>.tmp``, fsync, rename, fsync dir)."""
+    import torch
+
+    from dali_relabel.outputs import durable_replace
+
     tmp = path + ".tmp"
     torch.save(state, tmp)
     durable_replace(tmp, path)
@@ -167,7 +155,9 @@ class MetricsLog:
         print(json.dumps(record), flush=True)
 
 
-def reduce_mean(values: torch.Tensor) -> torch.Tensor:
+def reduce_mean(values):
+    import torch.distributed as dist
+
     if dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values)
@@ -181,8 +171,11 @@ def reduce_mean(values: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, device, epoch: int, args,
                     log: MetricsLog, save_checkpoint=None) -> dict:
     """One pass over ``loader``; returns the epoch's mean loss and images/s (over all ranks)."""
+    import torch
+    import torch.distributed as dist
+
     model.train()
-    amp_dtype = AMP_DTYPES[args.amp]
+    amp_dtype = _amp_dtype(args.amp)
     total_loss = torch.zeros((), device=device)
     seen, steps, start = 0, 0, time.perf_counter()
     rows_log = open(os.path.join(args.output_dir, f"rows_rank{args.rank}.jsonl"), "a") if args.log_rows else None
@@ -211,7 +204,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
             log.write({"epoch": epoch, "step": step, "loss": float(reduce_mean(loss.detach())),
                        "lr": scheduler.get_last_lr()[0]})
         if save_checkpoint and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            save_checkpoint(epoch, loader.state_dict())
+            save_checkpoint(epoch)
         if args.max_steps_per_epoch and steps >= args.max_steps_per_epoch:
             break
     bar.close()
@@ -226,42 +219,96 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
             "images": int(summed[1]), "images_per_second": float(summed[1] / (summed[2] / world))}
 
 
-def evaluate(model, args, data_cfg: DataConfig, class_names, device_kind: str) -> dict:
-    """Top-1/top-5 (and ReaL with ``--real``) on ``--val``."""
+def _amp_dtype(name: str):
+    import torch
+
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def validation_loader(args, data_cfg, class_names, device: str):
+    """``--val`` (an image tree) or ``--val-shards``; ``None`` without either."""
+    if args.val_shards:
+        from dali_relabel.shard_loader import ShardValidationLoader
+
+        return ShardValidationLoader(args.val_shards, batch_size=args.batch_size, config=data_cfg, device=device,
+                                     return_rows=bool(args.real))
+    if args.val:
+        from dali_relabel.loader import ValidationLoader
+
+        return ValidationLoader(args.val, batch_size=args.batch_size, config=data_cfg, device=device,
+                                classes=class_names, return_rows=bool(args.real))
+    return None
+
+
+def evaluate(model, args, loader) -> dict:
+    """Top-1/top-5 (and ReaL with ``--real``) over ``loader``."""
     from dali_relabel.evaluation import evaluate as run_evaluation
     from dali_relabel.evaluation import load_real_labels
 
-    loader = ValidationLoader(args.val, batch_size=args.batch_size, config=data_cfg, device=device_kind,
-                              classes=class_names, return_rows=bool(args.real))
     real = load_real_labels(args.real) if args.real else None
-    result = run_evaluation(model, loader, real_labels=real, amp_dtype=AMP_DTYPES[args.amp],
+    result = run_evaluation(model, loader, real_labels=real, amp_dtype=_amp_dtype(args.amp),
                             channels_last=args.channels_last)
     return {f"val_{key}": value for key, value in result.items() if key in ("top1", "top5", "real")}
 
 
+def training_loader(args, data_cfg, device: str):
+    """``--shards``, or ``--data`` with ``--store`` (``--targets original``: the tree's hard labels)."""
+    if args.shards:
+        if args.targets != "relabel":
+            raise SystemExit("--targets original reads the image tree: use --data instead of --shards")
+        from dali_relabel.shard_loader import ShardReLabelLoader
+
+        return ShardReLabelLoader(args.shards, args.batch_size, config=data_cfg, device=device,
+                                  return_rows=args.log_rows)
+    if not args.data:
+        raise SystemExit("give the training data: --data (an image tree, with --store) or --shards")
+    if args.targets == "relabel" and not args.store:
+        raise SystemExit("--targets relabel needs --store (or use --targets original)")
+    from dali_relabel.loader import ReLabelLoader
+
+    return ReLabelLoader(args.data, args.store if args.targets == "relabel" else None, args.batch_size,
+                         config=data_cfg, device=device, return_rows=args.log_rows)
+
+
+def gather_data_states(loader, world_size: int) -> list:
+    """Every rank's ``loader.state_dict()`` (rank order): each rank resumes from its own (a shard
+    loader's carries its own DALI checkpoint)."""
+    state = loader.state_dict()
+    if world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
 def main(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
     from dali_relabel.devices import resolve_device
+    from dali_relabel.losses import SoftTargetCrossEntropy
+    from dali_relabel.models import create_model
 
     device_kind = resolve_device(args.device)
     args.rank, world_size, local_rank = init_distributed(device_kind == "gpu")
     device = torch.device(f"cuda:{local_rank}" if device_kind == "gpu" else "cpu")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    if args.targets == "relabel" and not args.store:
-        raise SystemExit("--targets relabel needs --store (or use --targets original)")
 
     checkpoint_path = find_checkpoint(args)
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
 
     data_cfg = data_config(args)
-    store = args.store if args.targets == "relabel" else None
-    loader = ReLabelLoader(args.data, store, args.batch_size, config=data_cfg, device=device_kind,
-                           return_rows=args.log_rows)
+    loader = training_loader(args, data_cfg, "gpu" if device_kind == "gpu" else "cpu")
     start_epoch = 0
     if checkpoint:
-        data_state = dict(checkpoint["data"])
-        if "rank" in data_state:  # rank 0 saved it; every rank stands at the same batch
-            data_state["rank"] = loader.state_dict().get("rank", data_state["rank"])
+        states = checkpoint.get("data_ranks") or [checkpoint["data"]]
+        if len(states) == world_size:
+            data_state = dict(states[args.rank])
+        else:  # an older checkpoint (rank 0's only): every rank stands at the same batch
+            data_state = dict(states[0], rank=loader.state_dict().get("rank", 0))
         try:
             loader.load_state_dict(data_state)  # normalises "after the last batch" to the next epoch
         except ValueError as error:
@@ -280,7 +327,7 @@ def main(args) -> dict:
     lr = args.lr * args.batch_size * world_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    steps_per_epoch = loader.plan.num_batches
+    steps_per_epoch = loader.batches_per_epoch
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch),
@@ -291,34 +338,54 @@ def main(args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-    criterion = SoftTargetCrossEntropy(args.label_smoothing)
+    criterion = SoftTargetCrossEntropy()  # smoothing, if any, is in the targets (--label-smoothing)
     log = MetricsLog(args.output_dir, args.rank)
+    val_loader = validation_loader(args, data_cfg, loader.class_names, "gpu" if device_kind == "gpu" else "cpu")
 
-    def save_checkpoint(epoch: int, data_state: dict, finished: bool = False):
+    def save_checkpoint(epoch: int, data_states: list, finished: bool = False):
         if args.rank != 0:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                 "epoch_finished": finished, "data": data_state, "args": vars(args),
-                 "num_classes": num_classes, "class_names": loader.class_names}
+                 "epoch_finished": finished, "data": data_states[0], "data_ranks": data_states,
+                 "args": vars(args), "num_classes": num_classes, "class_names": list(loader.class_names)}
         save_checkpoint_file(state, os.path.join(args.output_dir, "checkpoint.pth"))
+
+    def save_position(epoch: int, data_state=None):
+        """Checkpoint every rank's data position (a collective call: every rank makes it)."""
+        states = gather_data_states(loader, world_size) if data_state is None else [
+            dict(s, **data_state) for s in gather_data_states(loader, world_size)]
+        save_checkpoint(epoch, states, finished=data_state is not None)
 
     result = {}
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
         stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, loader, device, epoch,
-                                args, log, save_checkpoint)
-        # the loader's own state (with its settings), at the next epoch's start even when
-        # --max-steps-per-epoch cut this one short
-        save_checkpoint(epoch, dict(loader.state_dict(), epoch=epoch + 1, batch=0), finished=True)
+                                args, log, save_position)
+        # every rank's position at the next epoch's start, even when --max-steps-per-epoch cut this short
+        save_position(epoch, {"epoch": epoch + 1, "batch": 0, "dali_checkpoint": None})
         result = {"epoch": epoch, **stats}
-        if args.val:
-            result.update(evaluate(model, args, data_cfg, loader.class_names, device_kind))
+        if val_loader is not None:
+            result.update(evaluate(model, args, val_loader))
         log.write(result)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def train(config=None, **options) -> dict:
+    """Train from Python: the recipe's defaults, ``options`` named as the flags' destinations
+    (``data=``, ``store=``, ``val=``, ``model=``, ``epochs=``, ``batch_size=``, ``output_dir=``...) and the
+    data settings as a :class:`~dali_relabel.config.DataConfig`. Returns the last epoch's metrics."""
+    args = get_args_parser().parse_args([])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"unknown training options: {', '.join(unknown)}")
+    vars(args).update(options)
+    if config is not None:
+        vars(args).update({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"})
+    return main(args)
 
 
 if __name__ == "__main__":

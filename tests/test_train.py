@@ -40,7 +40,7 @@ def make_square_set(root, num_images=24, num_classes=3, size=32):
 
 def _args(image_root, store, out, *extra):
     return ["--data", image_root, "--store", store, "--model", "tiny_cnn", "--image-size", "32",
-            "--val-resize", "32", "--workers", "1", "--threads", "1", "--device", "cpu",
+            "--val-resize", "32", "--py-num-workers", "1", "--num-threads", "1", "--device", "cpu",
             "--output-dir", out, "--warmup-epochs", "0", "--print-freq", "1", *extra]
 
 
@@ -67,7 +67,7 @@ def test_short_cpu_run_writes_metrics_checkpoint_and_resumes(tmp_path):
     image_root, store = make_square_set(str(tmp_path))
     out = str(tmp_path / "run")
     result = _run_main(_args(image_root, store, out, "--epochs", "1", "--batch-size", "8",
-                             "--val", image_root, "--cutmix-prob", "0.5", "--cutmix-mode", "localized"))
+                             "--val", image_root, "--cutmix-probability", "0.5", "--cutmix-mode", "localized"))
     assert result["epoch"] == 0 and result["images"] == 24 and result["images_per_second"] > 0
     assert 0 <= result["val_top1"] <= 100
     with open(os.path.join(out, "args.json")) as f:
@@ -238,3 +238,48 @@ def test_two_process_gloo_run_shards_and_matches_a_single_process(tmp_path):
     for a, b, s in zip(ranks[0], ranks[1], single):
         assert set(a["rows"]) | set(b["rows"]) == set(s["rows"]), "steps saw different samples"
         assert abs((a["loss"] + b["loss"]) / 2 - s["loss"]) < 1e-4 * max(1.0, abs(s["loss"]))
+
+
+def test_data_flags_are_the_data_config_fields():
+    """Every DataConfig field (but ``extra``) is a flag with the field's own default: none is
+    declared twice."""
+    import dataclasses
+
+    from dali_relabel.config import DataConfig
+
+    train = _train_module()
+    parser = train.get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    for field in dataclasses.fields(DataConfig):
+        if field.name == "extra":
+            continue
+        assert "--" + field.name.replace("_", "-") in parser._option_string_actions, field.name
+        assert defaults[field.name] == field.default, field.name
+    assert train.data_config(parser.parse_args([])) == DataConfig()
+    changed = train.data_config(parser.parse_args(["--scale", "0.3", "1", "--channels-last", "--cutmix-mode",
+                                                   "localized", "--color-jitter", "0.4"]))
+    assert changed == DataConfig(scale=(0.3, 1.0), channels_last=True, cutmix_mode="localized", color_jitter=0.4)
+
+
+def test_training_from_shards_resumes_per_rank(tmp_path):
+    """--shards instead of --data/--store, --val-shards, and a resume from a mid-epoch checkpoint
+    (the shard loader's DALI checkpoint travels in the checkpoint)."""
+    from dali_relabel.shards import write_shards
+
+    image_root, store = make_square_set(str(tmp_path))
+    write_shards(image_root, store, tmp_path / "shards", shard_bytes=8000, progress=False)
+    write_shards(image_root, None, tmp_path / "val", shard_bytes=8000, progress=False)
+    out = str(tmp_path / "run")
+    argv = _args("", "", out, "--epochs", "1", "--batch-size", "4", "--checkpoint-every", "2",
+                 "--max-steps-per-epoch", "3", "--shards", str(tmp_path / "shards"), "--val-shards",
+                 str(tmp_path / "val"))
+    argv = [a for a in argv if a not in ("--data", "--store", "")]
+    result = _run_main(argv)
+    assert result["epoch"] == 0 and "val_top1" in result
+    import torch
+
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert checkpoint["data"]["epoch"] == 1 and len(checkpoint["data_ranks"]) == 1
+    result = _run_main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
+                       + ["--resume", "auto"])
+    assert result["epoch"] == 1
