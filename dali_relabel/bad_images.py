@@ -9,13 +9,15 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import DaliRelabelError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OTHER_MAGICS = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _EOI_SEARCH_BYTES = 4096
 
 
-class BadImageError(ValueError):
+class BadImageError(DaliRelabelError, ValueError):
     """An image file cannot be decoded; the message names the file."""
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from .config import DataConfig
+from .errors import DaliRelabelError
 
 
-class UnsupportedSetting(ValueError):
+class UnsupportedSetting(DaliRelabelError, ValueError):
     """A training-script setting the DALI path cannot honour; the message names the flag."""
 
 

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import DaliRelabelError
 from .imagefolder import ImageList, list_images
 from .outputs import OutputLock
 from .sources import die_with_parent
@@ -30,7 +31,7 @@ RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"
 RELEASE_TEACHER_SIZE = 475
 
 
-class ConversionError(RuntimeError):
+class ConversionError(DaliRelabelError, RuntimeError):
     """The inputs of a conversion do not fit together (missing/extra maps, bad map files)."""
 
 

@@ -28,12 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .distributed import init_from_env
+from .errors import DaliRelabelError
 
 #: Validation file names of ImageNet-1k; ReaL's ``real.json`` entry ``n - 1`` belongs to image ``n``.
 _ILSVRC_VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DaliRelabelError, ValueError):
     """A checkpoint, label file or image set that cannot be evaluated as asked; the message says why."""
 
 

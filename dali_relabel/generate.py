@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 from .distributed import init_from_env
+from .errors import DaliRelabelError
 from .imagefolder import list_images
 from .outputs import OutputLock
 from .store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
@@ -65,7 +66,7 @@ SETTINGS_SUFFIX = ".generate.json"
 RESIZE_DESCRIPTION = "full image, resized to size x size ignoring aspect ratio, linear + antialias"
 
 
-class GenerateError(ValueError):
+class GenerateError(DaliRelabelError, ValueError):
     """A teacher, weights file or image set that cannot be used to generate maps; the message says why."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import DaliRelabelError
+
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
@@ -88,7 +90,7 @@ def create_model(name: str, num_classes: int) -> nn.Module:
                          f"torchvision model ({error})") from None
 
 
-class WeightsError(ValueError):
+class WeightsError(DaliRelabelError, ValueError):
     """A weights file is missing, unreadable or holds no state dict."""
 
 

@@ -27,10 +27,12 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
+from .errors import DaliRelabelError
+
 LOCK_SUFFIX = ".lock"
 
 
-class OutputBusyError(RuntimeError):
+class OutputBusyError(DaliRelabelError, RuntimeError):
     """Another process is writing the same output (or holds its partial file open)."""
 
     def __init__(self, path, message: str):

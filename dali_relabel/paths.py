@@ -13,8 +13,10 @@ from typing import Iterable, List, Tuple
 
 import numpy as np
 
+from .errors import DaliRelabelError
 
-class UnsafePathError(ValueError):
+
+class UnsafePathError(DaliRelabelError, ValueError):
     """A stored image path would leave the image root (absolute, or with a ``..`` component)."""
 
 

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .errors import DaliRelabelError
 from .store import LabelStore, StoreError
 
 FORMAT_NAME = "dali-relabel-shards"
@@ -44,7 +45,7 @@ EXTENSIONS = ("jpg", "logits", "ids", "label", "row")
 _TAR_BLOCK = 512
 
 
-class ShardError(ValueError):
+class ShardError(DaliRelabelError, ValueError):
     """Shards are missing, truncated, or do not fit their index; the message names the shard."""
 
 

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import h5py
 import numpy as np
 
+from .errors import DaliRelabelError
 from .outputs import OutputBusyError, OutputLock, describe_processes, durable_replace, is_lock_error, \
     processes_holding
 from .paths import PathTable
@@ -36,7 +37,7 @@ VERIFY_LEVELS = ("header", "sample", "full")
 _SCAN_ROWS = 8192
 
 
-class StoreError(ValueError):
+class StoreError(DaliRelabelError, ValueError):
     """A label store is missing, malformed, incomplete or does not fit its use."""
 
     def __init__(self, path, problem: str):

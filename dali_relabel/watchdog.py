@@ -18,8 +18,10 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from .errors import DaliRelabelError
 
-class LoaderWorkerError(RuntimeError):
+
+class LoaderWorkerError(DaliRelabelError, RuntimeError):
     """A DALI source worker of a loader died, was stopped, or produced nothing for too long."""
 
 
