@@ -1,0 +1,46 @@
+"""EpochPlan, the sharding core: pure numpy, tested without DALI."""
+import numpy as np
+import pytest
+
+from dali_relabel.plan import EpochPlan
+
+
+@pytest.mark.parametrize("n, world, batch", [(42, 2, 8), (100, 3, 7), (10, 4, 3), (5, 8, 1)])
+def test_pad_reads_every_sample_once_per_epoch_over_the_ranks(n, world, batch):
+    plans = [EpochPlan(n, batch, rank, world, seed=4, last_batch="pad") for rank in range(world)]
+    assert len({p.num_batches for p in plans}) == 1, "every rank reads as many batches"
+    for epoch in range(3):
+        valid_rows = []
+        for plan in plans:
+            rows, valid = plan.rows(epoch)
+            assert len(rows) == len(valid) == plan.num_batches * batch
+            valid_rows += rows[valid].tolist()
+            assert set(rows[~valid].tolist()) <= set(rows[valid].tolist()) or not valid.any()
+        assert sorted(valid_rows) == list(range(n))
+
+
+def test_drop_gives_full_batches_of_disjoint_rows():
+    plans = [EpochPlan(42, 8, rank, 2, seed=1) for rank in range(2)]
+    rows = [plan.rows(0)[0] for plan in plans]
+    assert [len(r) for r in rows] == [16, 16] and all(plan.rows(0)[1].all() for plan in plans)
+    assert not set(rows[0]) & set(rows[1])
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    plan = EpochPlan(1000, 10, seed=3)
+    assert np.array_equal(plan.rows(2)[0], EpochPlan(1000, 10, seed=3).rows(2)[0])
+    assert not np.array_equal(plan.rows(2)[0], plan.rows(3)[0])
+    assert not np.array_equal(plan.rows(2)[0], EpochPlan(1000, 10, seed=4).rows(2)[0])
+    assert np.array_equal(EpochPlan(10, 5, shuffle=False).rows(7)[0], np.arange(10))
+    both = [EpochPlan(1000, 10, rank, 2, seed=3).rows(5)[0] for rank in range(2)]
+    assert np.array_equal(np.sort(np.concatenate(both)), np.arange(1000)), "ranks split one permutation"
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        EpochPlan(10, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        EpochPlan(10, 8, world_size=2)
+    with pytest.raises(ValueError, match="last_batch"):
+        EpochPlan(10, 2, last_batch="keep")
+    assert EpochPlan(10, 8, world_size=2, last_batch="pad").num_batches == 1
