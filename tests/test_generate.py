@@ -15,8 +15,8 @@ import torchvision
 from PIL import Image
 
 from dali_relabel.config import DataConfig
-from dali_relabel.generate import (GenerateError, UnsupportedModelError, build_teacher, dense_classifier,
-                                   dense_logit_map, generate_label_maps, merge_parts, part_path, topk_grid)
+from dali_relabel.generate import GenerateError, generate_label_maps, merge_parts, part_path
+from dali_relabel.teachers import UnsupportedModelError, build_teacher, dense_classifier, dense_logit_map, topk_grid
 from dali_relabel.imagefolder import list_images
 from dali_relabel.store import LabelStore, StoreError, StoreWriter
 
