@@ -69,6 +69,10 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
             channels-last); ``None`` for evaluation settings only.
         overrides: :class:`DataConfig` fields set last.
     """
+    if int(data_config["input_size"][0]) != 3:
+        _refuse("input_size", data_config["input_size"], "images are decoded as RGB (3 channels)")
+    if data_config.get("crop_mode") not in (None, "center"):
+        _refuse("--crop-mode", data_config["crop_mode"], "validation uses a centre crop")
     settings = dict(image_size=_square(data_config["input_size"], "input_size"),
                     mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                     crop_pct=float(data_config.get("crop_pct") or 0.875))
@@ -81,10 +85,26 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
                                 ("--color-jitter-prob", "color_jitter_prob", None),
                                 ("--grayscale-prob", "grayscale_prob", None),
                                 ("--gaussian-blur-prob", "gaussian_blur_prob", None),
-                                ("--cutmix-minmax", "cutmix_minmax", None), ("--no-aug", "no_aug", False)):
+                                ("--cutmix-minmax", "cutmix_minmax", None)):
             value = _get(args, name, off)
             if value not in (off, None, 0, False):
                 _refuse(flag, value, "the DALI path has no such augmentation; leave it at its default")
+        for flag, name, why in (
+                ("--class-map", "class_map", "classes are the store's (or the tree's sorted folders)"),
+                ("--epoch-repeats", "epoch_repeats", "an epoch is one pass over the data"),
+                ("--train-img-sizes", "train_img_sizes", "one crop size (--img-size / --input-size)"),
+                ("--train-batch-sizes", "train_batch_sizes", "one batch size"),
+                ("--train-batches-per-epoch", "train_batches_per_epoch", "an epoch is one pass over the data"),
+                ("--naflex-loader", "naflex_loader", "it is a different loader"),
+                ("--in-chans", "in_chans", "images are decoded as RGB (3 channels)")):
+            value = _get(args, name)
+            if value not in (None, "", 0, 0.0, False) and not (name == "in_chans" and value == 3):
+                _refuse(flag, value, why)
+        if _get(args, "input_img_mode") not in (None, "RGB"):
+            _refuse("--input-img-mode", args.input_img_mode, "images are decoded as RGB")
+        if _get(args, "no_aug"):
+            _refuse("--no-aug", True, "training always uses random-resized crops and flips (set --scale 1 1 "
+                    "--ratio 1 1 --hflip 0 for the nearest thing)")
         if _get(args, "train_crop_mode") not in (None, "rrc"):
             _refuse("--train-crop-mode", args.train_crop_mode, "only random-resized crops (rrc)")
         if _get(args, "mixup_mode", "batch") not in ("batch", "pair"):
@@ -100,6 +120,12 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
             label_smoothing=float(_get(args, "smoothing", 0.0) or 0.0),
             mix_granularity="pair" if _get(args, "mixup_mode", "batch") == "pair" else "batch",
             channels_last=bool(_get(args, "channels_last", False)))
+        model_dtype = _get(args, "model_dtype")
+        if model_dtype:  # a model kept in bfloat16 or float16 needs images of its dtype
+            dtypes = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+            if model_dtype not in dtypes:
+                _refuse("--model-dtype", model_dtype, "choose float32, float16 or bfloat16")
+            settings["output_dtype"] = dtypes[model_dtype]
         if _get(args, "seed") is not None:
             settings["seed"] = int(args.seed)
         if _get(args, "mixup_off_epoch"):  # timm also flips loader.mixup_enabled, with its prefetcher
@@ -123,6 +149,10 @@ def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
         value = _get(args, name, off)
         if value not in (off, None, 0, False):
             _refuse(flag, value, "the DALI path has no such augmentation or sampler; leave it at its default")
+    if _get(args, "weights") and _get(args, "test_only"):
+        _refuse("--weights with --test-only", args.weights, "the script would evaluate with the weights' own "
+                "transforms; pass their sizes and interpolation as --val-resize-size, --val-crop-size and "
+                "--interpolation instead")
     interpolation = _interpolation(_get(args, "interpolation", "bilinear"), "--interpolation",
                                    allow_random=False) or "bilinear"
     mixup, cutmix = float(_get(args, "mixup_alpha", 0.0) or 0.0), float(_get(args, "cutmix_alpha", 0.0) or 0.0)

@@ -27,7 +27,9 @@ class EpochPlan:
         shuffle: permute each epoch (else the natural order).
         last_batch: ``"drop"``: every rank reads ``N // world_size // batch_size`` full batches;
             ``"pad"``: every sample is read exactly once per epoch over all ranks, and batches are
-            filled up with repeats marked invalid (all ranks read the same number of batches).
+            filled up with repeats marked invalid; every rank reads the same number of batches, each
+            with at least one real sample (with ``batch_size`` 1, a rank whose shard is one sample
+            short has a last batch of padding alone, which loaders skip).
     """
 
     num_samples: int
@@ -77,4 +79,12 @@ class EpochPlan:
         filler = shard if len(shard) else order[:1]
         rows = np.resize(filler, total)
         valid = np.arange(total) < len(shard)
+        size, count = self.batch_size, len(shard)
+        if size > 1 and count and count == (self.num_batches - 1) * size:
+            # This shard fills one batch fewer than the longest: its last batch would be all padding
+            # and never yielded, and this rank would take one step fewer than the others (DDP would
+            # hang). Move its last sample into that batch, leaving padding in the one before.
+            last = total - size
+            rows[last], valid[last] = rows[count - 1], True
+            rows[count - 1], valid[count - 1] = rows[0], False
         return rows, valid

@@ -9,6 +9,15 @@ TIMM_DATA = {"input_size": (3, 176, 176), "interpolation": "bicubic", "mean": (0
              "std": (0.25, 0.25, 0.25), "crop_pct": 0.95}
 
 
+def test_timm_model_dtype_sets_the_image_dtype():
+    assert from_timm(TIMM_DATA, timm_args(model_dtype="bfloat16")).output_dtype == "bfloat16"
+    assert from_timm(TIMM_DATA, timm_args(in_chans=3)).output_dtype == "float32"
+    with pytest.raises(UnsupportedSetting, match="input_size"):
+        from_timm(dict(TIMM_DATA, input_size=(1, 64, 64)))
+    with pytest.raises(UnsupportedSetting, match="--crop-mode"):
+        from_timm(dict(TIMM_DATA, crop_mode="squash"))
+
+
 def timm_args(**changes):
     """timm train.py's defaults (the ones the loader reads)."""
     defaults = dict(aa=None, reprob=0.0, vflip=0.0, aug_repeats=0, aug_splits=0, color_jitter=0.4,
@@ -50,6 +59,10 @@ def test_timm_mixing_probabilities():
     (dict(aug_repeats=3), "--aug-repeats"), (dict(train_crop_mode="rkrc"), "--train-crop-mode"),
     (dict(mixup_mode="elem", mixup=0.2), "--mixup-mode"), (dict(cutmix_minmax=[0.2, 0.8]), "--cutmix-minmax"),
     (dict(grayscale_prob=0.1), "--grayscale-prob"), (dict(train_interpolation="box"), "--train-interpolation"),
+    (dict(no_aug=True), "--no-aug"), (dict(class_map="map.txt"), "--class-map"), (dict(epoch_repeats=2.0), "--epoch-repeats"),
+    (dict(train_img_sizes=[48, 64]), "--train-img-sizes"), (dict(naflex_loader=True), "--naflex-loader"),
+    (dict(in_chans=1), "--in-chans"), (dict(input_img_mode="L"), "--input-img-mode"),
+    (dict(model_dtype="float64"), "--model-dtype"),
 ])
 def test_timm_settings_we_cannot_honour_are_refused_by_name(change, flag):
     with pytest.raises(UnsupportedSetting, match=flag):
@@ -74,7 +87,8 @@ def test_torchvision_reference_arguments():
 
 @pytest.mark.parametrize("change, flag", [(dict(auto_augment="ta_wide"), "--auto-augment"),
                                           (dict(random_erase=0.1), "--random-erase"),
-                                          (dict(ra_sampler=True), "--ra-sampler")])
+                                          (dict(ra_sampler=True), "--ra-sampler"),
+                                          (dict(weights="ResNet50_Weights.V2", test_only=True), "--weights")])
 def test_torchvision_settings_we_cannot_honour_are_refused_by_name(change, flag):
     with pytest.raises(UnsupportedSetting, match=flag):
         from_torchvision(torchvision_args(**change))

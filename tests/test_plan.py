@@ -44,3 +44,16 @@ def test_bad_plans_are_refused():
     with pytest.raises(ValueError, match="last_batch"):
         EpochPlan(10, 2, last_batch="keep")
     assert EpochPlan(10, 8, world_size=2, last_batch="pad").num_batches == 1
+
+
+@pytest.mark.parametrize("n, world, batch", [(30, 4, 7), (29, 2, 7), (9, 2, 4), (21, 4, 5)])
+def test_every_pad_batch_of_every_rank_holds_a_real_sample(n, world, batch):
+    """A shard that ends on a batch boundary while others spill into one more batch must not end in
+    a batch of padding alone (that rank would take one step fewer: a DDP hang)."""
+    seen = []
+    for rank in range(world):
+        plan = EpochPlan(n, batch, rank, world, seed=2, last_batch="pad")
+        rows, valid = plan.rows(0)
+        assert valid.reshape(plan.num_batches, batch).any(axis=1).all(), f"rank {rank} has an empty batch"
+        seen += rows[valid].tolist()
+    assert sorted(seen) == list(range(n))

@@ -158,8 +158,6 @@ def test_every_rank_yields_as_many_validation_batches_as_the_others(image_set, w
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1], counts
 
 
-@pytest.mark.xfail(strict=True, reason="a rank whose last batch would be padding only yields one batch "
-                   "fewer than len() and than the other ranks (reported with the timm/torchvision drop-in work)")
 def test_every_rank_yields_len_batches_when_its_shard_ends_on_a_batch_boundary(image_set):
     # 24 images on 5 ranks: shards of 5, 5, 5, 5 and 4 images; at batch size 4 the last rank's second
     # batch has no image of its own.
