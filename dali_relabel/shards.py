@@ -260,7 +260,7 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
             check_store_matches_images(store, image_root)
         paths, labels, class_names = store.paths, np.asarray(store.labels), list(store.class_names)
         content = store.header.content_sha256
-        map_bytes = int(np.prod(store.header.map_shape)) * (2 + store._array("class_ids").dtype.itemsize)
+        map_bytes = int(np.prod(store.header.map_shape)) * (2 + store.class_ids_dtype.itemsize)
         tree = None
     else:
         images = list_images(image_root)
@@ -317,7 +317,7 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     if store is not None:
         header = store.header
         index.update(num_classes=header.num_classes, k=header.k, grid=[header.grid_h, header.grid_w],
-                     layout=header.layout, ids_dtype=str(store._array("class_ids").dtype))
+                     layout=header.layout, ids_dtype=str(store.class_ids_dtype))
     else:
         index["relpaths"] = list(paths)  # the rows' files, for ReaL labels
     tmp = os.path.join(out_dir, INDEX_NAME + ".partial")

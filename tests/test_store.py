@@ -688,7 +688,7 @@ def test_verify_checksum_catches_path_change(store_path, data):
 
 
 def test_block_hashes_localise_damage(tmp_path, data, monkeypatch):
-    import dali_relabel.store as store_module
+    import dali_relabel.store.writer as store_module  # the writer decides the block size
 
     monkeypatch.setattr(store_module, "HASH_CHUNK_ROWS", 4)  # 10 rows: blocks 0-3, 4-7, 8-9
     path = _write(tmp_path / "blocks.h5", data)
@@ -708,7 +708,7 @@ def test_block_hashes_localise_damage(tmp_path, data, monkeypatch):
 
 
 def test_resumed_write_inside_a_block_hashes_identically(tmp_path, data, monkeypatch):
-    import dali_relabel.store as store_module
+    import dali_relabel.store.writer as store_module  # the writer decides the block size
 
     monkeypatch.setattr(store_module, "HASH_CHUNK_ROWS", 4)
     clean = _write(tmp_path / "clean.h5", data)
