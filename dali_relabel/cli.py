@@ -103,7 +103,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import EvaluationError, evaluate_checkpoint, format_results
+    from .evaluation import evaluate_checkpoint, format_results
+    from .metrics import EvaluationError
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.val, real=args.real, model_name=args.model,

@@ -243,7 +243,7 @@ def validation_loader(args, data_cfg, class_names, device: str):
 def evaluate(model, args, loader) -> dict:
     """Top-1/top-5 (and ReaL with ``--real``) over ``loader``."""
     from dali_relabel.evaluation import evaluate as run_evaluation
-    from dali_relabel.evaluation import load_real_labels
+    from dali_relabel.metrics import load_real_labels
 
     real = load_real_labels(args.real) if args.real else None
     result = run_evaluation(model, loader, real_labels=real, amp_dtype=_amp_dtype(args.amp),

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from dali_relabel.config import DataConfig
-from dali_relabel.evaluation import (EvalMeter, EvaluationError, MultiLabelAccuracy, align_real_labels,
-                                     build_model, evaluate, imagenetv2_classes, load_checkpoint,
-                                     load_real_labels, real_correct, topk_correct)
+from dali_relabel.evaluation import build_model, evaluate, imagenetv2_classes, load_checkpoint
+from dali_relabel.metrics import (EvalMeter, EvaluationError, MultiLabelAccuracy, align_real_labels,
+                                  load_real_labels, real_correct, topk_correct)
 from dali_relabel.imagefolder import list_images
 
 SMALL = dict(image_size=32, val_resize=32, py_num_workers=1, num_threads=1)
