@@ -36,6 +36,24 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]):
     return (default_rank if rank is None else rank), (default_world if world_size is None else world_size)
 
 
+def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool) -> tuple:
+    """``(images, targets[, labels][, rows])`` of a training batch as the loaders hand it out."""
+    out = [_as_torch_images(batch["images"], config), batch["targets"]]
+    if return_labels:
+        out.append(batch["labels"].reshape(-1).long())
+    if return_rows:
+        out.append(batch["rows"].reshape(-1))
+    return tuple(out)
+
+
+def validation_batch(batch: dict, config: DataConfig, return_rows: bool) -> tuple:
+    """``(images, labels[, rows])`` of a validation batch as the loaders hand it out."""
+    out = [_as_torch_images(batch["images"], config), batch["labels"].reshape(-1).long()]
+    if return_rows:
+        out.append(batch["rows"].reshape(-1))
+    return tuple(out)
+
+
 def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
     """DALI's images as PyTorch wants them: ``[B, 3, H, W]``, in ``channels_last`` memory format when
     asked (a view of DALI's HWC output, no copy), and bfloat16 when asked (DALI makes float32)."""
@@ -233,12 +251,7 @@ class ReLabelLoader(PipelineBatches):
 
     def __iter__(self):
         for batch in self._batches():
-            out = [_as_torch_images(batch["images"], self.config), batch["targets"]]
-            if self.return_labels:
-                out.append(batch["labels"].reshape(-1).long())
-            if self.return_rows:
-                out.append(batch["rows"].reshape(-1))
-            yield tuple(out)
+            yield training_batch(batch, self.config, self.return_labels, self.return_rows)
 
 
 class ValidationLoader(PipelineBatches):
@@ -288,7 +301,4 @@ class ValidationLoader(PipelineBatches):
 
     def __iter__(self):
         for batch in self._batches():
-            out = [_as_torch_images(batch["images"], self.config), batch["labels"].reshape(-1).long()]
-            if self.return_rows:
-                out.append(batch["rows"].reshape(-1))
-            yield tuple(out)
+            yield validation_batch(batch, self.config, self.return_rows)

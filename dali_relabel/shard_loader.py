@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import DataConfig
 from .devices import device_index, resolve_device
-from .loader import LoaderDataset, _as_torch_images, _resolve_rank, mix_batch
+from .loader import LoaderDataset, _resolve_rank, mix_batch, training_batch, validation_batch
 from .mixing import CutMixSpec
 from .shards import ShardSet
 
@@ -214,12 +214,7 @@ class ShardReLabelLoader(_ShardBatches):
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
             batch = mix_batch(batch, self.config, self.num_classes, epoch, index, self.mixup_enabled)
-            out = [_as_torch_images(batch["images"], self.config), batch["targets"]]
-            if self.return_labels:
-                out.append(batch["labels"].reshape(-1).long())
-            if self.return_rows:
-                out.append(batch["rows"].reshape(-1))
-            yield tuple(out)
+            yield training_batch(batch, self.config, self.return_labels, self.return_rows)
 
 
 class ShardValidationLoader(_ShardBatches):
@@ -250,10 +245,7 @@ class ShardValidationLoader(_ShardBatches):
 
     def __iter__(self):
         for _, _, batch in self._passes():
-            out = [_as_torch_images(batch["images"], self.config), batch["labels"].reshape(-1).long()]
-            if self.return_rows:
-                out.append(batch["rows"].reshape(-1))
-            yield tuple(out)
+            yield validation_batch(batch, self.config, self.return_rows)
 
 
 class _ShardSampler:
