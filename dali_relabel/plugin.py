@@ -226,7 +226,8 @@ def require_gpu_backend() -> None:
 
 
 # The operators the library registers, by backend ("gpu" only when built with the CUDA backend).
-OPERATORS = {"cpu": ("relabel__LabelPooling", "relabel__RandomCropWindow"), "gpu": ("relabel__LabelPooling",)}
+OPERATORS = {"cpu": ("relabel__LabelPooling", "relabel__RandomCropWindow", "relabel__SampleDraws"),
+             "gpu": ("relabel__LabelPooling",)}
 
 
 def check_registered() -> Dict:

@@ -393,3 +393,15 @@ def test_check_registered_finds_the_operators_in_dali():
     assert "relabel__LabelPooling" in backend.RegisteredCPUOps()
     if manifest["cuda"]:
         assert "relabel__LabelPooling" in backend.RegisteredGPUOps()
+
+
+def test_check_registered_knows_every_operator_the_sources_register():
+    import glob
+    import re
+
+    found = {"cpu": set(), "gpu": set()}
+    for path in glob.glob(os.path.join(plugin_build.CSRC_DIR, "*.c[cu]")):
+        with open(path) as f:
+            for name, device in re.findall(r"DALI_REGISTER_OPERATOR\((\w+),[^;]*::dali::(CPU|GPU)\)", f.read()):
+                found[device.lower()].add(name)
+    assert found == {kind: set(names) for kind, names in plugin.OPERATORS.items()}
