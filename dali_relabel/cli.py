@@ -78,7 +78,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_build_plugin(args) -> int:
-    from .plugin import PluginError, rebuild
+    from .plugin import PluginError, describe_build, rebuild
     from .plugin_build import PluginBuildError
 
     try:
@@ -87,6 +87,7 @@ def _cmd_build_plugin(args) -> int:
         print(f"dali-relabel build-plugin: {error}", file=sys.stderr)
         return 2
     print(json.dumps(manifest, indent=2))
+    print(describe_build(manifest, cpu_only=args.cpu_only))
     return 0
 
 

@@ -13,6 +13,7 @@ holds it open (or its HDF5 lock) after a crash.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -212,10 +213,18 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
         workers = workers or os.cpu_count() or 1
         bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
         try:
-            # fork: every loader starts at the first submit (with the lock held, the store closed)
+            # fork: every loader starts at the first submit (with the lock held, the store closed).
+            # The loaders inherit this process's objects. Garbage in reference cycles (a DALI pipeline
+            # an earlier caller dropped) would be collected inside a loader, and tearing a pipeline
+            # down there hangs or kills it (BrokenProcessPool). Frozen objects are never collected,
+            # so everything is frozen while they fork.
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                      initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-                pool.submit(int).result()
+                gc.freeze()
+                try:
+                    pool.submit(int).result()
+                finally:
+                    gc.unfreeze()
                 writer.reopen()
                 row = start
                 for logits, ids, sizes, unreadable in pool.map(_load_chunk, tasks):

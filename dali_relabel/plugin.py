@@ -17,6 +17,11 @@ to build it (``dali-relabel build-plugin``). Builds are cached per DALI version 
 switching flavours (uninstall one, install the other) builds once for the new one and keeps the old
 build for switching back. Two flavours installed at once, or a DALI whose files an uninstall deleted,
 is a :class:`PluginError` naming the ``pip`` commands that fix it.
+
+A machine without nvcc (a GPU node with the driver only) builds the CPU backend alone. Its CUDA
+backend can be built on any machine with nvcc and the same DALI version and flavour (no GPU needed):
+``dali-relabel build-plugin`` there prints the directory; copy it over and point
+``DALI_RELABEL_PLUGIN_DIR`` at it.
 """
 from __future__ import annotations
 
@@ -33,6 +38,12 @@ _loaded: Optional[Dict] = None
 
 class PluginError(RuntimeError):
     """The plugin is missing, stale or failed to build; the message says how to fix it."""
+
+
+# How to get a plugin with the CUDA backend onto a machine that cannot compile it.
+ELSEWHERE = ("or build it on a machine that has nvcc and the same DALI version and flavour (no GPU "
+             "needed there), copy the directory `dali-relabel build-plugin` prints to this machine and "
+             "set DALI_RELABEL_PLUGIN_DIR to it (it holds libdali_relabel.so and manifest.json)")
 
 
 def _cache_root() -> str:
@@ -107,7 +118,8 @@ def load_plugin(build: Optional[bool] = None) -> Dict:
             rejected.append(f"{directory}: {reason}")
     if build is None:
         build = os.environ.get("DALI_RELABEL_NO_BUILD", "0") != "1"
-    how = "run `dali-relabel build-plugin` (needs a C++ compiler, CUDA headers, and nvcc for the GPU backend)"
+    how = ("run `dali-relabel build-plugin` (needs a C++ compiler, CUDA headers, and nvcc for the GPU "
+           f"backend), {ELSEWHERE}")
     if not build:
         detail = ("; skipped: " + "; ".join(rejected)) if rejected else ""
         raise PluginError(f"no dali-relabel plugin fits DALI {identity['dali_version']} "
@@ -199,10 +211,55 @@ def _load(plugin_manager, directory: str) -> Dict:
 def require_gpu_backend() -> None:
     """Raise :class:`PluginError` unless the loaded plugin has its CUDA backend."""
     manifest = load_plugin()
-    if not manifest.get("cuda"):
-        raise PluginError("the dali-relabel plugin was built without its CUDA backend (nvcc was not "
-                          "found). Install the CUDA toolkit, set CUDA_HOME, and run "
-                          "`dali-relabel build-plugin --force`.")
+    if manifest.get("cuda"):
+        return
+    message = (f"the dali-relabel plugin in {manifest.get('directory')} was built without its CUDA "
+               "backend (nvcc was not found where it was built), so device='gpu' cannot run. Install "
+               "the CUDA toolkit here (set CUDA_HOME) and run `dali-relabel build-plugin --force`, "
+               f"{ELSEWHERE}. It must be built for DALI {manifest.get('dali_version')} "
+               f"({manifest.get('dali_flavour')}).")
+    chosen = os.environ.get("DALI_RELABEL_PLUGIN_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(str(manifest.get("directory"))):
+        reason = _mismatch(chosen, _identity(), want_cuda=True)
+        message += f" DALI_RELABEL_PLUGIN_DIR={chosen} was not used: {reason or 'it fits now; restart'}."
+    raise PluginError(message)
+
+
+# The operators the library registers, by backend ("gpu" only when built with the CUDA backend).
+OPERATORS = {"cpu": ("relabel__LabelPooling", "relabel__RandomCropWindow", "relabel__SampleDraws"),
+             "gpu": ("relabel__LabelPooling",)}
+
+
+def check_registered() -> Dict:
+    """Load the plugin and check that DALI registered its operators for every backend the build has;
+    returns the manifest. No pipeline and no GPU are needed, so it is cheap enough for a container's
+    HEALTHCHECK (mostly the time to import DALI)."""
+    import nvidia.dali.backend as backend
+
+    manifest = load_plugin()
+    registered = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps())}
+    wanted = ("cpu", "gpu") if manifest.get("cuda") else ("cpu",)
+    missing = [f"{name} ({kind})" for kind in wanted for name in OPERATORS[kind] if name not in registered[kind]]
+    if missing:
+        raise PluginError(f"the plugin in {manifest.get('directory')} loaded, but DALI does not know "
+                          f"{', '.join(missing)}")
+    return manifest
+
+
+def describe_build(manifest: Dict, cpu_only: bool = False) -> str:
+    """Where a build lies and which backends it has (what ``dali-relabel build-plugin`` prints)."""
+    directory = manifest.get("directory")
+    if manifest.get("cuda"):
+        backends = (f"CPU and CUDA backends (CUDA archs {manifest.get('cuda_archs')}, "
+                    f"nvcc {manifest.get('nvcc_version') or '?'})")
+    elif cpu_only:
+        backends = "CPU backend only (--cpu-only)"
+    else:
+        backends = ("CPU backend only: nvcc was not found (set CUDA_HOME or DALI_RELABEL_NVCC), so "
+                    "device='gpu' will not run with this build")
+    return (f"dali-relabel plugin for DALI {manifest.get('dali_version')} ({manifest.get('dali_flavour')}) "
+            f"built in {directory}\n  backends: {backends}\n  to use it elsewhere (same DALI): copy "
+            "the directory and set DALI_RELABEL_PLUGIN_DIR=<its path>")
 
 
 def rebuild(force: bool = True, with_cuda: Optional[bool] = None, verbose: bool = True) -> Dict:

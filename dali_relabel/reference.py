@@ -3,7 +3,8 @@
 For each sample: scatter the top-k logits into a dense zero map ``[C, H, W]`` (classes outside the
 top-k keep logit 0 and still take part in the softmax), RoIAlign it over the crop box with
 ``torchvision.ops.roi_align(output_size, sampling_ratio=-1, aligned=False)`` and the box scaled to the
-grid and shifted by -0.5, mirror the pooled grid for flipped samples, and softmax over classes.
+grid and shifted by -0.5, mirror the pooled grid for flipped samples, and softmax over classes (in
+float64, rounded once to float32).
 
 Box convention: boxes are ``(y0, x0, y1, x1)`` fractions of the image. The map layout decides how they
 meet the map (see ``docs/store_format.md``): ``"HW"`` pools map rows ``y0..y1`` and columns ``x0..x1``;
@@ -87,10 +88,17 @@ def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: 
         flips = flips.reshape(-1).bool().to(pooled.device)
         pooled = torch.where(flips.view(-1, 1, 1, 1), pooled.flip(-1), pooled)
     if apply_softmax:
-        pooled = torch.softmax(pooled / temperature, dim=1)
+        pooled = _softmax(pooled, temperature)
     else:
         pooled = pooled / temperature
     return pooled.reshape(b, num_classes) if (oh, ow) == (1, 1) else pooled.contiguous()
+
+
+def _softmax(pooled: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over classes (dim 1) of the float32 pooled logits, computed in float64 and rounded
+    once to float32: the oracle's own rounding stays far below the tests' tolerance (a float32
+    softmax over 1,000 classes is off by up to ~3e-5 relative)."""
+    return torch.softmax(pooled.double() / temperature, dim=1).to(pooled.dtype)
 
 
 def _with_batch_index(rois: torch.Tensor) -> torch.Tensor:
@@ -153,4 +161,4 @@ def reference_region_pooling(logits, class_ids, anchors, shapes, image_shapes, r
         usable = has_region & torch.as_tensor(area < 1).view(-1, 1)
         rest = (whole - fraction * inside) / torch.clamp(1 - fraction, min=1e-12)
         pooled = torch.where(usable, rest, whole)
-    return torch.softmax(pooled / temperature, dim=1)
+    return _softmax(pooled, temperature)

@@ -496,3 +496,41 @@ def test_conversion_publishes_durably(release, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     _, out = _convert(release)
     assert events == [str(out) + PARTIAL_SUFFIX, str(release["tmp"])]
+
+
+def test_forked_workers_leave_the_callers_garbage_alone(release, monkeypatch, unguarded_fork):
+    """A DALI pipeline left in a reference cycle by the caller must not be torn down inside a forked
+    worker (that crashed the worker: BrokenProcessPool when convert ran after pipeline tests)."""
+    pytest.importorskip("nvidia.dali")
+    import gc
+
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel import convert
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        return fn.random.uniform(shape=[1])
+
+    gc.disable()  # keep the garbage until the workers fork
+    try:
+        cycle = {"pipeline": graph()}
+        cycle["pipeline"].build()
+        cycle["pipeline"].run()
+        cycle["self"] = cycle
+        del cycle
+
+        def collect_in_worker(*args):  # what a busy worker's collector does sooner or later
+            import faulthandler
+
+            # A worker stuck tearing down an inherited pipeline exits (the test fails, not hangs).
+            faulthandler.dump_traceback_later(60, exit=True)
+            gc.enable()
+            gc.collect()
+            faulthandler.cancel_dump_traceback_later()
+
+        monkeypatch.setattr(convert, "_init_worker", collect_in_worker)
+        report, out = _convert(release, workers=1)
+    finally:
+        gc.enable()
+    assert report.rows == N and LabelStore(out).header.num_rows == N

@@ -129,6 +129,23 @@ def test_wrong_shapes_are_reported():
         _fused(20, 2, "cpu")(*data)
 
 
+def test_the_pipeline_goes_with_its_owner():
+    """No reference cycle through the pipeline: it is freed at once, never left as garbage for a
+    forked child's collector (tearing a DALI pipeline down in a child hangs or kills it)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        op = _fused(5, 2, "cpu")
+        op(*random_batch(np.random.default_rng(0), 2, 1, 3, 3, 5))
+        pipeline = weakref.ref(op.pipeline)
+        del op
+        assert pipeline() is None
+    finally:
+        gc.enable()
+
+
 def test_bad_arguments_are_reported():
     with pytest.raises(RuntimeError, match='layout must be "HW" or "WH"'):
         _fused(20, 2, "cpu", layout="XY")
@@ -137,8 +154,6 @@ def test_bad_arguments_are_reported():
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_gpu_backend_matches_reference(config):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     op = _fused(1000, 64, "gpu", **config)
     for seed in range(5):
         data = random_batch(np.random.default_rng(seed), 64, 5, 15, 15, 1000, edge=seed == 4)
@@ -147,12 +162,106 @@ def test_gpu_backend_matches_reference(config):
 
 @pytest.mark.gpu
 def test_gpu_backend_reports_bad_class_ids():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     data = list(random_batch(np.random.default_rng(5), 3, 2, 4, 4, 20))
     data[1][2, 0, 0, 0] = 99
     with pytest.raises(RuntimeError, match="sample 2: class id 99"):
         _fused(20, 3, "gpu")(*data)
+
+
+# The same cases on both backends: the CPU twin runs everywhere, the GPU one where there is a GPU.
+# Each case runs one pipeline with batch sizes that change between calls (the GPU backend's staging
+# buffers are reused, regrown and double-buffered across them).
+BACKEND_CASES = {
+    "k1-15x15": dict(k=1, grid=(15, 15)),
+    "k5-15x15": dict(k=5, grid=(15, 15)),
+    "k10-7x12": dict(k=10, grid=(7, 12)),
+    "k3-16x9-WH": dict(k=3, grid=(16, 9), layout="WH"),
+    "k5-14x14-grid2x3": dict(k=5, grid=(14, 14), output_size=(2, 3)),
+    "k2-5x11-WH-grid3x2": dict(k=2, grid=(5, 11), layout="WH", output_size=(3, 2)),
+    "k5-15x15-region-inside": dict(k=5, grid=(15, 15), region_mode="inside"),
+    "k4-9x13-WH-region-outside": dict(k=4, grid=(9, 13), layout="WH", region_mode="outside"),
+    "k5-15x15-region-outside-T2": dict(k=5, grid=(15, 15), region_mode="outside", temperature=2.0),
+    # more output bins than a CUDA grid's y dimension allows (65535): the kernel's grid is 1-D
+    "k1-4x4-grid2x40000": dict(k=1, grid=(4, 4), output_size=(2, 40000), num_classes=3),
+}
+BATCH_SIZES = (16, 3, 16, 1, 9, 16)
+
+
+def check_backend_case(device, case, device_id=None):
+    """Run one case through one pipeline of ``device`` and compare every call with the reference."""
+    from dali_relabel.reference import reference_region_pooling
+
+    case = dict(case)
+    k, (map_h, map_w) = case.pop("k"), case.pop("grid")
+    num_classes = case.pop("num_classes", 1000)
+    region_mode = case.pop("region_mode", None)
+    extra = {"device_id": device_id} if device_id is not None else {}
+    op = _fused(num_classes, max(BATCH_SIZES), device, region_mode=region_mode, **case, **extra)
+    for call, batch in enumerate(BATCH_SIZES):
+        rng = np.random.default_rng(call)
+        data = random_batch(rng, batch, k, map_h, map_w, num_classes, edge=call == 3)
+        if region_mode:
+            region = _random_regions(rng, batch, empty_every=3)
+            expected = reference_region_pooling(*data[:5], region, num_classes, mode=region_mode,
+                                                flips=data[5], layout=case.get("layout", "HW"),
+                                                temperature=case.get("temperature", 1.0))
+            torch.testing.assert_close(op(*data, region=region), expected, rtol=TOLERANCE, atol=1e-6)
+        else:
+            assert_matches_reference(op(*data), data, num_classes, **case)
+    return op
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES.values(), ids=BACKEND_CASES.keys())
+def test_cpu_backend_cases(case):
+    check_backend_case("cpu", case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BACKEND_CASES.values(), ids=BACKEND_CASES.keys())
+def test_gpu_backend_cases(case):
+    check_backend_case("gpu", case)
+
+
+@pytest.mark.gpu
+def test_gpu_device_comes_from_torch_or_the_argument():
+    last = torch.cuda.device_count() - 1
+    with torch.cuda.device(last):  # the default: torch's current device
+        op = check_backend_case("gpu", BACKEND_CASES["k5-15x15"])
+        assert op.device_id == last
+    # Explicit, and destroyed while another device is current (multi-GPU: the operator's buffers
+    # live on `last`; its destructor must switch there).
+    op = check_backend_case("gpu", BACKEND_CASES["k3-16x9-WH"], device_id=last)
+    assert op.device_id == last
+    with torch.cuda.device(0):
+        del op
+        import gc
+
+        gc.collect()
+    torch.cuda.synchronize()
+
+
+# The GPU kernel keeps a block's axis weights in shared memory: H + W <= 6127 there. The CPU has no
+# such limit, and the GPU says which input and limit it is instead of failing to launch.
+WIDE_MAP = dict(k=1, map_h=1, map_w=6200)
+
+
+def test_cpu_backend_pools_a_map_too_wide_for_the_gpu():
+    data = random_batch(np.random.default_rng(0), 2, WIDE_MAP["k"], WIDE_MAP["map_h"], WIDE_MAP["map_w"], 7)
+    assert_matches_reference(_fused(7, 2, "cpu")(*data), data, 7)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_names_the_shared_memory_limit():
+    data = random_batch(np.random.default_rng(0), 2, WIDE_MAP["k"], WIDE_MAP["map_h"], WIDE_MAP["map_w"], 7)
+    with pytest.raises(RuntimeError, match=r"input 'logits'.*H \+ W may be at most 6127"):
+        _fused(7, 2, "gpu")(*data)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_names_the_launch_limit():
+    data = random_batch(np.random.default_rng(0), 1, 1, 2, 2, 2)
+    with pytest.raises(RuntimeError, match=r"batch size 1 x output_size \(65536, 32768\)"):
+        _fused(2, 1, "gpu", output_size=(65536, 32768))(*data)
 
 
 def _random_regions(rng, batch, empty_every=0):

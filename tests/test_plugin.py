@@ -343,3 +343,65 @@ def test_read_only_file_system_is_a_plugin_error(tmp_path, monkeypatch):
         plugin.load_plugin(build=True)
     with pytest.raises(plugin.PluginError, match="Read-only file system"):
         plugin.rebuild(force=True)
+
+
+def test_a_build_without_cuda_says_how_to_bring_one_from_elsewhere(tmp_path, monkeypatch):
+    """A GPU machine without nvcc builds the CPU backend only; device='gpu' must then say both ways
+    out: install nvcc, or point DALI_RELABEL_PLUGIN_DIR at a build made where nvcc is."""
+    identity = plugin_build.dali_identity()
+    cpu_build = dict(identity, source_hash=plugin_build.source_hash(), cuda=False,
+                     directory=str(tmp_path / "cache"))
+    monkeypatch.setattr(plugin, "_loaded", cpu_build)  # as if load_plugin() had loaded it
+    monkeypatch.delenv("DALI_RELABEL_PLUGIN_DIR", raising=False)
+    with pytest.raises(plugin.PluginError) as error:
+        plugin.require_gpu_backend()
+    message = str(error.value)
+    assert "without its CUDA backend" in message and str(tmp_path / "cache") in message
+    assert "dali-relabel build-plugin --force" in message and "CUDA_HOME" in message
+    assert "DALI_RELABEL_PLUGIN_DIR" in message and identity["dali_version"] in message
+    # A DALI_RELABEL_PLUGIN_DIR that was skipped is named, with the reason.
+    monkeypatch.setenv("DALI_RELABEL_PLUGIN_DIR", str(_fake_build(tmp_path / "old", dali_version="2.3.0", cuda=True)))
+    with pytest.raises(plugin.PluginError, match=r"DALI_RELABEL_PLUGIN_DIR=.*old was not used: built for "
+                                                 r"dali_version='2\.3\.0'"):
+        plugin.require_gpu_backend()
+    monkeypatch.setattr(plugin, "_loaded", dict(cpu_build, cuda=True))
+    plugin.require_gpu_backend()
+
+
+def test_build_plugin_prints_where_and_which_backends(monkeypatch, capsys):
+    from dali_relabel import cli
+
+    built = dict(plugin_build.dali_identity(), cuda=True, cuda_archs="80;90", nvcc_version="12.6",
+                 directory="/somewhere/plugin")
+    monkeypatch.setattr(plugin, "rebuild", lambda **kwargs: built)
+    assert cli.main(["build-plugin"]) == 0
+    out = capsys.readouterr().out
+    assert "built in /somewhere/plugin" in out and "CPU and CUDA backends (CUDA archs 80;90" in out
+    assert "DALI_RELABEL_PLUGIN_DIR" in out
+    monkeypatch.setattr(plugin, "rebuild", lambda **kwargs: dict(built, cuda=False))
+    assert cli.main(["build-plugin"]) == 0
+    assert "CPU backend only: nvcc was not found" in capsys.readouterr().out
+    assert cli.main(["build-plugin", "--cpu-only"]) == 0
+    assert "CPU backend only (--cpu-only)" in capsys.readouterr().out
+
+
+def test_check_registered_finds_the_operators_in_dali():
+    """What the image's HEALTHCHECK runs: the library is loaded and DALI knows its operators."""
+    manifest = plugin.check_registered()
+    import nvidia.dali.backend as backend
+
+    assert "relabel__LabelPooling" in backend.RegisteredCPUOps()
+    if manifest["cuda"]:
+        assert "relabel__LabelPooling" in backend.RegisteredGPUOps()
+
+
+def test_check_registered_knows_every_operator_the_sources_register():
+    import glob
+    import re
+
+    found = {"cpu": set(), "gpu": set()}
+    for path in glob.glob(os.path.join(plugin_build.CSRC_DIR, "*.c[cu]")):
+        with open(path) as f:
+            for name, device in re.findall(r"DALI_REGISTER_OPERATOR\((\w+),[^;]*::dali::(CPU|GPU)\)", f.read()):
+                found[device.lower()].add(name)
+    assert found == {kind: set(names) for kind, names in plugin.OPERATORS.items()}

@@ -383,6 +383,9 @@ template <>
 LabelPooling<CPUBackend>::~LabelPooling() = default;
 
 template <>
+void LabelPooling<CPUBackend>::CheckLimits() const {}
+
+template <>
 void LabelPooling<CPUBackend>::RunImpl(::dali::Workspace &ws) {
   auto &output = ws.Output<CPUBackend>(0);
   auto &pool = ws.GetThreadPool();

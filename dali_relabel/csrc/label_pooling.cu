@@ -1,12 +1,16 @@
 // relabel.label_pooling: the CUDA backend. The batch is validated and packed on the host, uploaded
 // in one copy and pooled by one kernel launch on the workspace stream: one block per (sample, output
 // bin) scatters the weighted top-k logits into the sample's class vector and softmaxes it in place.
+// Two pinned staging slots are used in turn, so packing a batch overlaps the previous batch's upload
+// and kernel.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "dali/core/cuda_error.h"
+#include "dali/core/device_guard.h"
 #include "label_pooling.h"
 
 namespace dali_relabel {
@@ -17,6 +21,15 @@ using ::dali::GPUBackend;
 namespace {
 
 constexpr int kBlock = 256;
+constexpr int kScratchSlots = 33;  // BlockReduce: one per warp (kBlock / 32 <= 32), then the result
+// Dynamic shared memory a kernel may use without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+constexpr int64_t kMaxBlocks = INT_MAX;  // gridDim.x
+
+// Per block: the A and B axis weights of the box and of the left-out region, then the reduction slots.
+size_t SharedBytes(int map_h, int map_w) {
+  return (2 * (static_cast<size_t>(map_h) + static_cast<size_t>(map_w)) + kScratchSlots) * sizeof(float);
+}
 
 __device__ float BlockReduce(float value, bool is_max, float *scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -45,8 +58,11 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
   extern __shared__ float shared[];  // weights: 2 * (map_h + map_w), then 33 reduction slots
   float *wa = shared, *wb = shared + map_h, *ra = shared + map_h + map_w;
   float *rb = ra + map_h, *scratch = shared + 2 * (map_h + map_w);
-  const PoolingSample s = samples[blockIdx.x];
-  const int p = blockIdx.y / out_w, q = blockIdx.y % out_w;
+  // A 1-D grid (gridDim.x allows 2^31 - 1 blocks; gridDim.y only 65535): block = sample * bins + bin.
+  const unsigned bins = static_cast<unsigned>(out_h) * static_cast<unsigned>(out_w);
+  const PoolingSample s = samples[blockIdx.x / bins];
+  const int bin = static_cast<int>(blockIdx.x % bins);
+  const int p = bin / out_w, q = bin % out_w;
   const int bin_a = transposed ? q : p, bins_a = transposed ? out_w : out_h;
   const int bin_b = transposed ? p : q, bins_b = transposed ? out_h : out_w;
   for (int t = threadIdx.x; t < map_h + map_w; t += blockDim.x) {
@@ -95,16 +111,49 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
 
 size_t AlignUp(size_t n) { return (n + 255) & ~size_t(255); }
 
+cudaEvent_t AsEvent(void *event) { return static_cast<cudaEvent_t>(event); }
+
 }  // namespace
 
 template <>
+void LabelPooling<GPUBackend>::CheckLimits() const {
+  const int64_t n = static_cast<int64_t>(batch_.samples.size());
+  if (n == 0) return;
+  const int64_t bins = static_cast<int64_t>(params_.out_h()) * params_.out_w();
+  DALI_ENFORCE(n * bins <= kMaxBlocks, ::dali::make_string(
+      "relabel.label_pooling (GPU): batch size ", n, " x output_size (", params_.out_h(), ", ",
+      params_.out_w(), ") = ", n * bins, " thread blocks, more than CUDA's limit of ", kMaxBlocks,
+      " per launch; use a smaller output_size or batch size"));
+  const size_t shared = SharedBytes(batch_.map_h, batch_.map_w);
+  const int max_sum = static_cast<int>((kMaxSharedBytes / sizeof(float) - kScratchSlots) / 2);
+  DALI_ENFORCE(shared <= kMaxSharedBytes, ::dali::make_string(
+      "relabel.label_pooling (GPU): the label map (input 'logits', [k, H, W] with H = ", batch_.map_h,
+      ", W = ", batch_.map_w, ") needs ", shared, " bytes of shared memory per thread block, more "
+      "than the ", kMaxSharedBytes, "-byte (48 KB) limit; H + W may be at most ", max_sum,
+      " on the GPU (the CPU backend has no such limit)"));
+}
+
+template <>
 LabelPooling<GPUBackend>::~LabelPooling() {
-  if (staging_ready_) {
-    cudaEventSynchronize(static_cast<cudaEvent_t>(staging_ready_));
-    cudaEventDestroy(static_cast<cudaEvent_t>(staging_ready_));
+  if (staging_device_ < 0) return;  // never ran: nothing was allocated
+  try {
+    // The buffers and events belong to the device they were made on, which need not be the
+    // current one on the thread that destroys the pipeline.
+    ::dali::DeviceGuard guard(staging_device_);
+    for (StagingSlot &slot : staging_) {
+      // Errors are ignored: a destructor must not throw (the driver may be shutting down at exit).
+      if (slot.done) {
+        (void)cudaEventSynchronize(AsEvent(slot.done));  // its kernel may still read the slot
+        (void)cudaEventDestroy(AsEvent(slot.done));
+      }
+      if (slot.host) (void)cudaFreeHost(slot.host);
+      if (slot.device) (void)cudaFree(slot.device);
+      slot = StagingSlot{};
+    }
+  } catch (...) {
+    // DeviceGuard throws if the device cannot be selected any more; nothing left to free then.
   }
-  if (host_staging_) cudaFreeHost(host_staging_);
-  if (device_staging_) cudaFree(device_staging_);
+  (void)cudaGetLastError();  // leave no error behind for the next CUDA call on this thread
 }
 
 template <>
@@ -116,23 +165,35 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   const size_t samples_bytes = AlignUp(n * sizeof(PoolingSample));
   const size_t logits_bytes = AlignUp(n * entries * sizeof(float));
   const size_t bytes = samples_bytes + logits_bytes + n * entries * sizeof(int32_t);
-  if (!staging_ready_) {
+  if (staging_device_ < 0) CUDA_CALL(cudaGetDevice(&staging_device_));
+  StagingSlot &slot = staging_[next_slot_];
+  if (!slot.done) {
     cudaEvent_t event;
     CUDA_CALL(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    staging_ready_ = event;
+    slot.done = event;
   }
-  // The previous upload must have left the pinned buffer before it is refilled.
-  CUDA_CALL(cudaEventSynchronize(static_cast<cudaEvent_t>(staging_ready_)));
-  if (bytes > staging_bytes_) {
-    if (host_staging_) CUDA_CALL(cudaFreeHost(host_staging_));
-    if (device_staging_) CUDA_CALL(cudaFree(device_staging_));
-    host_staging_ = device_staging_ = nullptr;
-    staging_bytes_ = bytes + bytes / 2;
-    CUDA_CALL(cudaMallocHost(&host_staging_, staging_bytes_));
-    CUDA_CALL(cudaMalloc(&device_staging_, staging_bytes_));
+  // Wait only for the kernel that last read this slot (two batches ago); the other slot's upload
+  // and kernel (the previous batch) keep running while this batch is packed.
+  CUDA_CALL(cudaEventSynchronize(AsEvent(slot.done)));
+  if (bytes > slot.bytes) {
+    // Free first, then allocate; the slot records a capacity only once both allocations exist, so a
+    // failed allocation leaves an empty slot that the next run allocates again.
+    void *old_host = slot.host, *old_device = slot.device;
+    slot = StagingSlot{nullptr, nullptr, 0, slot.done};
+    if (old_host) CUDA_CALL(cudaFreeHost(old_host));
+    if (old_device) CUDA_CALL(cudaFree(old_device));
+    const size_t capacity = bytes + bytes / 2;
+    void *host = nullptr, *device = nullptr;
+    CUDA_CALL(cudaMallocHost(&host, capacity));
+    const cudaError_t status = cudaMalloc(&device, capacity);
+    if (status != cudaSuccess) cudaFreeHost(host);
+    CUDA_CALL(status);
+    slot.host = host;
+    slot.device = device;
+    slot.bytes = capacity;
   }
-  char *host = static_cast<char *>(host_staging_);
-  char *device = static_cast<char *>(device_staging_);
+  char *host = static_cast<char *>(slot.host);
+  char *device = static_cast<char *>(slot.device);
   auto *samples = reinterpret_cast<PoolingSample *>(host);
   auto *logits = reinterpret_cast<float *>(host + samples_bytes);
   auto *ids = reinterpret_cast<int32_t *>(host + samples_bytes + logits_bytes);
@@ -143,16 +204,17 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   }
   cudaStream_t stream = ws.stream();
   CUDA_CALL(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
-  CUDA_CALL(cudaEventRecord(static_cast<cudaEvent_t>(staging_ready_), stream));
-  const dim3 grid(n, params_.out_h() * params_.out_w());
-  const size_t shared_bytes = (2 * (batch_.map_h + batch_.map_w) + 33) * sizeof(float);
-  LabelPoolingKernel<<<grid, kBlock, shared_bytes, stream>>>(
+  const unsigned blocks = static_cast<unsigned>(n) * params_.out_h() * params_.out_w();  // CheckLimits
+  LabelPoolingKernel<<<blocks, kBlock, SharedBytes(batch_.map_h, batch_.map_w), stream>>>(
       reinterpret_cast<const PoolingSample *>(device),
       reinterpret_cast<const float *>(device + samples_bytes),
       reinterpret_cast<const int32_t *>(device + samples_bytes + logits_bytes), batch_.map_h,
       batch_.map_w, entries, params_.num_classes(), params_.out_h(), params_.out_w(),
       params_.transposed(), 1.f / params_.temperature(), params_.apply_softmax());
   CUDA_CALL(cudaGetLastError());
+  // After the kernel, not the copy: the kernel reads the device half of the slot.
+  CUDA_CALL(cudaEventRecord(AsEvent(slot.done), stream));
+  next_slot_ ^= 1;
 }
 
 }  // namespace dali_relabel

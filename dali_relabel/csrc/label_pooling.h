@@ -93,6 +93,7 @@ class LabelPooling : public ::dali::StatelessOperator<Backend> {  // checkpoints
  protected:
   bool SetupImpl(std::vector<::dali::OutputDesc> &output_desc, const ::dali::Workspace &ws) override {
     params_.Prepare(ws, batch_);
+    CheckLimits();
     output_desc.resize(1);
     output_desc[0].shape = params_.OutputShape(static_cast<int>(batch_.samples.size()));
     output_desc[0].type = DALI_FLOAT;
@@ -101,14 +102,25 @@ class LabelPooling : public ::dali::StatelessOperator<Backend> {  // checkpoints
 
   void RunImpl(::dali::Workspace &ws) override;
 
+  // Fails with a DALI error, before anything runs, where the batch exceeds a backend limit (the
+  // GPU backend's launch geometry and shared memory); nothing to check on the CPU.
+  void CheckLimits() const;
+
   LabelPoolingParams params_;
   PoolingBatch batch_;
   std::vector<HostScratch> scratch_;  // one per CPU worker thread
-  // GPU backend staging buffers (unused on the CPU).
-  void *host_staging_ = nullptr;
-  void *device_staging_ = nullptr;
-  size_t staging_bytes_ = 0;
-  void *staging_ready_ = nullptr;  // cudaEvent_t: the last upload from host_staging_ finished
+
+  // GPU backend only: two staging slots used in turn, so packing batch i on the host overlaps the
+  // upload and kernel of batch i-1; a slot is refilled once the kernel that last read it finished.
+  struct StagingSlot {
+    void *host = nullptr;    // pinned
+    void *device = nullptr;
+    size_t bytes = 0;        // capacity of both buffers; 0 until both allocations succeeded
+    void *done = nullptr;    // cudaEvent_t recorded after the kernel that read this slot
+  };
+  StagingSlot staging_[2];
+  int next_slot_ = 0;
+  int staging_device_ = -1;  // the CUDA device the slots live on (set with the first event)
 };
 
 }  // namespace dali_relabel
