@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -456,7 +457,9 @@ def test_a_second_conversion_of_the_same_output_is_refused(release):
     process, _, go = _start_paused_convert(release, out)
     try:
         started = time.monotonic()
-        with pytest.raises(OutputBusyError, match=f"is being written by process {process.pid} on .*convert"):
+        # The message names the writer and the command line it runs (here python -c with out's path).
+        who = rf"is being written by process {process.pid} on \S+ \(started [^:]+:.*{re.escape(str(out))}"
+        with pytest.raises(OutputBusyError, match=who):
             _convert(release)
         with pytest.raises(OutputBusyError):
             _convert(release, restart=True)

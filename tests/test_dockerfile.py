@@ -455,7 +455,7 @@ def copy_problems(dockerfile: str, dockerignore: str, root: str = ROOT) -> List[
     return problems
 
 
-KEEP = ["setup.py", "pyproject.toml", "README.md", "dali_relabel/plugin.py", "dali_relabel/csrc/label_pooling.cc",
+KEEP = ["setup.py", "pyproject.toml", "README.md", "dali_relabel/plugin.py", "dali_relabel/csrc/label_pooling_cpu.cc",
         "dali_relabel/csrc/label_pooling.cu", "dali_relabel/csrc/label_pooling_math.h", "pipelines/graphs.py",
         "tests/conftest.py", "docs/store_format.md", "docs/demo_label_map_machine.png",
         "benchmarks/results/run.json", "benchmarks/results/throughput-cpu-2026-11-25.png"]
