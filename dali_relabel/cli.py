@@ -9,7 +9,9 @@ demo          the whole path on generated data, no GPU needed
 generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
 train         train a classifier with ReLabel targets (the recipe pipelines/train.py; torchrun for DDP)
 shard         pack an image folder and its store into tar shards for clusters (webdataset)
-bench         throughput benchmark (plain DALI, dali-relabel, the authors' loader, the operator), --store-read
+
+The benchmarks are not a subcommand: they live in benchmarks/ and run from the repository root
+(python -m benchmarks.throughput, benchmarks.operator, benchmarks.store_read; benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -147,17 +149,6 @@ def _cmd_generate(args) -> int:
     if result.get("rank", 0) == 0:
         print(f"wrote {result.get('rows')} rows to {result['out']} (teacher {result['teacher']}, "
               f"{result['size']} px, grid {result['grid'][0]}x{result['grid'][1]}, k={result['k']})")
-    return 0
-
-
-def _cmd_bench(args) -> int:
-    from .bench import BenchError, run_from_args
-
-    try:
-        run_from_args(args)
-    except BenchError as error:
-        print(f"dali-relabel bench: {error}", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -305,12 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_shard)
 
-    from .bench import add_arguments as add_bench_arguments
-
-    p = sub.add_parser("bench", help="loader/operator throughput on a generated ImageNet-like set, or "
-                                     "--store-read (see benchmarks/README.md)")
-    add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
     return parser
 
 
