@@ -12,6 +12,13 @@ Training loaders (images/s; all decode the same generated JPEGs):
   the image's ``.pt`` map per sample), then per batch the dense scatter into ``zeros[B, C, 15, 15]`` +
   ``roi_align`` + softmax (:func:`~dali_relabel.reference.reference_label_pooling`, layout ``"WH"``).
 
+Tar shards (images/s; the same images packed by ``dali-relabel shard``, :func:`benchmarks.data.prepare_shards`):
+
+- ``plain-shards``: ``plain_shard_train_pipeline``, ``readers.webdataset`` (JPEG + label) on the
+  same decode path as ``plain``, hard labels: the ceiling of the shard path;
+- ``shards``: :class:`~dali_relabel.shard_loader.ShardReLabelLoader` with soft targets (maps read
+  from the shards; one pipeline per epoch, with its shard order).
+
 Feed only (samples/s, CPU, no decode; every output kept so DALI prunes nothing):
 
 - ``reader``: ``fn.readers.file`` alone (encoded bytes + labels);
@@ -33,10 +40,13 @@ LABELS = {
     "example": "DALI's example graph (image_random_crop)",
     "relabel": "dali-relabel (soft targets)",
     "authors": "authors' approach (DataLoader + .pt + dense RoIAlign)",
+    "plain-shards": "plain DALI on tar shards, same decode path (hard labels)",
+    "shards": "dali-relabel on tar shards (soft targets)",
     "reader": "readers.file alone",
     "source": "our source (BatchSource + io.file.read)",
 }
 LOADERS = ("plain", "example", "relabel", "authors")
+SHARD_LOADERS = ("plain-shards", "shards")
 
 
 def label(name: str) -> str:
@@ -105,6 +115,38 @@ def make_relabel(data: BenchData, config, batch_size: int, device: str, name: st
                      settings=_settings(config, py_num_workers=config.py_num_workers,
                                         decoder="mixed" if device == "gpu" else "cpu"),
                      close=loader.close)
+
+
+def make_plain_shards(shards_dir: str, config, batch_size: int, device: str) -> Contender:
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from dali_relabel.pipelines.graphs import plain_shard_train_pipeline
+    from dali_relabel.shards import ShardSet
+
+    pipe = plain_shard_train_pipeline(ShardSet.load(shards_dir), config,
+                                      decoder_device="mixed" if device == "gpu" else "cpu", reader_seed=config.seed,
+                                      **_exec_settings(config, batch_size, 0 if device == "gpu" else None))
+    iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+
+    def epoch():
+        for outputs in iterator:
+            yield outputs[0]["images"], outputs[0]["labels"]
+
+    return Contender("plain-shards", label("plain-shards"), endless(epoch), lambda b: len(b[0]),
+                     drain=2 * config.prefetch_queue_depth,
+                     settings=_settings(config, decoder="mixed" if device == "gpu" else "cpu"))
+
+
+def make_shards(shards_dir: str, config, batch_size: int, device: str) -> Contender:
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    loader = ShardReLabelLoader(shards_dir, batch_size=batch_size, config=config, device=device)
+    return Contender("shards", label("shards"), endless(lambda: iter(loader)), lambda b: len(b[0]),
+                     drain=2 * config.prefetch_queue_depth, check=lambda b: soft_target_error(b[1]),
+                     settings=_settings(config, decoder="mixed" if device == "gpu" else "cpu"),
+                     close=getattr(loader, "close", None))
 
 
 class AuthorsDataset:

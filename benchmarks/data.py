@@ -290,6 +290,20 @@ def prepare_image_set(data_dir: str, num_images: int = 2048, num_classes: int = 
     return data
 
 
+def prepare_shards(data: BenchData, shard_mb: float = 32.0, log: Callable[[str], None] = log) -> str:
+    """Tar shards of the image set and its store (``dali-relabel shard``), about ``shard_mb`` MB each,
+    written once per store content under ``<set>/shards-<content hash>``; returns their directory."""
+    from dali_relabel.shards import write_shards
+
+    with open_store(data.store_path) as store:
+        out_dir = os.path.join(data.root, f"shards-{store.header.content_sha256[:12]}")
+        if os.path.exists(os.path.join(out_dir, "index.json")):
+            return out_dir
+        log(f"packing the image set into tar shards of ~{shard_mb:g} MB -> {out_dir}")
+        write_shards(data.image_root, store, out_dir, shard_bytes=int(shard_mb * 1e6), progress=False)
+    return out_dir
+
+
 def random_crop_batch(rng: np.random.Generator, batch: int, num_classes: int, k: int = 5, grid: int = 15,
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """Operator inputs like the training graph's: maps, random-resized-crop windows of ~500x375

@@ -1,24 +1,29 @@
 """Markdown table and PNG chart of a throughput result (:mod:`benchmarks.throughput`)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
 from .report import fmt, header_lines, pyplot, warning_lines
 
 COLOURS = {"plain": "#999999", "example": "#c7a252", "relabel": "#76b900", "authors": "#1f77b4",
-           "reader": "#999999", "source": "#76b900"}
+           "reader": "#999999", "source": "#76b900", "plain-shards": "#999999", "shards": "#76b900"}
 RATIOS = (("relabel_over_plain", "relabel / plain (same decode path)"),
           ("relabel_over_example", "relabel / example graph"),
-          ("relabel_over_authors", "relabel / authors' approach"))
+          ("relabel_over_authors", "relabel / authors' approach"),
+          ("shards_over_plain_shards", "shards / plain on shards"))
 
 
-def _names(result: dict, feed: bool) -> List[str]:
+def _group(run: dict, key: Optional[str]) -> dict:
+    """The loaders of a run (``key`` None) or its ``"feed"`` / ``"shards"`` round."""
+    return run if key is None else (run.get(key) or {})
+
+
+def _names(result: dict, key: Optional[str]) -> List[str]:
     names: List[str] = []
     for run in result["runs"].values():
-        group = (run.get("feed") or {}) if feed else run
-        names += [n for n in group.get("contenders", {}) if n not in names]
+        names += [n for n in _group(run, key).get("contenders", {}) if n not in names]
     return names
 
 
@@ -39,12 +44,12 @@ def _cpu_us_cell(group: dict, name: str) -> str:
     return "-" if not entry else f"{1e3 * entry['median']:.0f}"
 
 
-def _table(result: dict, feed: bool, unit: str, cell=_cell, what: str = "median (min-max)") -> List[str]:
+def _table(result: dict, key: Optional[str], unit: str, cell=_cell, what: str = "median (min-max)") -> List[str]:
     batches = list(result["runs"])
     lines = [f"| contender ({unit}, {what}) | " + " | ".join(f"B={b}" for b in batches) + " |",
              "|---|" + "---:|" * len(batches)]
-    for name in _names(result, feed):
-        groups = [(run.get("feed") or {}) if feed else run for run in result["runs"].values()]
+    for name in _names(result, key):
+        groups = [_group(run, key) for run in result["runs"].values()]
         label = next(g["contenders"][name]["label"] for g in groups if name in g.get("contenders", {}))
         lines.append(f"| {label} | " + " | ".join(cell(g, name) for g in groups) + " |")
     return lines
@@ -60,8 +65,13 @@ def markdown(result: dict) -> str:
               f"about {d.get('mean_image_hw', [0, 0])[1]:.0f}x{d.get('mean_image_hw', [0, 0])[0]:.0f}), "
               f"{d.get('num_classes')} classes; feed only with {a.get('feed_threads')} DALI threads.", ""]
     if any(run.get("contenders") for run in runs.values()):
-        lines += ["## Training loaders", ""] + _table(result, False, "images/s") + [""]
-        lines += _table(result, False, "CPU ms per image", _cpu_cell, "median; all processes of the run") + [""]
+        lines += ["## Training loaders", ""] + _table(result, None, "images/s") + [""]
+        lines += _table(result, None, "CPU ms per image", _cpu_cell, "median; all processes of the run") + [""]
+    if any(run.get("shards") for run in runs.values()):
+        lines += ["## Tar shards (the same images, `dali-relabel shard`)", ""] + _table(result, "shards", "images/s")
+        lines += [""] + _table(result, "shards", "CPU ms per image", _cpu_cell, "median; all processes of the run")
+        lines += [""]
+    if any(run.get("contenders") or run.get("shards") for run in runs.values()):
         lines += ["| ratio: of medians (of paired repeats) [of CPU time per image] | "
                   + " | ".join(f"B={b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
         keys = [k for k, _ in RATIOS] + sorted({k for run in runs.values() for k in run["ratios"]
@@ -80,8 +90,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     if any(run.get("feed") for run in runs.values()):
         lines += [f"## Feed only (no decoding, {a.get('feed_threads')} DALI threads)", ""]
-        lines += _table(result, True, "samples/s") + [""]
-        lines += _table(result, True, "CPU µs per sample", _cpu_us_cell, "median; all processes of the run") + [""]
+        lines += _table(result, "feed", "samples/s") + [""]
+        lines += _table(result, "feed", "CPU µs per sample", _cpu_us_cell, "median; all processes of the run") + [""]
     workers = result.get("py_num_workers", {}).get("by_batch_size") or {}
     if workers:
         lines += ["## Source workers (`DataConfig.py_num_workers`)", "",
@@ -97,7 +107,8 @@ def markdown(result: dict) -> str:
         lines += ["## Targets", ""]
         for key, entry in targets.items():
             values = ", ".join(f"B={b}: {fmt(v, 2 if v < 100 else 0)}" for b, v in entry["by_batch_size"].items())
-            what = "relabel / plain >=" if key == "relabel_over_plain" else "our feed (samples/s) >="
+            what = {"relabel_over_plain": "relabel / plain >=", "shards_over_plain_shards": "shards / plain on shards >="
+                    }.get(key, "our feed (samples/s) >=")
             lines.append(f"- {what} {fmt(entry['threshold'], 2 if entry['threshold'] < 100 else 0)} at every "
                          f"batch size: **{'met' if entry['met'] else 'MISSED'}** ({values})"
                          + (f"; paired ratios: {'met' if entry['met_paired'] else 'missed'} ("
@@ -111,8 +122,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _grouped_bars(ax, result: dict, feed: bool, ylabel: str) -> None:
-    names = _names(result, feed)
+def _grouped_bars(ax, result: dict, key: Optional[str], ylabel: str) -> None:
+    names = _names(result, key)
     batches = list(result["runs"])
     if not names:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
@@ -120,7 +131,7 @@ def _grouped_bars(ax, result: dict, feed: bool, ylabel: str) -> None:
     width = 0.8 / len(names)
     x = np.arange(len(batches))
     for i, name in enumerate(names):
-        groups = [(run.get("feed") or {}) if feed else run for run in result["runs"].values()]
+        groups = [_group(run, key) for run in result["runs"].values()]
         entries = [g.get("contenders", {}).get(name) for g in groups]
         med = [e["median"] if e else 0.0 for e in entries]
         err = [[e["median"] - e["min"] if e else 0 for e in entries], [e["max"] - e["median"] if e else 0 for e in entries]]
@@ -138,11 +149,16 @@ def _grouped_bars(ax, result: dict, feed: bool, ylabel: str) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    """Loaders, ratios and feed per batch size (three panels)."""
+    """Loaders, ratios, feed and (when measured) tar shards per batch size, a panel each."""
     plt = pyplot()
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
-    _grouped_bars(left, result, False, "images/s (median, bars: min-max)")
+    shards = any(run.get("shards") for run in result["runs"].values())
+    fig, axes = plt.subplots(1, 4 if shards else 3, figsize=(21 if shards else 16, 4.8))
+    left, middle, right = axes[:3]
+    _grouped_bars(left, result, None, "images/s (median, bars: min-max)")
     left.set_title(f"training loaders ({result['device']})")
+    if shards:
+        _grouped_bars(axes[3], result, "shards", "images/s (median, bars: min-max)")
+        axes[3].set_title(f"tar shards ({result['device']})")
     batches = list(result["runs"])
     keys = [(k, t) for k, t in RATIOS if any(k in run["ratios"] for run in result["runs"].values())]
     x = np.arange(len(batches))
@@ -161,7 +177,7 @@ def plot(result: dict, path: str) -> None:
     middle.set_title("dali-relabel relative to ...")
     if keys:
         middle.legend(fontsize=7)
-    _grouped_bars(right, result, True, "samples/s (median, bars: min-max)")
+    _grouped_bars(right, result, "feed", "samples/s (median, bars: min-max)")
     feed_target = (result.get("targets") or {}).get("feed_source_samples_per_s", {}).get("threshold")
     if feed_target:
         right.axhline(feed_target, color="red", linewidth=0.8, linestyle="--")

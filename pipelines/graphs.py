@@ -13,8 +13,8 @@ model sees.
 
 Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
 
-The plain graphs at the end read the same files with ``readers.file`` and no maps: the baselines of
-the throughput benchmark.
+The plain graphs at the end read the same files with ``readers.file`` (or the same tar shards with
+``readers.webdataset``) and no maps: the baselines of the throughput benchmark.
 
 All graphs run with ``device_id=None`` (CPU only). Execution settings (batch size, threads, device,
 seed) are given where a graph is built: ``train_pipeline(..., batch_size=..., device_id=...)``.
@@ -250,15 +250,35 @@ def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str
     ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip +
     normalize. Outputs: images, hard labels. The throughput benchmark's ceiling."""
     jpegs, labels = _plain_reader(file_root, shard_id, num_shards)
+    return _plain_augment(jpegs, config, decoder_device), labels
+
+
+@pipeline_def
+def plain_shard_train_pipeline(shards: ShardSet, config: DataConfig, decoder_device: str = "cpu",
+                               shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0):
+    """Plain DALI over tar shards: ``readers.webdataset`` (the JPEG and its label only, the same
+    shuffle buffer as :func:`shard_train_pipeline`) -> the decode path of :func:`plain_train_pipeline`.
+    Outputs: images, hard labels. The shard benchmark's ceiling."""
+    names = [s["name"] for s in shards.shards]
+    jpegs, labels = fn.readers.webdataset(
+        paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
+        ext=["jpg", "label"], dtypes=[types.UINT8, types.INT32], shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=True, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed, pad_last_batch=True,
+        stick_to_shard=True, name="Reader")
+    return _plain_augment(jpegs, config, decoder_device), labels
+
+
+def _plain_augment(jpegs, config: DataConfig, decoder_device: str):
+    """``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip
+    + normalize, with DALI's own random draws (no keys, no coordinates kept)."""
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
     anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
                                             random_aspect_ratio=list(config.ratio),
                                             num_attempts=config.num_attempts)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, _fixed_interpolation(config)), config,
-                        fn.random.coin_flip(probability=config.flip_probability))
-    return images, labels
+    return _normalize(_resize_square(images, _fixed_interpolation(config)), config,
+                      fn.random.coin_flip(probability=config.flip_probability))
 
 
 @pipeline_def

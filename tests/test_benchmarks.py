@@ -94,15 +94,22 @@ def test_throughput_smoke_cpu(tmp_path, data_dir):
         for entry in feed["contenders"].values():
             _check_entry(entry)
         assert feed["method"]["threads"] == 2 and feed["ratios"]["source_over_reader"] > 0
+        shards = run["shards"]
+        assert set(shards["contenders"]) == {"plain-shards", "shards"}
+        for entry in shards["contenders"].values():
+            _check_entry(entry)
+        assert shards["contenders"]["shards"]["soft_target_sum_max_error"] < 1e-3
+        assert run["ratios"]["shards_over_plain_shards"] > 0
     compared = result["py_num_workers"]
     assert compared["default"] == workers and compared["compared"] == [other]
     assert set(compared["by_batch_size"]["8"]["loader"]["median_by_workers"]) == {"1", "2"}
     assert set(compared["by_batch_size"]["8"]["feed"]["median_by_workers"]) == {"1", "2"}
-    assert set(result["targets"]) == {"relabel_over_plain", "feed_source_samples_per_s"}
+    assert set(result["targets"]) == {"relabel_over_plain", "shards_over_plain_shards", "feed_source_samples_per_s"}
     assert set(result["targets"]["relabel_over_plain"]["by_batch_size"]) == {"4", "8"}
     with open(result["files"]["markdown"]) as f:
         table = f.read()
     assert "| B=4 | B=8 |" in table and "relabel / plain" in table and "## Targets" in table
+    assert "## Tar shards" in table and "shards / plain on shards" in table
 
 
 def test_operator_smoke_cpu(tmp_path):
