@@ -17,41 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def _cmd_convert(args) -> int:
-    from .convert import ConversionError, convert_release
-    from .outputs import OutputBusyError
+    from .convert import convert_release
 
     class_names = None
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f if line.strip()]
-    try:
-        report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
-                                 class_names=class_names, allow_missing=args.allow_missing,
-                                 workers=args.workers, restart=args.restart, progress=not args.quiet)
-    except (ConversionError, OutputBusyError, ValueError, FileNotFoundError) as error:
-        print(f"dali-relabel convert: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out}.partial keeps the rows written so far; rerun the same command "
-              "to resume", file=sys.stderr)
-        return 130
+    report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
+                             class_names=class_names, allow_missing=args.allow_missing,
+                             workers=args.workers, restart=args.restart, progress=not args.quiet)
     print(report.summary())
     return 0
 
 
 def _cmd_info(args) -> int:
-    from .store import LabelStore, StoreError, summarize
+    from .store import LabelStore, summarize
 
-    try:
-        level = "full" if args.verify else "header" if args.fast else "sample"
-        store = LabelStore(args.store, verify=level)
-    except StoreError as error:
-        print(f"dali-relabel info: {error}", file=sys.stderr)
-        return 2
+    level = "full" if args.verify else "header" if args.fast else "sample"
+    store = LabelStore(args.store, verify=level)
     summary = summarize(store)
     if args.verify:
         summary["checksum"] = "verified (every block and every value)"
@@ -66,28 +54,18 @@ def _cmd_info(args) -> int:
 
 def _cmd_show(args) -> int:
     from .show import show_store_row
-    from .store import LabelStore, StoreError
+    from .store import LabelStore
 
-    try:
-        store = LabelStore(args.store, verify="header")
-        out = show_store_row(store, args.index, args.image_root, args.out, layout=args.layout,
-                             both_layouts=args.both)
-    except (StoreError, FileNotFoundError, IndexError) as error:
-        print(f"dali-relabel show: {error}", file=sys.stderr)
-        return 2
+    store = LabelStore(args.store, verify="header")
+    out = show_store_row(store, args.index, args.image_root, args.out, layout=args.layout, both_layouts=args.both)
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_build_plugin(args) -> int:
-    from .plugin import PluginError, describe_build, rebuild
-    from .plugin_build import PluginBuildError
+    from .plugin import describe_build, rebuild
 
-    try:
-        manifest = rebuild(force=args.force, with_cuda=False if args.cpu_only else None)
-    except (PluginError, PluginBuildError) as error:
-        print(f"dali-relabel build-plugin: {error}", file=sys.stderr)
-        return 2
+    manifest = rebuild(force=args.force, with_cuda=False if args.cpu_only else None)
     print(json.dumps(manifest, indent=2))
     print(describe_build(manifest, cpu_only=args.cpu_only))
     return 0
@@ -107,15 +85,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint, format_results
-    from .metrics import EvaluationError
 
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.val, real=args.real, model_name=args.model,
-                                     batch_size=args.batch_size, device=args.device,
-                                     classes_from_store=args.classes_from_store, imagenetv2=args.imagenetv2)
-    except (EvaluationError, ValueError, FileNotFoundError) as error:
-        print(f"dali-relabel evaluate: {error}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(args.checkpoint, args.val, real=args.real, model_name=args.model,
+                                 batch_size=args.batch_size, device=args.device,
+                                 classes_from_store=args.classes_from_store, imagenetv2=args.imagenetv2)
     if result.get("rank", 0) == 0:
         print(format_results(result))
         if args.json:
@@ -127,25 +100,15 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_generate(args) -> int:
     from .config import DataConfig
-    from .generate import GenerateError, run_generate
-    from .outputs import OutputBusyError
-    from .store import StoreError
+    from .generate import run_generate
 
     changes = {name: value for name, value in (("py_num_workers", args.workers), ("num_threads", args.threads))
                if value is not None}
     config = DataConfig().replace(**changes)
-    try:
-        result = run_generate(args.images, args.out, args.model, args.weights, size=args.size, grid=args.grid,
-                              k=args.k, batch_size=args.batch_size, device=args.device, amp=args.amp,
-                              class_names_file=args.class_names, teacher_name=args.teacher_name,
-                              config=config, restart=args.restart, progress=not args.quiet)
-    except (GenerateError, StoreError, OutputBusyError, ValueError, FileNotFoundError) as error:
-        print(f"dali-relabel generate: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out}.partial (or its .part files) keeps the rows written so far; rerun "
-              "the same command to resume", file=sys.stderr)
-        return 130
+    result = run_generate(args.images, args.out, args.model, args.weights, size=args.size, grid=args.grid,
+                          k=args.k, batch_size=args.batch_size, device=args.device, amp=args.amp,
+                          class_names_file=args.class_names, teacher_name=args.teacher_name,
+                          config=config, restart=args.restart, progress=not args.quiet)
     if result.get("rank", 0) == 0:
         print(f"wrote {result.get('rows')} rows to {result['out']} (teacher {result['teacher']}, "
               f"{result['size']} px, grid {result['grid'][0]}x{result['grid'][1]}, k={result['k']})")
@@ -163,18 +126,10 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_shard(args) -> int:
-    from .shards import ShardError, write_shards
-    from .store import StoreError
+    from .shards import write_shards
 
-    try:
-        shards = write_shards(args.images, args.store, args.out, shard_bytes=args.shard_size, seed=args.seed,
-                              workers=args.workers, progress=not args.quiet)
-    except (ShardError, StoreError, FileNotFoundError, ValueError) as error:
-        print(f"dali-relabel shard: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; rerun the same command to write the rest", file=sys.stderr)
-        return 130
+    shards = write_shards(args.images, args.store, args.out, shard_bytes=args.shard_size, seed=args.seed,
+                          workers=args.workers, progress=not args.quiet)
     total = sum(s["bytes"] for s in shards.shards)
     print(f"wrote {shards.num_samples} samples in {len(shards.shards)} shards ({total / 1e9:.2f} GB) to "
           f"{shards.directory}; train with --shards '{shards.directory}/shard-{{000000..{len(shards.shards) - 1:06d}}}.tar'")
@@ -305,15 +260,49 @@ def _train_parser():
     return get_args_parser(prog="dali-relabel train")
 
 
+# What an interrupted run leaves behind, per subcommand ({out}: its --out).
+_INTERRUPTED = {
+    "convert": "{out}.partial keeps the rows written so far; rerun the same command to resume",
+    "generate": "{out}.partial (or its .part files) keeps the rows written so far; rerun the same command "
+                "to resume",
+    "shard": "finished shards are kept; rerun the same command to write the rest",
+    "train": "the checkpoints written so far stay in --output-dir; rerun with --resume auto to go on",
+}
+
+
+def run_command(command: str, job, args) -> int:
+    """Run one subcommand's ``job(args)``: an error meant for the user (``DaliRelabelError``, an
+    ``OSError`` such as a missing file, a ``ValueError``/``IndexError`` naming a bad setting or row)
+    prints ``dali-relabel <command>: <message>`` and returns 2; Ctrl-C says what was kept and returns
+    130. ``DALI_RELABEL_TRACEBACK=1`` lets the error through with its traceback."""
+    from .errors import DaliRelabelError
+
+    try:
+        return job(args)
+    except KeyboardInterrupt:
+        hint = _INTERRUPTED.get(command, "")
+        print("\ninterrupted" + (": " + hint.format(out=getattr(args, "out", "")) if hint else ""), file=sys.stderr)
+        return 130
+    except (DaliRelabelError, OSError, ValueError, IndexError) as error:
+        if os.environ.get("DALI_RELABEL_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"dali-relabel {command}: {error}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from .pipelines.train import main as train_main
+
+    train_main(args)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the training recipe's own parser (pipelines/train.py), built only here
-        from .pipelines.train import main as train_main
-
-        train_main(_train_parser().parse_args(argv[1:]))
-        return 0
+        return run_command("train", _train, _train_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args.func.__name__[len("_cmd_"):].replace("_", "-"), args.func, args)
 
 
 if __name__ == "__main__":
