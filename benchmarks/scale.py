@@ -69,6 +69,18 @@ def _jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def _written_by_older_writer(store_path: str) -> bool:
+    """Whether a cached store has another format version or hash-block size than the writer's now."""
+    import h5py
+
+    from dali_relabel.store import FORMAT_VERSION
+    from dali_relabel.store.format import HASH_CHUNK_ROWS
+
+    with h5py.File(store_path, "r") as f:
+        return (int(f.attrs.get("format_version", 0)) != FORMAT_VERSION
+                or int(f.attrs.get("hash_chunk_rows", 0)) != HASH_CHUNK_ROWS)
+
+
 def prepare(data_dir: str, rows: int, chunk: int = 16384) -> tuple:
     """``(image_root, store_path)`` of the generated set (reused when present)."""
     from tqdm import tqdm
@@ -92,6 +104,8 @@ def prepare(data_dir: str, rows: int, chunk: int = 16384) -> tuple:
             if not os.path.exists(target):
                 os.link(os.path.join(originals, path.split("/")[0] + ".JPEG"), target)
         open(done_tree, "w").close()
+    if os.path.exists(store_path) and _written_by_older_writer(store_path):
+        os.remove(store_path)  # measure the store the current writer makes
     if not os.path.exists(store_path):
         writer = StoreWriter(store_path, paths, CLASSES, 5, 15, 15, layout="WH",
                              class_names=[_class_name(c) for c in range(CLASSES)], source="benchmark",
