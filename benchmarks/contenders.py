@@ -17,7 +17,9 @@ Tar shards (images/s; the same images packed by ``dali-relabel shard``, :func:`b
 - ``plain-shards``: ``plain_shard_train_pipeline``, ``readers.webdataset`` (JPEG + label) on the
   same decode path as ``plain``, hard labels: the ceiling of the shard path;
 - ``shards``: :class:`~dali_relabel.shard_loader.ShardReLabelLoader` with soft targets (maps read
-  from the shards; one pipeline per epoch, with its shard order).
+  from the shards; one pipeline per epoch, with its shard order);
+- ``plain-shards-graph``, ``shards-graph``: the two graphs alone (``pipeline.run()`` across reader
+  epochs, no iterator, no per-epoch pipeline): the steady state, without what an epoch's end costs.
 
 Feed only (samples/s, CPU, no decode; every output kept so DALI prunes nothing):
 
@@ -42,11 +44,13 @@ LABELS = {
     "authors": "authors' approach (DataLoader + .pt + dense RoIAlign)",
     "plain-shards": "plain DALI on tar shards, same decode path (hard labels)",
     "shards": "dali-relabel on tar shards (soft targets)",
+    "plain-shards-graph": "plain graph on tar shards, pipeline.run() only",
+    "shards-graph": "dali-relabel's shard graph, pipeline.run() only",
     "reader": "readers.file alone",
     "source": "our source (BatchSource + io.file.read)",
 }
 LOADERS = ("plain", "example", "relabel", "authors")
-SHARD_LOADERS = ("plain-shards", "shards")
+SHARD_LOADERS = ("plain-shards", "shards", "plain-shards-graph", "shards-graph")
 
 
 def label(name: str) -> str:
@@ -147,6 +151,32 @@ def make_shards(shards_dir: str, config, batch_size: int, device: str) -> Conten
                      drain=2 * config.prefetch_queue_depth, check=lambda b: soft_target_error(b[1]),
                      settings=_settings(config, decoder="mixed" if device == "gpu" else "cpu"),
                      close=getattr(loader, "close", None))
+
+
+def make_shard_graph(shards_dir: str, config, batch_size: int, device: str, plain: bool) -> Contender:
+    """One shard graph run with ``pipeline.run()`` epoch after epoch (the reader wraps around)."""
+    from dali_relabel.pipelines.graphs import plain_shard_train_pipeline, shard_train_pipeline
+    from dali_relabel.shards import ShardSet
+
+    shards = ShardSet.load(shards_dir)
+    settings = dict(decoder_device="mixed" if device == "gpu" else "cpu",
+                    **_exec_settings(config, batch_size, 0 if device == "gpu" else None))
+    if plain:
+        pipe = plain_shard_train_pipeline(shards, config, reader_seed=config.seed, **settings)
+    else:
+        names = [s["name"] for s in shards.shards]
+        pipe = shard_train_pipeline(shards, names, 0, config, shards.num_classes, config.layout or shards.layout,
+                                    reader_seed=config.seed, **settings)
+    pipe.build()
+
+    def stream():
+        while True:
+            pipe.run()
+            yield batch_size
+
+    name = "plain-shards-graph" if plain else "shards-graph"
+    return Contender(name, label(name), stream(), lambda n: n, drain=2 * config.prefetch_queue_depth,
+                     settings=_settings(config, decoder=settings["decoder_device"]))
 
 
 class AuthorsDataset:

@@ -193,7 +193,9 @@ def shards_round(args, shards_dir: str, config, batch_size: int, device: str) ->
     timed = args.batches or max(1, per_epoch)
     warmup = args.warmup if args.warmup is not None else max(2, per_epoch)
     built = []
-    for make in (C.make_plain_shards, C.make_shards):
+    makers = (C.make_plain_shards, C.make_shards, lambda *a: C.make_shard_graph(*a, plain=True),
+              lambda *a: C.make_shard_graph(*a, plain=False))
+    for make in makers:
         start = time.time()
         c = make(shards_dir, config, batch_size, device)
         take(c, 1)
@@ -203,12 +205,35 @@ def shards_round(args, shards_dir: str, config, batch_size: int, device: str) ->
                       settle=args.settle)
     entries = {c.name: _entry(rates[c.name], c, batch_size, timed) for c in built}
     close_all(built)
-    ratios, paired, cpu = _ratios(entries, [("shards", "plain-shards")])
+    ratios, paired, cpu = _ratios(entries, [("shards", "plain-shards"), ("shards-graph", "plain-shards-graph"),
+                                            ("shards", "shards-graph")])
     return {"contenders": entries, "ratios": ratios, "paired_ratios": paired, "cpu_time_ratios": cpu,
+            "epoch_end": epoch_end_cost(entries, per_epoch * batch_size),
             "method": {"warmup_batches": warmup, "timed_batches_per_repeat": timed, "batches_per_epoch": per_epoch,
                        "shards": shards_dir, "settle": SETTLE if args.settle else None,
                        "note": "our loader builds one pipeline per epoch (its shard order); the plain "
                                "reader runs on across epochs"}}
+
+
+#: Images per rank and epoch of ImageNet-1k on 8 ranks, for :func:`epoch_end_cost`'s projection.
+IMAGENET_RANK_EPOCH = 1_281_167 // 8
+
+
+def epoch_end_cost(entries: Dict[str, dict], epoch_images: int) -> dict:
+    """What an epoch's end costs the shard loader (a new pipeline per epoch, and the batches the old
+    one prefetched past the end), in seconds per epoch, and the ratio to plain-shards that cost would
+    leave on an ImageNet epoch of :data:`IMAGENET_RANK_EPOCH` images per rank.
+
+    Without epoch ends the loader would run at ``plain-shards x (shards-graph / plain-shards-graph)``
+    (the graphs' steady ratio applied to the plain loader, iterator and copies included); the cost is
+    its measured epoch time minus the epoch at that rate."""
+    loader, plain = entries["shards"]["median"], entries["plain-shards"]["median"]
+    steady = plain * entries["shards-graph"]["median"] / entries["plain-shards-graph"]["median"]
+    seconds = max(0.0, epoch_images / loader - epoch_images / steady)
+    projected = IMAGENET_RANK_EPOCH / (IMAGENET_RANK_EPOCH / steady + seconds)
+    return {"seconds_per_epoch": seconds, "epoch_images_here": epoch_images, "steady_images_per_s": steady,
+            "imagenet_rank_epoch_images": IMAGENET_RANK_EPOCH,
+            "projected_shards_over_plain_shards_imagenet": projected / plain}
 
 
 def feed_round(args, data, config, batch_size: int) -> dict:
@@ -320,7 +345,8 @@ def run(args) -> dict:
             for name, entry in group.get("contenders", {}).items():
                 spreads[f"B={batch} {name}"] = entry["spread_pct"]
     finish(result, spreads)
-    return write_outputs(result, args.out_dir, f"throughput-{device}", plot, markdown)
+    subset = "" if chosen == list(GROUPS) else "-" + "-".join(chosen)  # a partial run keeps the full one
+    return write_outputs(result, args.out_dir, f"throughput-{device}{subset}", plot, markdown)
 
 
 def main(argv=None) -> int:

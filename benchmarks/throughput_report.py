@@ -12,7 +12,8 @@ COLOURS = {"plain": "#999999", "example": "#c7a252", "relabel": "#76b900", "auth
 RATIOS = (("relabel_over_plain", "relabel / plain (same decode path)"),
           ("relabel_over_example", "relabel / example graph"),
           ("relabel_over_authors", "relabel / authors' approach"),
-          ("shards_over_plain_shards", "shards / plain on shards"))
+          ("shards_over_plain_shards", "shards / plain on shards"),
+          ("shards_graph_over_plain_shards_graph", "shard graph / plain shard graph (steady state)"))
 
 
 def _group(run: dict, key: Optional[str]) -> dict:
@@ -70,6 +71,14 @@ def markdown(result: dict) -> str:
     if any(run.get("shards") for run in runs.values()):
         lines += ["## Tar shards (the same images, `dali-relabel shard`)", ""] + _table(result, "shards", "images/s")
         lines += [""] + _table(result, "shards", "CPU ms per image", _cpu_cell, "median; all processes of the run")
+        lines += [""]
+        for b, run in runs.items():
+            cost = (run.get("shards") or {}).get("epoch_end")
+            if cost:
+                lines.append(f"- B={b}: an epoch's end costs the shard loader {cost['seconds_per_epoch']:.2f} s "
+                             f"(epochs of {cost['epoch_images_here']} images here); on ImageNet epochs of "
+                             f"{cost['imagenet_rank_epoch_images']:,} images per rank that leaves shards / "
+                             f"plain on shards at {cost['projected_shards_over_plain_shards_imagenet']:.3f}")
         lines += [""]
     if any(run.get("contenders") or run.get("shards") for run in runs.values()):
         lines += ["| ratio: of medians (of paired repeats) [of CPU time per image] | "

@@ -95,7 +95,8 @@ def test_throughput_smoke_cpu(tmp_path, data_dir):
             _check_entry(entry)
         assert feed["method"]["threads"] == 2 and feed["ratios"]["source_over_reader"] > 0
         shards = run["shards"]
-        assert set(shards["contenders"]) == {"plain-shards", "shards"}
+        assert set(shards["contenders"]) == {"plain-shards", "shards", "plain-shards-graph", "shards-graph"}
+        assert shards["epoch_end"]["projected_shards_over_plain_shards_imagenet"] > 0
         for entry in shards["contenders"].values():
             _check_entry(entry)
         assert shards["contenders"]["shards"]["soft_target_sum_max_error"] < 1e-3

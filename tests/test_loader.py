@@ -73,16 +73,19 @@ def id_dataset(tmp_path_factory):
     return make_id_dataset(str(tmp_path_factory.mktemp("ids")), 42)
 
 
-def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(id_dataset):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(id_dataset, threads):
+    """2 ranks x 3 epochs, 2 source workers, 1 or 3 DALI threads: every image and target of a batch
+    belong to the row the batch names."""
     from dali_relabel.loader import ReLabelLoader
 
     image_root, store = id_dataset
-    config = DataConfig(image_size=24, py_num_workers=2, num_threads=2, last_batch="pad", seed=3)
+    config = DataConfig(image_size=24, py_num_workers=2, num_threads=threads, last_batch="pad", seed=3)
     loaders = [ReLabelLoader(image_root, store, batch_size=8, config=config, device="cpu", rank=r,
                              world_size=2, return_labels=True, return_rows=True) for r in range(2)]
     assert [len(loader) for loader in loaders] == [3, 3]  # 21 rows per rank, batches of 8
     orders = []
-    for epoch in range(2):
+    for epoch in range(3):
         per_rank = []
         for loader in loaders:
             rows_seen = []
@@ -96,7 +99,7 @@ def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(
         assert not set(per_rank[0]) & set(per_rank[1]), "the shards overlap"
         assert sorted(per_rank[0] + per_rank[1]) == list(range(42)), "an epoch lost or repeated samples"
         orders.append(per_rank[0])
-    assert orders[0] != orders[1], "the order did not change between epochs"
+    assert orders[0] != orders[1] != orders[2], "the order did not change between epochs"
 
 
 def test_drop_last_gives_full_batches_and_spawn_works(id_dataset):
