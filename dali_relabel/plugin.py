@@ -32,11 +32,12 @@ import sys
 from typing import Dict, List, Optional
 
 from . import plugin_build
+from .errors import DaliRelabelError
 
 _loaded: Optional[Dict] = None
 
 
-class PluginError(RuntimeError):
+class PluginError(DaliRelabelError, RuntimeError):
     """The plugin is missing, stale or failed to build; the message says how to fix it."""
 
 

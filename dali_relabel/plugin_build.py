@@ -36,7 +36,14 @@ _DALI_INIT = "nvidia/dali/__init__.py"
 _LIBDALI = "nvidia/dali/libdali.so"
 
 
-class PluginBuildError(RuntimeError):
+try:
+    from .errors import DaliRelabelError
+except ImportError:  # loaded alone by setup.py, outside the package
+    class DaliRelabelError(Exception):  # type: ignore[no-redef]
+        """Stands in for :class:`dali_relabel.errors.DaliRelabelError` when built by setup.py."""
+
+
+class PluginBuildError(DaliRelabelError, RuntimeError):
     """The plugin could not be compiled; the message says what is missing."""
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from .config import LAYOUTS
+
 
 def crop_boxes(anchors, shapes, image_shapes) -> torch.Tensor:
     """Normalised crop boxes ``[B, 4]`` = ``(y0, x0, y1, x1)`` from DALI crop windows.
@@ -65,7 +67,7 @@ def reference_label_pooling(logits, class_ids, boxes, num_classes: int, layout: 
     Returns:
         ``[B, C]`` float32 for a 1x1 grid, else ``[B, C, oh, ow]``.
     """
-    if layout not in ("HW", "WH"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
     logits = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits)
     class_ids = torch.as_tensor(np.asarray(class_ids) if not torch.is_tensor(class_ids) else class_ids)

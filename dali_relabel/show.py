@@ -24,7 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-LAYOUTS = ("HW", "WH")
+from .config import LAYOUTS
+from .errors import DaliRelabelError
+
 MAX_LABELLED_GRID = 20   # no per-cell text on grids larger than this (cells too small to read)
 MIN_CELL_FONT_PT = 4.5   # nor when the text would have to be smaller than this
 CELL_LABEL_CHARS = 10    # per-cell class names are cut to this many characters
@@ -298,7 +300,7 @@ def _draw_legend(ax, size_in, classes, mass, top_counts, colours, class_names, n
     ax.text(0.0, 0.0, note, fontsize=7.5, color="0.3", va="bottom", ha="left")
 
 
-class MissingPlotting(ImportError):
+class MissingPlotting(DaliRelabelError, ImportError):
     """Pictures need matplotlib, an optional dependency."""
 
 
@@ -428,6 +430,7 @@ def show_store_row(store, index: int, image_root, out_path, layout: Optional[str
         raise IndexError(f"row {index} is outside the store's {n} rows (0 .. {n - 1})")
     index = int(index)
     layout = _check_layout(layout if layout is not None else store.layout)
+    store.paths.check_confined(f"{store.path}: stored image paths")  # never read outside image_root
     relpath = store.paths[index]
     image_path = os.path.join(os.fspath(image_root), *relpath.split("/"))
     if not os.path.isfile(image_path):

@@ -181,3 +181,22 @@ def test_show_store_row_bad_layout(small_store, tmp_path):
     with LabelStore(path) as store:
         with pytest.raises(ValueError, match="layout"):
             show_store_row(store, 0, root, tmp_path / "bad.png", layout="XY")
+
+
+def test_show_never_reads_outside_the_image_root(small_store, tmp_path):
+    """`dali-relabel show` opens the store checking its header only: a path edited to climb out of the
+    image root must still be refused before any file is read."""
+    import h5py
+
+    from dali_relabel.paths import UnsafePathError
+
+    path, root = small_store
+    secret = tmp_path / "secret.JPEG"
+    secret.write_bytes(b"not for you")
+    with h5py.File(path, "r+") as f:
+        start = int(f["path_offsets"][0])
+        f["path_bytes"][start:start + 3] = np.frombuffer(b"../", np.uint8)
+    with LabelStore(path, verify="header") as store:
+        with pytest.raises(UnsafePathError, match="'..' leaves the image root"):
+            show_store_row(store, 0, root, tmp_path / "leak.png")
+    assert not (tmp_path / "leak.png").exists()

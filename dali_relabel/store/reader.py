@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import h5py
 import numpy as np
 
+from ..config import LAYOUTS
 from ..paths import PathTable
 from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, PARTIAL_SUFFIX, READABLE_VERSIONS, SCAN_ROWS, VERIFY_LEVELS,
                      StoreError, StoreHeader, check_map_values, content_hash_v1, decode_strings,
@@ -129,7 +130,7 @@ class LabelStore:
                 values_checked=version >= 2 and bool(attrs.get("values_checked", False)))
         except KeyError as missing:
             raise StoreError(self.path, f"header attribute {missing} is missing") from None
-        if header.layout not in ("HW", "WH"):
+        if header.layout not in LAYOUTS:
             raise StoreError(self.path, f"layout {header.layout!r} is neither 'HW' nor 'WH'")
         n, map_shape = header.num_rows, header.map_shape
         expected = {

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
+from ..config import LAYOUTS
 from ..outputs import OutputBusyError, OutputLock, describe_processes, durable_replace, is_lock_error, \
     processes_holding
 from ..paths import PathTable
@@ -59,7 +60,7 @@ class StoreWriter:
                  grid_w: int, layout: str, class_names: Sequence[str], teacher: str = "",
                  teacher_input_size: int = 0, source: str = "", resume: bool = True,
                  plan_salt: str = "", lock: Optional[OutputLock] = None):
-        if layout not in ("HW", "WH"):
+        if layout not in LAYOUTS:
             raise ValueError(f"layout must be 'HW' or 'WH', got {layout!r}")
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
