@@ -143,6 +143,8 @@ def _demo_defaults():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import LAYOUTS
+
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0, help="store row")
     p.add_argument("--image-root", required=True)
     p.add_argument("--out", default="label_map.png")
-    p.add_argument("--layout", choices=["HW", "WH"], default=None, help="override the store's layout")
+    p.add_argument("--layout", choices=list(LAYOUTS), default=None, help="override the store's layout")
     p.add_argument("--both", action="store_true", help="draw both layouts side by side")
     p.set_defaults(func=_cmd_show)
 

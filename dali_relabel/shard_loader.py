@@ -45,6 +45,34 @@ class _BoxSource:
         return self.cutmix.boxes(self.epoch, info.iteration, self.batch_size)
 
 
+def _bounded_iterator(base):
+    """``base`` (DALI's iterator class) that schedules no pipeline run past the pass's last batch.
+
+    DALI's iterators keep ``prefetch_queue_depth`` runs scheduled ahead of the batch handed out; the
+    reader then wraps into its next epoch, so a pass that stops after its batches and drops its
+    pipeline (each epoch here has its own) would throw that many decoded batches away: 25 % of the
+    work on epochs of 8 batches. The count of scheduled runs never falls below what was asked for
+    (the first schedule counts as ``prefetch`` runs), so no batch that the pass takes is left unscheduled.
+    """
+    from nvidia.dali import types
+
+    class BoundedIterator(base):
+        def __init__(self, pipes, output_map, runs: int, prefetch: int, **kwargs):
+            self._runs_left, self._prefetch = runs, max(1, int(prefetch))
+            super().__init__(pipes, output_map, **kwargs)
+
+        def _schedule_runs(self, release_outputs=True):
+            if self._runs_left > 0:
+                self._runs_left -= 1 if self._ever_scheduled else self._prefetch
+                return super()._schedule_runs(release_outputs)
+            if release_outputs:  # what the base does before scheduling, without the run
+                for pipe in self._pipes:
+                    with pipe._check_api_type_scope(types.PipelineAPIType.ITERATOR):
+                        pipe.release_outputs()
+
+    return BoundedIterator
+
+
 class _ShardBatches:
     """Passes over shard pipelines, one pipeline per pass; DataLoader-like attributes."""
 
@@ -135,8 +163,9 @@ class _ShardBatches:
         pipe = self._build(epoch, restored, mixing)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        iterator = DALIGenericIterator([pipe], self.output_map, reader_name="Reader", last_batch_policy=policy,
-                                       auto_reset=False, prepare_first_batch=False)
+        iterator = _bounded_iterator(DALIGenericIterator)(
+            [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
+            reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         running = [epoch, first, iterator, 0]
         self._running = running
         try:

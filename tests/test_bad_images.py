@@ -77,7 +77,7 @@ def test_truncated_jpeg_stops_the_loader_with_the_file_name(tmp_path):
     image_root, store = make_tree(str(tmp_path), {
         "a/0.JPEG": _jpeg_bytes(), "a/1_bad.JPEG": _jpeg_bytes()[:200], "a/2.JPEG": _jpeg_bytes(),
         "a/3.JPEG": _jpeg_bytes()})
-    with pytest.raises(Exception, match=r"1_bad.JPEG: truncated JPEG"):
+    with pytest.raises(BadImageError, match=r"1_bad.JPEG: truncated JPEG"):
         for _ in _loader(image_root, store, 2):
             pass
 
