@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dali_relabel.reference import pooled_from_crops
@@ -44,7 +44,10 @@ def assert_matches_reference(op_out, batch, num_classes, **kwargs):
     logits, ids, anchors, shapes, images, mirror = batch
     expected = pooled_from_crops(logits, ids, anchors, shapes, images, num_classes, flips=mirror, **kwargs)
     assert op_out.shape == expected.shape
-    torch.testing.assert_close(op_out, expected, rtol=TOLERANCE, atol=1e-7)
+    # Raw pooled logits (no softmax) can cancel to near zero: float32 sums of logits of size |x| carry
+    # an absolute rounding error of a few 1e-7 * |x| there, which no relative tolerance covers.
+    atol = 1e-7 if kwargs.get("apply_softmax", True) else 1e-6 * max(1.0, float(np.abs(logits).max()))
+    torch.testing.assert_close(op_out, expected, rtol=TOLERANCE, atol=atol)
 
 
 CONFIGS = [
@@ -67,6 +70,7 @@ def cpu_op(request):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), batch=st.integers(1, 8), k=st.integers(1, 5),
        map_h=st.integers(1, 16), map_w=st.integers(1, 16), edge=st.booleans())
+@example(seed=186, batch=7, k=5, map_h=1, map_w=12, edge=False)  # raw logits cancelling to ~5e-4
 def test_cpu_backend_matches_reference(cpu_op, seed, batch, k, map_h, map_w, edge):
     config, op = cpu_op
     data = random_batch(np.random.default_rng(seed), batch, k, map_h, map_w, 37, edge=edge)
