@@ -66,3 +66,33 @@ def write_release_tree(maps_dir, relpaths: Sequence[str], logits, class_ids) -> 
         torch.save(tensor, path)
         written.append(path)
     return written
+
+
+def timm_args(**changes):
+    """timm train.py's argument defaults for the flags ``from_timm`` reads, with ``changes``."""
+    from argparse import Namespace
+
+    args = dict(aa=None, reprob=0.0, vflip=0.0, aug_repeats=0, aug_splits=0, color_jitter=0.4,
+                color_jitter_prob=None, grayscale_prob=None, gaussian_blur_prob=None, cutmix_minmax=None,
+                no_aug=False, train_crop_mode=None, mixup_mode="batch", train_interpolation="random",
+                scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, smoothing=0.1, seed=42, mixup=0.0,
+                cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_off_epoch=0, channels_last=False)
+    args.update(changes)
+    return Namespace(**args)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (no such process, or a zombie waiting for its parent)."""
+    from dali_relabel.watchdog import _process_state
+
+    return _process_state(pid) in ("", "Z", "X")
+
+
+def wait_until_gone(pids, seconds: float = 10.0) -> list:
+    """Wait up to ``seconds`` for ``pids`` to exit; the ones still there."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not all(process_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if not process_gone(p)]

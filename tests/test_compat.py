@@ -4,6 +4,7 @@ from argparse import Namespace
 import pytest
 
 from dali_relabel.compat import UnsupportedSetting, from_timm, from_torchvision
+from helpers import timm_args
 
 TIMM_DATA = {"input_size": (3, 176, 176), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
              "std": (0.25, 0.25, 0.25), "crop_pct": 0.95}
@@ -16,17 +17,6 @@ def test_timm_model_dtype_sets_the_image_dtype():
         from_timm(dict(TIMM_DATA, input_size=(1, 64, 64)))
     with pytest.raises(UnsupportedSetting, match="--crop-mode"):
         from_timm(dict(TIMM_DATA, crop_mode="squash"))
-
-
-def timm_args(**changes):
-    """timm train.py's defaults (the ones the loader reads)."""
-    defaults = dict(aa=None, reprob=0.0, vflip=0.0, aug_repeats=0, aug_splits=0, color_jitter=0.4,
-                    color_jitter_prob=None, grayscale_prob=None, gaussian_blur_prob=None, cutmix_minmax=None,
-                    no_aug=False, train_crop_mode=None, mixup_mode="batch", train_interpolation="random",
-                    scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, smoothing=0.1, seed=42, mixup=0.0,
-                    cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_off_epoch=0, channels_last=False)
-    defaults.update(changes)
-    return Namespace(**defaults)
 
 
 def test_timm_defaults():

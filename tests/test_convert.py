@@ -12,7 +12,7 @@ from PIL import Image
 from dali_relabel.convert import (RELEASE_TEACHER, RELEASE_TEACHER_SIZE, ConversionError,
                                   convert_release, load_release_map, map_relpath)
 from dali_relabel.store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
-from helpers import make_jpeg_tree, random_maps, write_release_tree
+from helpers import make_jpeg_tree, random_maps, wait_until_gone, write_release_tree
 
 NUM_CLASSES, PER_CLASS, K, MAP_H, MAP_W = 3, 4, 2, 3, 4
 N = NUM_CLASSES * PER_CLASS
@@ -402,23 +402,6 @@ def _start_paused_convert(r, out):
     return process, info["workers"], go
 
 
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
-def _wait_gone(pids, seconds=10.0):
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if not _gone(p)]
-
-
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
 def test_killing_the_converter_kills_its_loaders_and_the_rerun_resumes(release, signal_name):
     """Killed alone, the main process used to leave its loaders alive (holding the partial file and
@@ -439,7 +422,7 @@ def test_killing_the_converter_kills_its_loaders_and_the_rerun_resumes(release, 
         process.kill()
         process.stdout.close()
         process.stderr.close()
-    assert _wait_gone(workers) == [], "a loader process outlived the converter"
+    assert wait_until_gone(workers) == [], "a loader process outlived the converter"
     report, _ = _convert(release)
     assert report.resumed_from_row == 4, "the rows written before the kill were lost"
     store = LabelStore(out, verify="full")

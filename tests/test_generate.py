@@ -19,6 +19,7 @@ from dali_relabel.generate import GenerateError, generate_label_maps, merge_part
 from dali_relabel.teachers import UnsupportedModelError, build_teacher, dense_classifier, dense_logit_map, topk_grid
 from dali_relabel.imagefolder import list_images
 from dali_relabel.store import LabelStore, StoreError, StoreWriter
+from helpers import wait_until_gone
 
 pytest.importorskip("nvidia.dali")
 
@@ -454,14 +455,6 @@ generate_label_maps(images, out, model, size=%d, grid=%d, k=%d, batch_size=%d, d
 """ % (SIZE, GRID, K, BATCH)
 
 
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_path, tmp_path, monkeypatch):
     """Killed alone, the main process used to leave its DALI readers alive holding the partial file
     and its HDF5 lock; the rerun then emptied the partial file and died with a BlockingIOError."""
@@ -469,7 +462,6 @@ def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_pa
     import signal
     import subprocess
     import sys
-    import time
 
     from dali_relabel.outputs import processes_holding
 
@@ -491,10 +483,7 @@ def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_pa
         process.kill()
         process.stdout.close()
         process.stderr.close()
-    deadline = time.monotonic() + 10
-    while not all(_gone(p) for p in info["children"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(_gone(p) for p in info["children"]), "a reader process outlived generate"
+    assert wait_until_gone(info["children"]) == [], "a reader process outlived generate"
     starts = _record_write_starts(monkeypatch)
     _generate(data, out)
     assert starts == [5, 10], "the rows written before the kill were lost"

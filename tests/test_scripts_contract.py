@@ -19,6 +19,7 @@ from dali_relabel.config import DataConfig
 from dali_relabel.losses import SoftTargetCrossEntropy
 from dali_relabel.store import write_store
 from helpers import make_jpeg_tree, random_maps
+from helpers import timm_args as _timm_args
 
 pytest.importorskip("nvidia.dali")
 
@@ -58,14 +59,8 @@ def _val(image_set, batch_size=5, **kwargs):
 
 
 def timm_args(**changes):
-    """timm train.py's defaults for the flags ``from_timm`` reads."""
-    args = dict(aa=None, reprob=0.0, vflip=0.0, aug_repeats=0, aug_splits=0, color_jitter=0.4,
-                color_jitter_prob=None, grayscale_prob=None, gaussian_blur_prob=None, cutmix_minmax=None,
-                no_aug=False, train_crop_mode=None, mixup_mode="batch", train_interpolation="random",
-                scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, smoothing=0.1, seed=5, mixup=0.0,
-                cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_off_epoch=0, channels_last=False)
-    args.update(changes)
-    return Namespace(**args)
+    """timm's defaults with this file's seed."""
+    return _timm_args(**{"seed": 5, **changes})
 
 
 # -- timm train.py, as written there -------------------------------------------------------------------
