@@ -81,11 +81,12 @@ def _settings(config, **extra) -> dict:
 
 
 # -- training loaders -------------------------------------------------------------------------------
-def _plain_like(name: str, graph, data: BenchData, config, batch_size: int, device: str) -> Contender:
+def _plain_like(name: str, graph, source, config, batch_size: int, device: str, **graph_args) -> Contender:
+    """A plain DALI ``graph`` over ``source`` (image root or shard set) through ``DALIGenericIterator``."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    pipe = graph(data.image_root, config, decoder_device="mixed" if device == "gpu" else "cpu",
+    pipe = graph(source, config, decoder_device="mixed" if device == "gpu" else "cpu", **graph_args,
                  **_exec_settings(config, batch_size, 0 if device == "gpu" else None))
     iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
@@ -101,13 +102,13 @@ def _plain_like(name: str, graph, data: BenchData, config, batch_size: int, devi
 def make_plain(data: BenchData, config, batch_size: int, device: str) -> Contender:
     from dali_relabel.pipelines.graphs import plain_train_pipeline
 
-    return _plain_like("plain", plain_train_pipeline, data, config, batch_size, device)
+    return _plain_like("plain", plain_train_pipeline, data.image_root, config, batch_size, device)
 
 
 def make_example(data: BenchData, config, batch_size: int, device: str) -> Contender:
     from dali_relabel.pipelines.graphs import example_train_pipeline
 
-    return _plain_like("example", example_train_pipeline, data, config, batch_size, device)
+    return _plain_like("example", example_train_pipeline, data.image_root, config, batch_size, device)
 
 
 def make_relabel(data: BenchData, config, batch_size: int, device: str, name: str = "relabel") -> Contender:
@@ -122,25 +123,11 @@ def make_relabel(data: BenchData, config, batch_size: int, device: str, name: st
 
 
 def make_plain_shards(shards_dir: str, config, batch_size: int, device: str) -> Contender:
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
     from dali_relabel.pipelines.graphs import plain_shard_train_pipeline
     from dali_relabel.shards import ShardSet
 
-    pipe = plain_shard_train_pipeline(ShardSet.load(shards_dir), config,
-                                      decoder_device="mixed" if device == "gpu" else "cpu", reader_seed=config.seed,
-                                      **_exec_settings(config, batch_size, 0 if device == "gpu" else None))
-    iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
-
-    def epoch():
-        for outputs in iterator:
-            yield outputs[0]["images"], outputs[0]["labels"]
-
-    return Contender("plain-shards", label("plain-shards"), endless(epoch), lambda b: len(b[0]),
-                     drain=2 * config.prefetch_queue_depth,
-                     settings=_settings(config, decoder="mixed" if device == "gpu" else "cpu"))
+    return _plain_like("plain-shards", plain_shard_train_pipeline, ShardSet.load(shards_dir), config, batch_size,
+                       device, reader_seed=config.seed)
 
 
 def make_shards(shards_dir: str, config, batch_size: int, device: str) -> Contender:

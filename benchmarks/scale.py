@@ -176,16 +176,9 @@ def _rss_mb(pid: int) -> float:
 
 
 def _children(pid: int) -> list:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
+    from dali_relabel.outputs import _parent_pid
+
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_pid(int(entry)) == pid]
 
 
 def run_probe(kind: str, image_root: str, store_path: str) -> dict:
