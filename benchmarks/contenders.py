@@ -54,9 +54,12 @@ SHARD_LOADERS = ("plain-shards", "shards", "plain-shards-graph", "shards-graph")
 
 
 def label(name: str) -> str:
-    """``relabel-w2`` -> "dali-relabel (soft targets), 2 source workers"."""
+    """``relabel-w2`` -> "dali-relabel (soft targets), 2 source workers"; ``-w0``: the source in the
+    loader's process."""
     base, _, workers = name.partition("-w")
     text = LABELS[base]
+    if workers == "0":
+        return f"{text}, source in the loader's process"
     return f"{text}, {workers} source worker{'s' if workers != '1' else ''}" if workers else text
 
 

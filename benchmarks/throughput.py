@@ -12,10 +12,11 @@ process:
    relabel/plain, relabel/example, relabel/authors (medians).
 2. **Feed only** (``feed``), alternating, CPU, ``--feed-threads`` DALI threads: ``readers.file`` alone
    vs our source (BatchSource + ``io.file.read``), no decoding.
-3. **Source workers**: ``relabel`` and ``source`` run with ``--workers`` Python workers
-   (``DataConfig.py_num_workers``); each count in ``--compare-workers`` (default: the other of 1 and 2)
-   adds ``relabel-w<n>`` and ``source-w<n>`` to the same alternation, so the counts are compared under
-   the same conditions.
+3. **Source workers**: ``relabel`` and ``source`` run with ``--workers`` DALI source workers
+   (``DataConfig.py_num_workers``; 0, the default, runs the source in the loader's process); each count
+   in ``--compare-workers`` (default: 1 worker process if ``--workers`` is 0, else 0) adds
+   ``relabel-w<n>`` and ``source-w<n>`` to the same alternation, so they are compared under the same
+   conditions.
 
 Writes ``throughput-<device>-<date>.json`` / ``.png`` and ``latest-throughput-<device>.md``.
 """
@@ -26,7 +27,8 @@ import time
 from typing import Dict, List
 
 from . import contenders as C
-from .common import BenchError, add_folder_arguments, int_list, log, main_for, positive_int, usable_cores
+from .common import (BenchError, add_folder_arguments, int_list, log, main_for, non_negative_int, positive_int,
+                     usable_cores)
 from .data import prepare_image_set, prepare_shards
 from .report import finish, new_result, plugin_info, summary, write_outputs
 from .throughput_report import markdown, plot
@@ -56,11 +58,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-size", type=positive_int, default=default.image_size, help="training crop side")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="DALI CPU threads of the loaders (default: the usable cores)")
-    parser.add_argument("--workers", type=positive_int, default=default.py_num_workers,
-                        help="Python workers of our source (DataConfig.py_num_workers, default %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=default.py_num_workers,
+                        help="DALI worker processes of our source (DataConfig.py_num_workers; 0: the loader's "
+                             "process; default %(default)s)")
     parser.add_argument("--compare-workers", type=int_list, default=None,
                         help="other worker counts timed as relabel-w<n> / source-w<n> ('' for none; default: "
-                             "whichever of 1 and 2 --workers is not)")
+                             "1 if --workers is 0, else 0)")
     parser.add_argument("--dataloader-workers", type=positive_int, default=2,
                         help="DataLoader workers of the authors' approach")
     parser.add_argument("--hw-decoder-load", type=float, default=default.hw_decoder_load,
@@ -110,7 +113,7 @@ def _check(args, chosen: List[str]) -> str:
     if too_big:
         raise BenchError(f"--images {args.images} do not fill one batch of {too_big[0]}")
     if args.compare_workers is None:
-        args.compare_workers = [w for w in (1, 2) if w != args.workers]
+        args.compare_workers = [1 if args.workers == 0 else 0]
     if args.workers in args.compare_workers:
         args.compare_workers = [w for w in args.compare_workers if w != args.workers]
     return device

@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--amp", action="store_true", help="float16 autocast on the GPU")
     p.add_argument("--teacher-name", default=None, help="stored as the teacher attribute (default: --model)")
-    p.add_argument("--workers", type=int, default=None, help="image-reading processes (DataConfig.py_num_workers)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DALI processes running the batch source (DataConfig.py_num_workers; default 0: this process)")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (DataConfig.num_threads)")
     p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -42,7 +42,7 @@ class DemoSettings:
     lr: float = 0.4
     device: str = "auto"
     seed: int = 0
-    workers: int = 2
+    workers: int = 0  # DataConfig.py_num_workers: 0 runs the batch source in this process
     threads: int = 2
 
 

@@ -45,6 +45,8 @@ def start_workers(pipe) -> None:
     down there crashes the worker. So collect it here first, and freeze what is left, so the
     workers' collector never looks at inherited objects.
     """
+    if not pipe.py_num_workers:
+        return  # the source runs in this process (prefetch.PrefetchingSource): nothing to start
     gc.collect()
     gc.freeze()
     _STARTING_WORKERS["parent"] = os.getpid()

@@ -1,6 +1,8 @@
 """The batch data source: one call per batch hands DALI the file paths, label maps and row ids.
 
-:class:`BatchSource` is the callable behind a parallel, batch-granular ``fn.external_source``. For
+:class:`BatchSource` is the callable behind a batch-granular ``fn.external_source``: run in DALI worker
+processes (parallel), or in the loader's process with each batch made ahead on a thread
+(:class:`~dali_relabel.prefetch.PrefetchingSource`, the default). For
 ``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
 returns, as whole-batch arrays: the image paths (for DALI's C++ file reader ``fn.io.file.read``), the
 rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
@@ -10,8 +12,9 @@ Everything per sample (reading files, decoding, cropping, pooling) happens in DA
 paths and the maps are gathered for the same rows in the same call, an image can never be paired
 with another image's map.
 
-:class:`EpochControl` is a few integers in a shared file through which the loader tells the source's
-worker process which epoch a pass reads, from which batch, and where an abandoned pass stops.
+:class:`EpochControl` is a few integers in a shared file through which the loader tells the source
+(in whichever process it runs) which epoch a pass reads, from which batch, and where an abandoned pass
+stops.
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def _unlink(path: str) -> None:
 
 
 class BatchSource:
-    """Callable for a parallel, batch-granular ``fn.external_source`` (``batch_info=True``).
+    """Callable for a batch-granular ``fn.external_source`` (``batch_info=True``), parallel or wrapped
+    in a :class:`~dali_relabel.prefetch.PrefetchingSource`.
 
     Args:
         image_root: directory the stored paths are relative to.
@@ -144,13 +148,12 @@ class BatchSource:
         self.cutmix = cutmix
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
-        self._epoch: Optional[int] = None
-        self._rows = self._valid = None
+        self._epoch_cache: Optional[tuple] = None  # (epoch, rows, valid) of the last epoch read
         self._owner = os.getpid()  # the loader's process; worker processes die with it
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_store=None, _epoch=None, _rows=None, _valid=None)
+        state.update(_store=None, _epoch_cache=None)
         return state
 
     def __setstate__(self, state):
@@ -185,10 +188,10 @@ class BatchSource:
 
     def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, valid)`` of ``epoch`` (the plan's, cached for the running epoch)."""
-        if self._epoch != epoch:
-            self._rows, self._valid = self.plan.rows(epoch)
-            self._epoch = epoch
-        return self._rows, self._valid
+        cached = self._epoch_cache  # one tuple, so a reader on another thread sees a consistent one
+        if cached is None or cached[0] != epoch:
+            cached = self._epoch_cache = (epoch, *self.plan.rows(epoch))
+        return cached[1], cached[2]
 
     def batch_rows(self, epoch: int, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, status)`` of batch ``batch`` of ``epoch``, bad rows already replaced."""
@@ -215,10 +218,21 @@ class BatchSource:
             status[position] = SKIPPED
 
     def __call__(self, batch_info):
+        return self.produce(*self.batch_key(batch_info))
+
+    def batch_key(self, batch_info) -> Tuple[int, int, bool]:
+        """``(epoch, batch, mixing)`` that DALI's ``batch_info`` (its epoch index and iteration)
+        reads, as the loader's :class:`EpochControl` says now; ``StopIteration`` past the pass's end.
+        :meth:`produce` of the key is the batch."""
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         batch = first + batch_info.iteration
         if batch >= min(stop, self.plan.num_batches):
             raise StopIteration
+        return epoch, batch, mixing
+
+    def produce(self, epoch: int, batch: int, mixing: bool) -> tuple:
+        """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch``: a pure function of
+        its arguments, the plan and the bad rows."""
         rows, status = self.batch_rows(epoch, batch)
         paths, lengths = self.paths.gather(rows, self.prefix)
         out: Dict[str, np.ndarray] = {"paths": paths, "path_lengths": lengths[:, None]}

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import queue
 import signal
-import threading
 import time
 from typing import Callable, List, Optional
 
+from .call_thread import CallThread
 from .errors import DaliRelabelError
 
 
@@ -72,36 +71,6 @@ def shutdown_pipeline(pipeline, blocked: bool = False) -> None:
             pass
 
 
-class _CallThread:
-    """One daemon thread running submitted calls in order (a blocked call never holds up the
-    interpreter's exit, unlike ``ThreadPoolExecutor``'s threads)."""
-
-    def __init__(self):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="dali-relabel-pipeline", daemon=True).start()
-
-    def submit(self, function: Callable) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._tasks.put((future, function))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            future, function = task
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(function())
-            except BaseException as error:  # handed to the waiting caller
-                future.set_exception(error)
-
-    def shutdown(self) -> None:
-        self._tasks.put(None)
-
-
 class PipelineGuard:
     """Runs calls on a helper thread; gives up on them when a source worker is dead or stuck.
 
@@ -120,8 +89,8 @@ class PipelineGuard:
         self.broken = False  # a call was abandoned: the pipeline must not be used again
 
     @staticmethod
-    def _new_executor() -> _CallThread:
-        return _CallThread()
+    def _new_executor() -> CallThread:
+        return CallThread("dali-relabel-pipeline")
 
     def problem(self, waited: float) -> Optional[str]:
         """What is wrong with the workers after a call waited ``waited`` seconds, or ``None``."""

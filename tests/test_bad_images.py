@@ -40,7 +40,7 @@ def make_tree(root, files):
 def _loader(image_root, store, batch_size, **kwargs):
     from dali_relabel.loader import ReLabelLoader
 
-    config = DataConfig(image_size=16, py_num_workers=1, num_threads=1, last_batch="pad", seed=1)
+    config = DataConfig(image_size=16, num_threads=1, last_batch="pad", seed=1)
     return ReLabelLoader(image_root, store, batch_size=batch_size, config=config, device="cpu",
                          return_rows=True, shuffle=False, **kwargs)
 

@@ -99,7 +99,7 @@ def test_loader_mixes_pairs_with_their_own_partners(mode, tmp_path):
     from test_loader import make_id_dataset
 
     image_root, store = make_id_dataset(str(tmp_path), 16)
-    config = DataConfig(image_size=32, py_num_workers=1, num_threads=1, cutmix_probability=1.0,
+    config = DataConfig(image_size=32, num_threads=1, cutmix_probability=1.0,
                         cutmix_mode=mode, seed=5)
     loader = ReLabelLoader(image_root, store, batch_size=8, config=config, device="cpu", return_rows=True)
     mixed_samples = 0
@@ -144,7 +144,7 @@ def test_loader_mixup_mixes_pixels_and_targets_by_the_same_weight(tmp_path):
     from test_loader import make_id_dataset
 
     image_root, store = make_id_dataset(str(tmp_path), 16)
-    config = DataConfig(image_size=16, py_num_workers=1, num_threads=1, mixup_alpha=1.0, seed=2)
+    config = DataConfig(image_size=16, num_threads=1, mixup_alpha=1.0, seed=2)
     loader = ReLabelLoader(image_root, store, batch_size=8, config=config, device="cpu", return_rows=True)
     from test_loader import _id_colour
 

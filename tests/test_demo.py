@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
 
     settings = DemoSettings(classes=3, train_per_class=8, val_per_class=4, image_size=32, student_epochs=1,
                             teacher_epochs=1, teacher_per_class=8, teacher_size=32, grid=4, batch_size=8, device="cpu",
-                            workers=1, threads=1)
+                            threads=1)
     results = run_demo(str(tmp_path), settings)
     assert [row["targets"] for row in results["students"]] == [
         "original single labels", "ReLabel, machine maps", "ReLabel, oracle maps"]

@@ -11,7 +11,7 @@ from helpers import make_jpeg_tree, random_maps
 pytest.importorskip("nvidia.dali")
 
 N_CLASSES, PER_CLASS = 4, 6  # 24 images
-SMALL = dict(image_size=16, num_threads=1, py_num_workers=1, seed=5)
+SMALL = dict(image_size=16, num_threads=1, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from dali_relabel.metrics import (EvalMeter, EvaluationError, MultiLabelAccuracy
                                   load_real_labels, real_correct, topk_correct)
 from dali_relabel.imagefolder import list_images
 
-SMALL = dict(image_size=32, val_resize=32, py_num_workers=1, num_threads=1)
+SMALL = dict(image_size=32, val_resize=32, num_threads=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from helpers import wait_until_gone
 pytest.importorskip("nvidia.dali")
 
 SIZE, GRID, K, BATCH = 96, 4, 2, 5  # ResNet-18 at 96 px: a 3x3 feature map, interpolated to 4x4
-CONFIG = DataConfig(py_num_workers=1, num_threads=1)
+CONFIG = DataConfig(num_threads=1)
 IMAGE_SIZES = [(48, 64), (64, 48), (40, 56), (56, 72)]
 
 

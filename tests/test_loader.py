@@ -73,14 +73,14 @@ def id_dataset(tmp_path_factory):
     return make_id_dataset(str(tmp_path_factory.mktemp("ids")), 42)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(id_dataset, threads):
-    """2 ranks x 3 epochs, 2 source workers, 1 or 3 DALI threads: every image and target of a batch
-    belong to the row the batch names."""
+@pytest.mark.parametrize("workers, threads", [(0, 1), (0, 3), (2, 1), (2, 3)])
+def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(id_dataset, workers, threads):
+    """2 ranks x 3 epochs, the source in this process (prefetched on a thread) or in 2 DALI workers,
+    1 or 3 DALI threads: every image and target of a batch belong to the row the batch names."""
     from dali_relabel.loader import ReLabelLoader
 
     image_root, store = id_dataset
-    config = DataConfig(image_size=24, py_num_workers=2, num_threads=threads, last_batch="pad", seed=3)
+    config = DataConfig(image_size=24, py_num_workers=workers, num_threads=threads, last_batch="pad", seed=3)
     loaders = [ReLabelLoader(image_root, store, batch_size=8, config=config, device="cpu", rank=r,
                              world_size=2, return_labels=True, return_rows=True) for r in range(2)]
     assert [len(loader) for loader in loaders] == [3, 3]  # 21 rows per rank, batches of 8

@@ -25,7 +25,7 @@ pytest.importorskip("nvidia.dali")
 
 N_CLASSES, PER_CLASS = 4, 6  # 24 images
 NUM_IMAGES = N_CLASSES * PER_CLASS
-FAST = dict(num_threads=1, py_num_workers=1)
+FAST = dict(num_threads=1)
 SMALL = dict(image_size=16, seed=5, **FAST)
 TIMM_DATA = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
              "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}

@@ -1,0 +1,44 @@
+"""One daemon thread running submitted calls in order, each answered by a future.
+
+Unlike ``ThreadPoolExecutor``'s threads, a call blocked forever (a dead DALI worker, a hung network
+file system) never holds up the interpreter's exit.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from typing import Callable
+
+
+class CallThread:
+    """A daemon thread named ``name`` that runs :meth:`submit`-ted calls one after another."""
+
+    def __init__(self, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        # The thread holds only the queue, so an abandoned CallThread can still be collected.
+        threading.Thread(target=_run, args=(self._tasks,), name=name, daemon=True).start()
+
+    def submit(self, function: Callable) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._tasks.put((future, function))
+        return future
+
+    def shutdown(self) -> None:
+        """The thread ends after the calls already submitted."""
+        self._tasks.put(None)
+
+
+def _run(tasks: queue.SimpleQueue) -> None:
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        future, function = task
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(function())
+        except BaseException as error:  # handed to the waiting caller
+            future.set_exception(error)
+        del task, future, function  # nothing of a finished call outlives it here
