@@ -25,7 +25,7 @@ Feed only (samples/s, CPU, no decode; every output kept so DALI prunes nothing):
 
 - ``reader``: ``fn.readers.file`` alone (encoded bytes + labels);
 - ``source``: our :class:`~dali_relabel.sources.BatchSource` + ``read_batches`` (the files read by
-  ``io.file.read``, the maps, rows, labels, valid flags and epochs).
+  ``relabel.read_files``, the maps, rows, labels, valid flags and epochs).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ LABELS = {
     "plain-shards-graph": "plain graph on tar shards, pipeline.run() only",
     "shards-graph": "dali-relabel's shard graph, pipeline.run() only",
     "reader": "readers.file alone",
-    "source": "our source (BatchSource + io.file.read)",
+    "source": "our source (BatchSource + relabel.read_files)",
 }
 LOADERS = ("plain", "example", "relabel", "authors")
 SHARD_LOADERS = ("plain-shards", "shards", "plain-shards-graph", "shards-graph")

@@ -11,7 +11,7 @@ process:
    and ``authors`` (the authors' DataLoader approach); see :mod:`benchmarks.contenders`. Ratios:
    relabel/plain, relabel/example, relabel/authors (medians).
 2. **Feed only** (``feed``), alternating, CPU, ``--feed-threads`` DALI threads: ``readers.file`` alone
-   vs our source (BatchSource + ``io.file.read``), no decoding.
+   vs our source (BatchSource + ``relabel.read_files``), no decoding.
 3. **Source workers**: ``relabel`` and ``source`` run with ``--workers`` DALI source workers
    (``DataConfig.py_num_workers``; 0, the default, runs the source in the loader's process); each count
    in ``--compare-workers`` (default: 1 worker process if ``--workers`` is 0, else 0) adds

@@ -4,7 +4,7 @@
 processes (parallel), or in the loader's process with each batch made ahead on a thread
 (:class:`~dali_relabel.prefetch.PrefetchingSource`, the default). For
 ``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
-returns, as whole-batch arrays: the image paths (for DALI's C++ file reader ``fn.io.file.read``), the
+returns, as whole-batch arrays: the image paths (for the plugin's C++ file reader ``relabel.read_files``), the
 rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
 validity flag, the epoch (which, with the row, keys every random choice: :mod:`dali_relabel.crops`)
 and, with CutMix, the pair boxes.
@@ -124,8 +124,8 @@ class BatchSource:
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
 
-    Outputs (whole-batch arrays; per sample): ``paths`` uint8 ``[L]`` (zero-padded absolute path) and
-    ``path_lengths`` int32 ``[1]``, then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
+    Outputs (whole-batch arrays; per sample): ``paths`` uint8 ``[L]`` (zero-padded absolute path),
+    then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
     then ``labels`` int32 ``[1]``, ``rows`` int64 ``[1]``, ``valid`` uint8 ``[1]`` (:data:`VALID`,
     :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on), with a seed
     ``epochs`` int64 scalars (with ``epochs``), with CutMix ``mix_box`` float32 ``[4]``.
@@ -172,7 +172,7 @@ class BatchSource:
     @property
     def names(self) -> List[str]:
         """Output names, in order."""
-        return (["paths", "path_lengths"] + (["logits", "class_ids"] if self.store_path else [])
+        return (["paths"] + (["logits", "class_ids"] if self.store_path else [])
                 + ["labels", "rows", "valid"] + (["epochs"] if self.epochs else [])
                 + (["mix_box"] if self.cutmix is not None else []))
 
@@ -234,8 +234,7 @@ class BatchSource:
         """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch``: a pure function of
         its arguments, the plan and the bad rows."""
         rows, status = self.batch_rows(epoch, batch)
-        paths, lengths = self.paths.gather(rows, self.prefix)
-        out: Dict[str, np.ndarray] = {"paths": paths, "path_lengths": lengths[:, None]}
+        out: Dict[str, np.ndarray] = {"paths": self.paths.gather(rows, self.prefix)[0]}
         if self.store_path:
             store = self.store()
             maps = store.read(rows)
@@ -265,7 +264,7 @@ def output_types(source: BatchSource):
     """(DALI dtypes, ndims) of the source's outputs, in order (``None``: taken from the data)."""
     from nvidia.dali import types
 
-    known = {"paths": (types.UINT8, 1), "path_lengths": (types.INT32, 1), "logits": (None, 3),
+    known = {"paths": (types.UINT8, 1), "logits": (None, 3),
              "class_ids": (None, 3), "labels": (types.INT32, 1), "rows": (types.INT64, 1),
              "valid": (types.UINT8, 1), "epochs": (types.INT64, 0), "mix_box": (types.FLOAT, 1)}
     specs = [known[name] for name in source.names]

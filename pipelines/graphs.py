@@ -1,8 +1,8 @@
 """DALI graphs for ReLabel training, validation and the teacher pass of ``dali-relabel generate``.
 
 Every graph starts from a :class:`~dali_relabel.sources.BatchSource`: one call per batch (made ahead on
-a thread of this process, or in DALI worker processes) hands over the image paths, which DALI's C++ file reader ``io.file.read`` reads, and (for training) the rows' label
-maps and random keys.
+a thread of this process, or in DALI worker processes) hands over the image paths, which the plugin's
+C++ file reader ``relabel.read_files`` reads, and (for training) the rows' label maps and random keys.
 
 Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized crop and flip keyed by
 ``(seed, epoch, row)``; ``relabel.sample_draws`` adds colour jitter and random interpolation) ->
@@ -26,6 +26,7 @@ from typing import Sequence
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
+from dali_relabel.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
 from dali_relabel.shards import ShardSet
 from dali_relabel.sources import BatchSource, output_types
@@ -52,10 +53,10 @@ def read_batches(source: BatchSource, config: DataConfig) -> dict:
     outputs = fn.external_source(num_outputs=len(source.names), batch=True, batch_info=True, dtype=dtypes,
                                  ndim=ndims, **where)
     data = dict(zip(source.names, outputs))
-    paths = fn.slice(data["paths"], start=[0], shape=data["path_lengths"], axes=[0])
-    # Plain reads: a mapped file costs a page fault per 4 KB and an unmap per file (measured here:
-    # 10k samples/s mapped, 16.6k with reads; readers.file keeps its mapping, io.file.read copies it).
-    data["jpegs"] = fn.io.file.read(paths, dont_use_mmap=True)
+    load_plugin()
+    # The plugin's reader takes the zero-padded rows as they come (io.file.read needs each path cut
+    # to length by one more operator, and maps each file): 15 % more samples/s in the feed benchmark.
+    data["jpegs"] = fn.relabel.read_files(data["paths"])
     return data
 
 
