@@ -66,8 +66,9 @@ class DataConfig:
             which the feed benchmark measured as the fastest (no shared-memory hand-over).
         py_start_method: ``"fork"`` or ``"spawn"`` for those processes.
         prefetch_queue_depth: batches prepared ahead.
-        worker_timeout: seconds without a batch before the loader calls its source workers stuck and
-            raises, naming them (0: wait forever); a dead or stopped worker is reported at once.
+        worker_timeout: seconds without a batch before the loader calls its pipeline stuck and
+            raises, naming its source workers' states (0: wait forever); a dead or stopped worker
+            is reported at once.
         seed: base seed; the epoch order, every sample's crop, flip and jitter, and the mixing boxes
             derive from it (and from the epoch and row), never from the rank or the resume point.
         last_batch: ``"drop"`` the last partial batch, or ``"pad"`` it (padded samples are

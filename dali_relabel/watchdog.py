@@ -1,12 +1,14 @@
 """A dead or stuck DALI source worker becomes an error naming it, never a hang.
 
-DALI runs the batch source in worker processes. If one is killed (the OOM killer, a stray
-``kill -9``), DALI's pipeline can block forever inside its task queue, or report only "Worker data
-receiving interrupted" after seconds. :class:`PipelineGuard` runs the pipeline's calls on a helper
-thread and waits for them in short slices; between slices it looks at the workers: one that exited
-(with its exit code or signal), one stopped by a signal, or no batch for ``timeout`` seconds, ends
-the wait with a :class:`LoaderWorkerError` saying which worker and what happened. The blocked call is
-abandoned on its thread; the loader builds a new pipeline for its next pass.
+With ``DataConfig.py_num_workers >= 1`` DALI runs the batch source in worker processes. If one is
+killed (the OOM killer, a stray ``kill -9``), DALI's pipeline can block forever inside its task queue,
+or report only "Worker data receiving interrupted" after seconds. :class:`PipelineGuard` runs the
+pipeline's calls on a helper thread and waits for them in short slices; between slices it looks at
+the workers: one that exited (with its exit code or signal), one stopped by a signal, or no batch for
+``timeout`` seconds, ends the wait with a :class:`LoaderWorkerError` saying which worker and what
+happened. The blocked call is abandoned on its thread; the loader builds a new pipeline for its next
+pass. With the source in the loader's process (no workers) the timeout still catches a pipeline that
+hangs, for example on a file system that stopped answering.
 """
 from __future__ import annotations
 
@@ -103,8 +105,8 @@ class PipelineGuard:
                 return f"DALI source worker {process.pid} is {_STATES[state]}"
         if self.timeout and waited > self.timeout:
             states = ", ".join(f"{p.pid} {_STATES.get(_process_state(p.pid), 'gone')}" for p in self._workers())
-            return (f"no batch for {waited:.0f} s (timeout {self.timeout:g} s); source workers: "
-                    f"{states or 'none'}")
+            states = states or "none (the source runs in the loader's process)"
+            return f"no batch for {waited:.0f} s (timeout {self.timeout:g} s); source workers: {states}"
         return None
 
     def call(self, function: Callable):

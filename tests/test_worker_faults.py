@@ -2,6 +2,7 @@
 position survives and the next pass starts on a new pipeline."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -93,6 +94,29 @@ def test_stuck_worker_times_out_naming_the_workers(small_set, monkeypatch):
         for _ in loader:
             pass
     assert time.monotonic() - started < 20
+
+
+def test_a_stuck_source_in_the_loaders_process_times_out_too(small_set, monkeypatch):
+    released = threading.Event()
+    real_produce = BatchSource.produce
+
+    def hanging_produce(self, epoch, batch, mixing):
+        if batch >= 2:
+            released.wait(60)  # a store read on a file system that stopped answering
+        return real_produce(self, epoch, batch, mixing)
+
+    monkeypatch.setattr(BatchSource, "produce", hanging_produce)
+    loader = _loader(small_set, py_num_workers=0, worker_timeout=2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(LoaderWorkerError, match=r"no batch for \d+ s \(timeout 2 s\); source workers: none "
+                                                    r"\(the source runs in the loader's process\)"):
+            for _ in loader:
+                pass
+        assert time.monotonic() - started < 20
+    finally:
+        released.set()
+        loader.close()
 
 
 def test_exit_descriptions():
