@@ -6,7 +6,7 @@ With ``DataConfig.py_num_workers == 0`` (the default) no DALI worker process run
 those calls with batches its helper thread made ahead, so neither the training loop nor DALI waits
 for the path gather and the store read (NumPy lets go of the GIL while it copies, page faults
 included). Next to DALI's worker processes this saves the shared-memory hand-over and the pickling:
-the feed-only benchmark measured about 1.5x the samples per second on the same two cores.
+the feed-only benchmark measured 1.4-1.9x the samples per second on the same two cores.
 """
 from __future__ import annotations
 
