@@ -27,7 +27,8 @@ import numpy as np
 
 from .common import BenchError, int_list, log, main_for, positive_int, usable_cores
 from .data import random_crop_batch
-from .report import finish, fmt, header_lines, new_result, plugin_info, pyplot, warning_lines, write_outputs
+from .report import (finish, fmt, header_lines, new_result, plugin_info, pyplot, save_figure, warning_lines,
+                     write_outputs)
 
 TOLERANCE = 1e-5
 
@@ -189,9 +190,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("speedup over the dense reference")
     ax.set_title("fused operator vs dense scatter + roi_align")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

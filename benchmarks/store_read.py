@@ -22,7 +22,7 @@ import numpy as np
 
 from .common import BenchError, add_folder_arguments, log, main_for, positive_int
 from .data import DATA_VERSION, class_name, open_store, random_topk_maps, write_release_map
-from .report import finish, header_lines, new_result, pyplot, summary, warning_lines, write_outputs
+from .report import finish, header_lines, new_result, pyplot, save_figure, summary, warning_lines, write_outputs
 
 
 def add_arguments(parser) -> None:
@@ -221,9 +221,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel(f"ms per batch of {result['batch_size']} (median)")
     ax.set_title("label maps: HDF5 store vs per-image .pt")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .report import fmt, header_lines, pyplot, warning_lines
+from .report import fmt, header_lines, pyplot, save_figure, warning_lines
 
 COLOURS = {"plain": "#999999", "example": "#c7a252", "relabel": "#76b900", "authors": "#1f77b4",
            "reader": "#999999", "source": "#76b900", "plain-shards": "#999999", "shards": "#76b900"}
@@ -191,6 +191,4 @@ def plot(result: dict, path: str) -> None:
     if feed_target:
         right.axhline(feed_target, color="red", linewidth=0.8, linestyle="--")
     right.set_title(f"feed only, no decoding ({result['arguments'].get('feed_threads')} DALI threads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from .call_thread import CallThread
 from .sources import BatchSource
@@ -42,10 +42,6 @@ class PrefetchingSource:
         self._thread = CallThread("dali-relabel-source")
         self._ahead: Dict[Tuple[int, int, bool], object] = {}
         weakref.finalize(self, self._thread.shutdown)
-
-    @property
-    def names(self) -> List[str]:
-        return self.source.names
 
     def __call__(self, batch_info):
         key = self.source.batch_key(batch_info)  # StopIteration past the pass's end

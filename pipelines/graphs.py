@@ -177,26 +177,30 @@ def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device:
     return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"], data["valid"]
 
 
+# A shard sample's fields (their names in the graphs) and the tar extensions that hold them.
+_SHARD_FIELDS = {"jpegs": "jpg", "logits": "logits", "class_ids": "ids", "labels": "label", "rows": "row"}
+
+
 def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shards: int, shuffle: bool,
-                reader_seed: int, with_maps: bool = True) -> dict:
-    """DALI's webdataset reader over the tar ``names`` of ``shards``, in that order: ``jpegs``, with
-    ``with_maps`` ``logits``/``class_ids`` ``[k, H, W]``, ``labels`` and ``rows`` (int32/int64 ``[1]``).
-    Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to the same size
-    by repeating the last sample, which the iterator drops); ``shuffle``: through a sample buffer."""
-    extensions = ["jpg", "logits", "ids", "label", "row"] if with_maps else ["jpg", "label", "row"]
-    dtypes = {"jpg": types.UINT8, "logits": types.FLOAT16, "label": types.INT32, "row": types.INT64}
-    if with_maps:
-        dtypes["ids"] = {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]
+                reader_seed: int, fields: Sequence[str] = tuple(_SHARD_FIELDS)) -> dict:
+    """DALI's webdataset reader over the tar ``names`` of ``shards``, in that order, reading only
+    ``fields`` (of ``jpegs``, ``logits``/``class_ids`` ``[k, H, W]``, ``labels`` and ``rows``,
+    int32/int64 ``[1]``). Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts
+    (padded to the same size by repeating the last sample, which the iterator drops); ``shuffle``:
+    through a sample buffer."""
+    fields = list(fields)
+    dtypes = {"jpegs": types.UINT8, "logits": types.FLOAT16, "labels": types.INT32, "rows": types.INT64}
+    if "class_ids" in fields:
+        dtypes["class_ids"] = {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]
     outputs = fn.readers.webdataset(
         paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
-        ext=extensions, dtypes=[dtypes[e] for e in extensions], shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed, pad_last_batch=True,
-        stick_to_shard=True, name="Reader")
-    data = dict(zip(["jpegs", "logits", "class_ids", "labels", "rows"] if with_maps else ["jpegs", "labels", "rows"],
-                    outputs))
-    if with_maps:
-        data["logits"] = fn.reshape(data["logits"], shape=list(shards.map_shape))
-        data["class_ids"] = fn.reshape(data["class_ids"], shape=list(shards.map_shape))
+        ext=[_SHARD_FIELDS[f] for f in fields], dtypes=[dtypes[f] for f in fields], shard_id=shard_id,
+        num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed,
+        pad_last_batch=True, stick_to_shard=True, name="Reader")
+    data = dict(zip(fields, outputs))
+    for name in ("logits", "class_ids"):
+        if name in data:
+            data[name] = fn.reshape(data[name], shape=list(shards.map_shape))
     return data
 
 
@@ -223,7 +227,7 @@ def shard_validation_pipeline(shards: ShardSet, config: DataConfig, decoder_devi
                               shard_id: int = 0, num_shards: int = 1):
     """Validation over tar shards in their stored order. Outputs: images, labels, rows."""
     data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=False,
-                       reader_seed=0, with_maps=False)
+                       reader_seed=0, fields=["jpegs", "labels", "rows"])
     return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"]
 
 
@@ -269,13 +273,9 @@ def plain_shard_train_pipeline(shards: ShardSet, config: DataConfig, decoder_dev
     """Plain DALI over tar shards: ``readers.webdataset`` (the JPEG and its label only, the same
     shuffle buffer as :func:`shard_train_pipeline`) -> the decode path of :func:`plain_train_pipeline`.
     Outputs: images, hard labels. The shard benchmark's ceiling."""
-    names = [s["name"] for s in shards.shards]
-    jpegs, labels = fn.readers.webdataset(
-        paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
-        ext=["jpg", "label"], dtypes=[types.UINT8, types.INT32], shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=True, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed, pad_last_batch=True,
-        stick_to_shard=True, name="Reader")
-    return _plain_augment(jpegs, config, decoder_device), labels
+    data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=True,
+                       reader_seed=reader_seed, fields=["jpegs", "labels"])
+    return _plain_augment(data["jpegs"], config, decoder_device), data["labels"]
 
 
 def _plain_augment(jpegs, config: DataConfig, decoder_device: str):
