@@ -20,7 +20,7 @@ def _run_operator(op_name, inputs, num_outputs, **kwargs):
     """The outputs of ``fn.relabel.<op_name>`` on host arrays ``inputs`` (each ``[B, ...]``)."""
     from nvidia.dali import fn, pipeline_def
 
-    from dali_relabel.plugin import load_plugin
+    from dali_relabel.ops.plugin import load_plugin
 
     load_plugin()
     inputs = [np.ascontiguousarray(x) for x in inputs]

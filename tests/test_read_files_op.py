@@ -7,7 +7,7 @@ pytest.importorskip("nvidia.dali")
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin():
-    from dali_relabel.plugin import load_plugin
+    from dali_relabel.ops.plugin import load_plugin
 
     load_plugin()
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dali_relabel.compat import from_timm, from_torchvision
 from dali_relabel.config import DataConfig
-from dali_relabel.losses import SoftTargetCrossEntropy
+from dali_relabel.training.losses import SoftTargetCrossEntropy
 from dali_relabel.store import write_store
 from helpers import make_jpeg_tree, random_maps
 from helpers import timm_args as _timm_args
