@@ -227,8 +227,8 @@ def require_gpu_backend() -> None:
 
 
 # The operators the library registers, by backend ("gpu" only when built with the CUDA backend).
-OPERATORS = {"cpu": ("relabel__LabelPooling", "relabel__RandomCropWindow", "relabel__ReadFiles",
-                     "relabel__SampleDraws"),
+OPERATORS = {"cpu": ("relabel__KeyedUniforms", "relabel__LabelPooling", "relabel__RandomCropWindow",
+                     "relabel__ReadFiles", "relabel__SampleDraws"),
              "gpu": ("relabel__LabelPooling",)}
 
 
