@@ -91,6 +91,8 @@ class LabelPoolingParams {
 struct HostScratch {
   std::vector<float> logits, wa, wb, ra, rb, cell_weight, touched_values;
   std::vector<float> warp_weights;  // warp path: [cells][bins]
+  std::vector<double> warp_terms;   // warp path: the affine's products per lattice column and row
+  std::vector<uint8_t> warp_excluded;  // warp path: lattice columns and rows inside the region
   std::vector<int32_t> class_ids, touched;
   std::vector<uint8_t> touched_mask;
 };

@@ -395,8 +395,10 @@ sampling_ratio=-1)`` with the box scaled to the grid and shifted by -0.5 (the Re
 The crop box is ``crop_anchor / image_shape`` to ``(crop_anchor + crop_shape) / image_shape``, all in
 (y, x) order as produced by ``peek_image_shape`` and ``random_crop_generator``. Output: float32
 ``[num_classes]`` for a 1x1 ``output_size``, else ``[num_classes, oh, ow]`` (mirrored left-right where
-``mirror`` is set). Every input is read on the host; the GPU backend uploads the batch and pools it in
-one kernel.)")
+``mirror`` is set). With ``affine`` (geometric ops after the crop, resize and flip), each output cell
+is pooled over what it shows: the map sampled at the inverse-mapped positions of a lattice of output
+points, points that show fill left out (see ``affine``). Every input is read on the host; the GPU
+backend uploads the batch and pools it in one kernel.)")
     .NumInput(5, 7)
     .NumOutput(1)
     .InputDevice(0, 7, ::dali::InputDevice::CPU)
