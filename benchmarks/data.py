@@ -323,3 +323,21 @@ def random_crop_batch(rng: np.random.Generator, batch: int, num_classes: int, k:
     image_shapes = np.concatenate([images, np.full((batch, 1), 3, np.int64)], axis=1)
     mirror = rng.integers(0, 2, size=batch).astype(np.int32)
     return logits, ids.astype(class_id_dtype(num_classes)), anchors, shapes, image_shapes, mirror
+
+
+def random_affines(rng: np.random.Generator, batch: int, height: int = 224, width: int = 224) -> np.ndarray:
+    """``[B, 2, 3]`` float32 geometric ops as the operator's ``affine`` takes them (output pixel ->
+    resized crop pixel) for a ``height x width`` output: about the centre, a rotation of up to 30
+    degrees, a shear of up to 0.3, a scale in [0.8, 1.25] and a translation of up to 45% of the size
+    (RandAugment's ranges at high magnitude), all at once."""
+    out = np.empty((batch, 2, 3), np.float32)
+    centre = np.array([width / 2, height / 2])
+    for n in range(batch):
+        angle = math.radians(rng.uniform(-30, 30))
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        linear = rotation @ np.array([[1, rng.uniform(-0.3, 0.3)], [rng.uniform(-0.3, 0.3), 1]])
+        linear = linear * math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+        shift = rng.uniform(-0.45, 0.45, size=2) * [width, height]
+        out[n, :, :2] = linear
+        out[n, :, 2] = centre - linear @ centre + shift
+    return out

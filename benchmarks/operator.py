@@ -12,8 +12,15 @@ and return a host tensor, alternating ``--repeats`` times:
 - ``reference``: dense scatter into ``zeros[B, C, 15, 15]`` + ``roi_align`` + softmax
   (:func:`~dali_relabel.ops.reference.reference_label_pooling`) on the same device.
 
+Geometry (unless ``--no-geometry``): the operator built with its ``affine`` argument (224x224 output
+images) takes the same batch with identity affines (``geometry_identity``: today's pooling) and with
+random rotation/shear/scale/translation affines (``geometry``: labels that follow the pixels), beside
+``geometry_feed`` (that pipeline without the operator). ``geometry_cost_pct`` = the geometry op's cost
+over the identity op's, ``100 * ((geometry - feed) / (identity - feed) - 1)`` (goal: <= 2).
+
 Before timing, the fused output is compared with the CPU reference (``max_abs_diff``, tolerance
-1e-5; ``correct`` in the JSON). Writes ``operator-<date>.json`` / ``.png`` and ``latest-operator.md``.
+1e-5; ``correct`` in the JSON; the geometry output with the warp reference). Writes
+``operator-<date>.json`` / ``.png`` and ``latest-operator.md``.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from typing import List, Sequence
 import numpy as np
 
 from .common import BenchError, int_list, log, main_for, positive_int, usable_cores
-from .data import random_crop_batch
+from .data import random_affines, random_crop_batch
 from .report import (finish, fmt, header_lines, new_result, plugin_info, pyplot, save_figure, warning_lines,
                      write_outputs)
 
@@ -45,6 +52,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target-seconds", type=float, default=0.2,
                         help="about how long one measurement (several calls) takes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-geometry", dest="geometry", action="store_false",
+                        help="skip the geometry case (random affines vs identity)")
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where results go (default: benchmarks/results)")
 
 
@@ -78,13 +87,30 @@ def _time_calls(function, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
+GEOMETRY_IMAGE_SIZE = (224, 224)
+
+
+def geometry_variants(device: str, batch: int, num_classes: int, threads: int, inputs, affines) -> dict:
+    """The geometry case's callables: the operator with ``affine`` on identities and on ``affines``,
+    and its feeding alone."""
+    from dali_relabel.ops.fused import FusedLabelPooling
+
+    common = dict(device=device, num_threads=threads, output_image_size=GEOMETRY_IMAGE_SIZE)
+    op = FusedLabelPooling(num_classes, batch, layout="WH", **common)
+    feed = FusedLabelPooling(num_classes, batch, pool=False, **common)
+    return {"geometry_identity": functools.partial(op, *inputs),
+            "geometry": functools.partial(op, *inputs, affine=affines),
+            "geometry_feed": functools.partial(feed, *inputs, affine=affines)}
+
+
 def measure(device: str, batch: int, num_classes: int, repeats: int, threads: int, seed: int,
-            target_seconds: float) -> dict:
-    """One row: fused, feed and reference timings (ms) and the correctness check."""
+            target_seconds: float, geometry: bool = True) -> dict:
+    """One row: fused, feed and reference timings (ms) and the correctness check (and the geometry
+    case's)."""
     import torch
 
     from dali_relabel.ops.fused import FusedLabelPooling
-    from dali_relabel.ops.reference import crop_boxes, reference_label_pooling
+    from dali_relabel.ops.reference import crop_boxes, reference_label_pooling, reference_warp_pooling
 
     inputs = random_crop_batch(np.random.default_rng([seed, batch]), batch, num_classes)
     logits, ids, anchors, shapes, image_shapes, mirror = inputs
@@ -102,6 +128,15 @@ def measure(device: str, batch: int, num_classes: int, repeats: int, threads: in
     expected = reference_label_pooling(logits_t, ids_t, boxes, num_classes, layout="WH", flips=mirror)
     max_abs_diff = float((variants["fused"]().float() - expected).abs().max())
     reference_diff = float((reference().float() - expected).abs().max())
+    extra = {}
+    if geometry:
+        affines = random_affines(np.random.default_rng([seed, batch, 1]), batch, *GEOMETRY_IMAGE_SIZE)
+        variants.update(geometry_variants(device, batch, num_classes, threads, inputs, affines))
+        warped = reference_warp_pooling(logits, ids, anchors, shapes, image_shapes, affines, GEOMETRY_IMAGE_SIZE,
+                                        num_classes, layout="WH", flips=mirror)
+        extra["geometry_max_abs_diff"] = float((variants["geometry"]().float() - warped).abs().max())
+        if float((variants["geometry_identity"]().float() - variants["fused"]().float()).abs().max()) != 0.0:
+            raise BenchError("the operator with identity affines differs from the operator without them")
     inner = {}
     for name, function in variants.items():  # warm-up, and how many calls make one measurement
         function()
@@ -112,6 +147,13 @@ def measure(device: str, batch: int, num_classes: int, repeats: int, threads: in
             times[name].append(_time_calls(function, inner[name]))
     fused_s, feed_s, ref_s = (statistics.median(times[n]) for n in ("fused", "feed", "reference"))
     op_s = fused_s - feed_s
+    if geometry:
+        geo_s, identity_s, geo_feed_s = (statistics.median(times[n])
+                                         for n in ("geometry", "geometry_identity", "geometry_feed"))
+        identity_op_s = identity_s - geo_feed_s
+        extra.update(geometry_ms=1e3 * geo_s, geometry_identity_ms=1e3 * identity_s, geometry_feed_ms=1e3 * geo_feed_s,
+                     geometry_cost_pct=(100.0 * ((geo_s - geo_feed_s) / identity_op_s - 1.0)
+                                        if identity_op_s > 0 else None))
     return {"device": device, "batch_size": batch, "num_classes": num_classes,
             "fused_ms": 1e3 * fused_s, "feed_ms": 1e3 * feed_s, "op_ms": 1e3 * op_s, "reference_ms": 1e3 * ref_s,
             "fused_samples_per_s": batch / fused_s, "reference_samples_per_s": batch / ref_s,
@@ -119,7 +161,7 @@ def measure(device: str, batch: int, num_classes: int, repeats: int, threads: in
             "max_abs_diff": max_abs_diff, "reference_on_device_max_abs_diff": reference_diff,
             "calls_per_measurement": inner,
             "spread_pct": {n: 100.0 * (max(t) - min(t)) / statistics.median(t) for n, t in times.items()},
-            **{f"{n}_ms_all": [1e3 * t for t in times[n]] for n in variants}}
+            **extra, **{f"{n}_ms_all": [1e3 * t for t in times[n]] for n in variants}}
 
 
 def run(args) -> dict:
@@ -132,16 +174,26 @@ def run(args) -> dict:
     result.update(devices=devices, plugin=plugin_info(), results=[])
     for device in devices:
         for batch in args.batch_sizes:
-            row = measure(device, batch, args.classes, args.repeats, args.threads, args.seed, args.target_seconds)
+            row = measure(device, batch, args.classes, args.repeats, args.threads, args.seed, args.target_seconds,
+                          geometry=args.geometry)
             result["results"].append(row)
             only = f"{row['op_only_speedup']:.1f}x" if row["op_only_speedup"] else "n/a (feed >= total)"
             log(f"op {device} batch {batch}: fused {row['fused_ms']:.2f} ms (feed {row['feed_ms']:.2f} ms), "
                 f"dense reference {row['reference_ms']:.2f} ms -> raw {row['raw_speedup']:.1f}x, op-only {only}; "
                 f"max |fused - reference| = {row['max_abs_diff']:.2e}")
+            if args.geometry:
+                log(f"op {device} batch {batch} geometry: {row['geometry_ms']:.2f} ms vs identity "
+                    f"{row['geometry_identity_ms']:.2f} ms (feed {row['geometry_feed_ms']:.2f} ms) -> op cost "
+                    f"{fmt(row['geometry_cost_pct'])}% over identity; max |op - warp reference| = "
+                    f"{row['geometry_max_abs_diff']:.2e}")
     rows = result["results"]
     result["max_abs_diff"] = max(r["max_abs_diff"] for r in rows)
     result["reference_on_device_max_abs_diff"] = max(r["reference_on_device_max_abs_diff"] for r in rows)
-    result["correct"] = max(result["max_abs_diff"], result["reference_on_device_max_abs_diff"]) <= TOLERANCE
+    diffs = [result["max_abs_diff"], result["reference_on_device_max_abs_diff"]]
+    if args.geometry:
+        result["geometry_max_abs_diff"] = max(r["geometry_max_abs_diff"] for r in rows)
+        diffs.append(result["geometry_max_abs_diff"])
+    result["correct"] = max(diffs) <= TOLERANCE
     result.update(tolerance=TOLERANCE, layout="WH", output_size=[1, 1], k=5, grid=[15, 15],
                   notes="fused/feed/reference each take host arrays and return a host tensor; op_ms = fused_ms - "
                         "feed_ms; raw_speedup = reference/fused; op_only_speedup = reference/op")
@@ -164,6 +216,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['device']} | {r['batch_size']} | {r['fused_ms']:.2f} | {r['feed_ms']:.2f} | "
                      f"{r['op_ms']:.2f} | {r['reference_ms']:.2f} | {r['raw_speedup']:.1f}x | "
                      f"{fmt(r['op_only_speedup'])}x |")
+    if any("geometry_ms" in r for r in rows):
+        lines += ["", f"Geometry (labels that follow random rotation/shear/scale/translation affines, "
+                      f"{GEOMETRY_IMAGE_SIZE[0]}x{GEOMETRY_IMAGE_SIZE[1]} output; goal: op cost <= 2% over identity). "
+                      f"max |op - warp reference| = {result.get('geometry_max_abs_diff', 0.0):.2e}.", "",
+                  "| device | batch | identity ms | geometry ms | feed ms | geometry op cost over identity |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['device']} | {r['batch_size']} | {r['geometry_identity_ms']:.2f} | "
+                         f"{r['geometry_ms']:.2f} | {r['geometry_feed_ms']:.2f} | {fmt(r['geometry_cost_pct'])}% |")
     return "\n".join(lines + [""] + warning_lines(result)) + "\n"
 
 

@@ -125,6 +125,7 @@ def test_operator_smoke_cpu(tmp_path):
     for row in result["results"]:
         assert row["max_abs_diff"] <= 1e-5 and row["reference_on_device_max_abs_diff"] <= 1e-5, row
         assert row["fused_ms"] > 0 and row["feed_ms"] > 0 and row["reference_ms"] > 0 and row["raw_speedup"] > 0
+        assert row["geometry_max_abs_diff"] <= 1e-5 and row["geometry_ms"] > 0 and row["geometry_identity_ms"] > 0
     assert result["correct"] and result["max_abs_diff"] <= 1e-5
 
 

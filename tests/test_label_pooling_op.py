@@ -309,3 +309,237 @@ def test_bad_region_is_reported():
     data = random_batch(np.random.default_rng(0), 2, 1, 3, 3, 5)
     with pytest.raises(RuntimeError, match=r"sample 1: region .* must satisfy"):
         _fused(5, 2, "cpu", region_mode="inside")(*data, region=np.array([[0, 0, 1, 1], [0.6, 0, 0.2, 1]]))
+
+
+# ------------------------------------------------------------------------ geometry (argument `affine`)
+def random_affines(rng, batch, height, width, identity_every=0):
+    """Random ``[B, 2, 3]`` maps from output pixels to the resized crop: rotation, shear, scale and
+    translation about the image centre; some pure translations, horizontal flips and identities."""
+    affines = []
+    centre = np.array([width / 2, height / 2])
+    for n in range(batch):
+        kind = rng.integers(0, 4)
+        angle = rng.uniform(-np.pi / 4, np.pi / 4) if kind != 1 else 0.0
+        shear = rng.uniform(-0.4, 0.4, size=2) if kind != 1 else np.zeros(2)
+        scale = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=2)) if kind == 2 else np.ones(2)
+        linear = (np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+                  @ np.array([[1, shear[0]], [shear[1], 1]]) @ np.diag(scale))
+        if kind == 3:
+            linear = linear @ np.diag([-1.0, 1.0])  # a flip done by the geometric op
+        shift = rng.uniform(-0.4, 0.4, size=2) * [width, height]
+        affines.append(np.concatenate([linear, (centre - linear @ centre + shift)[:, None]], axis=1))
+    affines = np.asarray(affines, np.float32)
+    if identity_every:
+        affines[::identity_every] = np.eye(2, 3)
+    return affines
+
+
+def assert_warp_matches_reference(op_out, data, affines, image_size, num_classes, region=None, **kwargs):
+    from dali_relabel.ops.reference import reference_warp_pooling
+
+    logits, ids, anchors, shapes, images, mirror = data
+    expected = reference_warp_pooling(logits, ids, anchors, shapes, images, affines, image_size, num_classes,
+                                      flips=mirror, region=region, **kwargs)
+    assert op_out.shape == expected.shape
+    atol = 1e-7 if kwargs.get("apply_softmax", True) else 1e-6 * max(1.0, float(np.abs(logits).max()))
+    torch.testing.assert_close(op_out, expected, rtol=TOLERANCE, atol=atol)
+
+
+WARP_CONFIGS = [
+    dict(layout="HW", output_size=(1, 1), image_size=(224, 224)),
+    dict(layout="WH", output_size=(1, 1), image_size=(96, 160)),
+    dict(layout="HW", output_size=(3, 2), image_size=(160, 96)),
+    dict(layout="WH", output_size=(2, 3), image_size=(224, 224)),
+    dict(layout="HW", output_size=(1, 1), image_size=(32, 48), temperature=2.5),
+    dict(layout="WH", output_size=(2, 2), image_size=(64, 64), apply_softmax=False),
+]
+
+
+def _warp_op(config, device="cpu", num_classes=37, max_batch=8, **extra):
+    config = dict(config)
+    image_size = config.pop("image_size")
+    return config, image_size, _fused(num_classes, max_batch, device, output_image_size=image_size, **config,
+                                      **extra)
+
+
+@pytest.fixture(scope="module", params=range(len(WARP_CONFIGS)), ids=lambda i: "-".join(
+    f"{v}" for v in WARP_CONFIGS[i].values()))
+def cpu_warp_op(request):
+    return _warp_op(WARP_CONFIGS[request.param])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), batch=st.integers(1, 8), k=st.integers(1, 5),
+       map_h=st.integers(1, 16), map_w=st.integers(1, 16), edge=st.booleans())
+def test_cpu_warp_matches_reference(cpu_warp_op, seed, batch, k, map_h, map_w, edge):
+    config, image_size, op = cpu_warp_op
+    rng = np.random.default_rng(seed)
+    data = random_batch(rng, batch, k, map_h, map_w, 37, edge=edge)
+    affines = random_affines(rng, batch, *image_size, identity_every=5)
+    assert_warp_matches_reference(op(*data, affine=affines), data, affines, image_size, 37, **config)
+
+
+@pytest.mark.parametrize("config", WARP_CONFIGS[:4], ids=lambda c: f"{c['layout']}-{c['output_size']}")
+def test_identity_affine_is_todays_pooling_bit_for_bit(config):
+    _, _, with_affine = _warp_op(config)
+    plain_config = {k: v for k, v in config.items() if k != "image_size"}
+    plain = _fused(37, 8, "cpu", **plain_config)
+    for seed in range(3):
+        data = random_batch(np.random.default_rng(seed), 8, 5, 15, 15, 37, edge=seed == 2)
+        expected = plain(*data)
+        assert torch.equal(with_affine(*data), expected)  # affine=None: identities
+        assert torch.equal(with_affine(*data, affine=np.tile(np.eye(2, 3, dtype=np.float32), (8, 1, 1))), expected)
+
+
+def test_warp_follows_a_translation():
+    # Class 1 on the image's right half only. Shifted left by half the width, the output's left half
+    # shows the crop's right half and its right half is fill: the target is class 1 alone.
+    logits = np.full((2, 1, 4, 4), 9.0, np.float16)
+    ids = np.zeros((2, 1, 4, 4), np.uint8)
+    ids[..., 2:] = 1
+    crop = (np.zeros((2, 2), np.int32), np.full((2, 2), 100, np.int32), np.full((2, 3), [100, 100, 3]))
+    shift = np.array([[[1, 0, 32], [0, 1, 0]], [[1, 0, -32], [0, 1, 0]]], np.float32)  # 64 x 64 output
+    op = _fused(2, 2, "cpu", output_image_size=(64, 64))
+    out = op(logits, ids, *crop, np.zeros(2, np.int32), affine=shift)
+    assert out[0, 1] > 0.99 and out[1, 0] > 0.99
+    # and mirrored, the left half of the image (class 0) comes into view instead
+    out = op(logits, ids, *crop, np.ones(2, np.int32), affine=shift)
+    assert out[0, 0] > 0.99 and out[1, 1] > 0.99
+
+
+def test_a_cell_of_pure_fill_gets_the_uniform_distribution():
+    data = random_batch(np.random.default_rng(1), 2, 3, 5, 5, 10)
+    away = np.array([[[1, 0, 1000], [0, 1, 0]]] * 2, np.float32)  # everything lands right of the crop
+    out = _fused(10, 2, "cpu", output_image_size=(32, 32))(*data, affine=away)
+    torch.testing.assert_close(out, torch.full((2, 10), 0.1))
+    # a grid whose right column shows fill only: that column is uniform, the rest is not
+    half = np.array([[[1, 0, 16], [0, 1, 0]]] * 2, np.float32)
+    grid = _fused(10, 2, "cpu", output_size=(2, 2), output_image_size=(32, 32))(*data, affine=half)
+    torch.testing.assert_close(grid[..., 1], torch.full((2, 10, 2), 0.1))
+    assert (grid[..., 0] - 0.1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["inside", "outside"])
+@pytest.mark.parametrize("layout", ["HW", "WH"])
+def test_warp_region_pooling_matches_reference(mode, layout):
+    op = _fused(50, 8, "cpu", layout=layout, region_mode=mode, output_image_size=(128, 96))
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        data = random_batch(rng, 8, 5, 7, 9, 50)
+        region = _random_regions(rng, 8, empty_every=3 if seed == 1 else 0)
+        if seed == 2:
+            region[1] = [0, 0, 1, 1]  # the whole output image
+        affines = random_affines(rng, 8, 128, 96, identity_every=4)
+        assert_warp_matches_reference(op(*data, region=region, affine=affines), data, affines, (128, 96), 50,
+                                      region=region, region_mode=mode, layout=layout)
+
+
+def test_constant_affine_applies_to_every_sample():
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel.ops.plugin import load_plugin
+
+    load_plugin()
+    rng = np.random.default_rng(2)
+    data = random_batch(rng, 3, 2, 6, 6, 11)
+    matrix = random_affines(rng, 1, 40, 40)[0]
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None)
+    def graph():
+        inputs = [fn.external_source(source=_constant_source(d), batch=True) for d in data]
+        return fn.relabel.label_pooling(*inputs, num_classes=11, affine=matrix.reshape(-1).tolist(),
+                                        output_image_size=[40, 40])
+
+    pipe = graph()
+    pipe.build()
+    out = torch.from_numpy(pipe.run()[0].as_array())
+    assert_warp_matches_reference(out, data, np.stack([matrix] * 3), (40, 40), 11)
+
+
+def _constant_source(batch):
+    batch = [np.ascontiguousarray(x) for x in batch]
+    return lambda: batch  # no argument: DALI would pass an iteration number to a one-argument one
+
+
+def _run_raw_affine(affines, image_size=(16, 16), **extra):
+    """The operator with per-sample ``affines`` (a list of arrays, any shape and dtype)."""
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel.ops.plugin import load_plugin
+
+    load_plugin()
+    data = random_batch(np.random.default_rng(0), len(affines), 1, 3, 3, 5)
+
+    @pipeline_def(batch_size=len(affines), num_threads=1, device_id=None)
+    def graph():
+        inputs = [fn.external_source(source=_constant_source(d), batch=True) for d in data[:5]]
+        affine = fn.external_source(source=_constant_source(affines), batch=True)
+        return fn.relabel.label_pooling(*inputs, num_classes=5, affine=affine, **extra,
+                                        **({"output_image_size": list(image_size)} if image_size else {}))
+
+    pipe = graph()
+    pipe.build()
+    return pipe.run()
+
+
+@pytest.mark.parametrize("affines, message", [
+    ([np.eye(2, 3, dtype=np.float32), np.eye(2, dtype=np.float32)],
+     r"sample 1: affine must be a \[2, 3\] matrix, got shape 2 x 2"),
+    ([np.eye(2, 3, dtype=np.float64)] * 2, "affine must be float32, got double"),
+    ([np.eye(2, 3, dtype=np.float32), np.eye(2, 3, dtype=np.float32), np.array([[1, 0, np.nan], [0, 1, 0]], np.float32)],
+     r"sample 2: affine\[0\]\[2\] is not finite \(nan\)"),
+    ([np.array([[1, 0, 0], [np.inf, 1, 0]], np.float32)], r"sample 0: affine\[1\]\[0\] is not finite"),
+])
+def test_bad_affine_is_reported_with_the_sample(affines, message):
+    with pytest.raises(RuntimeError, match=message):
+        _run_raw_affine(affines)
+
+
+def test_affine_needs_the_output_image_size():
+    with pytest.raises(RuntimeError, match=r"affine needs output_image_size \(h, w\)"):
+        _run_raw_affine([np.eye(2, 3, dtype=np.float32)], image_size=None)
+
+
+def test_fused_wrapper_checks_the_affine():
+    from dali_relabel.ops.fused import FusedArgumentError
+
+    data = random_batch(np.random.default_rng(0), 2, 1, 3, 3, 5)
+    with pytest.raises(FusedArgumentError, match="output_image_size"):
+        _fused(5, 2, "cpu")(*data, affine=np.tile(np.eye(2, 3), (2, 1, 1)))
+    with pytest.raises(FusedArgumentError, match=r"affine must be \[B, 2, 3\] = \[2, 2, 3\], got shape \[2, 6\]"):
+        _fused(5, 2, "cpu", output_image_size=(8, 8))(*data, affine=np.zeros((2, 6)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", WARP_CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_gpu_warp_matches_reference(config):
+    config, image_size, op = _warp_op(config, "gpu", num_classes=1000, max_batch=64)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        data = random_batch(rng, 64 - 7 * seed, 5, 15, 15, 1000, edge=seed == 3)
+        affines = random_affines(rng, len(data[0]), *image_size, identity_every=5)
+        assert_warp_matches_reference(op(*data, affine=affines), data, affines, image_size, 1000, **config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["inside", "outside"])
+def test_gpu_warp_region_and_identity(mode):
+    op = _fused(1000, 16, "gpu", layout="WH", region_mode=mode, output_image_size=(224, 224))
+    plain = _fused(1000, 16, "gpu", layout="WH", region_mode=mode)
+    rng = np.random.default_rng(7)
+    data = random_batch(rng, 16, 5, 15, 15, 1000)
+    region = _random_regions(rng, 16, empty_every=5)
+    affines = random_affines(rng, 16, 224, 224, identity_every=3)
+    out = op(*data, region=region, affine=affines)
+    assert_warp_matches_reference(out, data, affines, (224, 224), 1000, region=region, region_mode=mode,
+                                  layout="WH")
+    identity = np.all(affines == np.eye(2, 3, dtype=np.float32), axis=(1, 2))
+    # the same RoIAlign path; float atomics may add in another order, so not bit for bit
+    torch.testing.assert_close(out[identity], plain(*data, region=region)[identity], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.gpu
+def test_gpu_warp_names_the_shared_memory_limit():
+    data = random_batch(np.random.default_rng(0), 1, 1, 120, 120, 7)
+    with pytest.raises(RuntimeError, match=r"argument 'affine'.*H \* W may be at most 12255"):
+        _fused(7, 1, "gpu", output_image_size=(8, 8))(*data, affine=random_affines(np.random.default_rng(0), 1, 8, 8))

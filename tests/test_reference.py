@@ -402,3 +402,109 @@ def test_float16_inputs_match_float32():
     a = reference_label_pooling(torch.as_tensor(logits), torch.as_tensor(ids).to(torch.uint8), boxes, c)
     b = reference_label_pooling(logits.astype(np.float32), ids, boxes, c)
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------ (g) geometry: the warp reference
+from dali_relabel.ops.reference import MAX_LATTICE, reference_warp_pooling, warp_lattice_counts  # noqa: E402
+
+
+def _whole_image(b, size=(120, 160)):
+    """Crop windows covering the whole ``size`` image, ``b`` times."""
+    return (np.zeros((b, 2)), np.tile(size, (b, 1)), np.tile([*size, 3], (b, 1)))
+
+
+def _affine(linear, shift):
+    return np.concatenate([np.asarray(linear, np.float64), np.asarray(shift, np.float64)[:, None]], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["HW", "WH"])
+def test_warp_identity_is_roi_align(layout):
+    logits, ids = random_maps(3, 3, 5, 7, 8, seed=1)
+    crops = ([[10, 20], [0, 0], [30, 5]], [[50, 100], [120, 160], [20, 20]], [[120, 160, 3]] * 3)
+    identity = np.tile(np.eye(2, 3, dtype=np.float32), (3, 1, 1))
+    got = reference_warp_pooling(logits, ids, *crops, identity, (64, 64), 8, layout=layout, output_size=(2, 3),
+                                 flips=[1, 0, 1])
+    torch.testing.assert_close(got, pooled_from_crops(logits, ids, *crops, 8, layout=layout, output_size=(2, 3),
+                                                      flips=[1, 0, 1]), rtol=0, atol=0)
+    # A near-identity affine takes the lattice path: RoIAlign's sample points, up to rounding, for
+    # crops of at least one map cell. (Sample 2 is smaller: RoIAlign widens its box to one cell and
+    # reads beyond the crop; the lattice stays inside what the output shows.)
+    nudged = identity.copy()
+    nudged[:, 0, 2] = 1e-4
+    near = reference_warp_pooling(logits, ids, *crops, nudged, (64, 64), 8, layout=layout,
+                                  output_size=(2, 3), flips=[1, 0, 1])
+    torch.testing.assert_close(near[:2], got[:2], rtol=1e-4, atol=1e-5)
+    assert (near[2] - got[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["HW", "WH"])
+def test_warp_half_width_translation_is_roi_align_of_the_right_half(layout):
+    # Output x maps to x + w/2: the left half shows the crop's right half, the right half is fill. The
+    # lattice points that show the crop are RoIAlign's points over the right half (8 map cells: 4).
+    logits, ids = random_maps(2, 3, 8, 8, 6, seed=2)
+    shift = np.tile(_affine(np.eye(2), [32, 0]), (2, 1, 1))  # 64 x 64 output
+    got = reference_warp_pooling(logits, ids, *_whole_image(2, (80, 80)), shift, (64, 64), 6, layout=layout)
+    right = pooled_from_crops(logits, ids, [[0, 40]] * 2, [[80, 40]] * 2, [[80, 80, 3]] * 2, 6, layout=layout)
+    torch.testing.assert_close(got, right, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["HW", "WH"])
+def test_warp_half_turn_rotates_the_token_grid(layout):
+    logits, ids = random_maps(2, 2, 6, 6, 5, seed=3)
+    crops = _whole_image(2, (90, 60))
+    half_turn = np.tile(_affine(-np.eye(2), [48, 32]), (2, 1, 1))  # about the centre of 32 x 48
+    kwargs = dict(layout=layout, output_size=(2, 3), apply_softmax=False)
+    got = reference_warp_pooling(logits, ids, *crops, half_turn, (32, 48), 5, **kwargs)
+    plain = pooled_from_crops(logits, ids, *crops, 5, **kwargs)
+    torch.testing.assert_close(got, plain.flip(-1, -2), rtol=1e-5, atol=1e-5)
+    single = reference_warp_pooling(logits, ids, *crops, half_turn, (32, 48), 5, layout=layout)
+    torch.testing.assert_close(single, pooled_from_crops(logits, ids, *crops, 5, layout=layout), rtol=1e-5, atol=1e-7)
+
+
+def test_warp_affine_flip_equals_the_mirror_flag():
+    logits, ids = random_maps(2, 2, 5, 7, 6, seed=4)
+    crops = ([[5, 10], [0, 0]], [[40, 50], [60, 60]], [[60, 80, 3]] * 2)
+    flip = np.tile(_affine(np.diag([-1.0, 1.0]), [40, 0]), (2, 1, 1))  # 40 x 40 output
+    via_affine = reference_warp_pooling(logits, ids, *crops, flip, (40, 40), 6, output_size=(2, 2))
+    via_mirror = pooled_from_crops(logits, ids, *crops, 6, output_size=(2, 2), flips=[1, 1])
+    torch.testing.assert_close(via_affine, via_mirror, rtol=1e-5, atol=1e-7)
+    # flipped twice (the op and the mirror) is the plain crop
+    both = reference_warp_pooling(logits, ids, *crops, flip, (40, 40), 6, output_size=(2, 2), flips=[1, 1])
+    torch.testing.assert_close(both, pooled_from_crops(logits, ids, *crops, 6, output_size=(2, 2)), rtol=1e-5, atol=1e-7)
+
+
+def test_warp_zoom_out_sees_the_whole_crop_once():
+    # Scale 2 about the centre: the crop fills the central half of the output, the rest is fill. With
+    # an even map, the points that show the crop are RoIAlign's points over the whole crop.
+    logits, ids = random_maps(2, 3, 6, 6, 7, seed=5)
+    crops = _whole_image(2, (60, 60))
+    zoom = np.tile(_affine(2 * np.eye(2), [-32, -32]), (2, 1, 1))  # 64 x 64 output
+    got = reference_warp_pooling(logits, ids, *crops, zoom, (64, 64), 7)
+    torch.testing.assert_close(got, pooled_from_crops(logits, ids, *crops, 7), rtol=1e-5, atol=1e-7)
+
+
+def test_warp_all_fill_is_uniform_and_partial_fill_is_left_out():
+    logits, ids = one_hot_map(4, 4, (1, 1), 2, 6.0)
+    crops = _whole_image(1, (40, 40))
+    away = _affine(np.eye(2), [500, 0])[None]
+    got = reference_warp_pooling(logits, ids, *crops, away, (20, 20), 5)
+    torch.testing.assert_close(got, torch.full((1, 5), 0.2))
+    # shifted so the hot cell's quarter of the image fills half the output width: its share doubles
+    shift = _affine(np.eye(2), [10, 0])[None]
+    raw = reference_warp_pooling(logits, ids, *crops, shift, (20, 20), 5, apply_softmax=False)
+    whole = pooled_from_crops(logits, ids, *crops, 5, apply_softmax=False)
+    assert raw[0, 2].item() == pytest.approx(0.0, abs=1e-6)  # the hot cell (column 1) is out of view
+    right = reference_warp_pooling(logits, ids, *crops, _affine(np.eye(2), [-10, 0])[None], (20, 20), 5,
+                                   apply_softmax=False)
+    assert right[0, 2].item() == pytest.approx(2 * whole[0, 2].item(), rel=1e-5)
+
+
+def test_warp_lattice_counts():
+    # identity-like: ceil(extent / bins), as RoIAlign's sampling ratio; an exact integer stays
+    assert warp_lattice_counts(224.0, (1.0, 0.0), 15 / 224, 15 / 224, 1) == 15
+    assert warp_lattice_counts(224.0, (1.0, 0.0), 7.3 / 224, 1.0, 2) == 4
+    # a rotation by 45 degrees: the column's length is kept
+    c = math.cos(math.pi / 4)
+    assert warp_lattice_counts(100.0, (c, c), 0.1, 0.1, 1) == 10
+    assert warp_lattice_counts(100.0, (0.0, 0.0), 0.1, 0.1, 1) == 1
+    assert warp_lattice_counts(100.0, (1e4, 0.0), 0.1, 0.1, 1) == MAX_LATTICE

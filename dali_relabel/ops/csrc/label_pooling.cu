@@ -1,6 +1,8 @@
 // relabel.label_pooling: the CUDA backend. The batch is validated and packed on the host, uploaded
 // in one copy and pooled by one kernel launch on the workspace stream: one block per (sample, output
 // bin) scatters the weighted top-k logits into the sample's class vector and softmaxes it in place.
+// A sample on the warp path (a non-identity affine) first splats its lattice points into a shared
+// [H * W] weight table; the rest of the block is the same.
 // Two pinned staging slots are used in turn, so packing a batch overlaps the previous batch's upload
 // and kernel.
 #include <cuda_runtime.h>
@@ -26,9 +28,16 @@ constexpr int kScratchSlots = 33;  // BlockReduce: one per warp (kBlock / 32 <= 
 constexpr size_t kMaxSharedBytes = 48 * 1024;
 constexpr int64_t kMaxBlocks = INT_MAX;  // gridDim.x
 
-// Per block: the A and B axis weights of the box and of the left-out region, then the reduction slots.
-size_t SharedBytes(int map_h, int map_w) {
-  return (2 * (static_cast<size_t>(map_h) + static_cast<size_t>(map_w)) + kScratchSlots) * sizeof(float);
+// Per block, the weights: the A and B axis weights of the box and of the left-out region, or (a batch
+// with warp samples) room for a whole [H * W] table if larger; the reduction slots follow.
+size_t WeightFloats(int map_h, int map_w, bool warp) {
+  const size_t axes = 2 * (static_cast<size_t>(map_h) + static_cast<size_t>(map_w));
+  const size_t table = warp ? static_cast<size_t>(map_h) * static_cast<size_t>(map_w) : 0;
+  return std::max(axes, table);
+}
+
+size_t SharedBytes(int map_h, int map_w, bool warp) {
+  return (WeightFloats(map_h, map_w, warp) + kScratchSlots) * sizeof(float);
 }
 
 __device__ float BlockReduce(float value, bool is_max, float *scratch) {
@@ -54,10 +63,11 @@ __device__ float BlockReduce(float value, bool is_max, float *scratch) {
 __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *logits,
                                    const int32_t *class_ids, int map_h, int map_w, int64_t entries,
                                    int num_classes, int out_h, int out_w, bool transposed,
-                                   float inv_temperature, bool apply_softmax) {
-  extern __shared__ float shared[];  // weights: 2 * (map_h + map_w), then 33 reduction slots
+                                   float inv_temperature, bool apply_softmax, int weight_floats) {
+  extern __shared__ float shared[];  // weights (weight_floats), then 33 reduction slots
   float *wa = shared, *wb = shared + map_h, *ra = shared + map_h + map_w;
-  float *rb = ra + map_h, *scratch = shared + 2 * (map_h + map_w);
+  float *rb = ra + map_h, *scratch = shared + weight_floats;
+  float *table = shared;  // warp path: [map_h * map_w], instead of wa, wb, ra, rb
   // A 1-D grid (gridDim.x allows 2^31 - 1 blocks; gridDim.y only 65535): block = sample * bins + bin.
   const unsigned bins = static_cast<unsigned>(out_h) * static_cast<unsigned>(out_w);
   const PoolingSample s = samples[blockIdx.x / bins];
@@ -65,7 +75,26 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
   const int p = bin / out_w, q = bin % out_w;
   const int bin_a = transposed ? q : p, bins_a = transposed ? out_w : out_h;
   const int bin_b = transposed ? p : q, bins_b = transposed ? out_h : out_w;
-  for (int t = threadIdx.x; t < map_h + map_w; t += blockDim.x) {
+  const int cells = map_h * map_w;
+  float inv_count = 0.f;  // warp path: 1 / points not showing fill (0 if none: logits 0, uniform)
+  if (s.warp) {
+    const WarpSampling &w = s.sampling;
+    for (int c = threadIdx.x; c < cells; c += blockDim.x) table[c] = 0.f;
+    __syncthreads();
+    float count = 0.f;  // exact: at most kMaxLattice^2 points
+    for (int t = threadIdx.x; t < w.nx * w.ny; t += blockDim.x) {
+      double a, b;
+      if (!WarpPoint(w, s.flip, transposed, q * w.nx + t % w.nx, p * w.ny + t / w.nx, &a, &b)) continue;
+      count += 1.f;
+      int cell[4];
+      float weight[4];
+      if (!BilinearPoint(a, b, map_h, map_w, cell, weight)) continue;
+      for (int c = 0; c < 4; c++) atomicAdd(table + cell[c], weight[c]);
+    }
+    count = BlockReduce(count, false, scratch);  // synchronises: the table is complete
+    inv_count = count > 0.f ? 1.f / count : 0.f;
+  }
+  for (int t = threadIdx.x; !s.warp && t < map_h + map_w; t += blockDim.x) {
     if (t < map_h) {
       wa[t] = AxisWeight(s.box.a_start, s.box.a_end, map_h, bins_a, bin_a, t);
       ra[t] = s.outside ? AxisWeight(s.region.a_start, s.region.a_end, map_h, 1, 0, t) : 0.f;
@@ -78,16 +107,15 @@ __global__ void LabelPoolingKernel(const PoolingSample *samples, const float *lo
   const float keep = s.outside ? 1.f / (1.f - s.region_fraction) : 1.f;
   const float drop = s.outside ? s.region_fraction * keep : 0.f;
   const int64_t stride = static_cast<int64_t>(out_h) * out_w;
-  float *out = s.out + p * out_w + (s.flip ? out_w - 1 - q : q);
+  float *out = s.out + p * out_w + (s.flip && !s.warp ? out_w - 1 - q : q);
   for (int c = threadIdx.x; c < num_classes; c += blockDim.x) out[c * stride] = 0.f;
   __syncthreads();
   const float *lg = logits + s.in_offset;
   const int32_t *ids = class_ids + s.in_offset;
-  const int cells = map_h * map_w;
   for (int64_t e = threadIdx.x; e < entries; e += blockDim.x) {
     const int cell = static_cast<int>(e % cells);
     const int a = cell / map_w, b = cell % map_w;
-    const float w = wa[a] * wb[b] * keep - ra[a] * rb[b] * drop;
+    const float w = s.warp ? table[cell] * inv_count : wa[a] * wb[b] * keep - ra[a] * rb[b] * drop;
     if (w != 0.f) atomicAdd(out + static_cast<int64_t>(ids[e]) * stride, w * lg[e]);
   }
   __syncthreads();
@@ -124,8 +152,15 @@ void LabelPooling<GPUBackend>::CheckLimits() const {
       "relabel.label_pooling (GPU): batch size ", n, " x output_size (", params_.out_h(), ", ",
       params_.out_w(), ") = ", n * bins, " thread blocks, more than CUDA's limit of ", kMaxBlocks,
       " per launch; use a smaller output_size or batch size"));
-  const size_t shared = SharedBytes(batch_.map_h, batch_.map_w);
+  const size_t shared = SharedBytes(batch_.map_h, batch_.map_w, batch_.any_warp);
   const int max_sum = static_cast<int>((kMaxSharedBytes / sizeof(float) - kScratchSlots) / 2);
+  const int max_cells = static_cast<int>(kMaxSharedBytes / sizeof(float) - kScratchSlots);
+  const int64_t cells = static_cast<int64_t>(batch_.map_h) * batch_.map_w;
+  DALI_ENFORCE(!batch_.any_warp || cells <= max_cells, ::dali::make_string(
+      "relabel.label_pooling (GPU): with a geometric transform (argument 'affine'), the label map "
+      "(input 'logits', [k, H, W] with H = ", batch_.map_h, ", W = ", batch_.map_w, ") needs ",
+      (cells + kScratchSlots) * sizeof(float), " bytes of shared memory per thread block, more than the ", kMaxSharedBytes, "-byte (48 KB) "
+      "limit; H * W may be at most ", max_cells, " on the GPU (the CPU backend has no such limit)"));
   DALI_ENFORCE(shared <= kMaxSharedBytes, ::dali::make_string(
       "relabel.label_pooling (GPU): the label map (input 'logits', [k, H, W] with H = ", batch_.map_h,
       ", W = ", batch_.map_w, ") needs ", shared, " bytes of shared memory per thread block, more "
@@ -205,12 +240,14 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   cudaStream_t stream = ws.stream();
   CUDA_CALL(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
   const unsigned blocks = static_cast<unsigned>(n) * params_.out_h() * params_.out_w();  // CheckLimits
-  LabelPoolingKernel<<<blocks, kBlock, SharedBytes(batch_.map_h, batch_.map_w), stream>>>(
+  const size_t weight_floats = WeightFloats(batch_.map_h, batch_.map_w, batch_.any_warp);
+  LabelPoolingKernel<<<blocks, kBlock, SharedBytes(batch_.map_h, batch_.map_w, batch_.any_warp), stream>>>(
       reinterpret_cast<const PoolingSample *>(device),
       reinterpret_cast<const float *>(device + samples_bytes),
       reinterpret_cast<const int32_t *>(device + samples_bytes + logits_bytes), batch_.map_h,
       batch_.map_w, entries, params_.num_classes(), params_.out_h(), params_.out_w(),
-      params_.transposed(), 1.f / params_.temperature(), params_.apply_softmax());
+      params_.transposed(), 1.f / params_.temperature(), params_.apply_softmax(),
+      static_cast<int>(weight_floats));
   CUDA_CALL(cudaGetLastError());
   // After the kernel, not the copy: the kernel reads the device half of the slot.
   CUDA_CALL(cudaEventRecord(AsEvent(slot.done), stream));

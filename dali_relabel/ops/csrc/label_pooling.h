@@ -7,6 +7,12 @@
 // the per-cell weights are computed from the box and each of the k*H*W logits is added once into its
 // class (classes outside the top-k keep logit 0, as in the reference).
 //
+// With the per-sample argument `affine` (a [2, 3] map from output image pixels to pixels of the
+// resized, flipped crop, i.e. the geometric ops that ran after crop, resize and flip), a sample whose
+// affine is not the identity is pooled over what each output pixel shows: the map sampled at the
+// inverse-mapped positions of a lattice of output points (label_pooling_math.h, WarpSampling),
+// points showing fill left out. An identity affine takes the RoIAlign path above, bit for bit.
+//
 // All inputs are read on the host (they are small), where they are validated; a bad sample is
 // reported as a DALI error naming it. The GPU backend uploads the packed batch once and runs one
 // kernel per batch on the workspace stream.
@@ -28,6 +34,7 @@ struct PoolingBatch {
   std::vector<PoolingSample> samples;
   int k = 0, map_h = 0, map_w = 0;
   int64_t entries_per_sample = 0;  // k * map_h * map_w
+  bool any_warp = false;           // some sample takes the warp path
 };
 
 // Arguments and host-side preparation shared by both backends.
@@ -42,6 +49,7 @@ class LabelPoolingParams {
   bool apply_softmax() const { return apply_softmax_; }
   bool transposed() const { return transposed_; }
   bool outside() const { return outside_; }
+  bool has_affine() const { return affine_ != AffineSource::kNone; }
   int64_t output_volume() const { return static_cast<int64_t>(num_classes_) * out_h_ * out_w_; }
 
   // Checks input shapes and types, reads boxes and flags; fills `batch`. Throws a DALI error naming
@@ -63,6 +71,17 @@ class LabelPoolingParams {
   bool apply_softmax_;
   bool transposed_;
   bool outside_;
+  enum class AffineSource { kNone, kConstant, kPerSample } affine_ = AffineSource::kNone;
+  float constant_affine_[6] = {1, 0, 0, 0, 1, 0};
+  int image_h_ = 0, image_w_ = 0;  // output_image_size: the space `affine` works in
+
+  // Sample `i`'s affine, checked (shape, type, finite values).
+  void ReadAffine(const ::dali::Workspace &ws, int i, float m[6]) const;
+
+  // Sets up the warp path of sample `s` for the affine `m` and the crop window (cy, cx, ch, cw) of
+  // an image_h x image_w source; `region` (y0, x0, y1, x1) or nullptr.
+  void SetupWarp(PoolingSample &s, const float m[6], double cy, double cx, double ch, double cw,
+                 double image_h, double image_w, const double *region, int map_h, int map_w) const;
 
   // The grid box of the image-fraction box (y0, x0) - (y1, x1) for this map layout.
   GridBox ToGrid(double y0, double x0, double y1, double x1, int map_h, int map_w) const;
@@ -71,6 +90,9 @@ class LabelPoolingParams {
 // Reusable buffers of one CPU worker thread.
 struct HostScratch {
   std::vector<float> logits, wa, wb, ra, rb, cell_weight, touched_values;
+  std::vector<float> warp_weights;  // warp path: [cells][bins]
+  std::vector<double> warp_terms;   // warp path: the affine's products per lattice column and row
+  std::vector<uint8_t> warp_excluded;  // warp path: lattice columns and rows inside the region
   std::vector<int32_t> class_ids, touched;
   std::vector<uint8_t> touched_mask;
 };

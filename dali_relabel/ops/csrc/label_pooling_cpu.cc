@@ -9,6 +9,72 @@ namespace dali_relabel {
 
 using ::dali::CPUBackend;
 
+namespace {
+
+// Warp path: the weight of every map cell in every output cell, [cells][bins] (bins = oh * ow, in
+// output order: no mirroring, the affine's unflip already accounts for the flip).
+//
+// WarpPoint's arithmetic, with the per-column and per-row products hoisted out of the inner loop
+// (the same double operations in the same order, so the same points show fill as on the GPU).
+void WarpWeights(const LabelPoolingParams &params, const PoolingBatch &batch, const PoolingSample &s,
+                 HostScratch &scratch) {
+  const int oh = params.out_h(), ow = params.out_w(), bins = oh * ow;
+  const int map_h = batch.map_h, map_w = batch.map_w;
+  const WarpSampling &w = s.sampling;
+  auto &table = scratch.warp_weights;
+  table.assign(static_cast<size_t>(map_h) * map_w * bins, 0.f);
+  // Per lattice column: affine[0] * x, affine[3] * x; per row: affine[1] * y, affine[4] * y (exact).
+  auto &terms = scratch.warp_terms;
+  auto &excluded = scratch.warp_excluded;
+  const int columns = ow * w.nx, rows = oh * w.ny;
+  terms.resize(2 * static_cast<size_t>(columns + rows));
+  excluded.resize(columns + rows);
+  double *col_terms = terms.data(), *row_terms = terms.data() + 2 * columns;
+  for (int gi = 0; gi < columns; gi++) {
+    const float x = static_cast<float>(static_cast<double>(w.origin_x) + (gi + 0.5) * static_cast<double>(w.step_x));
+    col_terms[2 * gi] = static_cast<double>(w.affine[0]) * x;
+    col_terms[2 * gi + 1] = static_cast<double>(w.affine[3]) * x;
+    excluded[gi] = w.exclude && x >= w.ex0 && x <= w.ex1;
+  }
+  for (int gj = 0; gj < rows; gj++) {
+    const float y = static_cast<float>(static_cast<double>(w.origin_y) + (gj + 0.5) * static_cast<double>(w.step_y));
+    row_terms[2 * gj] = static_cast<double>(w.affine[1]) * y;
+    row_terms[2 * gj + 1] = static_cast<double>(w.affine[4]) * y;
+    excluded[columns + gj] = w.exclude && y >= w.ey0 && y <= w.ey1;
+  }
+  const double m2 = w.affine[2], m5 = w.affine[5], width = w.width, height = w.height;
+  const bool transposed = params.transposed();
+  float *__restrict t = table.data();
+  for (int p = 0; p < oh; p++) {
+    for (int q = 0; q < ow; q++) {
+      const int bin = p * ow + q;
+      int count = 0;
+      for (int gj = p * w.ny; gj < (p + 1) * w.ny; gj++) {
+        const double ry_x = row_terms[2 * gj], ry_y = row_terms[2 * gj + 1];
+        const bool row_excluded = excluded[columns + gj];
+        for (int gi = q * w.nx; gi < (q + 1) * w.nx; gi++) {
+          if (row_excluded && excluded[gi]) continue;
+          const double qx = (col_terms[2 * gi] + ry_x) + m2;
+          const double qy = (col_terms[2 * gi + 1] + ry_y) + m5;
+          if (!(qx >= 0.0 && qx <= width && qy >= 0.0 && qy <= height)) continue;
+          count++;
+          const double gx = (s.flip ? width - qx : qx) * w.kx + w.bx;
+          const double gy = qy * w.ky + w.by;
+          int cell[4];
+          float weight[4];
+          if (!BilinearPoint(transposed ? gx : gy, transposed ? gy : gx, map_h, map_w, cell, weight)) continue;
+          for (int c = 0; c < 4; c++) t[static_cast<int64_t>(cell[c]) * bins + bin] += weight[c];
+        }
+      }
+      // A cell showing only fill keeps weights 0: logits 0, the uniform distribution.
+      const float scale = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+      for (int cell = 0; cell < map_h * map_w; cell++) t[static_cast<int64_t>(cell) * bins + bin] *= scale;
+    }
+  }
+}
+
+}  // namespace
+
 void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
                     const PoolingSample &s, const float *logits, const int32_t *class_ids,
                     float *out, HostScratch &scratch) {
@@ -20,16 +86,20 @@ void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
   auto &wa = scratch.wa, &wb = scratch.wb;
   auto &touched_mask = scratch.touched_mask;
   auto &touched = scratch.touched;
-  wa.resize(static_cast<size_t>(bins_a) * map_h);
-  wb.resize(static_cast<size_t>(bins_b) * map_w);
-  for (int bin = 0; bin < bins_a; bin++)
-    AxisWeights(s.box.a_start, s.box.a_end, map_h, bins_a, bin, wa.data() + bin * map_h);
-  for (int bin = 0; bin < bins_b; bin++)
-    AxisWeights(s.box.b_start, s.box.b_end, map_w, bins_b, bin, wb.data() + bin * map_w);
+  if (s.warp) {
+    WarpWeights(params, batch, s, scratch);
+  } else {
+    wa.resize(static_cast<size_t>(bins_a) * map_h);
+    wb.resize(static_cast<size_t>(bins_b) * map_w);
+    for (int bin = 0; bin < bins_a; bin++)
+      AxisWeights(s.box.a_start, s.box.a_end, map_h, bins_a, bin, wa.data() + bin * map_h);
+    for (int bin = 0; bin < bins_b; bin++)
+      AxisWeights(s.box.b_start, s.box.b_end, map_w, bins_b, bin, wb.data() + bin * map_w);
+  }
   auto &ra = scratch.ra, &rb = scratch.rb;  // the left-out region (1x1 output only)
   const float keep = s.outside ? 1.f / (1.f - s.region_fraction) : 1.f;
   const float drop = s.outside ? s.region_fraction * keep : 0.f;
-  if (s.outside) {
+  if (s.outside && !s.warp) {
     ra.resize(map_h);
     rb.resize(map_w);
     AxisWeights(s.region.a_start, s.region.a_end, map_h, 1, 0, ra.data());
@@ -59,15 +129,25 @@ void PoolSampleHost(const LabelPoolingParams &params, const PoolingBatch &batch,
   const int32_t *__restrict ids = class_ids;
   float *__restrict dst = out;
   if (stride == 1) {
-    auto &cell_weight = scratch.cell_weight;
-    cell_weight.resize(cells);
-    for (int a = 0; a < map_h; a++)
-      for (int b = 0; b < map_w; b++)
-        cell_weight[a * map_w + b] = s.outside ? wa[a] * wb[b] * keep - ra[a] * rb[b] * drop
-                                               : wa[a] * wb[b];
+    auto &cell_weight = s.warp ? scratch.warp_weights : scratch.cell_weight;  // [cells][1]
+    if (!s.warp) {
+      cell_weight.resize(cells);
+      for (int a = 0; a < map_h; a++)
+        for (int b = 0; b < map_w; b++)
+          cell_weight[a * map_w + b] = s.outside ? wa[a] * wb[b] * keep - ra[a] * rb[b] * drop
+                                                 : wa[a] * wb[b];
+    }
     const float *__restrict w = cell_weight.data();
     for (int kk = 0; kk < batch.k; kk++, lg += cells, ids += cells)
       for (int cell = 0; cell < cells; cell++) dst[ids[cell]] += w[cell] * lg[cell];
+  } else if (s.warp) {
+    const float *__restrict table = scratch.warp_weights.data();
+    for (int64_t e = 0; e < batch.entries_per_sample; e++) {
+      const float *__restrict w = table + (e % cells) * stride;
+      float *__restrict bins = dst + static_cast<int64_t>(ids[e]) * stride;
+      const float value = lg[e];
+      for (int64_t bin = 0; bin < stride; bin++) bins[bin] += w[bin] * value;
+    }
   } else {
     const bool transposed = params.transposed();
     int64_t e = 0;

@@ -5,6 +5,11 @@
 // torchvision.ops.roi_align(aligned=False, sampling_ratio=-1) exactly: ceil(roi / bins) sample
 // points per bin, bilinear interpolation with torchvision's border rules, and the average over all
 // sample points (points outside the map count, with weight 0).
+//
+// A sample with a geometric transform (a non-identity `affine`) takes the warp path instead: the
+// output image is sampled at a lattice of points (WarpSampling), each inverse-mapped into the label
+// map and read with the same bilinear rule; points showing fill (outside the crop window) are left
+// out of the average.
 #ifndef DALI_RELABEL_LABEL_POOLING_MATH_H_
 #define DALI_RELABEL_LABEL_POOLING_MATH_H_
 
@@ -25,13 +30,37 @@ struct GridBox {
   float a_start, a_end, b_start, b_end;
 };
 
+// Sample points per output cell and axis on the warp path, at most.
+constexpr int kMaxLattice = 64;
+
+// How a sample with a geometric transform is sampled (the warp path). The output image (w x h
+// pixels, pixel i covering [i, i + 1)) is divided into the output grid's cells; each cell is
+// sampled at an nx x ny lattice of points at the centres of an nx x ny subdivision of the cell (as
+// RoIAlign places its sample points in a bin). A point (x, y) maps to (qx, qy) = affine . (x, y, 1)
+// in the resized, flipped crop (also w x h); it shows fill unless 0 <= qx <= w and 0 <= qy <= h.
+// Shown points are unflipped (qx -> w - qx), scaled into the crop window and onto the map grid.
+struct WarpSampling {
+  float affine[6];           // row-major [2, 3]: output pixel -> resized flipped crop pixel
+  float width, height;       // the output image (= the resized crop) in pixels
+  float origin_x, origin_y;  // corner of the sampled rectangle (the image, or a region) in pixels
+  float step_x, step_y;      // lattice spacing in output pixels
+  int nx, ny;                // points per output cell along x and y
+  int exclude;               // leave out points inside [ex0, ex1] x [ey0, ey1] (region "outside")
+  float ex0, ey0, ex1, ey1;
+  // Resized-crop pixel to map grid coordinate: along the image's x, gx = qx' * kx + bx (qx' the
+  // unflipped qx); along its y, gy = qy * ky + by. Grid coordinates are shifted by -0.5, as `box`.
+  double kx, bx, ky, by;
+};
+
 // One sample's pooling problem, after validation; pointers are host or device addresses.
 struct PoolingSample {
   GridBox box;       // the pooled box (the crop, or the region inside it)
   GridBox region;    // with `outside`: the region left out of the crop
   float region_fraction;  // with `outside`: the region's share of the crop's area, in [0, 1)
   int outside;       // pool over `box` minus `region`: (P(box) - f * P(region)) / (1 - f)
-  int flip;          // mirror the output grid left-right
+  int flip;          // mirror the output grid left-right (box path); unflip the crop (warp path)
+  int warp;          // 1: pool through `sampling` (a geometric transform ran), 0: RoIAlign over `box`
+  WarpSampling sampling;  // with `warp`
   float *out;        // this sample's output (device address), GPU backend only
   int64_t in_offset;   // where this sample's k*H*W entries start (elements), GPU backend only
 };
@@ -53,21 +82,56 @@ struct AxisSampling {
 
   // Sample point `s` of output bin `bin` over `size` cells: false if it lies outside the map (it
   // still counts in the average, with weight 0), else the two cells and the weight `l` of `high`.
-  RELABEL_HD bool Point(int bin, int s, int size, int *low, int *high, float *l) const {
-    float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
-    if (y < -1.f || y > static_cast<float>(size)) return false;
-    if (y <= 0.f) y = 0.f;
-    *low = static_cast<int>(y);
-    if (*low >= size - 1) {
-      *high = *low = size - 1;
-      y = static_cast<float>(*low);
-    } else {
-      *high = *low + 1;
-    }
-    *l = y - *low;
-    return true;
-  }
+  RELABEL_HD bool Point(int bin, int s, int size, int *low, int *high, float *l) const;
 };
+
+// torchvision's bilinear rule along one axis of `size` cells at grid coordinate `y`: false more than
+// one cell outside the map, else the two cells and the weight `l` of `high` (clamped at the borders).
+// (float on the RoIAlign path, as torchvision; double on the warp path.)
+template <typename T>
+RELABEL_HD inline bool BilinearAxis(T y, int size, int *low, int *high, T *l) {
+  if (y < T(-1) || y > static_cast<T>(size)) return false;
+  if (y <= T(0)) y = T(0);
+  *low = static_cast<int>(y);
+  if (*low >= size - 1) {
+    *high = *low = size - 1;
+    y = static_cast<T>(*low);
+  } else {
+    *high = *low + 1;
+  }
+  *l = y - *low;
+  return true;
+}
+
+RELABEL_HD inline bool AxisSampling::Point(int bin, int s, int size, int *low, int *high,
+                                           float *l) const {
+  const float y = start + bin * bin_size + static_cast<float>(s + .5f) * bin_size / static_cast<float>(grid);
+  return BilinearAxis(y, size, low, high, l);
+}
+
+// Warp path: lattice point (gi, gj) of the sampled rectangle (gi along x over the whole output
+// width: cell q holds gi in [q * nx, (q + 1) * nx)). False if it shows fill or lies in the excluded
+// region; else its map grid position (a along map rows, b along map columns).
+//
+// The point and its image under the affine are computed in double from float inputs: the products
+// are exact, so the decision "inside the window" is the same on every backend and in the reference
+// (dali_relabel.ops.reference.reference_warp_pooling), whatever the compiler fuses.
+RELABEL_HD inline bool WarpPoint(const WarpSampling &w, int flip, bool transposed, int gi, int gj,
+                                 double *a, double *b) {
+  const float x = static_cast<float>(static_cast<double>(w.origin_x) + (gi + 0.5) * static_cast<double>(w.step_x));
+  const float y = static_cast<float>(static_cast<double>(w.origin_y) + (gj + 0.5) * static_cast<double>(w.step_y));
+  if (w.exclude && x >= w.ex0 && x <= w.ex1 && y >= w.ey0 && y <= w.ey1) return false;
+  const double qx = (static_cast<double>(w.affine[0]) * x + static_cast<double>(w.affine[1]) * y) +
+                    static_cast<double>(w.affine[2]);
+  const double qy = (static_cast<double>(w.affine[3]) * x + static_cast<double>(w.affine[4]) * y) +
+                    static_cast<double>(w.affine[5]);
+  if (!(qx >= 0.0 && qx <= w.width && qy >= 0.0 && qy <= w.height)) return false;
+  const double gx = (flip ? w.width - qx : qx) * w.kx + w.bx;
+  const double gy = qy * w.ky + w.by;
+  *a = transposed ? gx : gy;
+  *b = transposed ? gy : gx;
+  return true;
+}
 
 // The weight of map cell `cell` (of `size` along this axis) in output bin `bin` of `bins`, for a box
 // [start, end) in grid coordinates. Matches torchvision's roi_align bilinear_interpolate.
@@ -82,6 +146,25 @@ RELABEL_HD inline float AxisWeight(float start, float end, int size, int bins, i
     if (high == cell) total += l;
   }
   return total / static_cast<float>(sampling.samples);
+}
+
+// The four cells (row-major indices into the map) and bilinear weights of grid point (a, b), by
+// BilinearAxis along each axis; false if the point is more than one cell outside the map. The
+// fractions are taken in double: a float grid coordinate near 15 would be off by up to 5e-7 cells.
+RELABEL_HD inline bool BilinearPoint(double a, double b, int map_h, int map_w, int cell[4], float weight[4]) {
+  int a0, a1, b0, b1;
+  double la_d, lb_d;
+  if (!BilinearAxis(a, map_h, &a0, &a1, &la_d) || !BilinearAxis(b, map_w, &b0, &b1, &lb_d)) return false;
+  const float la = static_cast<float>(la_d), lb = static_cast<float>(lb_d);
+  cell[0] = a0 * map_w + b0;
+  cell[1] = a0 * map_w + b1;
+  cell[2] = a1 * map_w + b0;
+  cell[3] = a1 * map_w + b1;
+  weight[0] = (1.f - la) * (1.f - lb);
+  weight[1] = (1.f - la) * lb;
+  weight[2] = la * (1.f - lb);
+  weight[3] = la * lb;
+  return true;
 }
 
 // All `size` cell weights of one output bin at once (host side), equal to AxisWeight for every cell;

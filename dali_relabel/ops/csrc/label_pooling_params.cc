@@ -97,6 +97,97 @@ LabelPoolingParams::LabelPoolingParams(const ::dali::OpSpec &spec) {
   DALI_ENFORCE(mode == "inside" || mode == "outside", ::dali::make_string(
       "relabel.label_pooling: region_mode must be \"inside\" or \"outside\", got \"", mode, "\""));
   outside_ = mode == "outside";
+  if (spec.HasTensorArgument("affine")) {
+    affine_ = AffineSource::kPerSample;
+  } else if (spec.HasArgument("affine")) {
+    auto m = spec.GetRepeatedArgument<float>("affine");
+    DALI_ENFORCE(m.size() == 6, ::dali::make_string(
+        "relabel.label_pooling: affine must be a [2, 3] matrix (6 values, row-major), got ", m.size(),
+        " values"));
+    for (int e = 0; e < 6; e++) {
+      DALI_ENFORCE(std::isfinite(m[e]), ::dali::make_string(
+          "relabel.label_pooling: affine[", e / 3, "][", e % 3, "] is not finite (", m[e], ")"));
+      constant_affine_[e] = m[e];
+    }
+    affine_ = AffineSource::kConstant;
+  }
+  auto image_size = spec.GetRepeatedArgument<int>("output_image_size");
+  DALI_ENFORCE(image_size.size() == 2 && image_size[0] >= 0 && image_size[1] >= 0,
+               "relabel.label_pooling: output_image_size must be two integers (h, w)");
+  image_h_ = image_size[0];
+  image_w_ = image_size[1];
+  DALI_ENFORCE(!has_affine() || (image_h_ > 0 && image_w_ > 0),
+               "relabel.label_pooling: affine needs output_image_size (h, w): the output image's size "
+               "in pixels, the space the affine works in");
+}
+
+void LabelPoolingParams::ReadAffine(const ::dali::Workspace &ws, int i, float m[6]) const {
+  if (affine_ == AffineSource::kConstant) {
+    std::copy(constant_affine_, constant_affine_ + 6, m);
+    return;
+  }
+  const auto &affine = ws.ArgumentInput("affine");
+  DALI_ENFORCE(affine.type() == DALI_FLOAT, ::dali::make_string(
+      "relabel.label_pooling: affine must be float32, got ", affine.type()));
+  const auto shape = affine.tensor_shape(i);
+  DALI_ENFORCE((shape == ::dali::TensorShape<>{2, 3}), ::dali::make_string(
+      "relabel.label_pooling: sample ", i, ": affine must be a [2, 3] matrix, got shape ", shape));
+  const float *values = affine.tensor<float>(i);
+  for (int e = 0; e < 6; e++) {
+    DALI_ENFORCE(std::isfinite(values[e]), ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": affine[", e / 3, "][", e % 3, "] is not finite (",
+        values[e], ")"));
+    m[e] = values[e];
+  }
+}
+
+void LabelPoolingParams::SetupWarp(PoolingSample &s, const float m[6], double cy, double cx, double ch,
+                                   double cw, double image_h, double image_w, const double *region,
+                                   int map_h, int map_w) const {
+  WarpSampling &w = s.sampling;
+  std::copy(m, m + 6, w.affine);
+  const double width = image_w_, height = image_h_;
+  w.width = static_cast<float>(width);
+  w.height = static_cast<float>(height);
+  // Map cells across the source image's width and height (the authors' layout transposes the map).
+  const double cells_x = transposed_ ? map_h : map_w, cells_y = transposed_ ? map_w : map_h;
+  w.kx = cw * cells_x / (width * image_w);
+  w.bx = cx * cells_x / image_w - 0.5;
+  w.ky = ch * cells_y / (height * image_h);
+  w.by = cy * cells_y / image_h - 0.5;
+  // The sampled rectangle: the whole output image, or an "inside" region of it.
+  double x0 = 0, y0 = 0, span_x = width, span_y = height;
+  w.exclude = 0;
+  w.ex0 = w.ey0 = w.ex1 = w.ey1 = 0.f;
+  if (region) {
+    const double area = (region[2] - region[0]) * (region[3] - region[1]);
+    if (area > 0 && !outside_) {
+      x0 = region[1] * width;
+      y0 = region[0] * height;
+      span_x = (region[3] - region[1]) * width;
+      span_y = (region[2] - region[0]) * height;
+    } else if (area > 0 && area < 1) {
+      w.exclude = 1;
+      w.ex0 = static_cast<float>(region[1] * width);
+      w.ex1 = static_cast<float>(region[3] * width);
+      w.ey0 = static_cast<float>(region[0] * height);
+      w.ey1 = static_cast<float>(region[2] * height);
+    }
+  }
+  // As RoIAlign's ceil(roi / bins): enough points per cell that neighbours are at most one map cell
+  // apart along each lattice axis (the length of an output step on the map grid is the norm of the
+  // Jacobian's column). The 1e-6 keeps an exact integer from rounding up.
+  auto points = [](double length, int bins) {
+    const double n = std::ceil(length / bins - 1e-6);
+    return static_cast<int>(std::min<double>(std::max<double>(n, 1.0), kMaxLattice));
+  };
+  w.nx = points(span_x * std::sqrt(w.kx * m[0] * (w.kx * m[0]) + w.ky * m[3] * (w.ky * m[3])), out_w_);
+  w.ny = points(span_y * std::sqrt(w.kx * m[1] * (w.kx * m[1]) + w.ky * m[4] * (w.ky * m[4])), out_h_);
+  w.origin_x = static_cast<float>(x0);
+  w.origin_y = static_cast<float>(y0);
+  w.step_x = static_cast<float>(span_x / (static_cast<double>(out_w_) * w.nx));
+  w.step_y = static_cast<float>(span_y / (static_cast<double>(out_h_) * w.ny));
+  s.warp = 1;
 }
 
 GridBox LabelPoolingParams::ToGrid(double y0d, double x0d, double y1d, double x1d, int map_h,
@@ -137,7 +228,13 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
         "relabel.label_pooling: input '", kInputNames[input], "' has ",
         ws.Input<CPUBackend>(input).num_samples(), " samples, logits have ", n));
   }
+  if (affine_ == AffineSource::kPerSample) {
+    DALI_ENFORCE(ws.ArgumentInput("affine").num_samples() == n, ::dali::make_string(
+        "relabel.label_pooling: argument 'affine' has ", ws.ArgumentInput("affine").num_samples(),
+        " samples, logits have ", n));
+  }
   batch.samples.resize(n);
+  batch.any_warp = false;
   for (int i = 0; i < n; i++) {
     auto shape = logits.tensor_shape(i);
     DALI_ENFORCE(shape.sample_dim() == 3, ::dali::make_string(
@@ -190,12 +287,14 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
     s.outside = 0;
     s.region_fraction = 0.f;
     s.region = s.box;
+    s.warp = 0;
+    s.sampling = WarpSampling{};
+    double r[4];
     if (has_region) {
       const auto &region = ws.Input<CPUBackend>(kRegion);
       DALI_ENFORCE(::dali::volume(region.tensor_shape(i)) == 4, ::dali::make_string(
           "relabel.label_pooling: sample ", i, ": region must hold (y0, x0, y1, x1), got shape ",
           region.tensor_shape(i)));
-      double r[4];
       for (int d = 0; d < 4; d++) r[d] = ReadNumber(region, i, d, "region");
       DALI_ENFORCE(0 <= r[0] && r[0] <= r[2] && r[2] <= 1 && 0 <= r[1] && r[1] <= r[3] && r[3] <= 1,
                    ::dali::make_string("relabel.label_pooling: sample ", i, ": region (", r[0], ", ",
@@ -215,6 +314,16 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
           s.region = region_box;
           s.region_fraction = static_cast<float>(area);
         }
+      }
+    }
+    if (has_affine()) {
+      float m[6];
+      ReadAffine(ws, i, m);
+      static const float kIdentity[6] = {1, 0, 0, 0, 1, 0};
+      if (!std::equal(m, m + 6, kIdentity)) {
+        SetupWarp(s, m, cy, cx, ch, cw, image_h, image_w, has_region ? r : nullptr, batch.map_h,
+                  batch.map_w);
+        batch.any_warp = true;
       }
     }
     s.out = nullptr;
@@ -286,8 +395,10 @@ sampling_ratio=-1)`` with the box scaled to the grid and shifted by -0.5 (the Re
 The crop box is ``crop_anchor / image_shape`` to ``(crop_anchor + crop_shape) / image_shape``, all in
 (y, x) order as produced by ``peek_image_shape`` and ``random_crop_generator``. Output: float32
 ``[num_classes]`` for a 1x1 ``output_size``, else ``[num_classes, oh, ow]`` (mirrored left-right where
-``mirror`` is set). Every input is read on the host; the GPU backend uploads the batch and pools it in
-one kernel.)")
+``mirror`` is set). With ``affine`` (geometric ops after the crop, resize and flip), each output cell
+is pooled over what it shows: the map sampled at the inverse-mapped positions of a lattice of output
+points, points that show fill left out (see ``affine``). Every input is read on the host; the GPU
+backend uploads the batch and pools it in one kernel.)")
     .NumInput(5, 7)
     .NumOutput(1)
     .InputDevice(0, 7, ::dali::InputDevice::CPU)
@@ -310,4 +421,19 @@ changes nothing. Needs output_size (1, 1).)")
     .AddOptionalArg("layout", R"(How boxes meet the map: "HW" pools map rows along the image's height
 (geometric); "WH" pools the transposed box, as the ReLabel authors' loader does.)", std::string("HW"))
     .AddOptionalArg("region_mode", R"("inside" or "outside": how the optional region input is used.)",
-                    std::string("inside"));
+                    std::string("inside"))
+    .AddOptionalArg("affine", R"(Per sample, float32 ``[2, 3]``: the geometric ops that ran after the
+crop, resize and flip, as the map from an output image pixel position ``(x, y)`` to the position
+``affine @ (x, y, 1)`` in the resized, flipped crop (both ``output_image_size``, pixel ``i`` covering
+``[i, i + 1)``, so pixel centres at ``i + 0.5``). A sample whose affine is the identity is pooled as
+without it (RoIAlign, bit for bit). Any other is pooled over what the output shows: each output cell
+(the whole image for a 1x1 ``output_size``) is sampled at an ``nx x ny`` lattice of points (the
+centres of an ``nx x ny`` subdivision of the cell, ``n = ceil(length on the map grid / cells)`` per
+axis as RoIAlign's sampling ratio, at most 64); each point is mapped by the affine, unflipped, scaled
+into the crop window and read from the map with RoIAlign's bilinear rule. Points that land outside
+the crop window (fill) are left out of the average; a cell showing only fill gets logits 0, i.e. the
+uniform distribution. With a region, "inside" samples the region's rectangle of the output image and
+"outside" leaves its points out. A constant (6 values, row-major) applies to every sample.)",
+                    std::vector<float>{}, true)
+    .AddOptionalArg("output_image_size", R"((h, w) of the output image in pixels: the space ``affine``
+works in. Needed with ``affine``.)", std::vector<int>{0, 0});
