@@ -22,6 +22,7 @@ from .config import DataConfig
 from .devices import device_index, resolve_device
 from .distributed import rank_and_world
 from .imagefolder import list_images
+from .losses import smooth_targets
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
 from .passes import Pass, PipelineBatches, pipeline_kwargs
 from .paths import PathTable
@@ -64,8 +65,7 @@ def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
     return images
 
 
-def mix_batch(batch: dict, config: DataConfig, num_classes: int, epoch: int, batch_index: int,
-              mixing: bool = True) -> dict:
+def mix_batch(batch: dict, config: DataConfig, epoch: int, batch_index: int, mixing: bool = True) -> dict:
     """CutMix (from the batch's ``mix_box``, and ``pasted`` in ``"localized"`` mode), Mixup for the
     pairs CutMix left alone, then label smoothing: the batch-level work of the training loaders,
     before padding is removed (pairs need the full batch). ``batch_index`` and ``epoch`` key Mixup's
@@ -85,8 +85,7 @@ def mix_batch(batch: dict, config: DataConfig, num_classes: int, epoch: int, bat
         images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
         batch = dict(batch, images=images, targets=targets)
     if config.label_smoothing:
-        smoothing = config.label_smoothing
-        batch = dict(batch, targets=batch["targets"] * (1 - smoothing) + smoothing / num_classes)
+        batch = dict(batch, targets=smooth_targets(batch["targets"], config.label_smoothing))
     return batch
 
 
@@ -246,7 +245,7 @@ class ReLabelLoader(PipelineBatches):
         return self.mixup_enabled
 
     def _transform(self, batch: dict, current: Pass) -> dict:
-        return mix_batch(batch, self.config, self.num_classes, current.epoch, current.first + current.consumed - 1,
+        return mix_batch(batch, self.config, current.epoch, current.first + current.consumed - 1,
                          current.mixing)
 
     def __iter__(self):

@@ -17,7 +17,8 @@ from typing import Callable, List, Optional, Sequence
 from .bad_images import BadImageError, decode_problem
 from .config import DataConfig
 from .devices import worker_start_method
-from .sources import SKIPPED, VALID, BatchSource, EpochControl, die_with_parent
+from .processes import die_with_parent
+from .sources import SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 

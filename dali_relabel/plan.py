@@ -11,8 +11,7 @@ from typing import Tuple
 
 import numpy as np
 
-#: How a plan ends an epoch that does not fill its last batch.
-LAST_BATCH_POLICIES = ("drop", "pad")
+from .config import LAST_BATCH_POLICIES
 
 
 @dataclass(frozen=True)

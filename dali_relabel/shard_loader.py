@@ -242,7 +242,7 @@ class ShardReLabelLoader(_ShardBatches):
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
-            batch = mix_batch(batch, self.config, self.num_classes, epoch, index, self.mixup_enabled)
+            batch = mix_batch(batch, self.config, epoch, index, self.mixup_enabled)
             yield training_batch(batch, self.config, self.return_labels, self.return_rows)
 
 

@@ -178,7 +178,7 @@ def _tar_bytes(sizes: Sequence[int]) -> int:
 
 def _write_shard(task) -> dict:
     """Write one shard (``.tar`` then DALI's ``.idx``); returns its index entry."""
-    from .sources import die_with_parent
+    from .processes import die_with_parent
 
     directory, name, rows, image_root, store_path, parent, tree = task
     die_with_parent(parent)

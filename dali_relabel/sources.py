@@ -19,7 +19,6 @@ stops.
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,26 +29,13 @@ from .bad_images import BadImageError
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
+from .processes import die_with_parent
 from .store import LabelStore, StoreError, map_value_problem
 
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
 
 __all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a worker process: have the kernel kill it when ``parent_pid`` (its parent) exits (Linux
-    ``PR_SET_PDEATHSIG``), so a killed trainer leaves no orphans holding its files; exit now if the
-    parent is already gone."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: nothing to arm
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _shared_directory() -> str:
