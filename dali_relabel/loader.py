@@ -24,7 +24,7 @@ from .distributed import rank_and_world
 from .imagefolder import list_images
 from .losses import smooth_targets
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
-from .passes import Pass, PipelineBatches, pipeline_kwargs
+from .passes import Pass, PipelineBatches
 from .paths import PathTable
 from .plan import EpochPlan
 from .sources import BatchSource
@@ -176,7 +176,7 @@ class ReLabelLoader(PipelineBatches):
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
-        from .pipelines.graphs import train_pipeline
+        from .pipelines.graphs import pipeline_kwargs, train_outputs, train_pipeline
         from .plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
@@ -215,9 +215,7 @@ class ReLabelLoader(PipelineBatches):
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                 per_batch=config.mix_granularity == "batch")
-        output_map = ["images", "targets", "labels", "rows", "valid"]
-        if cutmix is not None:
-            output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
+        output_map = train_outputs(config, cutmix is not None)
         store_path = self.store.path if self.store else None
         execution = pipeline_kwargs(config, batch_size, index)
         decoder = "mixed" if self.device == "gpu" else "cpu"
@@ -272,7 +270,7 @@ class ValidationLoader(PipelineBatches):
                  device="auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  classes: Optional[Sequence[str]] = None, return_rows: bool = False):
-        from .pipelines.graphs import validation_pipeline
+        from .pipelines.graphs import VALIDATION_OUTPUTS, pipeline_kwargs, validation_pipeline
 
         self.config = config = (config or DataConfig()).replace(last_batch="pad")
         self.images = list_images(image_root, classes=classes)
@@ -295,7 +293,7 @@ class ValidationLoader(PipelineBatches):
         self.sampler = LoaderSampler(self)
         self.batch_sampler = None
         self.drop_last = False
-        super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"],
+        super().__init__(plan, make_source, make_pipeline, list(VALIDATION_OUTPUTS),
                          timeout=config.worker_timeout)
 
     def __iter__(self):

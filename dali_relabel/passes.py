@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from .bad_images import BadImageError, decode_problem
-from .config import DataConfig
-from .devices import worker_start_method
 from .processes import die_with_parent
 from .sources import SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
@@ -299,11 +297,3 @@ class PipelineBatches:
             if found:
                 return found
         return []
-
-
-def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int]) -> dict:
-    """Execution settings every graph is built with."""
-    return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
-                seed=config.seed, py_num_workers=config.py_num_workers,
-                py_start_method=worker_start_method(config.py_start_method),
-                prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)

@@ -145,10 +145,9 @@ class _ShardBatches:
         self._checkpoint = state.get("dali_checkpoint") if self._first_batch else None
 
     def _pipeline_kwargs(self) -> dict:
-        config = self.config
-        return dict(batch_size=self.batch_size, num_threads=config.num_threads, device_id=self.device_id,
-                    seed=config.seed, prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True,
-                    enable_checkpointing=True)
+        from .pipelines.graphs import pipeline_kwargs
+
+        return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
 
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
         raise NotImplementedError
@@ -217,9 +216,9 @@ class ShardReLabelLoader(_ShardBatches):
             self.cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                      seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                      per_batch=config.mix_granularity == "batch")
-        self.output_map = ["images", "targets", "labels", "rows"]
-        if self.cutmix is not None:
-            self.output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
+        from .pipelines.graphs import shard_train_outputs
+
+        self.output_map = shard_train_outputs(config, self.cutmix is not None)
         self.sampler = _ShardSampler(self)
 
     def shard_order(self, epoch: int) -> List[str]:
@@ -251,12 +250,13 @@ class ShardValidationLoader(_ShardBatches):
     exactly once per pass over all ranks (DALI pads each rank's part; the padding is dropped). Shards
     of a tree written without a store keep its file list: ``images.relpaths`` aligns ReaL labels."""
 
-    output_map = ["images", "labels", "rows"]
-
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
                  device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  return_rows: bool = False):
+        from .pipelines.graphs import SHARD_VALIDATION_OUTPUTS
+
         super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad")
+        self.output_map = list(SHARD_VALIDATION_OUTPUTS)
         self.return_rows = return_rows
         self.sampler = _ShardSampler(self)
         if self.shards.relpaths is not None:  # the tree's file list: ReaL labels are aligned by it
