@@ -2,7 +2,7 @@
 
 Training loaders (images/s; all decode the same generated JPEGs):
 
-- ``plain``: ``plain_train_pipeline``, plain DALI on **our decode path** (``readers.file`` ->
+- ``plain``: ``plain_train_pipeline`` (:mod:`benchmarks.baselines`), plain DALI on **our decode path** (``readers.file`` ->
   ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize ->
   ``crop_mirror_normalize``), hard labels: the ceiling;
 - ``example``: ``example_train_pipeline``, DALI's example graph (``decoders.image_random_crop``);
@@ -74,9 +74,10 @@ def soft_target_error(targets) -> float:
 
 
 def _exec_settings(config, batch_size: int, device_id=None) -> dict:
-    """Execution settings shared by every DALI contender (as the loader builds its graph)."""
-    return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id, seed=config.seed,
-                prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+    """Execution settings shared by every DALI contender: the loaders' own."""
+    from dali_relabel.pipelines.graphs import pipeline_kwargs
+
+    return pipeline_kwargs(config, batch_size, device_id)
 
 
 def _settings(config, **extra) -> dict:
@@ -89,9 +90,11 @@ def _plain_like(name: str, graph, source, config, batch_size: int, device: str, 
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+    from .baselines import PLAIN_OUTPUTS
+
     pipe = graph(source, config, decoder_device="mixed" if device == "gpu" else "cpu", **graph_args,
                  **_exec_settings(config, batch_size, 0 if device == "gpu" else None))
-    iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+    iterator = DALIGenericIterator([pipe], list(PLAIN_OUTPUTS), reader_name="Reader",
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
 
     def epoch():
@@ -103,13 +106,13 @@ def _plain_like(name: str, graph, source, config, batch_size: int, device: str, 
 
 
 def make_plain(data: BenchData, config, batch_size: int, device: str) -> Contender:
-    from dali_relabel.pipelines.graphs import plain_train_pipeline
+    from .baselines import plain_train_pipeline
 
     return _plain_like("plain", plain_train_pipeline, data.image_root, config, batch_size, device)
 
 
 def make_example(data: BenchData, config, batch_size: int, device: str) -> Contender:
-    from dali_relabel.pipelines.graphs import example_train_pipeline
+    from .baselines import example_train_pipeline
 
     return _plain_like("example", example_train_pipeline, data.image_root, config, batch_size, device)
 
@@ -126,8 +129,9 @@ def make_relabel(data: BenchData, config, batch_size: int, device: str, name: st
 
 
 def make_plain_shards(shards_dir: str, config, batch_size: int, device: str) -> Contender:
-    from dali_relabel.pipelines.graphs import plain_shard_train_pipeline
     from dali_relabel.shards import ShardSet
+
+    from .baselines import plain_shard_train_pipeline
 
     return _plain_like("plain-shards", plain_shard_train_pipeline, ShardSet.load(shards_dir), config, batch_size,
                        device, reader_seed=config.seed)
@@ -145,8 +149,10 @@ def make_shards(shards_dir: str, config, batch_size: int, device: str) -> Conten
 
 def make_shard_graph(shards_dir: str, config, batch_size: int, device: str, plain: bool) -> Contender:
     """One shard graph run with ``pipeline.run()`` epoch after epoch (the reader wraps around)."""
-    from dali_relabel.pipelines.graphs import plain_shard_train_pipeline, shard_train_pipeline
+    from dali_relabel.pipelines.graphs import shard_train_pipeline
     from dali_relabel.shards import ShardSet
+
+    from .baselines import plain_shard_train_pipeline
 
     shards = ShardSet.load(shards_dir)
     settings = dict(decoder_device="mixed" if device == "gpu" else "cpu",
@@ -284,7 +290,6 @@ def make_feed_reader(data: BenchData, config, batch_size: int) -> Contender:
 def make_feed_source(data: BenchData, config, batch_size: int, name: str = "source") -> Contender:
     """Our source as the loader drives it: each DALI epoch ends with ``StopIteration``; the next one is
     announced in the :class:`~dali_relabel.sources.EpochControl` and the pipeline reset."""
-    from dali_relabel.devices import worker_start_method
     from dali_relabel.passes import start_workers
     from dali_relabel.plan import EpochPlan
     from dali_relabel.sources import BatchSource, EpochControl
@@ -297,9 +302,7 @@ def make_feed_source(data: BenchData, config, batch_size: int, name: str = "sour
     control.begin(0, 0, 0, plan.num_batches)
     # As ReLabelLoader builds it: paths and labels are the store's own, mapped in the worker.
     source = BatchSource(data.image_root, plan, control, store_path=data.store_path, epochs=True)
-    pipe = source_graph(source, config, py_num_workers=config.py_num_workers,
-                        py_start_method=worker_start_method(config.py_start_method),
-                        **_exec_settings(config, batch_size))
+    pipe = source_graph(source, config, **_exec_settings(config, batch_size))
     start_workers(pipe)
     pipe.build()
 

@@ -176,9 +176,9 @@ def _rss_mb(pid: int) -> float:
 
 
 def _children(pid: int) -> list:
-    from dali_relabel.outputs import _parent_pid
+    from dali_relabel.processes import parent_pid
 
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_pid(int(entry)) == pid]
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and parent_pid(int(entry)) == pid]
 
 
 def run_probe(kind: str, image_root: str, store_path: str) -> dict:

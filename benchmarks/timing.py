@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from dali_relabel.processes import stat_fields
+
 from .common import BenchError, log
 
 
@@ -109,15 +111,9 @@ def tree_cpu_seconds(root: Optional[int] = None) -> Optional[float]:
     except OSError:
         return None
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                text = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime stime
-        stats[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        fields = stat_fields(int(name)) if name.isdigit() else []  # state ppid ... utime stime
+        if fields:  # (else gone meanwhile)
+            stats[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
     children: Dict[int, List[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)

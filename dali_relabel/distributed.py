@@ -15,6 +15,12 @@ def rank_and_world() -> Tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """``(rank, world_size)`` as given, each ``None`` taken from :func:`rank_and_world`."""
+    default_rank, default_world = rank_and_world()
+    return (default_rank if rank is None else rank), (default_world if world_size is None else world_size)
+
+
 def init_from_env(use_gpu: bool, timeout: Optional[datetime.timedelta] = None) -> bool:
     """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPU), if there is one and
     it is not joined yet; sets the CUDA device from ``LOCAL_RANK``. Returns True if joined here."""

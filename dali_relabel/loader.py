@@ -7,8 +7,9 @@ device; :class:`ValidationLoader` yields ``(images, labels)``. Both behave like 
 new pass, ``set_epoch``, ``state_dict``/``load_state_dict``. They shard by **global** rank (from
 ``torch.distributed`` or the ``torchrun`` environment) and never yield padding samples.
 
-:class:`PipelineBatches`, their base, drives one DALI pipeline fed by a
-:class:`~dali_relabel.sources.BatchSource` pass after pass.
+Their base, :class:`~dali_relabel.passes.PipelineBatches`, drives one DALI pipeline fed by a
+:class:`~dali_relabel.sources.BatchSource` pass after pass; its own base,
+:class:`~dali_relabel.loader_state.LoaderState`, keeps the position (shared with the shard loaders).
 """
 from __future__ import annotations
 
@@ -20,20 +21,17 @@ import torch
 
 from .config import DataConfig
 from .devices import device_index, resolve_device
-from .distributed import rank_and_world
+from .distributed import resolve_rank
 from .imagefolder import list_images
+from .loader_state import LoaderDataset, Pass
+from .training.losses import smooth_targets
 from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
-from .passes import Pass, PipelineBatches, pipeline_kwargs
+from .passes import PipelineBatches
 from .paths import PathTable
 from .plan import EpochPlan
 from .sources import BatchSource
 from .store import LabelStore, StoreError
 from .tree_check import check_store_matches_images
-
-
-def _resolve_rank(rank: Optional[int], world_size: Optional[int]):
-    default_rank, default_world = rank_and_world()
-    return (default_rank if rank is None else rank), (default_world if world_size is None else world_size)
 
 
 def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool) -> tuple:
@@ -64,8 +62,7 @@ def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
     return images
 
 
-def mix_batch(batch: dict, config: DataConfig, num_classes: int, epoch: int, batch_index: int,
-              mixing: bool = True) -> dict:
+def mix_batch(batch: dict, config: DataConfig, epoch: int, batch_index: int, mixing: bool = True) -> dict:
     """CutMix (from the batch's ``mix_box``, and ``pasted`` in ``"localized"`` mode), Mixup for the
     pairs CutMix left alone, then label smoothing: the batch-level work of the training loaders,
     before padding is removed (pairs need the full batch). ``batch_index`` and ``epoch`` key Mixup's
@@ -85,51 +82,8 @@ def mix_batch(batch: dict, config: DataConfig, num_classes: int, epoch: int, bat
         images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
         batch = dict(batch, images=images, targets=targets)
     if config.label_smoothing:
-        smoothing = config.label_smoothing
-        batch = dict(batch, targets=batch["targets"] * (1 - smoothing) + smoothing / num_classes)
+        batch = dict(batch, targets=smooth_targets(batch["targets"], config.label_smoothing))
     return batch
-
-
-class LoaderDataset:
-    """What ``loader.dataset`` is to a training script: the image set's size and classes.
-
-    ``len()`` counts the images of all ranks (like a ``Dataset`` wrapped by a ``DistributedSampler``);
-    ``classes`` and ``class_to_idx`` are torchvision ``ImageFolder``'s.
-    """
-
-    def __init__(self, root: str, classes: Sequence[str], num_samples: int):
-        self.root = root
-        self.classes = list(classes)
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self._num_samples = num_samples
-
-    def __len__(self) -> int:
-        return self._num_samples
-
-    def __repr__(self) -> str:
-        return f"LoaderDataset(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"
-
-
-class LoaderSampler:
-    """What ``loader.sampler`` is to a training script: ``set_epoch`` (as on a ``DistributedSampler``;
-    it sets the loader's epoch), ``len()`` (this rank's samples per epoch) and iteration over this
-    rank's rows of the coming epoch."""
-
-    def __init__(self, loader: "PipelineBatches"):
-        import weakref
-
-        self._loader = weakref.ref(loader)  # no cycle: dropping the loader stops its workers
-
-    def set_epoch(self, epoch: int) -> None:
-        self._loader().set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self._loader().plan.samples_per_rank
-
-    def __iter__(self):
-        loader = self._loader()
-        rows, valid = loader.plan.rows(loader.epoch)
-        return iter(rows[valid].tolist())
 
 
 class ReLabelLoader(PipelineBatches):
@@ -177,7 +131,7 @@ class ReLabelLoader(PipelineBatches):
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
-        from .pipelines.graphs import train_pipeline
+        from .pipelines.graphs import pipeline_kwargs, train_outputs, train_pipeline
         from .ops.plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
@@ -202,7 +156,7 @@ class ReLabelLoader(PipelineBatches):
             self.class_names = self.store.class_names
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
-        rank, world_size = _resolve_rank(rank, world_size)
+        rank, world_size = resolve_rank(rank, world_size)
         self.device = resolve_device(device)
         index = device_index(device, device_id)
         load_plugin()  # the crop-window operator, and the pooling operator for soft targets
@@ -216,9 +170,7 @@ class ReLabelLoader(PipelineBatches):
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                 per_batch=config.mix_granularity == "batch")
-        output_map = ["images", "targets", "labels", "rows", "valid"]
-        if cutmix is not None:
-            output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
+        output_map = train_outputs(config, cutmix is not None)
         store_path = self.store.path if self.store else None
         execution = pipeline_kwargs(config, batch_size, index)
         decoder = "mixed" if self.device == "gpu" else "cpu"
@@ -235,8 +187,6 @@ class ReLabelLoader(PipelineBatches):
         self.return_rows = return_rows
         self.mixup_enabled = True
         self.dataset = LoaderDataset(self.image_root, self.class_names, num_samples)
-        self.sampler = LoaderSampler(self)
-        self.batch_sampler = None
         self.drop_last = config.last_batch == "drop"
         super().__init__(plan, make_source, make_pipeline, output_map, start_epoch=start_epoch,
                          resume_batch=resume_batch, skip_bad_images=skip_bad_images,
@@ -246,7 +196,7 @@ class ReLabelLoader(PipelineBatches):
         return self.mixup_enabled
 
     def _transform(self, batch: dict, current: Pass) -> dict:
-        return mix_batch(batch, self.config, self.num_classes, current.epoch, current.first + current.consumed - 1,
+        return mix_batch(batch, self.config, current.epoch, current.first + current.consumed - 1,
                          current.mixing)
 
     def __iter__(self):
@@ -273,11 +223,11 @@ class ValidationLoader(PipelineBatches):
                  device="auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  classes: Optional[Sequence[str]] = None, return_rows: bool = False):
-        from .pipelines.graphs import validation_pipeline
+        from .pipelines.graphs import VALIDATION_OUTPUTS, pipeline_kwargs, validation_pipeline
 
         self.config = config = (config or DataConfig()).replace(last_batch="pad")
         self.images = list_images(image_root, classes=classes)
-        rank, world_size = _resolve_rank(rank, world_size)
+        rank, world_size = resolve_rank(rank, world_size)
         self.device = resolve_device(device)
         plan = EpochPlan(len(self.images), batch_size, rank, world_size, shuffle=False, last_batch="pad")
         paths = PathTable.from_strings(self.images.relpaths)
@@ -293,10 +243,8 @@ class ValidationLoader(PipelineBatches):
 
         self.return_rows = return_rows
         self.dataset = LoaderDataset(self.images.root, self.images.classes, len(self.images))
-        self.sampler = LoaderSampler(self)
-        self.batch_sampler = None
         self.drop_last = False
-        super().__init__(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid"],
+        super().__init__(plan, make_source, make_pipeline, list(VALIDATION_OUTPUTS),
                          timeout=config.worker_timeout)
 
     def __iter__(self):

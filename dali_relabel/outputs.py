@@ -13,7 +13,7 @@ that rename:
   after a power loss the output is either the complete new file or the previous state, never an
   empty or partial file under the final name.
 
-:func:`processes_holding` says which processes have a file open (Linux ``/proc``), for messages.
+:func:`~dali_relabel.processes.processes_holding` says which processes hold a file open, for messages.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import os
 import socket
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from .errors import DaliRelabelError
+from .processes import describe_processes, processes_holding
 
 LOCK_SUFFIX = ".lock"
 
@@ -69,68 +70,6 @@ def durable_replace(src, dst) -> None:
     fsync_file(src)
     os.replace(src, dst)
     fsync_directory(os.path.dirname(os.path.abspath(dst)))
-
-
-# -- who holds a file ---------------------------------------------------------------------------------
-def _process_command(pid: int, limit: int = 120) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = " ".join(f.read().replace(b"\0", b" ").decode("utf-8", "replace").split())
-    except OSError:
-        return "?"
-    return command if len(command) <= limit else command[:limit - 3] + "..."
-
-
-def _parent_pid(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def processes_holding(path) -> List[Tuple[int, str]]:
-    """``(pid, command)`` of the other processes that have ``path`` open, as far as this user can see
-    them in ``/proc`` (an empty list elsewhere). Scans every process: meant for error messages."""
-    try:
-        target = os.stat(path)
-    except OSError:
-        return []
-    me = os.getpid()
-    found = []
-    try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        return []
-    for name in entries:
-        pid = int(name)
-        if pid == me:
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if st.st_ino == target.st_ino and st.st_dev == target.st_dev:
-                found.append((pid, _process_command(pid)))
-                break
-    return found
-
-
-def describe_processes(processes: List[Tuple[int, str]], limit: int = 4) -> str:
-    """``"pid 12 (cmd), pid 13 (cmd, orphaned)"`` for messages."""
-    parts = []
-    for pid, command in processes[:limit]:
-        orphaned = ", orphaned: its parent is gone" if _parent_pid(pid) == 1 else ""
-        parts.append(f"pid {pid} ({command}{orphaned})")
-    if len(processes) > limit:
-        parts.append(f"{len(processes) - limit} more")
-    return ", ".join(parts)
 
 
 def is_lock_error(error: OSError) -> bool:

@@ -1,23 +1,23 @@
 """Passes over one DALI pipeline fed by a :class:`~dali_relabel.sources.BatchSource`.
 
-:class:`PipelineBatches` is what makes a loader behave like a ``DataLoader``: every ``iter()`` is a new
-pass over the epoch ``set_epoch`` chose (an unfinished pass is stopped when the next one starts),
-``len()``, ``state_dict``/``load_state_dict``, padding and stand-ins removed, a batch that fails to
-decode explained by naming the file (or skipped), and dead or stuck source workers turned into errors
-(:mod:`dali_relabel.watchdog`). The training and validation loaders, and the teacher pass of
+:class:`PipelineBatches` runs the passes of the tree loaders on a
+:class:`~dali_relabel.loader_state.LoaderState` (the position, ``len()``, ``set_epoch``,
+``state_dict``/``load_state_dict``): every ``iter()`` is a new pass over the epoch ``set_epoch`` chose
+(an unfinished pass is stopped when the next one starts), padding and stand-ins removed, a batch that
+fails to decode explained by naming the file (or skipped), and dead or stuck source workers turned into
+errors (:mod:`dali_relabel.watchdog`). The training and validation loaders, and the teacher pass of
 ``dali-relabel generate``, are built on it.
 """
 from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
-from .config import DataConfig
-from .devices import worker_start_method
-from .sources import SKIPPED, VALID, BatchSource, EpochControl, die_with_parent
+from .loader_state import LoaderState, Pass
+from .processes import die_with_parent
+from .sources import SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 
@@ -57,18 +57,7 @@ def start_workers(pipe) -> None:
         gc.unfreeze()
 
 
-@dataclass
-class Pass:
-    """One pass (an ``iter()``) over the loader."""
-
-    epoch: int
-    first: int  # the epoch's batch the pass starts at
-    mixing: bool = True  # CutMix/Mixup switched on for this pass
-    consumed: int = 0  # pipeline batches taken so far
-    finished: bool = False
-
-
-class PipelineBatches:
+class PipelineBatches(LoaderState):
     """Passes over one DALI pipeline fed by a :class:`BatchSource`: dicts of torch tensors named by
     ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
 
@@ -95,8 +84,7 @@ class PipelineBatches:
                  make_pipeline: Callable[[BatchSource], object], output_map: List[str],
                  start_epoch: int = 0, resume_batch: int = 0, skip_bad_images: bool = False,
                  lookahead: int = 4, timeout: float = 300.0):
-        if not 0 <= resume_batch <= plan.num_batches:
-            raise ValueError(f"resume_batch {resume_batch} is outside the epoch's {plan.num_batches} batches")
+        super().__init__(plan.num_batches, start_epoch, resume_batch)
         self.plan = plan
         self._make_source = make_source
         self._make_pipeline = make_pipeline
@@ -104,10 +92,8 @@ class PipelineBatches:
         self.skip_bad_images = skip_bad_images
         self._lookahead = lookahead
         self.timeout = timeout
-        self.epoch, self._first_batch = self._normalise(start_epoch, resume_batch)
         self.skipped_images = 0
         self.bad_rows: List[int] = []
-        self._pass: Optional[Pass] = None
         self._iterator = None
         self._start_pipeline(self.epoch, self._first_batch)
 
@@ -143,56 +129,23 @@ class PipelineBatches:
         if getattr(self, "_guard", None) is not None:
             self._guard.close()
 
-    # -- DataLoader-like state ----------------------------------------------------------------------
-    def _normalise(self, epoch: int, batch: int):
-        """``batch == num_batches`` is the next epoch's start."""
-        return (epoch + 1, 0) if batch >= self.plan.num_batches else (epoch, batch)
-
-    def __len__(self) -> int:
-        """Batches the next pass yields (fewer in an epoch resumed mid-way; padding-only batches of
-        a small last shard count too)."""
-        return self.plan.num_batches - self._first_batch
-
+    # -- what the position needs ------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
         return self.plan.batch_size
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches of a whole epoch on this rank (the same on every rank)."""
-        return self.plan.num_batches
+    def samples_per_rank(self) -> int:
+        return self.plan.samples_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next pass reads (its permutation, crops and CutMix boxes). Setting the epoch
-        a resumed position belongs to keeps that position."""
-        if epoch != self.epoch:
-            self.epoch, self._first_batch = int(epoch), 0
-
-    def state_dict(self) -> dict:
-        """Where the data order stands: the epoch and the batches of it already yielded, plus what
-        must not change for that position to mean the same samples."""
-        if self._pass is not None and not self._pass.finished:
-            epoch, batch = self._normalise(self._pass.epoch, self._pass.first + self._pass.consumed)
-        else:
-            epoch, batch = self.epoch, self._first_batch
-        return {"epoch": epoch, "batch": batch, **self._fingerprint()}
+    def epoch_rows(self, epoch: int) -> List[int]:
+        rows, valid = self.plan.rows(epoch)
+        return rows[valid].tolist()
 
     def _fingerprint(self) -> dict:
         plan = self.plan
         keys = ("batch_size", "num_samples", "world_size", "rank", "seed", "shuffle", "last_batch")
         return {key: getattr(plan, key) for key in keys if hasattr(plan, key)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s position; refuses a state made with other settings
-        (another batch size or world size would silently skip or repeat samples)."""
-        mine = self._fingerprint()
-        differ = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
-        if differ:
-            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"cannot resume the data position with other settings ({detail}); resume "
-                             "with the saved settings or start the epoch again")
-        self._end_pass()
-        self.epoch, self._first_batch = self._normalise(int(state["epoch"]), int(state["batch"]))
 
     # -- passes ------------------------------------------------------------------------------------
     def __iter__(self):
@@ -209,14 +162,12 @@ class PipelineBatches:
         self._end_pass()
         if self._guard.broken:  # the last pass lost a worker: start on a new pipeline
             self._restart_pipeline(self.epoch, self._first_batch)
-        current = Pass(self.epoch, self._first_batch, self._mixing_enabled())
+        current = self._next_pass(self._mixing_enabled())
         self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
                            current.mixing)
         if self._needs_reset:
             self._guard.call(self._iterator.reset)
             self._needs_reset = False
-        self.epoch, self._first_batch = current.epoch + 1, 0  # the next pass, unless set otherwise
-        self._pass = current
         return current
 
     def _end_pass(self) -> None:
@@ -298,11 +249,3 @@ class PipelineBatches:
             if found:
                 return found
         return []
-
-
-def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int]) -> dict:
-    """Execution settings every graph is built with."""
-    return dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
-                seed=config.seed, py_num_workers=config.py_num_workers,
-                py_start_method=worker_start_method(config.py_start_method),
-                prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)

@@ -14,8 +14,8 @@ from typing import Tuple
 
 import numpy as np
 
-#: How a plan ends an epoch that does not fill its last batch.
-LAST_BATCH_POLICIES = ("drop", "pad")
+from .config import LAST_BATCH_POLICIES
+
 #: timm's and torchvision's repeated-augmentation samplers round the epoch down to a multiple of this.
 REPEAT_ROUND = 256
 

@@ -15,6 +15,7 @@ checkpoint), so it continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import abc
 import base64
 import os
 from typing import List, Optional
@@ -23,7 +24,10 @@ import numpy as np
 
 from .config import DataConfig
 from .devices import device_index, resolve_device
-from .loader import LoaderDataset, _resolve_rank, mix_batch, training_batch, validation_batch
+from .distributed import resolve_rank
+from .errors import DaliRelabelError
+from .loader import mix_batch, training_batch, validation_batch
+from .loader_state import LoaderDataset, LoaderState, Pass
 from .mixing import CutMixSpec
 from .shards import ShardSet
 
@@ -73,10 +77,15 @@ def _bounded_iterator(base):
     return BoundedIterator
 
 
-class _ShardBatches:
-    """Passes over shard pipelines, one pipeline per pass; DataLoader-like attributes."""
+class UnknownOrderError(DaliRelabelError, TypeError):
+    """The rows of a shard epoch are not known before it is read."""
 
-    output_map: List[str] = []
+
+class _ShardBatches(LoaderState):
+    """Passes over shard pipelines, one pipeline per pass, on a :class:`LoaderState` (the position
+    inside an epoch is DALI's checkpoint of the reader)."""
+
+    keeps_checkpoints = True
 
     def __init__(self, shards, batch_size: int, config: DataConfig, device, device_id, rank, world_size,
                  last_batch: str):
@@ -86,7 +95,7 @@ class _ShardBatches:
         self.config = config
         self.device = resolve_device(device)
         self.device_id = device_index(device, device_id)
-        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.batch_size = batch_size
@@ -94,91 +103,69 @@ class _ShardBatches:
         counts = rank_samples(self.shards.num_samples, self.world_size)
         # Every rank yields the same number of batches (DDP needs it): the shards are padded to the
         # largest part, and with "drop" the smallest part decides.
-        self.batches_per_epoch = min(counts) // batch_size if self.drop_last else -(-max(counts) // batch_size)
-        if self.batches_per_epoch == 0:
+        batches_per_epoch = min(counts) // batch_size if self.drop_last else -(-max(counts) // batch_size)
+        if batches_per_epoch == 0:
             raise ValueError(f"{self.shards.num_samples} samples over {self.world_size} ranks do not fill one "
                              f"batch of {batch_size}")
+        super().__init__(batches_per_epoch)
         self.class_names = self.shards.class_names
         self.num_classes = self.shards.num_classes
         self.dataset = LoaderDataset(self.shards.directory, self.class_names, self.shards.num_samples)
-        self.batch_sampler = None
-        self.epoch = 0
-        self._first_batch = 0
-        self._checkpoint: Optional[str] = None  # DALI checkpoint of the next pass's start (base64)
-        self._running = None  # (epoch, first batch, iterator, consumed) of the running pass
         load_plugin()
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self._first_batch
+    # -- what the position needs ------------------------------------------------------------------
+    @property
+    def samples_per_rank(self) -> int:
+        return rank_samples(self.shards.num_samples, self.world_size)[self.rank]
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._first_batch, self._checkpoint = int(epoch), 0, None
+    def epoch_rows(self, epoch: int) -> List[int]:
+        raise UnknownOrderError("the rows of a shard epoch are known only as its batches stream in (DALI's "
+                                "reader shuffles them in a buffer): iterate the loader with return_rows=True")
 
     def _fingerprint(self) -> dict:
         return {"batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
                 "seed": self.config.seed, "num_samples": self.shards.num_samples,
                 "store_sha256": self.shards.store_sha256, "last_batch": "drop" if self.drop_last else "pad"}
 
-    def state_dict(self) -> dict:
-        """The epoch, the batches of it already yielded and DALI's checkpoint of that position (each
-        rank has its own), plus what must not change for it to mean the same samples."""
-        state = {"epoch": self.epoch, "batch": self._first_batch, "dali_checkpoint": self._checkpoint}
-        if self._running is not None:
-            epoch, first, iterator, consumed = self._running
-            if first + consumed >= self.batches_per_epoch:
-                state.update(epoch=epoch + 1, batch=0, dali_checkpoint=None)
-            else:
-                checkpoint = iterator.checkpoints()[0]  # DALI's serialised (binary) protobuf
-                state.update(epoch=epoch, batch=first + consumed, dali_checkpoint=base64.b64encode(
-                    checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode("latin-1")).decode("ascii"))
-        return {**state, **self._fingerprint()}
+    def _pass_checkpoint(self, current: Pass) -> Optional[str]:
+        checkpoint = current.iterator.checkpoints()[0]  # DALI's serialised (binary) protobuf
+        return base64.b64encode(checkpoint if isinstance(checkpoint, bytes)
+                                else checkpoint.encode("latin-1")).decode("ascii")
 
-    def load_state_dict(self, state: dict) -> None:
-        mine = self._fingerprint()
-        differ = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
-        if differ:
-            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"cannot resume the data position with other settings ({detail})")
-        self._running = None
-        self.epoch, self._first_batch = int(state["epoch"]), int(state["batch"])
-        self._checkpoint = state.get("dali_checkpoint") if self._first_batch else None
-
+    # -- passes ------------------------------------------------------------------------------------
     def _pipeline_kwargs(self) -> dict:
-        config = self.config
-        return dict(batch_size=self.batch_size, num_threads=config.num_threads, device_id=self.device_id,
-                    seed=config.seed, prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True,
-                    enable_checkpointing=True)
+        from .pipelines.graphs import pipeline_kwargs
 
+        return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
+
+    @abc.abstractmethod
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
-        raise NotImplementedError
+        """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``."""
 
     def _passes(self, mixing: bool = True):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        epoch, first, checkpoint = self.epoch, self._first_batch, self._checkpoint
-        self.epoch, self._first_batch, self._checkpoint = epoch + 1, 0, None
-        restored = base64.b64decode(checkpoint) if checkpoint else None
-        pipe = self._build(epoch, restored, mixing)
+        current = self._next_pass(mixing)
+        epoch, first = current.epoch, current.first
+        pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        iterator = _bounded_iterator(DALIGenericIterator)(
+        current.iterator = _bounded_iterator(DALIGenericIterator)(
             [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
             reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
-        running = [epoch, first, iterator, 0]
-        self._running = running
         try:
-            for outputs in iterator:
-                if self._running is not running:
+            for outputs in current.iterator:
+                if self._pass is not current:
                     return  # a newer pass took over
-                running[3] += 1
-                yield epoch, first + running[3] - 1, outputs[0]
-                if first + running[3] >= self.batches_per_epoch:
+                current.consumed += 1
+                yield epoch, first + current.consumed - 1, outputs[0]
+                if first + current.consumed >= self.batches_per_epoch:
                     break  # every rank stops after the same number of batches
         finally:
-            if self._running is running:
-                self._running = None if first + running[3] >= self.batches_per_epoch else tuple(running)
+            if self._pass is current and first + current.consumed >= self.batches_per_epoch:
+                current.finished = True
+                self._pass = None
 
 
 class ShardReLabelLoader(_ShardBatches):
@@ -217,10 +204,9 @@ class ShardReLabelLoader(_ShardBatches):
             self.cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                      seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                      per_batch=config.mix_granularity == "batch")
-        self.output_map = ["images", "targets", "labels", "rows"]
-        if self.cutmix is not None:
-            self.output_map += ["mix_box"] + (["pasted"] if config.cutmix_mode == "localized" else [])
-        self.sampler = _ShardSampler(self)
+        from .pipelines.graphs import shard_train_outputs
+
+        self.output_map = shard_train_outputs(config, self.cutmix is not None)
 
     def shard_order(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch`` (the same on every rank)."""
@@ -242,7 +228,7 @@ class ShardReLabelLoader(_ShardBatches):
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
-            batch = mix_batch(batch, self.config, self.num_classes, epoch, index, self.mixup_enabled)
+            batch = mix_batch(batch, self.config, epoch, index, self.mixup_enabled)
             yield training_batch(batch, self.config, self.return_labels, self.return_rows)
 
 
@@ -251,14 +237,14 @@ class ShardValidationLoader(_ShardBatches):
     exactly once per pass over all ranks (DALI pads each rank's part; the padding is dropped). Shards
     of a tree written without a store keep its file list: ``images.relpaths`` aligns ReaL labels."""
 
-    output_map = ["images", "labels", "rows"]
-
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
                  device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  return_rows: bool = False):
+        from .pipelines.graphs import SHARD_VALIDATION_OUTPUTS
+
         super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad")
+        self.output_map = list(SHARD_VALIDATION_OUTPUTS)
         self.return_rows = return_rows
-        self.sampler = _ShardSampler(self)
         if self.shards.relpaths is not None:  # the tree's file list: ReaL labels are aligned by it
             from .imagefolder import ImageList
 
@@ -275,22 +261,6 @@ class ShardValidationLoader(_ShardBatches):
     def __iter__(self):
         for _, _, batch in self._passes():
             yield validation_batch(batch, self.config, self.return_rows)
-
-
-class _ShardSampler:
-    """``loader.sampler`` for shard loaders: ``set_epoch`` and ``len`` (this rank's samples)."""
-
-    def __init__(self, loader: _ShardBatches):
-        import weakref
-
-        self._loader = weakref.ref(loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._loader().set_epoch(epoch)
-
-    def __len__(self) -> int:
-        loader = self._loader()
-        return rank_samples(loader.shards.num_samples, loader.world_size)[loader.rank]
 
 
 def is_shard_location(location) -> bool:

@@ -36,12 +36,16 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .errors import DaliRelabelError
+from .fields import CLASS_IDS, LABELS, LOGITS, MAP_FIELDS, ROWS, SHARD_FIELDS, Field
 from .store import LabelStore, StoreError
 
 FORMAT_NAME = "dali-relabel-shards"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
-EXTENSIONS = ("jpg", "logits", "ids", "label", "row")
+#: The tar extensions of a shard sample's members, in their order (:data:`~dali_relabel.fields.SHARD_FIELDS`).
+EXTENSIONS = tuple(field.tar_ext for field in SHARD_FIELDS)
+#: Shards store logits as float16 whatever the store holds.
+LOGITS_DTYPE = "float16"
 _TAR_BLOCK = 512
 
 
@@ -149,6 +153,16 @@ class ShardSet:
     def map_shape(self):
         return (self.k, self.grid_h, self.grid_w)
 
+    def dtype(self, field: Field) -> np.dtype:
+        """The dtype ``field`` of a sample (one of :data:`~dali_relabel.fields.SHARD_FIELDS`) is stored in."""
+        return member_dtype(field, self.ids_dtype)
+
+
+def member_dtype(field: Field, ids_dtype) -> np.dtype:
+    """The little-endian dtype of a shard member (``ids_dtype``: the class ids' of the store)."""
+    dtype = {LOGITS: LOGITS_DTYPE, CLASS_IDS: ids_dtype}.get(field, field.dtype)
+    return np.dtype(dtype).newbyteorder("<")
+
 
 def expand_braces(pattern: str) -> List[str]:
     """``a-{000..002}.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar]`` (webdataset's shard patterns;
@@ -178,7 +192,7 @@ def _tar_bytes(sizes: Sequence[int]) -> int:
 
 def _write_shard(task) -> dict:
     """Write one shard (``.tar`` then DALI's ``.idx``); returns its index entry."""
-    from .sources import die_with_parent
+    from .processes import die_with_parent
 
     directory, name, rows, image_root, store_path, parent, tree = task
     die_with_parent(parent)
@@ -191,22 +205,25 @@ def _write_shard(task) -> dict:
         paths, labels = store.paths, store.labels
         maps = store.read(np.sort(rows))
         order = {int(r): i for i, r in enumerate(np.sort(rows))}
+        ids_dtype = maps.class_ids.dtype
     else:
         paths, labels = tree
+        ids_dtype = None
     path = os.path.join(directory, name)
     partial = path + ".partial"
     with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
             row = int(row)
             with open(os.path.join(image_root, paths[row]), "rb") as f:
-                parts = {"jpg": f.read()}
+                values = {"jpegs": f.read(), "labels": labels[row], "rows": row}
             if store_path is not None:
-                i = order[row]
-                parts.update(logits=maps.logits[i].astype("<f2").tobytes(),
-                             ids=maps.class_ids[i].astype(maps.class_ids.dtype.newbyteorder("<")).tobytes())
-            parts.update(label=np.int32(labels[row]).astype("<i4").tobytes(), row=np.int64(row).astype("<i8").tobytes())
-            for extension in (e for e in EXTENSIONS if e in parts):
-                tar.addfile(_member(f"{row:09d}.{extension}", parts[extension]), io.BytesIO(parts[extension]))
+                values.update(logits=maps.logits[order[row]], class_ids=maps.class_ids[order[row]])
+            for field in SHARD_FIELDS:
+                if field.name in values:
+                    value = values[field.name]
+                    data = value if isinstance(value, bytes) else \
+                        np.asarray(value).astype(member_dtype(field, ids_dtype)).tobytes()
+                    tar.addfile(_member(f"{row:09d}.{field.tar_ext}", data), io.BytesIO(data))
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -276,7 +293,8 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # a stat per image: I/O bound
         image_bytes = np.array([s for chunk in pool.map(file_sizes, range(0, n, 4096)) for s in chunk], np.int64)
-    sizes = image_bytes + _tar_bytes([0, map_bytes // 2, map_bytes // 2, 4, 8]) + 2 * _TAR_BLOCK
+    sizes = image_bytes + _tar_bytes([0, map_bytes // 2, map_bytes // 2, member_dtype(LABELS, None).itemsize,
+                                       member_dtype(ROWS, None).itemsize]) + 2 * _TAR_BLOCK
     order = np.random.default_rng([seed, 0x5A4D]).permutation(n)
     groups = plan_shards(sizes, order, shard_bytes)
     plan = hashlib.sha256(json.dumps([content, image_root, seed, shard_bytes, FORMAT_VERSION]).encode()).hexdigest()
@@ -312,7 +330,7 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_root": image_root, "seed": seed,
              "store": store.path if store is not None else None, "store_sha256": content,
              "num_classes": len(class_names), "k": 0, "grid": [0, 0], "layout": "HW", "ids_dtype": "",
-             "extensions": [e for e in EXTENSIONS if store is not None or e not in ("logits", "ids")],
+             "extensions": [f.tar_ext for f in SHARD_FIELDS if store is not None or f not in MAP_FIELDS],
              "num_samples": n, "shards": [entries[name] for name in names], "class_names": class_names}
     if store is not None:
         header = store.header

@@ -19,7 +19,6 @@ stops.
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,29 +26,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bad_images import BadImageError
+from .fields import EPOCHS, LABELS, MAP_FIELDS, MIX_BOX, PATHS, ROWS, SOURCE_FIELDS, Field
+from .fields import VALID as VALID_FIELD  # VALID here is the status value
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
+from .processes import die_with_parent
 from .store import LabelStore, StoreError, map_value_problem
 
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
 
 __all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a worker process: have the kernel kill it when ``parent_pid`` (its parent) exits (Linux
-    ``PR_SET_PDEATHSIG``), so a killed trainer leaves no orphans holding its files; exit now if the
-    parent is already gone."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: nothing to arm
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _shared_directory() -> str:
@@ -124,11 +112,10 @@ class BatchSource:
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
 
-    Outputs (whole-batch arrays; per sample): ``paths`` uint8 ``[L]`` (zero-padded absolute path),
-    then with a store ``logits [k, H, W]`` and ``class_ids [k, H, W]``,
-    then ``labels`` int32 ``[1]``, ``rows`` int64 ``[1]``, ``valid`` uint8 ``[1]`` (:data:`VALID`,
-    :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on), with a seed
-    ``epochs`` int64 scalars (with ``epochs``), with CutMix ``mix_box`` float32 ``[4]``.
+    Outputs (:attr:`fields`: whole-batch arrays, each sample as :mod:`dali_relabel.fields` declares):
+    ``paths``, with a store the map (``logits``, ``class_ids``), ``labels``, ``rows``, ``valid``
+    (:data:`VALID`, :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on),
+    ``epochs`` (with ``epochs``), ``mix_box`` (with CutMix).
     """
 
     def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
@@ -170,11 +157,18 @@ class BatchSource:
         return self._labels if self._labels is not None else self.store().labels
 
     @property
+    def fields(self) -> Tuple[Field, ...]:
+        """Output fields, in order (those of :data:`~dali_relabel.fields.SOURCE_FIELDS` this source has)."""
+        present = {PATHS, LABELS, ROWS, VALID_FIELD}
+        present.update(MAP_FIELDS if self.store_path else ())
+        present.update([EPOCHS] if self.epochs else [])
+        present.update([MIX_BOX] if self.cutmix is not None else [])
+        return tuple(field for field in SOURCE_FIELDS if field in present)
+
+    @property
     def names(self) -> List[str]:
         """Output names, in order."""
-        return (["paths"] + (["logits", "class_ids"] if self.store_path else [])
-                + ["labels", "rows", "valid"] + (["epochs"] if self.epochs else [])
-                + (["mix_box"] if self.cutmix is not None else []))
+        return [field.name for field in self.fields]
 
     def path(self, row: int) -> str:
         """The absolute image path of ``row``."""
@@ -262,10 +256,5 @@ class BatchSource:
 
 def output_types(source: BatchSource):
     """(DALI dtypes, ndims) of the source's outputs, in order (``None``: taken from the data)."""
-    from nvidia.dali import types
-
-    known = {"paths": (types.UINT8, 1), "logits": (None, 3),
-             "class_ids": (None, 3), "labels": (types.INT32, 1), "rows": (types.INT64, 1),
-             "valid": (types.UINT8, 1), "epochs": (types.INT64, 0), "mix_box": (types.FLOAT, 1)}
-    specs = [known[name] for name in source.names]
-    return [s[0] for s in specs], [s[1] for s in specs]
+    chosen = source.fields
+    return [field.dali_type() for field in chosen], [field.ndim for field in chosen]

@@ -20,23 +20,11 @@ from typing import Callable, List, Optional
 
 from .call_thread import CallThread
 from .errors import DaliRelabelError
+from .processes import STATE_NAMES, process_state
 
 
 class LoaderWorkerError(DaliRelabelError, RuntimeError):
     """A DALI source worker of a loader died, was stopped, or produced nothing for too long."""
-
-
-def _process_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (``R``, ``S``, ``D``, ``T``, ``Z``...), ``""`` if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped",
-           "t": "stopped by a debugger", "Z": "dead", "X": "dead"}
 
 
 def describe_exit(exitcode: Optional[int]) -> str:
@@ -100,11 +88,11 @@ class PipelineGuard:
             exitcode = process.exitcode
             if exitcode is not None:
                 return f"DALI source worker {process.pid} {describe_exit(exitcode)}"
-            state = _process_state(process.pid)
+            state = process_state(process.pid)
             if state in ("T", "t"):
-                return f"DALI source worker {process.pid} is {_STATES[state]}"
+                return f"DALI source worker {process.pid} is {STATE_NAMES[state]}"
         if self.timeout and waited > self.timeout:
-            states = ", ".join(f"{p.pid} {_STATES.get(_process_state(p.pid), 'gone')}" for p in self._workers())
+            states = ", ".join(f"{p.pid} {STATE_NAMES.get(process_state(p.pid), 'gone')}" for p in self._workers())
             states = states or "none (the source runs in the loader's process)"
             return f"no batch for {waited:.0f} s (timeout {self.timeout:g} s); source workers: {states}"
         return None

@@ -13,19 +13,27 @@ model sees.
 
 Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
 
-The plain graphs at the end read the same files with ``readers.file`` (or the same tar shards with
-``readers.webdataset``) and no maps: the baselines of the throughput benchmark.
+Each graph's output names are exported next to it (:data:`VALIDATION_OUTPUTS`, :func:`train_outputs`...),
+made from the fields of :mod:`dali_relabel.fields`; the graph returns its outputs in that order and
+the loaders name DALI's outputs from there. The decode steps (:func:`decoder_args`,
+:func:`resize_square`, :func:`normalize`) are public for the benchmarks' plain-DALI baselines
+(``benchmarks/baselines.py``).
 
-All graphs run with ``device_id=None`` (CPU only). Execution settings (batch size, threads, device,
-seed) are given where a graph is built: ``train_pipeline(..., batch_size=..., device_id=...)``.
+Execution settings (batch size, threads, device, seed, source workers) are given where a graph is
+built: ``train_pipeline(..., **pipeline_kwargs(config, batch_size, device_id))``; ``device_id=None``
+runs a graph on the CPU alone, with the ``cpu`` decoder.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
+from dali_relabel.devices import worker_start_method
+from dali_relabel.fields import (IMAGES, JPEGS, LABELS, MAP_FIELDS, MIX_BOX, PASTED, ROWS, SHAPES, SHARD_FIELDS,
+                                 TARGETS, VALID, Field)
+from dali_relabel.fields import names as field_names
 from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
 from dali_relabel.shards import ShardSet
@@ -37,6 +45,23 @@ _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
 _SOURCE_BYTES_PER_SAMPLE = 8 << 10
 # Samples the webdataset reader shuffles among (on top of the per-epoch order of the shards).
 _SHUFFLE_BUFFER = 4096
+
+
+def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int], checkpointing: bool = False) -> dict:
+    """Execution settings every graph is built with (the loaders', the teacher pass's and the
+    benchmarks'); ``checkpointing``: DALI's pipeline checkpoints (the shard loaders resume from them)."""
+    kwargs = dict(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                  seed=config.seed, py_num_workers=config.py_num_workers,
+                  py_start_method=worker_start_method(config.py_start_method),
+                  prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
+    if checkpointing:
+        kwargs["enable_checkpointing"] = True
+    return kwargs
+
+
+def in_order(outputs: Dict[str, object], order: Sequence[str]) -> tuple:
+    """A graph's ``outputs`` (by name) as the tuple it returns, in its exported ``order``."""
+    return tuple(outputs[name] for name in order)
 
 
 def read_batches(source: BatchSource, config: DataConfig) -> dict:
@@ -56,7 +81,7 @@ def read_batches(source: BatchSource, config: DataConfig) -> dict:
     load_plugin()
     # The plugin's reader takes the zero-padded rows as they come (io.file.read needs each path cut
     # to length by one more operator, and maps each file): 15 % more samples/s in the feed benchmark.
-    data["jpegs"] = fn.relabel.read_files(data["paths"])
+    data[JPEGS.name] = fn.relabel.read_files(data["paths"])
     return data
 
 
@@ -64,7 +89,7 @@ _INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC
                   "nearest": types.INTERP_NN, "lanczos": types.INTERP_LANCZOS3}
 
 
-def _normalize(images, config: DataConfig, mirror=None):
+def normalize(images, config: DataConfig, mirror=None):
     """Flip, ``(x / 255 - mean) / std``, and the layout: HWC for channels-last images (the iterator
     hands them out as ``[B, 3, H, W]`` in ``torch.channels_last`` memory format), else CHW. bfloat16
     images leave DALI as float32 (DALI has no bfloat16) and are converted by the iterator."""
@@ -75,14 +100,14 @@ def _normalize(images, config: DataConfig, mirror=None):
                                     **kwargs)
 
 
-def _decoder_args(decoder_device: str, config: DataConfig) -> dict:
+def decoder_args(decoder_device: str, config: DataConfig) -> dict:
     args = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=config.adjust_orientation)
     if decoder_device == "mixed":
         args.update(hw_decoder_load=config.hw_decoder_load, **_DECODER_HINTS)
     return args
 
 
-def _resize_square(images, config: DataConfig, interpolation=None):
+def resize_square(images, config: DataConfig, interpolation=None):
     """The crop resized to ``image_size``; ``interpolation``: per-sample choices (0 bilinear,
     1 bicubic) for ``interpolation="random"``."""
     if config.interpolation == "random":
@@ -101,18 +126,18 @@ def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
         shape, rows, epochs, seed=config.seed, random_area=list(config.scale),
         random_aspect_ratio=list(config.ratio), num_attempts=config.num_attempts,
         flip_probability=config.flip_probability)
-    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **_decoder_args(decoder_device, config))
+    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **decoder_args(decoder_device, config))
     jitter = interpolation = None
     if config.color_jitter or config.interpolation == "random":
         jitter, interpolation = fn.relabel.sample_draws(rows, epochs, seed=config.seed,
                                                         color_jitter=list(config.color_jitter or (0, 0, 0, 0)))
-    images = _resize_square(images, config, interpolation)
+    images = resize_square(images, config, interpolation)
     if config.color_jitter:
         # torchvision's ColorJitter applies these in a random order around the image's mean grey;
         # DALI's color_twist in this fixed order, contrast around mid-grey.
         images = fn.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2],
                                 hue=jitter[3])
-    return _normalize(images, config, mirror), shape, anchor, crop, mirror
+    return normalize(images, config, mirror), shape, anchor, crop, mirror
 
 
 def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, num_classes: int, layout: str,
@@ -134,19 +159,47 @@ def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, nu
 
 def _validation_images(jpegs, config: DataConfig, decoder_device: str):
     """The shorter side resized to ``config.resize_size``, the centre ``image_size`` crop, normalised."""
-    images = fn.decoders.image(jpegs, **_decoder_args(decoder_device, config))
+    images = fn.decoders.image(jpegs, **decoder_args(decoder_device, config))
     interpolation = config.val_interpolation or (
         "bilinear" if config.interpolation == "random" else config.interpolation)
     images = fn.resize(images, resize_shorter=config.resize_size, antialias=True,
                        interp_type=_INTERPOLATION[interpolation])
     images = fn.crop(images, crop=[config.image_size, config.image_size], out_of_bounds_policy="pad")
-    return _normalize(images, config)
+    return normalize(images, config)
+
+
+#: Outputs of :func:`train_pipeline` (and the tree loaders' batches) before the CutMix ones.
+TRAIN_OUTPUTS = field_names(IMAGES, TARGETS, LABELS, ROWS, VALID)
+
+
+def mix_outputs(config: DataConfig, cutmix: bool) -> Tuple[str, ...]:
+    """The outputs a training graph adds with CutMix boxes (``cutmix``): ``mix_box``, and in
+    ``"localized"`` mode ``pasted``."""
+    if not cutmix:
+        return ()
+    return field_names(MIX_BOX, PASTED) if config.cutmix_mode == "localized" else field_names(MIX_BOX)
+
+
+def train_outputs(config: DataConfig, cutmix: bool) -> List[str]:
+    """Names of :func:`train_pipeline`'s outputs, in order (``cutmix``: its source draws CutMix boxes)."""
+    return list(TRAIN_OUTPUTS + mix_outputs(config, cutmix))
+
+
+def _training_outputs(images, targets: list, data: dict, mix_box, order: Sequence[str]) -> tuple:
+    """A training graph's outputs in ``order``: ``targets`` from :func:`soft_targets` (the crop's, then
+    in ``"localized"`` mode the box's)."""
+    outputs = dict(data, images=images, targets=targets[0])
+    if mix_box is not None:
+        outputs[MIX_BOX.name] = mix_box
+    if len(targets) > 1:
+        outputs[PASTED.name] = targets[1]
+    return in_order(outputs, order)
 
 
 @pipeline_def
 def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, layout: str,
                    decoder_device: str = "cpu"):
-    """ReLabel training graph. Outputs: images, soft targets, labels, rows, valid.
+    """ReLabel training graph. Outputs (:func:`train_outputs`): images, soft targets, labels, rows, valid.
 
     A source without a store gives one-hot targets of the hard labels (the baseline).
 
@@ -165,43 +218,47 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
                                                   decoder_device)
     mix_box = data.get("mix_box")
     targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
-    extra = [] if mix_box is None else [mix_box] + targets[1:]
-    return (images, targets[0], data["labels"], data["rows"], data["valid"], *extra)
+    return _training_outputs(images, targets, data, mix_box, train_outputs(config, mix_box is not None))
+
+
+#: Outputs of :func:`validation_pipeline`.
+VALIDATION_OUTPUTS = field_names(IMAGES, LABELS, ROWS, VALID)
 
 
 @pipeline_def
 def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device: str = "cpu"):
     """Validation graph: the shorter side resized to ``config.resize_size``, the centre
-    ``image_size`` crop. Outputs: images, labels, rows, valid."""
+    ``image_size`` crop. Outputs: :data:`VALIDATION_OUTPUTS`."""
     data = read_batches(source, config)
-    return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"], data["valid"]
-
-
-# A shard sample's fields (their names in the graphs) and the tar extensions that hold them.
-_SHARD_FIELDS = {"jpegs": "jpg", "logits": "logits", "class_ids": "ids", "labels": "label", "rows": "row"}
+    return in_order(dict(data, images=_validation_images(data["jpegs"], config, decoder_device)), VALIDATION_OUTPUTS)
 
 
 def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shards: int, shuffle: bool,
-                reader_seed: int, fields: Sequence[str] = tuple(_SHARD_FIELDS)) -> dict:
+                reader_seed: int, fields: Sequence[Field] = SHARD_FIELDS) -> dict:
     """DALI's webdataset reader over the tar ``names`` of ``shards``, in that order, reading only
-    ``fields`` (of ``jpegs``, ``logits``/``class_ids`` ``[k, H, W]``, ``labels`` and ``rows``,
-    int32/int64 ``[1]``). Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts
-    (padded to the same size by repeating the last sample, which the iterator drops); ``shuffle``:
-    through a sample buffer."""
+    ``fields`` (of :data:`~dali_relabel.fields.SHARD_FIELDS`), by field name; the maps reshaped to
+    ``[k, H, W]``. Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to
+    the same size by repeating the last sample, which the iterator drops); ``shuffle``: through a
+    sample buffer."""
     fields = list(fields)
-    dtypes = {"jpegs": types.UINT8, "logits": types.FLOAT16, "labels": types.INT32, "rows": types.INT64}
-    if "class_ids" in fields:
-        dtypes["class_ids"] = {"uint8": types.UINT8, "uint16": types.UINT16, "int32": types.INT32}[shards.ids_dtype]
     outputs = fn.readers.webdataset(
         paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
-        ext=[_SHARD_FIELDS[f] for f in fields], dtypes=[dtypes[f] for f in fields], shard_id=shard_id,
-        num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER, seed=reader_seed,
-        pad_last_batch=True, stick_to_shard=True, name="Reader")
-    data = dict(zip(fields, outputs))
-    for name in ("logits", "class_ids"):
-        if name in data:
-            data[name] = fn.reshape(data[name], shape=list(shards.map_shape))
+        ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
+        seed=reader_seed, pad_last_batch=True, stick_to_shard=True, name="Reader")
+    data = {}
+    for field, output in zip(fields, outputs):
+        data[field.name] = fn.reshape(output, shape=list(shards.map_shape)) if field in MAP_FIELDS else output
     return data
+
+
+#: Outputs of :func:`shard_train_pipeline` before the CutMix ones.
+SHARD_TRAIN_OUTPUTS = field_names(IMAGES, TARGETS, LABELS, ROWS)
+
+
+def shard_train_outputs(config: DataConfig, cutmix: bool) -> List[str]:
+    """Names of :func:`shard_train_pipeline`'s outputs, in order (``cutmix``: with ``mix_boxes``)."""
+    return list(SHARD_TRAIN_OUTPUTS + mix_outputs(config, cutmix))
 
 
 @pipeline_def
@@ -209,99 +266,50 @@ def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, con
                          layout: str, decoder_device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
                          shuffle: bool = True, reader_seed: int = 0, mix_boxes=None):
     """ReLabel training graph over tar shards (one epoch's order of ``names``): the same keyed
-    augmentation and pooling as :func:`train_pipeline`. Outputs: images, soft targets, labels, rows,
-    and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``) ``mix_box`` (+ ``pasted``)."""
+    augmentation and pooling as :func:`train_pipeline`. Outputs (:func:`shard_train_outputs`): images,
+    soft targets, labels, rows, and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``)
+    ``mix_box`` (+ ``pasted``)."""
     data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed)
     epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
     images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
     mix_box = None
     if mix_boxes is not None:
-        mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=types.FLOAT, ndim=1)
+        mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=MIX_BOX.dali_type(),
+                                     ndim=MIX_BOX.ndim)
     targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
-    extra = [] if mix_box is None else [mix_box] + targets[1:]
-    return (images, targets[0], data["labels"], data["rows"], *extra)
+    return _training_outputs(images, targets, data, mix_box, shard_train_outputs(config, mix_box is not None))
+
+
+#: Outputs of :func:`shard_validation_pipeline`.
+SHARD_VALIDATION_OUTPUTS = field_names(IMAGES, LABELS, ROWS)
 
 
 @pipeline_def
 def shard_validation_pipeline(shards: ShardSet, config: DataConfig, decoder_device: str = "cpu",
                               shard_id: int = 0, num_shards: int = 1):
-    """Validation over tar shards in their stored order. Outputs: images, labels, rows."""
+    """Validation over tar shards in their stored order. Outputs: :data:`SHARD_VALIDATION_OUTPUTS`."""
     data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=False,
-                       reader_seed=0, fields=["jpegs", "labels", "rows"])
-    return _validation_images(data["jpegs"], config, decoder_device), data["labels"], data["rows"]
+                       reader_seed=0, fields=[JPEGS, LABELS, ROWS])
+    return in_order(dict(data, images=_validation_images(data["jpegs"], config, decoder_device)),
+                    SHARD_VALIDATION_OUTPUTS)
+
+
+#: Outputs of :func:`teacher_pipeline`.
+TEACHER_OUTPUTS = field_names(IMAGES, LABELS, ROWS, VALID, SHAPES)
 
 
 @pipeline_def
 def teacher_pipeline(source: BatchSource, config: DataConfig, size: int, decoder_device: str = "cpu"):
     """Full-image teacher input for ``dali-relabel generate``: no crop, every image resized to
     ``size x size`` ignoring its aspect ratio (as the ReLabel paper feeds EfficientNet-L2), linear with
-    antialiasing, then normalized. Outputs: images, labels, rows, valid, and the encoded image's
-    shape ``(H, W, C)`` from ``peek_image_shape`` (the original size the map describes).
+    antialiasing, then normalized. Outputs (:data:`TEACHER_OUTPUTS`): images, labels, rows, valid, and
+    the encoded image's shape ``(H, W, C)`` from ``peek_image_shape`` (the original size the map
+    describes).
 
     ``source`` is a :class:`BatchSource` without a store and without keys."""
     data = read_batches(source, config)
     shape = fn.peek_image_shape(data["jpegs"], adjust_orientation=config.adjust_orientation)
-    images = fn.decoders.image(data["jpegs"], **_decoder_args(decoder_device, config))
+    images = fn.decoders.image(data["jpegs"], **decoder_args(decoder_device, config))
     images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
-    images = _normalize(images, config)
-    return images, data["labels"], data["rows"], data["valid"], shape
-
-
-def _fixed_interpolation(config: DataConfig) -> DataConfig:
-    """The plain graphs have no per-sample draws: bilinear stands in for ``"random"``."""
-    return config.replace(interpolation="bilinear") if config.interpolation == "random" else config
-
-
-def _plain_reader(file_root: str, shard_id: int, num_shards: int):
-    return fn.readers.file(file_root=file_root, random_shuffle=True, shard_id=shard_id,
-                           num_shards=num_shards, pad_last_batch=True, name="Reader")
-
-
-@pipeline_def
-def plain_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
-                         shard_id: int = 0, num_shards: int = 1):
-    """Plain DALI on the same decode path as :func:`train_pipeline`, without maps: ``readers.file`` ->
-    ``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip +
-    normalize. Outputs: images, hard labels. The throughput benchmark's ceiling."""
-    jpegs, labels = _plain_reader(file_root, shard_id, num_shards)
-    return _plain_augment(jpegs, config, decoder_device), labels
-
-
-@pipeline_def
-def plain_shard_train_pipeline(shards: ShardSet, config: DataConfig, decoder_device: str = "cpu",
-                               shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0):
-    """Plain DALI over tar shards: ``readers.webdataset`` (the JPEG and its label only, the same
-    shuffle buffer as :func:`shard_train_pipeline`) -> the decode path of :func:`plain_train_pipeline`.
-    Outputs: images, hard labels. The shard benchmark's ceiling."""
-    data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=True,
-                       reader_seed=reader_seed, fields=["jpegs", "labels"])
-    return _plain_augment(data["jpegs"], config, decoder_device), data["labels"]
-
-
-def _plain_augment(jpegs, config: DataConfig, decoder_device: str):
-    """``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip
-    + normalize, with DALI's own random draws (no keys, no coordinates kept)."""
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
-    anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
-                                            random_aspect_ratio=list(config.ratio),
-                                            num_attempts=config.num_attempts)
-    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
-                                     **_decoder_args(decoder_device, config))
-    return _normalize(_resize_square(images, _fixed_interpolation(config)), config,
-                      fn.random.coin_flip(probability=config.flip_probability))
-
-
-@pipeline_def
-def example_train_pipeline(file_root: str, config: DataConfig, decoder_device: str = "cpu",
-                           shard_id: int = 0, num_shards: int = 1):
-    """DALI's example ImageNet graph (``decoders.image_random_crop``, the crop fused into the decoder)
-    with our resize and normalisation: ``readers.file`` -> ``image_random_crop`` -> resize -> flip +
-    normalize. Outputs: images, hard labels."""
-    jpegs, labels = _plain_reader(file_root, shard_id, num_shards)
-    images = fn.decoders.image_random_crop(jpegs, random_area=list(config.scale),
-                                           random_aspect_ratio=list(config.ratio),
-                                           num_attempts=config.num_attempts,
-                                           **_decoder_args(decoder_device, config))
-    images = _normalize(_resize_square(images, _fixed_interpolation(config)), config,
-                        fn.random.coin_flip(probability=config.flip_probability))
-    return images, labels
+    images = normalize(images, config)
+    return in_order(dict(data, images=images, shapes=shape), TEACHER_OUTPUTS)

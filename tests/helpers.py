@@ -83,9 +83,9 @@ def timm_args(**changes):
 
 def process_gone(pid: int) -> bool:
     """Whether ``pid`` has exited (no such process, or a zombie waiting for its parent)."""
-    from dali_relabel.watchdog import _process_state
+    from dali_relabel.processes import process_state
 
-    return _process_state(pid) in ("", "Z", "X")
+    return process_state(pid) in ("", "Z", "X")
 
 
 def wait_until_gone(pids, seconds: float = 10.0) -> list:

@@ -201,3 +201,22 @@ def test_validation_shards_without_a_store_keep_the_file_list(shard_data, tmp_pa
     assert loader.images.relpaths == shards.relpaths
     with pytest.raises(ValueError, match="hold no label maps"):
         ShardReLabelLoader(tmp_path / "val", 8, config=DataConfig(**SMALL), device="cpu")
+
+
+def test_shard_loaders_keep_the_loader_state_rules(shard_data):
+    from dali_relabel.loader_state import ResumeError
+    from dali_relabel.shard_loader import ShardReLabelLoader, UnknownOrderError
+
+    config = DataConfig(**SMALL)
+    loader = ShardReLabelLoader(shard_data["shards"], 4, config=config, device="cpu", rank=1, world_size=3)
+    assert len(loader.sampler) == 13 and len(loader) == 3  # ranks read 13, 13, 14 of 40; "drop" keeps 3 x 4
+    loader.sampler.set_epoch(2)
+    assert loader.state_dict()["epoch"] == 2
+    with pytest.raises(UnknownOrderError, match="return_rows=True"):
+        list(loader.sampler)
+    state = dict(loader.state_dict(), batch=2)
+    with pytest.raises(ResumeError, match="resume with the saved settings"):
+        ShardReLabelLoader(shard_data["shards"], 4, config=config.replace(seed=4), device="cpu", rank=1,
+                           world_size=3).load_state_dict(state)
+    with pytest.raises(ResumeError, match="no DALI checkpoint"):
+        loader.load_state_dict(state)

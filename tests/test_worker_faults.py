@@ -10,7 +10,8 @@ import pytest
 from dali_relabel.config import DataConfig
 from dali_relabel.sources import BatchSource
 from dali_relabel.store import write_store
-from dali_relabel.watchdog import LoaderWorkerError, _process_state, describe_exit
+from dali_relabel.processes import process_state
+from dali_relabel.watchdog import LoaderWorkerError, describe_exit
 from helpers import make_jpeg_tree, random_maps
 
 pytest.importorskip("nvidia.dali")
@@ -72,9 +73,9 @@ def test_stopped_worker_is_named(small_set):
         for _ in batches:
             pass
     deadline = time.monotonic() + 5  # the loader killed the worker it abandoned
-    while _process_state(pid) not in ("", "Z", "X") and time.monotonic() < deadline:
+    while process_state(pid) not in ("", "Z", "X") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _process_state(pid) in ("", "Z", "X")
+    assert process_state(pid) in ("", "Z", "X")
 
 
 _REAL_CALL = BatchSource.__call__
@@ -146,6 +147,6 @@ def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
     process.kill()
     process.wait()
     deadline = time.monotonic() + 10
-    while any(_process_state(pid) not in ("", "Z", "X") for pid in workers) and time.monotonic() < deadline:
+    while any(process_state(pid) not in ("", "Z", "X") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(_process_state(pid) in ("", "Z", "X") for pid in workers), "an orphaned worker lives on"
+    assert all(process_state(pid) in ("", "Z", "X") for pid in workers), "an orphaned worker lives on"

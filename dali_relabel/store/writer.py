@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 
 from ..config import LAYOUTS
-from ..outputs import OutputBusyError, OutputLock, describe_processes, durable_replace, is_lock_error, \
-    processes_holding
+from ..outputs import OutputBusyError, OutputLock, durable_replace, is_lock_error
 from ..paths import PathTable
+from ..processes import describe_processes, processes_holding
 from .format import (FORMAT_NAME, FORMAT_VERSION, HASH_CHUNK_ROWS, PARTIAL_SUFFIX, StoreError, check_map_values,
                      class_id_dtype, normalise_relpath, paths_digest, plan_hash, root_hash, row_bytes, str_array)
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DaliRelabelError
 from ..imagefolder import ImageList, list_images
 from ..outputs import OutputLock
-from ..sources import die_with_parent
+from ..processes import die_with_parent
 from ..store import StoreWriter
 
 RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"

@@ -148,9 +148,9 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
 def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
                  stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool):
-    from ..passes import PipelineBatches, pipeline_kwargs
+    from ..passes import PipelineBatches
     from ..paths import PathTable
-    from ..pipelines.graphs import teacher_pipeline
+    from ..pipelines.graphs import TEACHER_OUTPUTS, pipeline_kwargs, teacher_pipeline
     from ..sources import BatchSource
 
     plan = RowPlan(int(first_row), int(stop_row), int(batch_size))
@@ -167,7 +167,7 @@ def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int]
         return teacher_pipeline(source, teacher_config, int(size),
                                 decoder_device="mixed" if device == "gpu" else "cpu", **kwargs)
 
-    return PipelineBatches(plan, make_source, make_pipeline, ["images", "labels", "rows", "valid", "shapes"])
+    return PipelineBatches(plan, make_source, make_pipeline, list(TEACHER_OUTPUTS))
 
 
 def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224, grid=15, k: int = 5,

@@ -6,7 +6,8 @@ from torch import nn
 
 
 def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """``(1 - e) * targets + e / C``: label smoothing applied to (soft) targets ``[B, C]``."""
+    """``(1 - e) * targets + e / C``: label smoothing applied to (soft) targets ``[B, C]`` (or
+    ``[B, C, oh, ow]`` on an output grid)."""
     if smoothing <= 0:
         return targets
     return targets * (1.0 - smoothing) + smoothing / targets.shape[1]

@@ -1,0 +1,73 @@
+"""The fields of a batch, declared once: name, dtype, per-sample rank and shape, tar extension.
+
+Every part of the data path names its tensors from this table: the batch source's outputs
+(:data:`SOURCE_FIELDS`, :mod:`dali_relabel.sources`), a shard sample's tar members
+(:data:`SHARD_FIELDS`, written by :mod:`dali_relabel.shards` and read by the shard graphs), and the
+graphs' outputs, whose names ``pipelines/graphs.py`` exports next to each graph for the loaders to
+take. Adding a field is one entry here, its place in the tuples that carry it, and the code that
+computes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor of a batch.
+
+    Attributes:
+        name: its name in the graphs and in the loaders' batch dicts.
+        dtype: numpy dtype name of a sample; ``None``: given by the data (a store's logits are float16,
+            or float32 in older stores; its class ids the smallest type that holds the classes; images
+            ``DataConfig.output_dtype``).
+        ndim: rank of one sample (``None``: it depends on the settings).
+        shape: one sample's shape, for documentation and messages.
+        tar_ext: extension of its member in a shard sample (``None``: not stored in shards).
+    """
+
+    name: str
+    dtype: Optional[str]
+    ndim: Optional[int]
+    shape: str
+    tar_ext: Optional[str] = None
+
+    def dali_type(self, dtype: Optional[str] = None):
+        """DALI's type of ``dtype`` (default: the field's own; ``None`` where neither says one)."""
+        from nvidia.dali import types
+
+        dtype = dtype or self.dtype
+        return None if dtype is None else types.to_dali_type(np.dtype(dtype).name)
+
+
+# -- what the source hands over, what shards store ----------------------------------------------------
+PATHS = Field("paths", "uint8", 1, "[L] zero-padded absolute image path")
+JPEGS = Field("jpegs", "uint8", 1, "[bytes] the encoded image", tar_ext="jpg")
+LOGITS = Field("logits", None, 3, "[k, H, W] top-k logits of the label map", tar_ext="logits")
+CLASS_IDS = Field("class_ids", None, 3, "[k, H, W] class ids of the label map", tar_ext="ids")
+LABELS = Field("labels", "int32", 1, "[1] hard label", tar_ext="label")
+ROWS = Field("rows", "int64", 1, "[1] store row (image index)", tar_ext="row")
+VALID = Field("valid", "uint8", 1, "[1] VALID, PADDING or SKIPPED (dali_relabel.sources)")
+EPOCHS = Field("epochs", "int64", 0, "[] the sample's epoch (keys its random choices)")
+MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed)")
+
+# -- what the graphs make ----------------------------------------------------------------------------
+IMAGES = Field("images", None, 3, "[3, S, S], or [S, S, 3] for channels_last")
+TARGETS = Field("targets", "float32", None, "[C] soft targets, or [C, oh, ow] on an output grid")
+PASTED = Field("pasted", "float32", None, "as targets: the map pooled over the CutMix box")
+SHAPES = Field("shapes", "int64", 1, "[3] the encoded image's (H, W, C)")
+
+#: The label map of a sample.
+MAP_FIELDS: Tuple[Field, ...] = (LOGITS, CLASS_IDS)
+#: The outputs a :class:`~dali_relabel.sources.BatchSource` can have, in their order.
+SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, LABELS, ROWS, VALID, EPOCHS, MIX_BOX)
+#: A shard sample's tar members, in their order in the tar.
+SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)
+
+
+def names(*fields: Field) -> Tuple[str, ...]:
+    """The fields' names, in order."""
+    return tuple(field.name for field in fields)
