@@ -101,7 +101,7 @@ RUN export XDG_CACHE_HOME=/tmp/dali-relabel-cache \
     && rm -rf "${XDG_CACHE_HOME}" \
     && chmod -R a+rX /opt/dali_relabel \
     && DALI_RELABEL_PLUGIN_DIR=/opt/dali_relabel/plugin DALI_RELABEL_NO_BUILD=1 python -c \
-       "from dali_relabel.plugin import check_registered; m = check_registered(); assert m['cuda'] and m['directory'] == '/opt/dali_relabel/plugin', m; print('plugin:', m['directory'], 'CUDA archs', m['cuda_archs'])"
+       "from dali_relabel.ops.plugin import check_registered; m = check_registered(); assert m['cuda'] and m['directory'] == '/opt/dali_relabel/plugin', m; print('plugin:', m['directory'], 'CUDA archs', m['cuda_archs'])"
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -157,12 +157,12 @@ USER ${USER_UID}:${USER_GID}
 WORKDIR /opt/dali-relabel
 
 # Fail the build here, not on the cluster, if the plugin does not load in this stage.
-RUN python -c "from dali_relabel.plugin import check_registered; m = check_registered(); assert m['directory'] == '/opt/dali_relabel/plugin', m" \
+RUN python -c "from dali_relabel.ops.plugin import check_registered; m = check_registered(); assert m['directory'] == '/opt/dali_relabel/plugin', m" \
     && dali-relabel --help >/dev/null
 
 # Loads the plugin into DALI and checks that its operators are registered (no GPU, no pipeline).
 HEALTHCHECK --interval=5m --timeout=2m --start-period=2m --retries=3 \
-    CMD ["python", "-c", "from dali_relabel.plugin import check_registered; check_registered()"]
+    CMD ["python", "-c", "from dali_relabel.ops.plugin import check_registered; check_registered()"]
 
 # -s: also reaps when tini is not PID 1 (docker run --init puts its own init first).
 ENTRYPOINT ["/usr/bin/tini", "-s", "--"]

@@ -1,6 +1,6 @@
 """Install dali-relabel and, when the DALI that will run it is importable, build its plugin.
 
-The plugin (``dali_relabel/csrc``) must be compiled against the exact DALI it is loaded into. pip's
+The plugin (``dali_relabel/ops/csrc``) must be compiled against the exact DALI it is loaded into. pip's
 isolated build environment has no DALI (or another one), so by default nothing is compiled here and
 the package builds the plugin on first use into a per-DALI-version cache (``dali-relabel
 build-plugin`` does it explicitly). With ``pip install --no-build-isolation`` and DALI installed, the
@@ -16,9 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _plugin_build_module():
-    """``dali_relabel/plugin_build.py`` alone (standard library only), not the whole package."""
+    """``dali_relabel/ops/plugin_build.py`` alone (standard library only), not the whole package."""
     spec = importlib.util.spec_from_file_location(
-        "_dali_relabel_plugin_build", os.path.join(HERE, "dali_relabel", "plugin_build.py"))
+        "_dali_relabel_plugin_build", os.path.join(HERE, "dali_relabel", "ops", "plugin_build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,7 +35,7 @@ class BuildPyWithPlugin(build_py):
             print("dali-relabel: DALI is not importable in this build environment; the plugin will be "
                   "built on first use (or run `dali-relabel build-plugin`).")
             return
-        target = os.path.join(self.build_lib, "dali_relabel", "_prebuilt")
+        target = os.path.join(self.build_lib, "dali_relabel", "ops", "_prebuilt")
         try:
             _plugin_build_module().build_plugin(target)
         except Exception as error:  # a failed optional build must not fail the install
@@ -52,9 +52,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dali_relabel", "dali_relabel.store", "dali_relabel.pipelines"],
+    packages=["dali_relabel", "dali_relabel.store", "dali_relabel.ops", "dali_relabel.tools",
+              "dali_relabel.training", "dali_relabel.pipelines"],
     package_dir={"dali_relabel.pipelines": "pipelines"},
-    package_data={"dali_relabel": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
+    package_data={"dali_relabel.ops": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
     install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "filelock"],
     extras_require={
         # Exactly one DALI flavour: both install the same `nvidia.dali` package and would fight.
@@ -64,6 +65,6 @@ setup(
         "test": extras_test,
         "dev": ["nvidia-dali-cuda120>=2.4"] + extras_test,
     },
-    entry_points={"console_scripts": ["dali-relabel=dali_relabel.cli:main"]},
+    entry_points={"console_scripts": ["dali-relabel=dali_relabel.tools.cli:main"]},
     cmdclass={"build_py": BuildPyWithPlugin},
 )

@@ -10,7 +10,7 @@ Training loaders (images/s; all decode the same generated JPEGs):
 - ``authors``: the ReLabel authors' approach: a PyTorch ``DataLoader`` (PIL decode, torchvision
   random-resized crop with its coordinates, flip, ``ToTensor`` + ``Normalize``, one ``torch.load`` of
   the image's ``.pt`` map per sample), then per batch the dense scatter into ``zeros[B, C, 15, 15]`` +
-  ``roi_align`` + softmax (:func:`~dali_relabel.reference.reference_label_pooling`, layout ``"WH"``).
+  ``roi_align`` + softmax (:func:`~dali_relabel.ops.reference.reference_label_pooling`, layout ``"WH"``).
 
 Tar shards (images/s; the same images packed by ``dali-relabel shard``, :func:`benchmarks.data.prepare_shards`):
 
@@ -193,7 +193,7 @@ class AuthorsDataset:
         from PIL import Image
         from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-        from dali_relabel.convert import map_relpath
+        from dali_relabel.tools.convert import map_relpath
 
         relpath = self.relpaths[index]
         with open(os.path.join(self.image_root, relpath), "rb") as f:
@@ -213,7 +213,7 @@ class AuthorsDataset:
 
 def authors_targets(label_maps, coords, flips, num_classes: int, device: str):
     """The authors' per-batch target computation (on the GPU for ``device="gpu"``)."""
-    from dali_relabel.reference import reference_label_pooling
+    from dali_relabel.ops.reference import reference_label_pooling
 
     logits, class_ids = label_maps[:, 0], label_maps[:, 1]
     if device == "gpu":

@@ -216,7 +216,7 @@ def prepare_image_set(data_dir: str, num_images: int = 2048, num_classes: int = 
     ``grid x grid`` maps over ``num_classes`` classes with distinct ids per cell, layout ``"WH"``;
     ``maps/<class>/<stem>.pt`` holds the same maps in the authors' release format.
     """
-    from dali_relabel.convert import map_relpath
+    from dali_relabel.tools.convert import map_relpath
     from dali_relabel.store import FORMAT_VERSION
 
     if num_images < 1 or num_classes < k:

@@ -169,7 +169,7 @@ step plugin 300 "$python" - "$out/results/plugin.json" "$device" <<'EOF'
 import json, os, sys, time
 path, device = sys.argv[1:]
 start = time.time()
-from dali_relabel.plugin import load_plugin
+from dali_relabel.ops.plugin import load_plugin
 manifest = load_plugin()
 seconds = time.time() - start
 directory = manifest["directory"]

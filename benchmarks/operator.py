@@ -7,10 +7,10 @@ Per device and batch size, on random top-5 15x15 maps over ``--classes`` classes
 crop windows of ~500x375 images (layout ``"WH"``, 1x1 targets), three variants each take host arrays
 and return a host tensor, alternating ``--repeats`` times:
 
-- ``fused``: :class:`~dali_relabel.fused.FusedLabelPooling` (a small DALI pipeline around the op);
+- ``fused``: :class:`~dali_relabel.ops.fused.FusedLabelPooling` (a small DALI pipeline around the op);
 - ``feed``: the same pipeline without the operator (inputs moved to the device); ``op = fused - feed``;
 - ``reference``: dense scatter into ``zeros[B, C, 15, 15]`` + ``roi_align`` + softmax
-  (:func:`~dali_relabel.reference.reference_label_pooling`) on the same device.
+  (:func:`~dali_relabel.ops.reference.reference_label_pooling`) on the same device.
 
 Before timing, the fused output is compared with the CPU reference (``max_abs_diff``, tolerance
 1e-5; ``correct`` in the JSON). Writes ``operator-<date>.json`` / ``.png`` and ``latest-operator.md``.
@@ -62,7 +62,7 @@ def devices_for(choice: str) -> List[str]:
         if choice in ("gpu", "all"):
             raise BenchError(f"--devices {choice} needs a CUDA GPU that torch can see")
         return ["cpu"]
-    from dali_relabel.plugin import load_plugin
+    from dali_relabel.ops.plugin import load_plugin
 
     if not load_plugin().get("cuda"):
         if choice in ("gpu", "all"):
@@ -83,8 +83,8 @@ def measure(device: str, batch: int, num_classes: int, repeats: int, threads: in
     """One row: fused, feed and reference timings (ms) and the correctness check."""
     import torch
 
-    from dali_relabel.fused import FusedLabelPooling
-    from dali_relabel.reference import crop_boxes, reference_label_pooling
+    from dali_relabel.ops.fused import FusedLabelPooling
+    from dali_relabel.ops.reference import crop_boxes, reference_label_pooling
 
     inputs = random_crop_batch(np.random.default_rng([seed, batch]), batch, num_classes)
     logits, ids, anchors, shapes, image_shapes, mirror = inputs

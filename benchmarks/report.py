@@ -93,7 +93,7 @@ def versions() -> dict:
 def plugin_info() -> Optional[dict]:
     """The loaded operator plugin's manifest (directory, CUDA backend, build), or ``None``."""
     try:
-        from dali_relabel.plugin import load_plugin
+        from dali_relabel.ops.plugin import load_plugin
 
         manifest = load_plugin()
     except Exception as error:  # info only; the suites that need it fail on their own

@@ -223,7 +223,7 @@ def _timed(command: list, repeats: int = 5) -> float:
 
 def run(args) -> dict:
     image_root, store_path = prepare(args.data_dir, args.rows)
-    cli = [sys.executable, "-m", "dali_relabel.cli"]
+    cli = [sys.executable, "-m", "dali_relabel.tools.cli"]
     result = {"benchmark": "scale", "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "rows": args.rows, "store_bytes": os.path.getsize(store_path),
               "machine": {"platform": platform.platform(), "cores": os.cpu_count(),

@@ -3,8 +3,8 @@
 Main entry points:
 
 * :class:`~dali_relabel.store.LabelStore` / :class:`~dali_relabel.store.StoreWriter`: the HDF5 label-map store;
-* :func:`~dali_relabel.reference.reference_label_pooling`: the authors' LabelPooling in plain PyTorch;
-* :func:`~dali_relabel.plugin.load_plugin`: the fused DALI operators ``fn.relabel.*``;
+* :func:`~dali_relabel.ops.reference.reference_label_pooling`: the authors' LabelPooling in plain PyTorch;
+* :func:`~dali_relabel.ops.plugin.load_plugin`: the fused DALI operators ``fn.relabel.*``;
 * :class:`~dali_relabel.loader.ReLabelLoader` / :class:`~dali_relabel.loader.ValidationLoader`: drop-in
   ``(images, targets)`` iterators.
 

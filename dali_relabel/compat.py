@@ -69,10 +69,10 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
             channels-last); ``None`` for evaluation settings only.
         overrides: :class:`DataConfig` fields set last.
     """
-    if int(data_config["input_size"][0]) != 3:
-        _refuse("input_size", data_config["input_size"], "images are decoded as RGB (3 channels)")
-    if data_config.get("crop_mode") not in (None, "center"):
-        _refuse("--crop-mode", data_config["crop_mode"], "validation uses a centre crop")
+    if int(data_config["input_size"][0]) != 3:  # timm's --in-chans sets the first entry
+        _refuse("--in-chans", data_config["input_size"][0], "images are decoded as RGB (3 channels)")
+    if data_config.get("crop_mode") not in (None, "center"):  # only validate.py has --crop-mode
+        _refuse("validate.py's --crop-mode", data_config["crop_mode"], "validation uses a centre crop")
     settings = dict(image_size=_square(data_config["input_size"], "input_size"),
                     mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                     crop_pct=float(data_config.get("crop_pct") or 0.875))

@@ -101,6 +101,13 @@ def sample_uniforms(keys, stream: int, count: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def keyed_uniforms(seed: int, epoch: int, rows, stream: int, count: int) -> np.ndarray:
+    """The operator ``relabel.keyed_uniforms``'s float32 ``[B, count]`` draws for ``rows`` in
+    ``epoch`` (float64 uniforms rounded to float32, kept below 1)."""
+    values = sample_uniforms(sample_keys(seed, epoch, rows), stream, count).astype(np.float32)
+    return np.minimum(values, np.float32(np.nextafter(np.float32(1), np.float32(0))))
+
+
 def draw_jitter(key: int, strengths: Sequence[float]) -> Tuple[float, float, float, float]:
     """The operator ``relabel.sample_draws``'s colour-jitter factors for ``key`` (strengths
     ``(brightness, contrast, saturation, hue)``, rounded to float32 as the operator receives them):

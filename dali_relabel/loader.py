@@ -178,7 +178,7 @@ class ReLabelLoader(PipelineBatches):
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
         from .pipelines.graphs import train_pipeline
-        from .plugin import load_plugin, require_gpu_backend
+        from .ops.plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
         self.image_root = os.fspath(image_root)

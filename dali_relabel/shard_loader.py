@@ -80,7 +80,7 @@ class _ShardBatches:
 
     def __init__(self, shards, batch_size: int, config: DataConfig, device, device_id, rank, world_size,
                  last_batch: str):
-        from .plugin import load_plugin
+        from .ops.plugin import load_plugin
 
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
         self.config = config
@@ -205,7 +205,7 @@ class ShardReLabelLoader(_ShardBatches):
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")
         if self.device == "gpu":
-            from .plugin import require_gpu_backend
+            from .ops.plugin import require_gpu_backend
 
             require_gpu_backend()
         self.layout = config.layout or self.shards.layout

@@ -26,7 +26,7 @@ from typing import Sequence
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
-from dali_relabel.plugin import load_plugin
+from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
 from dali_relabel.shards import ShardSet
 from dali_relabel.sources import BatchSource, output_types

@@ -114,7 +114,7 @@ def load_checkpoint(path: str) -> dict:
     only, so loading runs no code from the file); anything else is refused with ``SystemExit``."""
     import torch
 
-    from dali_relabel.models import load_problem
+    from dali_relabel.training.models import load_problem
 
     if not os.path.isfile(path):
         raise SystemExit(f"--resume {path}: no such checkpoint file")
@@ -242,8 +242,8 @@ def validation_loader(args, data_cfg, class_names, device: str):
 
 def evaluate(model, args, loader) -> dict:
     """Top-1/top-5 (and ReaL with ``--real``) over ``loader``."""
-    from dali_relabel.evaluation import evaluate as run_evaluation
-    from dali_relabel.metrics import load_real_labels
+    from dali_relabel.training.evaluation import evaluate as run_evaluation
+    from dali_relabel.training.metrics import load_real_labels
 
     real = load_real_labels(args.real) if args.real else None
     result = run_evaluation(model, loader, real_labels=real, amp_dtype=_amp_dtype(args.amp),
@@ -288,8 +288,8 @@ def main(args) -> dict:
     import torch.distributed as dist
 
     from dali_relabel.devices import resolve_device
-    from dali_relabel.losses import SoftTargetCrossEntropy
-    from dali_relabel.models import create_model
+    from dali_relabel.training.losses import SoftTargetCrossEntropy
+    from dali_relabel.training.models import create_model
 
     device_kind = resolve_device(args.device)
     args.rank, world_size, local_rank = init_distributed(device_kind == "gpu")

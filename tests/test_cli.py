@@ -21,7 +21,7 @@ def _run_and_list_heavy_imports(code: str):
 @pytest.mark.slow
 def test_help_imports_neither_torch_nor_dali():
     lines = _run_and_list_heavy_imports(
-        "import contextlib, io\nfrom dali_relabel.cli import main\n"
+        "import contextlib, io\nfrom dali_relabel.tools.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main(['--help'])\n    except SystemExit:\n        pass")
     assert lines[-1] == "[]"
@@ -31,14 +31,14 @@ def test_help_imports_neither_torch_nor_dali():
 def test_info_reads_a_store_without_torch_or_dali(tmp_path):
     logits, ids = random_maps(6, 2, 3, 3, 5, seed=0)
     store = write_store(tmp_path / "s.h5", [f"c/{i}.JPEG" for i in range(6)], logits, ids, num_classes=5)
-    lines = _run_and_list_heavy_imports(f"from dali_relabel.cli import main\nassert main(['info', {str(store)!r}, '--json']) == 0")
+    lines = _run_and_list_heavy_imports(f"from dali_relabel.tools.cli import main\nassert main(['info', {str(store)!r}, '--json']) == 0")
     assert lines[-1] == "[]"
     assert any('"rows": 6' in line for line in lines)
 
 
 def test_a_user_error_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     """Every subcommand shares one handler: the message, named by its command, and no traceback."""
-    from dali_relabel.cli import main
+    from dali_relabel.tools.cli import main
 
     monkeypatch.delenv("DALI_RELABEL_TRACEBACK", raising=False)
     not_a_store = tmp_path / "maps.h5"
@@ -53,7 +53,7 @@ def test_a_user_error_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch)
 def test_the_traceback_variable_lets_the_error_through(tmp_path, monkeypatch):
     import pytest
 
-    from dali_relabel.cli import main
+    from dali_relabel.tools.cli import main
     from dali_relabel.store import StoreError
 
     monkeypatch.setenv("DALI_RELABEL_TRACEBACK", "1")
@@ -67,7 +67,7 @@ def test_interrupt_says_what_was_kept_and_a_bug_is_not_hidden(capsys):
 
     import pytest
 
-    from dali_relabel.cli import run_command
+    from dali_relabel.tools.cli import run_command
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_relabel.convert import (RELEASE_TEACHER, RELEASE_TEACHER_SIZE, ConversionError,
+from dali_relabel.tools.convert import (RELEASE_TEACHER, RELEASE_TEACHER_SIZE, ConversionError,
                                   convert_release, load_release_map, map_relpath)
 from dali_relabel.store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
 from helpers import make_jpeg_tree, random_maps, wait_until_gone, write_release_tree
@@ -374,7 +374,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its pid and its loader processes' pids.
 _PAUSED_CONVERT = """
 import json, multiprocessing, os, sys, time
-from dali_relabel.convert import convert_release
+from dali_relabel.tools.convert import convert_release
 from dali_relabel.store import StoreWriter
 
 maps, images, out, go = sys.argv[1:5]
@@ -473,7 +473,7 @@ def test_a_second_conversion_of_the_same_output_is_refused(release):
 
 
 def test_cli_names_the_other_writer(release, capsys):
-    from dali_relabel.cli import main
+    from dali_relabel.tools.cli import main
     from dali_relabel.outputs import OutputLock
 
     out = release["tmp"] / "store.h5"
@@ -508,7 +508,7 @@ def test_forked_workers_leave_the_callers_garbage_alone(release, monkeypatch, un
 
     from nvidia.dali import fn, pipeline_def
 
-    from dali_relabel import convert
+    from dali_relabel.tools import convert
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def graph():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_relabel.crops import SplitMix64, crop_window, draw_interpolation, draw_jitter, sample_keys
+from dali_relabel.crops import SplitMix64, crop_window, draw_interpolation, draw_jitter, keyed_uniforms, sample_keys
 
 pytest.importorskip("nvidia.dali")
 
@@ -20,7 +20,7 @@ def _run_operator(op_name, inputs, num_outputs, **kwargs):
     """The outputs of ``fn.relabel.<op_name>`` on host arrays ``inputs`` (each ``[B, ...]``)."""
     from nvidia.dali import fn, pipeline_def
 
-    from dali_relabel.plugin import load_plugin
+    from dali_relabel.ops.plugin import load_plugin
 
     load_plugin()
     inputs = [np.ascontiguousarray(x) for x in inputs]
@@ -28,7 +28,8 @@ def _run_operator(op_name, inputs, num_outputs, **kwargs):
     @pipeline_def(batch_size=len(inputs[0]), num_threads=1, device_id=None)
     def graph():
         nodes = [fn.external_source(source=_constant(x), batch=True) for x in inputs]
-        return tuple(getattr(fn.relabel, op_name)(*nodes, **kwargs))
+        outputs = getattr(fn.relabel, op_name)(*nodes, **kwargs)
+        return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
     pipe = graph()
     pipe.build()
@@ -90,6 +91,25 @@ def test_draws_operator_matches_its_twin(strengths):
     for i in range(3):
         assert jitter[:, i].min() >= max(0.0, 1 - s32[i]) and jitter[:, i].max() <= 1 + s32[i]
     assert np.abs(jitter[:, 3]).max() <= 360 * s32[3] + 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream, count", [(3, 1), (4, 7), (1000, 33)])
+def test_keyed_uniforms_operator_matches_its_twin(stream, count):
+    rows = np.arange(500, dtype=np.int64) * 11 + 1
+    epochs = np.full(500, 9, np.int64)
+    (got,) = _run_operator("keyed_uniforms", [rows, epochs], 1, seed=7, stream=stream, count=count)
+    np.testing.assert_array_equal(got, keyed_uniforms(7, 9, rows, stream, count))
+    assert got.dtype == np.float32 and got.shape == (500, count)
+    assert 0 <= got.min() and got.max() < 1 and abs(float(got.mean()) - 0.5) < 0.05
+    # another stream of the same keys is another sequence
+    assert not np.array_equal(keyed_uniforms(7, 9, rows, stream + 1, count), got)
+
+
+@pytest.mark.slow
+def test_keyed_uniforms_refuses_the_crop_streams():
+    with pytest.raises(RuntimeError, match="use stream 3 or more"):
+        _run_operator("keyed_uniforms", [np.arange(2), np.zeros(2, np.int64)], 1, stream=1, count=2)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 
 from dali_relabel.config import DataConfig
 from dali_relabel.mixing import CutMixSpec, apply_cutmix, box_mask
-from dali_relabel.reference import pooled_from_crops, reference_region_pooling
+from dali_relabel.ops.reference import pooled_from_crops, reference_region_pooling
 
 pytest.importorskip("nvidia.dali")
 
@@ -66,7 +66,7 @@ def _pair_case(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_both_recipes_match_the_reference(seed):
-    from dali_relabel.fused import FusedLabelPooling
+    from dali_relabel.ops.fused import FusedLabelPooling
 
     num_classes, data, boxes = _pair_case(seed)
     images = torch.zeros(4, 3, 16, 16)

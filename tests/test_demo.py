@@ -9,7 +9,7 @@ pytest.importorskip("nvidia.dali")
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_cpu(tmp_path):
-    from dali_relabel.demo import DemoSettings, run_demo
+    from dali_relabel.tools.demo import DemoSettings, run_demo
 
     settings = DemoSettings(classes=3, train_per_class=8, val_per_class=4, image_size=32, student_epochs=1,
                             teacher_epochs=1, teacher_per_class=8, teacher_size=32, grid=4, batch_size=8, device="cpu",
@@ -34,8 +34,8 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
 def test_the_demo_loads_its_teacher_without_running_code_from_the_file(tmp_path):
     import torch
 
-    from dali_relabel.demo import load_trained_model
-    from dali_relabel.models import WeightsError, create_model
+    from dali_relabel.tools.demo import load_trained_model
+    from dali_relabel.training.models import WeightsError, create_model
 
     class Planted:
         def __reduce__(self):

@@ -327,7 +327,7 @@ def healthcheck_problems(dockerfile: str) -> List[str]:
         return ["HEALTHCHECK NONE"]
     # check_registered() loads the library into DALI and asks DALI for its operators; looking at the
     # files (or only loading) would not show that DALI can run them.
-    if "from dali_relabel.plugin import check_registered" not in args or "check_registered()" not in args:
+    if "from dali_relabel.ops.plugin import check_registered" not in args or "check_registered()" not in args:
         return [f"line {checks[-1].line}: the HEALTHCHECK does not check the plugin's operators in DALI: {args}"]
     return []
 
@@ -455,15 +455,15 @@ def copy_problems(dockerfile: str, dockerignore: str, root: str = ROOT) -> List[
     return problems
 
 
-KEEP = ["setup.py", "pyproject.toml", "README.md", "dali_relabel/plugin.py", "dali_relabel/csrc/label_pooling_cpu.cc",
-        "dali_relabel/csrc/label_pooling.cu", "dali_relabel/csrc/label_pooling_math.h", "pipelines/graphs.py",
+KEEP = ["setup.py", "pyproject.toml", "README.md", "dali_relabel/ops/plugin.py", "dali_relabel/ops/csrc/label_pooling_cpu.cc",
+        "dali_relabel/ops/csrc/label_pooling.cu", "dali_relabel/ops/csrc/label_pooling_math.h", "pipelines/graphs.py",
         "tests/conftest.py", "docs/store_format.md", "docs/demo_label_map_machine.png",
         "benchmarks/results/run.json", "benchmarks/results/throughput-cpu-2026-11-25.png"]
 # Caches, build outputs, data and run outputs, at the top and deeper down (Docker matches a pattern
 # without **/ only at the top of the context).
 DROP = [".git/HEAD", "dali_relabel/__pycache__/plugin.cpython-312.pyc", "dali_relabel.egg-info/PKG-INFO",
         "build/lib/x.py", ".pytest_cache/v/cache", "tests/.hypothesis/examples/x", ".hypothesis/examples/x",
-        "demo_output/summary.json", "dali_relabel/_prebuilt/libdali_relabel.so", "imagenet_relabel.h5",
+        "demo_output/summary.json", "dali_relabel/ops/_prebuilt/libdali_relabel.so", "imagenet_relabel.h5",
         ".benchmarks/Linux/0001.json", "tests/.pytest_cache/v/cache",
         "benchmarks/.data/scale-r128000-c1000-v1/originals/n00000957.JPEG",
         "benchmarks/.data/imagenet-like-n2048-c1000-s0-q90-kb110-v1/store.h5",

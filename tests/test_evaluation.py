@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from dali_relabel.config import DataConfig
-from dali_relabel.evaluation import build_model, evaluate, imagenetv2_classes, load_checkpoint
-from dali_relabel.metrics import (EvalMeter, EvaluationError, MultiLabelAccuracy, align_real_labels,
+from dali_relabel.training.evaluation import build_model, evaluate, imagenetv2_classes, load_checkpoint
+from dali_relabel.training.metrics import (EvalMeter, EvaluationError, MultiLabelAccuracy, align_real_labels,
                                   load_real_labels, real_correct, topk_correct)
 from dali_relabel.imagefolder import list_images
 
@@ -294,7 +294,7 @@ def test_oracle_model_on_imagenetv2_folders(tmp_path):
 
 @pytest.mark.slow
 def test_cli_evaluate_end_to_end(tmp_path, capsys):
-    from dali_relabel.cli import main
+    from dali_relabel.tools.cli import main
 
     rng = np.random.default_rng(0)
     for c in range(3):

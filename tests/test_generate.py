@@ -15,8 +15,8 @@ import torchvision
 from PIL import Image
 
 from dali_relabel.config import DataConfig
-from dali_relabel.generate import GenerateError, generate_label_maps, merge_parts, part_path
-from dali_relabel.teachers import UnsupportedModelError, build_teacher, dense_classifier, dense_logit_map, topk_grid
+from dali_relabel.tools.generate import GenerateError, generate_label_maps, merge_parts, part_path
+from dali_relabel.tools.teachers import UnsupportedModelError, build_teacher, dense_classifier, dense_logit_map, topk_grid
 from dali_relabel.imagefolder import list_images
 from dali_relabel.store import LabelStore, StoreError, StoreWriter
 from helpers import wait_until_gone
@@ -375,7 +375,7 @@ def test_two_ranks_and_a_merge_equal_one_process(data, store_path, tmp_path):
 
 @pytest.mark.slow
 def test_cli_generate_end_to_end(data, store_path, tmp_path, capsys):
-    from dali_relabel.cli import main
+    from dali_relabel.tools.cli import main
 
     out = str(tmp_path / "cli.h5")
     names = tmp_path / "classes.txt"
@@ -431,7 +431,7 @@ _PAUSED_GENERATE = """
 import json, os, sys, time
 import torch, torchvision
 from dali_relabel.config import DataConfig
-from dali_relabel.generate import generate_label_maps
+from dali_relabel.tools.generate import generate_label_maps
 from dali_relabel.store import StoreWriter
 
 images, out = sys.argv[1:3]
@@ -499,7 +499,7 @@ def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_pa
 
 
 def test_a_second_run_of_the_same_output_is_refused_before_reading(data, tmp_path, monkeypatch):
-    from dali_relabel import generate
+    from dali_relabel.tools import generate
     from dali_relabel.outputs import OutputBusyError, OutputLock
 
     def no_loader(*args, **kwargs):
@@ -551,8 +551,8 @@ def test_a_damaged_partial_file_is_kept(data, interrupted, tmp_path):
 
 @pytest.mark.slow
 def test_cli_generate_with_a_built_in_model(data, tmp_path, capsys):
-    from dali_relabel.cli import main
-    from dali_relabel.models import create_model
+    from dali_relabel.tools.cli import main
+    from dali_relabel.training.models import create_model
 
     torch.manual_seed(0)
     model = create_model("small_resnet", 3).eval()

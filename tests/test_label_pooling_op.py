@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from dali_relabel.reference import pooled_from_crops
+from dali_relabel.ops.reference import pooled_from_crops
 
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.slow  # every test builds and runs DALI pipelines
@@ -14,7 +14,7 @@ TOLERANCE = 1e-5
 
 
 def _fused(num_classes, max_batch, device, **kwargs):
-    from dali_relabel.fused import FusedLabelPooling
+    from dali_relabel.ops.fused import FusedLabelPooling
 
     return FusedLabelPooling(num_classes, max_batch, device=device, **kwargs)
 
@@ -194,7 +194,7 @@ BATCH_SIZES = (16, 3, 16, 1, 9, 16)
 
 def check_backend_case(device, case, device_id=None):
     """Run one case through one pipeline of ``device`` and compare every call with the reference."""
-    from dali_relabel.reference import reference_region_pooling
+    from dali_relabel.ops.reference import reference_region_pooling
 
     case = dict(case)
     k, (map_h, map_w) = case.pop("k"), case.pop("grid")
@@ -281,7 +281,7 @@ def _random_regions(rng, batch, empty_every=0):
 @pytest.mark.parametrize("mode", ["inside", "outside"])
 @pytest.mark.parametrize("layout", ["HW", "WH"])
 def test_region_pooling_matches_reference(mode, layout):
-    from dali_relabel.reference import reference_region_pooling
+    from dali_relabel.ops.reference import reference_region_pooling
 
     op = _fused(50, 8, "cpu", layout=layout, region_mode=mode)
     for seed in range(4):

@@ -57,3 +57,54 @@ def test_every_pad_batch_of_every_rank_holds_a_real_sample(n, world, batch):
         assert valid.reshape(plan.num_batches, batch).any(axis=1).all(), f"rank {rank} has an empty batch"
         seen += rows[valid].tolist()
     assert sorted(seen) == list(range(n))
+
+
+def _timm_repeat_aug_indices(n, world, rank, repeats, seed, epoch):
+    """timm's RepeatAugSampler (and torchvision's RASampler) index logic, written out for a given
+    permutation (theirs draws it with torch.randperm; ours with numpy, so only the dealing is compared)."""
+    import math
+
+    order = EpochPlan(n, 1, seed=seed).permutation(epoch).tolist()
+    indices = [i for i in order for _ in range(repeats)]
+    total = int(math.ceil(n * repeats / world)) * world
+    indices += indices[:total - len(indices)]
+    selected = n // 256 * 256 // world if n >= 256 else n // world
+    return indices[rank:total:world][:selected]
+
+
+@pytest.mark.parametrize("n, world, repeats", [(1000, 1, 3), (1000, 4, 3), (600, 3, 4), (90, 2, 2)])
+def test_repeats_deal_copies_as_timm_and_torchvision_do(n, world, repeats):
+    for rank in range(world):
+        plan = EpochPlan(n, 8, rank, world, seed=2, repeats=repeats)
+        rows, valid = plan.rows(5)
+        expected = _timm_repeat_aug_indices(n, world, rank, repeats, 2, 5)
+        assert len(expected) == plan.samples_per_rank
+        usable = plan.num_batches * 8
+        assert rows.tolist() == expected[:usable] and valid.all()
+
+
+def test_repeated_copies_get_their_own_draw_keys():
+    plan = EpochPlan(1000, 10, repeats=3, seed=1)
+    rows, keys = plan.rows(4)[0], plan.draw_epochs(4)
+    assert set(keys.tolist()) == {12, 13, 14}  # epoch 4 * 3 repeats + copy
+    pairs = list(zip(rows.tolist(), keys.tolist()))
+    assert len(set(pairs)) == len(pairs), "no (row, key) twice: every copy is augmented differently"
+    counts = np.bincount(rows, minlength=1000)
+    assert counts.max() == 3 and plan.samples_per_rank == 768  # 1000 // 256 * 256
+    assert (EpochPlan(1000, 10, seed=1).draw_epochs(4) == 4).all(), "without repeats the key is the epoch"
+    other = EpochPlan(1000, 10, repeats=3, seed=1).draw_epochs(5)
+    assert not set(other.tolist()) & set(keys.tolist()), "epochs never share keys"
+
+
+def test_repeats_over_ranks_put_copies_on_different_ranks_and_pad_keeps_keys():
+    plans = [EpochPlan(512, 16, rank, 2, seed=0, repeats=2, last_batch="pad") for rank in range(2)]
+    first = [set(p.rows(0)[0][:64].tolist()) for p in plans]
+    assert len(first[0] & first[1]) > 40, "copies of a sample are dealt to both ranks"
+    for plan in plans:
+        rows, valid = plan.rows(0)
+        assert len(plan.draw_epochs(0)) == len(rows) and valid.sum() == plan.samples_per_rank
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        EpochPlan(100, 10, repeats=0)

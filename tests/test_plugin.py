@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("nvidia.dali")
 
-from dali_relabel import cli, plugin, plugin_build  # noqa: E402
+from dali_relabel.tools import cli  # noqa: E402
+
+from dali_relabel.ops import plugin, plugin_build
 
 
 def _other_flavour(identity):
@@ -67,7 +69,7 @@ def test_no_fitting_build_and_no_building_gives_instructions(tmp_path):
     _fake_build(tmp_path / "old", dali_version=version)
     env = dict(os.environ, DALI_RELABEL_PLUGIN_DIR=str(tmp_path / "old"), DALI_RELABEL_NO_BUILD="1",
                XDG_CACHE_HOME=str(tmp_path / "cache"))
-    code = "from dali_relabel.plugin import load_plugin\nload_plugin()"
+    code = "from dali_relabel.ops.plugin import load_plugin\nload_plugin()"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "no dali-relabel plugin fits DALI" in done.stderr
@@ -157,7 +159,7 @@ def test_after_switching_flavours_no_building_gives_instructions(tmp_path):
     env = dict(os.environ, DALI_RELABEL_NO_BUILD="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     env.pop("DALI_RELABEL_PLUGIN_DIR", None)
     code = textwrap.dedent(f"""
-        from dali_relabel import plugin, plugin_build
+        from dali_relabel.ops import plugin, plugin_build
         real = plugin_build.dali_identity
         plugin_build.dali_identity = lambda: dict(real(), dali_flavour={_other_flavour(running)!r})
         plugin._candidates = lambda: []
@@ -289,8 +291,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _UNWRITABLE_HOME = """
 import os, sys
-from dali_relabel import plugin
-from dali_relabel.cli import main
+from dali_relabel.ops import plugin
+from dali_relabel.tools.cli import main
 
 try:
     plugin.load_plugin()
@@ -373,7 +375,7 @@ def test_a_build_without_cuda_says_how_to_bring_one_from_elsewhere(tmp_path, mon
 
 
 def test_build_plugin_prints_where_and_which_backends(monkeypatch, capsys):
-    from dali_relabel import cli
+    from dali_relabel.tools import cli
 
     built = dict(plugin_build.dali_identity(), cuda=True, cuda_archs="80;90", nvcc_version="12.6",
                  directory="/somewhere/plugin")

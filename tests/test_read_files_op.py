@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow  # every test builds and runs a DALI pipeline
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin():
-    from dali_relabel.plugin import load_plugin
+    from dali_relabel.ops.plugin import load_plugin
 
     load_plugin()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from dali_relabel.reference import (crop_boxes, dense_label_maps, grid_cell_box, pooled_from_crops,
+from dali_relabel.ops.reference import (crop_boxes, dense_label_maps, grid_cell_box, pooled_from_crops,
                                     reference_label_pooling)
 from helpers import random_maps
 

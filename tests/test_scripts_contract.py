@@ -15,7 +15,7 @@ from torch import nn
 
 from dali_relabel.compat import from_timm, from_torchvision
 from dali_relabel.config import DataConfig
-from dali_relabel.losses import SoftTargetCrossEntropy
+from dali_relabel.training.losses import SoftTargetCrossEntropy
 from helpers import TINY_CLASSES, TINY_FOLDERS, TINY_PER_FOLDER
 from helpers import timm_args as _timm_args
 

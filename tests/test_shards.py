@@ -173,7 +173,7 @@ def test_a_store_of_another_tree_is_refused(shard_data, tmp_path):
 
 
 def test_shard_command(shard_data, tmp_path):
-    from dali_relabel.cli import _parse_bytes, main
+    from dali_relabel.tools.cli import _parse_bytes, main
 
     assert _parse_bytes("1GB") == 1 << 30 and _parse_bytes("500MB") == 500 << 20 and _parse_bytes("4096") == 4096
     assert main(["shard", "--images", shard_data["images"], "--store", shard_data["store"], "--out",

@@ -1,4 +1,4 @@
-"""Tests of dali_relabel.show: cell orientation for both layouts, PNG output, store-row errors.
+"""Tests of dali_relabel.tools.show: cell orientation for both layouts, PNG output, store-row errors.
 
 Nothing here compares pixels or text, so the results do not depend on the installed fonts.
 """
@@ -15,7 +15,7 @@ except ImportError:  # run without tests/conftest.py
 
 from PIL import Image
 
-from dali_relabel.show import cell_grid, class_mass, render_label_map, show_store_row
+from dali_relabel.tools.show import cell_grid, class_mass, render_label_map, show_store_row
 from dali_relabel.store import LabelStore, write_store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DaliRelabelError
+from ..errors import DaliRelabelError
 
 
 class GenerateError(DaliRelabelError, ValueError):
@@ -288,9 +288,9 @@ def topk_grid(logit_map: torch.Tensor, grid, k: int) -> Tuple[torch.Tensor, torc
 
 
 def load_state_dict_file(path) -> dict:
-    """The state dict of a weights file (:func:`dali_relabel.models.load_weights`); problems raise
+    """The state dict of a weights file (:func:`dali_relabel.training.models.load_weights`); problems raise
     :class:`GenerateError`."""
-    from .models import WeightsError, load_weights
+    from ..training.models import WeightsError, load_weights
 
     try:
         return load_weights(path)[0]
@@ -309,9 +309,9 @@ def _timm():
 def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
     import torchvision
 
-    from .models import BUILTIN, create_model
+    from ..training.models import BUILTIN, create_model
 
-    if name in BUILTIN:  # the small networks of dali_relabel.models (the demo's teacher and student)
+    if name in BUILTIN:  # the small networks of dali_relabel.training.models (the demo's teacher and student)
         return create_model(name, num_classes), name
     timm_prefix = next((p for p in ("timm:", "timm/") if name.startswith(p)), None)
     if timm_prefix is None:
@@ -335,7 +335,7 @@ def _create_model(name: str, num_classes: int) -> Tuple[torch.nn.Module, str]:
 
 
 def build_teacher(name: str, weights_path, num_classes: int) -> torch.nn.Module:
-    """A teacher in eval mode: a built-in model of :mod:`dali_relabel.models` (``small_resnet``,
+    """A teacher in eval mode: a built-in model of :mod:`dali_relabel.training.models` (``small_resnet``,
     ``medium_resnet``, ``tiny_cnn``), the torchvision classification model ``name`` (or
     ``"timm:NAME"``, or a timm name torchvision does not know, when timm is installed) with
     ``num_classes`` outputs and the weights of ``weights_path`` (see :func:`load_state_dict_file`);

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from .config import LAYOUTS
+from ..config import LAYOUTS
 
 
 def crop_boxes(anchors, shapes, image_shapes) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .store import StoreWriter
+from ..store import StoreWriter
 
 SHAPES = ("box", "disk", "triangle")
 BACKGROUND = -1

@@ -4,7 +4,7 @@ The CPU backend is compiled with the host C++ compiler; the CUDA backend is adde
 found (``$DALI_RELABEL_NVCC``, ``$CUDA_HOME/bin/nvcc`` or ``PATH``), for the architectures in
 ``$DALI_RELABEL_CUDA_ARCHS`` (default ``80;90``, plus PTX of the last one). Every build writes a
 ``manifest.json`` beside the library recording the DALI it was built for; the loader
-(:mod:`dali_relabel.plugin`) refuses a library whose manifest does not match the running DALI, which
+(:mod:`dali_relabel.ops.plugin`) refuses a library whose manifest does not match the running DALI, which
 is what turns a DALI upgrade into a rebuild instead of an undefined-symbol crash.
 
 Only the standard library is used here, so ``setup.py`` can import it before anything is installed.
@@ -37,7 +37,7 @@ _LIBDALI = "nvidia/dali/libdali.so"
 
 
 try:
-    from .errors import DaliRelabelError
+    from ..errors import DaliRelabelError
 except ImportError:  # loaded alone by setup.py, outside the package
     class DaliRelabelError(Exception):  # type: ignore[no-redef]
         """Stands in for :class:`dali_relabel.errors.DaliRelabelError` when built by setup.py."""

@@ -1,6 +1,6 @@
 """Evaluating image classifiers on DALI validation batches: top-1 / top-5 and ReaL accuracy.
 
-The counting lives in :mod:`dali_relabel.metrics` (top-k, ReaL labels, :class:`EvalMeter`).
+The counting lives in :mod:`dali_relabel.training.metrics` (top-k, ReaL labels, :class:`EvalMeter`).
 
 * :func:`evaluate` runs a model over a loader; :func:`evaluate_checkpoint` does the whole job of the
   ``dali-relabel evaluate`` command (checkpoint -> model -> loader -> numbers).
@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .distributed import init_from_env
+from ..distributed import init_from_env
 from .metrics import EvalMeter, EvaluationError, align_real_labels, load_real_labels
 
 
@@ -153,7 +153,7 @@ def imagenetv2_classes(root, num_classes: Optional[int] = None) -> List[str]:
 
 def load_checkpoint(path) -> Tuple[dict, dict]:
     """``(state_dict, args)`` of a training checkpoint or a bare state dict
-    (:func:`dali_relabel.models.load_weights`); problems raise :class:`EvaluationError`."""
+    (:func:`dali_relabel.training.models.load_weights`); problems raise :class:`EvaluationError`."""
     from .models import WeightsError, load_weights
 
     try:
@@ -173,7 +173,7 @@ def infer_num_classes(state_dict: dict) -> Optional[int]:
 
 def build_model(state_dict: dict, args: dict, model_name: Optional[str] = None,
                 num_classes: Optional[int] = None) -> Tuple[torch.nn.Module, str, int]:
-    """``(model, name, num_classes)``: a model (:func:`dali_relabel.models.create_model`) with the
+    """``(model, name, num_classes)``: a model (:func:`dali_relabel.training.models.create_model`) with the
     checkpoint's weights.
 
     The name is ``model_name`` if given, else ``args["model"]``, else ``"resnet50"``; the number of
@@ -223,10 +223,10 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
     evaluates its shard. Returns :func:`evaluate`'s dict plus what was evaluated (model, classes,
     image size, ...) and ``rank``.
     """
-    from .config import DataConfig
-    from .devices import resolve_device
-    from .distributed import rank_and_world
-    from .loader import ValidationLoader
+    from ..config import DataConfig
+    from ..devices import resolve_device
+    from ..distributed import rank_and_world
+    from ..loader import ValidationLoader
 
     state_dict, args = load_checkpoint(checkpoint)
     model, name, num_classes = build_model(state_dict, args, model_name=model_name)
@@ -237,7 +237,7 @@ def evaluate_checkpoint(checkpoint, val_root, real=None, model_name: Optional[st
 
     classes = None
     if classes_from_store is not None:
-        from .store import LabelStore
+        from ..store import LabelStore
 
         store = LabelStore(classes_from_store, verify="header")
         classes = list(store.class_names)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import DaliRelabelError
+from ..errors import DaliRelabelError
 
 #: Validation file names of ImageNet-1k; ReaL's ``real.json`` entry ``n - 1`` belongs to image ``n``.
 _ILSVRC_VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")

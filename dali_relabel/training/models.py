@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import DaliRelabelError
+from ..errors import DaliRelabelError
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

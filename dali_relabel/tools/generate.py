@@ -9,7 +9,7 @@ module makes them the way the paper describes:
    linear with antialiasing, as PIL's bilinear resize of the authors' torchvision transforms; the
    image is normalised with the ImageNet mean/std of :class:`~dali_relabel.config.DataConfig`.
    The graph is ``pipelines/graphs.py:teacher_pipeline``.
-2. **The modified classifier** (:mod:`dali_relabel.teachers`). The teacher's global pooling is removed
+2. **The modified classifier** (:mod:`dali_relabel.tools.teachers`). The teacher's global pooling is removed
    and its final linear classifier is applied as a 1x1 convolution to the last feature map:
    ``[B, F, h, w]`` -> ``[B, C, h, w]`` logits per location. Averaging that map over ``h, w`` gives the
    model's ordinary logits exactly (for every supported family except MobileNetV3), so the map is a
@@ -51,11 +51,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .distributed import init_from_env
-from .imagefolder import list_images
-from .outputs import OutputLock
-from .store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
+from ..config import DataConfig
+from ..distributed import init_from_env
+from ..imagefolder import list_images
+from ..outputs import OutputLock
+from ..store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
 from .teachers import GenerateError, build_teacher, dense_classifier, grid_pair, model_fingerprint, topk_grid
 
 SOURCE_NAME = "generate"
@@ -148,10 +148,10 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
 def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
                  stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool):
-    from .passes import PipelineBatches, pipeline_kwargs
-    from .paths import PathTable
-    from .pipelines.graphs import teacher_pipeline
-    from .sources import BatchSource
+    from ..passes import PipelineBatches, pipeline_kwargs
+    from ..paths import PathTable
+    from ..pipelines.graphs import teacher_pipeline
+    from ..sources import BatchSource
 
     plan = RowPlan(int(first_row), int(stop_row), int(batch_size))
     paths = PathTable.from_strings(relpaths)
@@ -206,7 +206,7 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
 
     Returns the path written: ``out``, or this rank's part path when the parts are not merged here.
     """
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     out = os.fspath(out)
     config = config or DataConfig()
@@ -447,8 +447,8 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
 
     Returns a summary dict (``out``, rows, teacher, ..., ``rank``).
     """
-    from .distributed import rank_and_world
-    from .devices import resolve_device
+    from ..distributed import rank_and_world
+    from ..devices import resolve_device
 
     class_names = read_class_names(class_names_file) if class_names_file else None
     if class_names is None:  # list_images' rule, without walking every file (generate does that)

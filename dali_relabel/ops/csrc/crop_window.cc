@@ -1,5 +1,5 @@
-// relabel.random_crop_window and relabel.sample_draws: every per-sample random choice of the
-// training graph, keyed by (seed, epoch, row) (CPU).
+// relabel.random_crop_window, relabel.sample_draws and relabel.keyed_uniforms: every per-sample
+// random choice of the training graph, keyed by (seed, epoch, row) (CPU).
 #include <string>
 #include <vector>
 
@@ -153,6 +153,46 @@ class SampleDrawsOp : public ::dali::StatelessOperator<CPUBackend> {
   std::vector<uint64_t> keys_;
 };
 
+// `count` uniforms in [0, 1) per sample from stream `stream` of its key: the draws of the
+// augmentation policies and random erasing, so they too follow from (seed, epoch, row) alone.
+class KeyedUniformsOp : public ::dali::StatelessOperator<CPUBackend> {
+ public:
+  explicit KeyedUniformsOp(const ::dali::OpSpec &spec) : ::dali::StatelessOperator<CPUBackend>(spec) {
+    seed_ = spec.GetArgument<int64_t>("seed");
+    stream_ = spec.GetArgument<int64_t>("stream");
+    count_ = spec.GetArgument<int>("count");
+    DALI_ENFORCE(count_ >= 1, "relabel.keyed_uniforms: count must be at least 1");
+    DALI_ENFORCE(stream_ >= 3, "relabel.keyed_uniforms: streams 0-2 belong to the crop, the colour jitter "
+                 "and the interpolation; use stream 3 or more");
+  }
+
+ protected:
+  bool SetupImpl(std::vector<::dali::OutputDesc> &output_desc, const ::dali::Workspace &ws) override {
+    SampleKeys(ws, 0, seed_, "relabel.keyed_uniforms", keys_);
+    output_desc.resize(1);
+    output_desc[0] = {::dali::uniform_list_shape(static_cast<int>(keys_.size()), ::dali::TensorShape<>{count_}),
+                      DALI_FLOAT};
+    return true;
+  }
+
+  void RunImpl(::dali::Workspace &ws) override {
+    auto &out = ws.Output<CPUBackend>(0);
+    for (int i = 0; i < static_cast<int>(keys_.size()); i++) {
+      float *u = out.mutable_tensor<float>(i);
+      for (int j = 0; j < count_; j++) {
+        // float32 rounding could reach 1.0; keep the interval half-open.
+        const float value = static_cast<float>(SampleUniform(keys_[i], static_cast<uint64_t>(stream_), j));
+        u[j] = value < 1.0f ? value : 0x1.fffffep-1f;
+      }
+    }
+  }
+
+ private:
+  int64_t seed_, stream_;
+  int count_;
+  std::vector<uint64_t> keys_;
+};
+
 }  // namespace dali_relabel
 
 DALI_REGISTER_OPERATOR(relabel__RandomCropWindow, ::dali_relabel::RandomCropWindowOp, ::dali::CPU);
@@ -198,3 +238,18 @@ degrees uniform in [-360 h, 360 h] for ``color_jitter`` = (b, c, s, h); ``interp
     .AddOptionalArg("seed", "Base seed of the keys.", static_cast<int64_t>(0))
     .AddOptionalArg("color_jitter", "Strengths (brightness, contrast, saturation, hue).",
                     std::vector<float>{0.f, 0.f, 0.f, 0.f});
+
+DALI_REGISTER_OPERATOR(relabel__KeyedUniforms, ::dali_relabel::KeyedUniformsOp, ::dali::CPU);
+
+DALI_SCHEMA(relabel__KeyedUniforms)
+    .DocStr(R"(``count`` uniforms in [0, 1) per sample (float32 ``[count]``), keyed by (seed, epoch,
+row) like ``relabel.random_crop_window``, from stream ``stream`` of the key (3 or more; 0-2 are the
+crop's, the colour jitter's and the interpolation's). The augmentation policies and random erasing
+draw from them, so a sample's augmentation depends on nothing but its key.)")
+    .NumInput(2)
+    .NumOutput(1)
+    .InputDox(0, "row", "TensorList of integer scalars", "The sample's row.")
+    .InputDox(1, "epoch", "TensorList of integer scalars", "The epoch (or draw key) the sample is read in.")
+    .AddOptionalArg("seed", "Base seed of the keys.", static_cast<int64_t>(0))
+    .AddArg("stream", "The key's stream (3 or more).", DALI_INT64)
+    .AddArg("count", "Uniforms per sample.", DALI_INT32);

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import LAYOUTS
-from .errors import DaliRelabelError
+from ..config import LAYOUTS
+from ..errors import DaliRelabelError
 
 MAX_LABELLED_GRID = 20   # no per-cell text on grids larger than this (cells too small to read)
 MIN_CELL_FONT_PT = 4.5   # nor when the text would have to be smaller than this
@@ -419,7 +419,7 @@ def show_store_row(store, index: int, image_root, out_path, layout: Optional[str
     """
     from PIL import Image
 
-    from .store import LabelStore
+    from ..store import LabelStore
 
     if isinstance(store, (str, os.PathLike)):
         with LabelStore(store) as opened:

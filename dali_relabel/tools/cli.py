@@ -36,7 +36,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .store import LabelStore, summarize
+    from ..store import LabelStore, summarize
 
     level = "full" if args.verify else "header" if args.fast else "sample"
     store = LabelStore(args.store, verify=level)
@@ -54,7 +54,7 @@ def _cmd_info(args) -> int:
 
 def _cmd_show(args) -> int:
     from .show import show_store_row
-    from .store import LabelStore
+    from ..store import LabelStore
 
     store = LabelStore(args.store, verify="header")
     out = show_store_row(store, args.index, args.image_root, args.out, layout=args.layout, both_layouts=args.both)
@@ -63,7 +63,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_build_plugin(args) -> int:
-    from .plugin import describe_build, rebuild
+    from ..ops.plugin import describe_build, rebuild
 
     manifest = rebuild(force=args.force, with_cuda=False if args.cpu_only else None)
     print(json.dumps(manifest, indent=2))
@@ -84,7 +84,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoint, format_results
+    from ..training.evaluation import evaluate_checkpoint, format_results
 
     result = evaluate_checkpoint(args.checkpoint, args.val, real=args.real, model_name=args.model,
                                  batch_size=args.batch_size, device=args.device,
@@ -99,7 +99,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .config import DataConfig
+    from ..config import DataConfig
     from .generate import run_generate
 
     changes = {name: value for name, value in (("py_num_workers", args.workers), ("num_threads", args.threads))
@@ -126,7 +126,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_shard(args) -> int:
-    from .shards import write_shards
+    from ..shards import write_shards
 
     shards = write_shards(args.images, args.store, args.out, shard_bytes=args.shard_size, seed=args.seed,
                           workers=args.workers, progress=not args.quiet)
@@ -143,7 +143,7 @@ def _demo_defaults():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import LAYOUTS
+    from ..config import LAYOUTS
 
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser():
-    from .pipelines.train import get_args_parser
+    from ..pipelines.train import get_args_parser
 
     return get_args_parser(prog="dali-relabel train")
 
@@ -278,7 +278,7 @@ def run_command(command: str, job, args) -> int:
     ``OSError`` such as a missing file, a ``ValueError``/``IndexError`` naming a bad setting or row)
     prints ``dali-relabel <command>: <message>`` and returns 2; Ctrl-C says what was kept and returns
     130. ``DALI_RELABEL_TRACEBACK=1`` lets the error through with its traceback."""
-    from .errors import DaliRelabelError
+    from ..errors import DaliRelabelError
 
     try:
         return job(args)
@@ -294,7 +294,7 @@ def run_command(command: str, job, args) -> int:
 
 
 def _train(args) -> int:
-    from .pipelines.train import main as train_main
+    from ..pipelines.train import main as train_main
 
     train_main(args)
     return 0

@@ -48,8 +48,8 @@ class DemoSettings:
 
 def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str, real: str, model: str,
            epochs: int, image_size: int, store: str = None, scale=(0.08, 1.0)) -> Dict:
-    from .config import DataConfig
-    from .pipelines.train import train
+    from ..config import DataConfig
+    from ..pipelines.train import train
 
     config = DataConfig(image_size=image_size, val_resize=image_size, scale=tuple(scale),
                         py_num_workers=settings.workers, num_threads=settings.threads, seed=settings.seed)
@@ -66,8 +66,8 @@ def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str,
 
 def load_trained_model(checkpoint: str, name: str, num_classes: int):
     """The model ``name`` with the weights of a training checkpoint, loaded without running code from
-    the file (:func:`~dali_relabel.models.load_weights`: ``weights_only=True``)."""
-    from .models import create_model, load_weights
+    the file (:func:`~dali_relabel.training.models.load_weights`: ``weights_only=True``)."""
+    from ..training.models import create_model, load_weights
 
     model = create_model(name, num_classes)
     model.load_state_dict(load_weights(checkpoint)[0])
@@ -78,7 +78,7 @@ def run_demo(out_dir: str = "demo_output", settings: DemoSettings = None) -> Dic
     """Run the demo; returns its results and writes them under ``out_dir``."""
     from .generate import generate_label_maps
     from .show import MissingPlotting, show_store_row
-    from .store import LabelStore
+    from ..store import LabelStore
     from .synthetic import generate_image_set, write_oracle_store, write_real_labels
 
     settings = settings or DemoSettings()

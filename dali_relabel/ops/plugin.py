@@ -5,7 +5,7 @@ running now (version, flavour, library size); anything else is skipped, never lo
 plugin built for another DALI fails with undefined symbols or worse. Places looked at, in order:
 
 1. ``$DALI_RELABEL_PLUGIN_DIR`` (a directory holding the library and its manifest);
-2. ``dali_relabel/_prebuilt/`` (built by ``setup.py`` when DALI was importable at install time);
+2. ``dali_relabel/ops/_prebuilt/`` (built by ``setup.py`` when DALI was importable at install time);
 3. the per-DALI cache ``$XDG_CACHE_HOME/dali_relabel/plugin/<dali version>-<flavour>-<source hash>/``
    (``~/.cache`` without ``XDG_CACHE_HOME``). A fitting build is loaded from wherever it is, read-only
    places included; a cache that cannot be written when a build is needed (read-only home) is a
@@ -32,7 +32,7 @@ import sys
 from typing import Dict, List, Optional
 
 from . import plugin_build
-from .errors import DaliRelabelError
+from ..errors import DaliRelabelError
 
 _loaded: Optional[Dict] = None
 
@@ -227,8 +227,8 @@ def require_gpu_backend() -> None:
 
 
 # The operators the library registers, by backend ("gpu" only when built with the CUDA backend).
-OPERATORS = {"cpu": ("relabel__LabelPooling", "relabel__RandomCropWindow", "relabel__ReadFiles",
-                     "relabel__SampleDraws"),
+OPERATORS = {"cpu": ("relabel__KeyedUniforms", "relabel__LabelPooling", "relabel__RandomCropWindow",
+                     "relabel__ReadFiles", "relabel__SampleDraws"),
              "gpu": ("relabel__LabelPooling",)}
 
 

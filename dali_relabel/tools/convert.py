@@ -22,11 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DaliRelabelError
-from .imagefolder import ImageList, list_images
-from .outputs import OutputLock
-from .sources import die_with_parent
-from .store import StoreWriter
+from ..errors import DaliRelabelError
+from ..imagefolder import ImageList, list_images
+from ..outputs import OutputLock
+from ..sources import die_with_parent
+from ..store import StoreWriter
 
 RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"
 RELEASE_TEACHER_SIZE = 475
