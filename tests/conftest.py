@@ -1,8 +1,14 @@
 """Test setup: make the repository root and tests/ importable; skip GPU tests without a GPU; keep
-forked children away from earlier tests' garbage; name the random test order (pytest-randomly) when
+forked children away from earlier tests' garbage; the tiny tree plus store, built once a session;
+keep `slow` work (DALI pipelines, processes, network) out of the unmarked tests, so that
+`pytest -m "not slow"` stays the fast inner loop; name the random test order (pytest-randomly) when
 something fails."""
 import gc
+import multiprocessing.process
 import os
+import shutil
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -51,6 +57,132 @@ def unguarded_fork():
         yield
     finally:
         _ForkGuard.enabled = True
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory):
+    """The tiny tree plus store (``helpers.make_tiny_set``), built once a session and shared: a test
+    must not change it (:func:`_tiny_set_stays_unchanged` fails one that does); a test that changes the
+    tree or the store takes ``tiny_set_copy``."""
+    from helpers import make_tiny_set
+
+    return make_tiny_set(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def tiny_set_copy(tiny_set, tmp_path):
+    """A copy of the tiny tree plus store of this test's own, free to change."""
+    from dataclasses import replace
+
+    root = str(tmp_path / "tiny")
+    shutil.copytree(tiny_set.root, root)
+    return replace(tiny_set, root=root, images=os.path.join(root, os.path.relpath(tiny_set.images, tiny_set.root)),
+                   store=os.path.join(root, os.path.relpath(tiny_set.store, tiny_set.root)))
+
+
+@pytest.fixture(autouse=True)
+def _tiny_set_stays_unchanged(request):
+    """Fail a test that adds, removes or rewrites a file of the shared tiny set."""
+    if "tiny_set" not in request.fixturenames:
+        yield
+        return
+    from helpers import tree_snapshot
+
+    shared = request.getfixturevalue("tiny_set")
+    before = tree_snapshot(shared.root)
+    yield
+    after = tree_snapshot(shared.root)
+    if after != before:
+        changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        pytest.fail(f"{request.node.nodeid} changed the shared tiny set ({', '.join(changed[:5])}); a test that "
+                    f"changes the tree or the store takes the tiny_set_copy fixture", pytrace=False)
+
+
+class SlowWorkOutsideSlowTest(Exception):
+    """What a test without the `slow` mark meets when it builds a DALI pipeline, starts a process or
+    connects to the network."""
+
+
+class _SlowWorkGuard:
+    """`pytest -m "not slow"` is the inner loop: it stays fast only while every test that builds or
+    runs a DALI pipeline, starts a process (subprocess, multiprocessing, fork) or connects to the
+    network carries the `slow` mark. While a test without it runs (its fixtures' setup and teardown
+    included, whatever their scope), each of these raises :class:`SlowWorkOutsideSlowTest` naming the
+    test and what it did; the test fails even where the code under test catches the exception."""
+
+    test = None  # the node id of the running test without the `slow` mark
+    seen = []  # what it was refused
+    pid = os.getpid()
+    # Libraries that run a helper program once per machine or process, whichever test first needs
+    # them (matplotlib's font cache runs fc-list on a fresh machine): not the test's own work.
+    ONE_TIME_PROBES = ("matplotlib.font_manager", "ctypes.util", "platform", "uuid")
+
+    @classmethod
+    def _one_time_probe(cls):
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_globals.get("__name__") in cls.ONE_TIME_PROBES:
+                return True
+            frame = frame.f_back
+        return False
+
+    @classmethod
+    def check(cls, what):
+        if cls.test is not None and os.getpid() == cls.pid and not cls._one_time_probe():
+            message = (f"{cls.test} {what} but is not marked slow: mark it @pytest.mark.slow (or set "
+                       f"pytestmark = pytest.mark.slow in its file), or keep that work out of it")
+            cls.seen.append(message)
+            raise SlowWorkOutsideSlowTest(message)
+
+    @classmethod
+    def wrap(cls, owner, name, what, applies=lambda *args: True):
+        original = getattr(owner, name)
+
+        def guarded(*args, **kwargs):
+            if applies(*args):
+                cls.check(what)
+            return original(*args, **kwargs)
+
+        guarded.__wrapped__ = original
+        setattr(owner, name, guarded)
+
+    @classmethod
+    def install(cls):
+        cls.wrap(subprocess.Popen, "__init__", "starts a subprocess")
+        cls.wrap(multiprocessing.process.BaseProcess, "start", "starts a process")
+        cls.wrap(os, "fork", "forks")
+        cls.wrap(socket.socket, "connect", "connects to the network",
+                 lambda sock, *_: sock.family in (socket.AF_INET, socket.AF_INET6))
+        try:
+            from nvidia.dali.pipeline import Pipeline
+        except ImportError:
+            return
+        cls.wrap(Pipeline, "build", "builds or runs a DALI pipeline")  # run() and the iterators call it
+
+
+_SlowWorkGuard.install()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Arm the slow-work guard for the setup, call and teardown of a test without the `slow` mark."""
+    _SlowWorkGuard.test = None if "slow" in item.keywords else item.nodeid
+    _SlowWorkGuard.seen = []
+    try:
+        yield
+    finally:
+        _SlowWorkGuard.test = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that passed although the slow-work guard refused something (the code under test caught
+    the exception) fails, saying what was refused."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed and _SlowWorkGuard.seen:
+        report.outcome = "failed"
+        report.longrepr = _SlowWorkGuard.seen[0]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,8 +1,10 @@
-"""Shared factories for the tests: small JPEG trees, random top-k maps, release-format map files."""
+"""Shared factories for the tests: small JPEG trees, the tiny tree plus store, random top-k maps,
+release-format map files."""
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +33,55 @@ def make_jpeg_tree(root, num_classes: int, per_class: int, size: Tuple[int, int]
             relpaths.append(rel)
             n += 1
     return relpaths
+
+
+TINY_FOLDERS, TINY_PER_FOLDER, TINY_CLASSES = 4, 6, 12
+
+
+@dataclass(frozen=True)
+class TinySet:
+    """The tiny image tree and the store over it (see :func:`make_tiny_set`)."""
+
+    root: str  #: the directory holding both
+    images: str  #: the ImageFolder root
+    store: str  #: the store's path
+    relpaths: Tuple[str, ...]  #: the images, in store-row order
+    num_classes: int  #: the store's classes (more than the tree's folders)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.relpaths)
+
+
+def make_tiny_set(root) -> TinySet:
+    """Write the tiny tree plus store that the loader tests share: 24 random-texture JPEGs of sizes
+    30-69 px (crops change the pixels) in 4 folders ``class_00..class_03`` (6 each, labels 0-3), and a
+    store of random top-3 maps on a 4x4 grid over 12 classes named ``class_00..class_11``."""
+    from dali_relabel.store import write_store
+
+    root = os.fspath(root)
+    rng = np.random.default_rng(0)
+    count = TINY_FOLDERS * TINY_PER_FOLDER
+    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(count)]
+    images = os.path.join(root, "images")
+    relpaths = make_jpeg_tree(images, TINY_FOLDERS, TINY_PER_FOLDER, sizes=sizes)
+    logits, ids = random_maps(count, 3, 4, 4, TINY_CLASSES, seed=1)
+    labels = [int(p.split("/")[0][-2:]) for p in relpaths]
+    store = write_store(os.path.join(root, "store.h5"), relpaths, logits, ids, TINY_CLASSES, labels=labels,
+                        class_names=[f"class_{c:02d}" for c in range(TINY_CLASSES)])
+    return TinySet(root, images, store, tuple(relpaths), TINY_CLASSES)
+
+
+def tree_snapshot(root) -> Dict[str, Tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file under ``root``: equal snapshots mean
+    nothing was added, removed or rewritten."""
+    snapshot = {}
+    for folder, _, files in os.walk(os.fspath(root)):
+        for name in files:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            snapshot[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+    return snapshot
 
 
 def random_maps(n: int, k: int, h: int, w: int, num_classes: int, seed: int = 0):

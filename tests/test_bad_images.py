@@ -45,6 +45,7 @@ def _loader(image_root, store, batch_size, **kwargs):
                          return_rows=True, shuffle=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_cmyk_grayscale_and_disguised_png_decode_as_rgb(tmp_path):
     image_root, store = make_tree(str(tmp_path), {
         "a/0_rgb.JPEG": _jpeg_bytes(),
@@ -73,6 +74,7 @@ def test_structural_check_names_the_problem(name, data, message):
         check_encoded_image(np.frombuffer(data, np.uint8), f"{name}.JPEG")
 
 
+@pytest.mark.slow
 def test_truncated_jpeg_stops_the_loader_with_the_file_name(tmp_path):
     image_root, store = make_tree(str(tmp_path), {
         "a/0.JPEG": _jpeg_bytes(), "a/1_bad.JPEG": _jpeg_bytes()[:200], "a/2.JPEG": _jpeg_bytes(),
@@ -82,6 +84,7 @@ def test_truncated_jpeg_stops_the_loader_with_the_file_name(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_skip_bad_images_replaces_and_counts_them(tmp_path):
     image_root, store = make_tree(str(tmp_path), {
         "a/0.JPEG": _jpeg_bytes(), "a/1_bad.JPEG": _jpeg_bytes()[:200], "a/2.JPEG": _jpeg_bytes(),
@@ -92,6 +95,7 @@ def test_skip_bad_images_replaces_and_counts_them(tmp_path):
     assert loader.skipped_images == 2
 
 
+@pytest.mark.slow
 def test_jpeg_corrupt_inside_is_named_after_decoder_failure(tmp_path):
     good = _jpeg_bytes(size=(64, 64))
     corrupt = good[:200] + bytes([7]) * 300 + good[500:]

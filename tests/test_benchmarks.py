@@ -60,6 +60,7 @@ def _check_entry(entry, repeats=1):
     assert entry["min"] <= entry["median"] <= entry["max"]
 
 
+@pytest.mark.slow
 def test_throughput_smoke_cpu(tmp_path, data_dir):
     from dali_relabel.config import DataConfig
 
@@ -113,6 +114,7 @@ def test_throughput_smoke_cpu(tmp_path, data_dir):
     assert "## Tar shards" in table and "shards / plain on shards" in table
 
 
+@pytest.mark.slow
 def test_operator_smoke_cpu(tmp_path):
     from benchmarks.operator import main
 
@@ -129,6 +131,7 @@ def test_operator_smoke_cpu(tmp_path):
     assert result["correct"] and result["max_abs_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_operator_smoke_gpu(tmp_path):
     from benchmarks.operator import main
@@ -140,6 +143,7 @@ def test_operator_smoke_gpu(tmp_path):
     assert {r["device"] for r in result["results"]} == {"cpu", "gpu"} and result["correct"]
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_throughput_smoke_gpu(tmp_path, data_dir):
     done = _run(sys.executable, "-m", "benchmarks.throughput", "--device", "gpu", "--contenders", "plain,relabel",
@@ -151,6 +155,7 @@ def test_throughput_smoke_gpu(tmp_path, data_dir):
     assert result["machine"]["gpu"] and result["runs"]["8"]["ratios"]["relabel_over_plain"] > 0
 
 
+@pytest.mark.slow
 def test_store_read_smoke(tmp_path):
     from benchmarks.store_read import main
 
@@ -184,6 +189,7 @@ def test_suites_refuse_bad_settings(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "data")  # nothing generated for refused settings
 
 
+@pytest.mark.slow
 def test_every_suite_has_help():
     for suite in ("throughput", "operator", "store_read"):
         done = _run(sys.executable, "-m", f"benchmarks.{suite}", "--help", timeout=120)
@@ -206,6 +212,7 @@ def test_random_maps_have_distinct_classes_per_cell():
 GPU_CHECK = os.path.join("benchmarks", "gpu_check.sh")
 
 
+@pytest.mark.slow
 def test_gpu_check_arguments(tmp_path):
     done = _run("bash", GPU_CHECK, "--help", timeout=30)
     assert done.returncode == 0

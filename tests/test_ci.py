@@ -107,6 +107,7 @@ def run_ci(tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_ci_runs_both_flavours_in_fresh_venvs_and_prints_both_summaries(run_ci):
     rc, out, calls = run_ci()
     assert rc == 0, out
@@ -118,6 +119,7 @@ def test_ci_runs_both_flavours_in_fresh_venvs_and_prints_both_summaries(run_ci):
                          r"install \d+ s, suite \d+ s\]$", summary, re.M), summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["cuda120", "cuda130"])
 def test_ci_fails_when_either_suite_fails_and_still_runs_and_reports_the_other(run_ci, failing):
     rc, out, calls = run_ci(**{f"FAKE_PYTEST_RC_{failing}": "1"})
@@ -128,12 +130,14 @@ def test_ci_fails_when_either_suite_fails_and_still_runs_and_reports_the_other(r
     assert f"{other}: ok: 7 passed" in summary
 
 
+@pytest.mark.slow
 def test_ci_treats_no_collected_tests_as_a_failure(run_ci):
     rc, out, _ = run_ci(FAKE_PYTEST_RC_cuda130="5")
     assert rc != 0
     assert "cuda130: FAILED (pytest exit code 5: no tests were collected): no tests ran" in out
 
 
+@pytest.mark.slow
 def test_ci_fails_on_a_failed_install_or_the_wrong_dali(run_ci):
     rc, out, calls = run_ci(FAKE_PIP_RC_cuda120="1")
     assert rc != 0 and "cuda120: FAILED: 'pip install -e \".[dev]\"' failed" in out
@@ -142,6 +146,7 @@ def test_ci_fails_on_a_failed_install_or_the_wrong_dali(run_ci):
     assert rc != 0 and "gave DALI 'nvidia-dali-cuda120 2.4.0', not nvidia-dali-cuda130" in out
 
 
+@pytest.mark.slow
 def test_ci_can_run_one_flavour(run_ci):
     rc, out, calls = run_ci(DALI_RELABEL_CI_FLAVOURS="cuda130")
     assert rc == 0 and [c.split(":")[0] for c in calls] == ["cuda130", "cuda130"]
@@ -149,6 +154,7 @@ def test_ci_can_run_one_flavour(run_ci):
     assert rc != 0 and "cuda999: FAILED: unknown flavour" in out
 
 
+@pytest.mark.slow
 def test_ci_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", CI], capture_output=True).returncode == 0
     assert os.access(CI, os.X_OK)

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dali_relabel.store import write_store
 from helpers import random_maps
 
@@ -16,6 +18,7 @@ def _run_and_list_heavy_imports(code: str):
     return done.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_help_imports_neither_torch_nor_dali():
     lines = _run_and_list_heavy_imports(
         "import contextlib, io\nfrom dali_relabel.tools.cli import main\n"
@@ -24,6 +27,7 @@ def test_help_imports_neither_torch_nor_dali():
     assert lines[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_info_reads_a_store_without_torch_or_dali(tmp_path):
     logits, ids = random_maps(6, 2, 3, 3, 5, seed=0)
     store = write_store(tmp_path / "s.h5", [f"c/{i}.JPEG" for i in range(6)], logits, ids, num_classes=5)

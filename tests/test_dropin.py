@@ -1,31 +1,19 @@
 """The loaders as training scripts use a ``torch.utils.data.DataLoader``: passes, epochs, attributes,
 state, devices, dtypes and the data settings timm and torchvision pass; crops keyed by row."""
-import numpy as np
 import pytest
 import torch
 
 from dali_relabel.config import DataConfig
-from dali_relabel.store import write_store
-from helpers import make_jpeg_tree, random_maps
 
 pytest.importorskip("nvidia.dali")
 
-N_CLASSES, PER_CLASS = 4, 6  # 24 images
 SMALL = dict(image_size=16, num_threads=1, seed=5)
 
 
-@pytest.fixture(scope="module")
-def textured(tmp_path_factory):
+@pytest.fixture
+def textured(tiny_set):
     """Random-texture JPEGs of different sizes (crops change the pixels) and a random store."""
-    root = tmp_path_factory.mktemp("textured")
-    rng = np.random.default_rng(0)
-    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(N_CLASSES * PER_CLASS)]
-    relpaths = make_jpeg_tree(root / "images", N_CLASSES, PER_CLASS, sizes=sizes)
-    logits, ids = random_maps(len(relpaths), 3, 4, 4, N_CLASSES * 3, seed=1)
-    labels = [int(p.split("/")[0][-2:]) for p in relpaths]
-    store = write_store(root / "store.h5", relpaths, logits, ids, N_CLASSES * 3, labels=labels,
-                        class_names=[f"class_{c:02d}" for c in range(N_CLASSES * 3)])
-    return str(root / "images"), str(store)
+    return tiny_set.images, tiny_set.store
 
 
 def _loader(textured, batch_size=4, **config):
@@ -41,6 +29,7 @@ def _rows(batches):
 
 
 # -- passes and epochs ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_every_iter_is_a_full_pass_after_a_peek_or_a_break(textured):
     loader = _loader(textured)
     assert len(loader) == 6
@@ -56,6 +45,7 @@ def test_every_iter_is_a_full_pass_after_a_peek_or_a_break(textured):
     assert passes[0] != passes[1], "a new pass draws a new order"
 
 
+@pytest.mark.slow
 def test_set_epoch_chooses_the_order_like_a_distributed_sampler(textured):
     a, b = _loader(textured), _loader(textured)
     a.sampler.set_epoch(7)  # timm and torchvision call it on loader.sampler
@@ -71,6 +61,7 @@ def test_set_epoch_chooses_the_order_like_a_distributed_sampler(textured):
     assert len(b.sampler) == 24
 
 
+@pytest.mark.slow
 def test_dataloader_attributes(textured):
     loader = _loader(textured, batch_size=5)
     assert len(loader.dataset) == 24 and loader.batch_size == 5
@@ -81,6 +72,7 @@ def test_dataloader_attributes(textured):
     assert loader.mixup_enabled is True
 
 
+@pytest.mark.slow
 def test_validation_covers_every_image_once_after_a_peek_on_two_ranks(textured):
     from dali_relabel.loader import ValidationLoader
 
@@ -98,6 +90,7 @@ def _batches_with_pixels(loader):
     return [(rows.tolist(), images.clone(), targets.clone()) for images, targets, rows in loader]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_rows_crops_and_targets(textured):
     reference = _loader(textured)
     reference.set_epoch(3)
@@ -120,6 +113,7 @@ def test_resume_gives_the_same_rows_crops_and_targets(textured):
     assert resumed.state_dict()["epoch"] == 4 and resumed.state_dict()["batch"] == 0
 
 
+@pytest.mark.slow
 def test_state_at_the_end_of_an_epoch_is_the_next_epoch(textured):
     loader = _loader(textured)
     for _ in loader:
@@ -130,6 +124,7 @@ def test_state_at_the_end_of_an_epoch_is_the_next_epoch(textured):
     assert (other.state_dict()["epoch"], other.state_dict()["batch"]) == (1, 0) and len(other) == 6
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(textured):
     state = _loader(textured, batch_size=4).state_dict()
     with pytest.raises(ValueError, match="batch_size: saved 4, now 3"):
@@ -138,6 +133,7 @@ def test_resume_with_other_settings_is_refused(textured):
         _loader(textured, seed=6).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_crops_depend_on_the_row_not_on_batch_or_threads(textured):
     a = {r: img for imgs, _, rows in _loader(textured, batch_size=4) for r, img in zip(rows.tolist(), imgs)}
     b = {r: img for imgs, _, rows in _loader(textured, batch_size=6, num_threads=3) for r, img in zip(rows.tolist(), imgs)}
@@ -170,6 +166,7 @@ def test_cuda_index_is_taken_from_the_device():
     assert device_index("cuda", device_id=0) == 0
 
 
+@pytest.mark.slow
 def test_bfloat16_channels_last_images(textured):
     images, targets, _ = next(iter(_loader(textured, output_dtype="bfloat16", channels_last=True)))
     assert images.dtype == torch.bfloat16 and images.shape == (4, 3, 16, 16)
@@ -179,6 +176,7 @@ def test_bfloat16_channels_last_images(textured):
 
 
 # -- settings scripts pass ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interpolation_choices_change_the_pixels(textured):
     bilinear, _, rows = next(iter(_loader(textured)))
     bicubic, _, rows_b = next(iter(_loader(textured, interpolation="bicubic")))
@@ -190,6 +188,7 @@ def test_interpolation_choices_change_the_pixels(textured):
         assert sum(matches) >= 1
 
 
+@pytest.mark.slow
 def test_label_smoothing_on_soft_targets(textured):
     _, plain, _ = next(iter(_loader(textured)))
     _, smooth, _ = next(iter(_loader(textured, label_smoothing=0.1)))
@@ -198,6 +197,7 @@ def test_label_smoothing_on_soft_targets(textured):
     torch.testing.assert_close(smooth.sum(1), torch.ones(len(smooth)))
 
 
+@pytest.mark.slow
 def test_color_jitter_is_keyed_and_changes_pixels(textured):
     plain, _, _ = next(iter(_loader(textured)))
     jittered, _, _ = next(iter(_loader(textured, color_jitter=0.4)))
@@ -206,6 +206,7 @@ def test_color_jitter_is_keyed_and_changes_pixels(textured):
     torch.testing.assert_close(jittered, again, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_mixup_enabled_switches_mixing_off_for_the_next_pass(textured):
     plain = _batches_with_pixels(_loader(textured))
     mixed = _loader(textured, cutmix_probability=1.0, mixup_alpha=1.0)

@@ -183,6 +183,7 @@ def _reduce_worker(rank, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_meter_reduce_sums_counts_over_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
@@ -223,6 +224,7 @@ def _write_solid(path, colour, size=(36, 44)):
     Image.fromarray(pixels).save(path, quality=95)
 
 
+@pytest.mark.slow
 def test_oracle_model_is_scored_exactly_with_imagenet_val_numbering(tmp_path):
     from dali_relabel.loader import ValidationLoader
 
@@ -270,6 +272,7 @@ def test_oracle_model_is_scored_exactly_with_imagenet_val_numbering(tmp_path):
     assert (again["top1"], again["real"], again["num_images"]) == (100.0, 75.0, 12)
 
 
+@pytest.mark.slow
 def test_oracle_model_on_imagenetv2_folders(tmp_path):
     from dali_relabel.loader import ValidationLoader
 
@@ -289,6 +292,7 @@ def test_oracle_model_on_imagenetv2_folders(tmp_path):
     assert evaluate(oracle, wrong)["top1"] == 50.0
 
 
+@pytest.mark.slow
 def test_cli_evaluate_end_to_end(tmp_path, capsys):
     from dali_relabel.tools.cli import main
 

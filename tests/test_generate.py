@@ -214,6 +214,7 @@ def test_topk_grid_pools_larger_maps_and_interpolates_smaller_ones():
 # The store
 
 
+@pytest.mark.slow
 def test_store_header_rows_labels_and_sizes(data, store_path):
     images = list_images(data["images"])
     with LabelStore(store_path) as store:
@@ -247,6 +248,7 @@ def _pil_maps(data, model, relpaths):
         return dense_logit_map(model, x), model(x)
 
 
+@pytest.mark.slow
 def test_every_row_holds_the_map_of_its_own_image(data, store_path):
     model = _resnet18()
     with LabelStore(store_path) as store:
@@ -319,6 +321,7 @@ def _record_write_starts(monkeypatch):
     return starts
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_store(data, store_path, interrupted, tmp_path, monkeypatch):
     out = _copy_partial(interrupted, tmp_path)
     with h5py.File(str(out) + ".partial", "r") as f:
@@ -330,6 +333,7 @@ def test_an_interrupted_run_resumes_to_the_same_store(data, store_path, interrup
     assert sorted(os.listdir(tmp_path)) == ["resumed.h5"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_writes_only_missing_rows(data, store_path, interrupted, tmp_path,
                                                                  monkeypatch):
     out = _copy_partial(interrupted, tmp_path)
@@ -342,6 +346,7 @@ def test_resume_with_another_batch_size_writes_only_missing_rows(data, store_pat
         assert np.array_equal(a.class_ids, b.class_ids)
 
 
+@pytest.mark.slow
 def test_a_partial_store_of_other_weights_is_started_again(data, store_path, interrupted, tmp_path,
                                                            monkeypatch):
     out = _copy_partial(interrupted, tmp_path)
@@ -352,6 +357,7 @@ def test_a_partial_store_of_other_weights_is_started_again(data, store_path, int
     assert _sha(out) != _sha(store_path)
 
 
+@pytest.mark.slow
 def test_two_ranks_and_a_merge_equal_one_process(data, store_path, tmp_path):
     single = _generate(data, tmp_path / "single3.h5", batch_size=3)
     out = tmp_path / "ranks.h5"
@@ -367,6 +373,7 @@ def test_two_ranks_and_a_merge_equal_one_process(data, store_path, tmp_path):
                                    reference.read(np.arange(12)).logits.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_cli_generate_end_to_end(data, store_path, tmp_path, capsys):
     from dali_relabel.tools.cli import main
 
@@ -455,6 +462,7 @@ generate_label_maps(images, out, model, size=%d, grid=%d, k=%d, batch_size=%d, d
 """ % (SIZE, GRID, K, BATCH)
 
 
+@pytest.mark.slow
 def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_path, tmp_path, monkeypatch):
     """Killed alone, the main process used to leave its DALI readers alive holding the partial file
     and its HDF5 lock; the rerun then emptied the partial file and died with a BlockingIOError."""
@@ -510,6 +518,7 @@ def test_a_second_run_of_the_same_output_is_refused_before_reading(data, tmp_pat
             _generate(data, out, rank=0, world_size=2)
 
 
+@pytest.mark.slow
 def test_merge_is_refused_while_another_process_writes_the_output(data, tmp_path):
     from dali_relabel.outputs import OutputBusyError, OutputLock
 
@@ -524,6 +533,7 @@ def test_merge_is_refused_while_another_process_writes_the_output(data, tmp_path
     LabelStore(out, verify="full").close()
 
 
+@pytest.mark.slow
 def test_a_damaged_partial_file_is_kept(data, interrupted, tmp_path):
     out = _copy_partial(interrupted, tmp_path)
     partial = str(out) + ".partial"
@@ -539,6 +549,7 @@ def test_a_damaged_partial_file_is_kept(data, interrupted, tmp_path):
 # The built-in models (the demo's teacher)
 
 
+@pytest.mark.slow
 def test_cli_generate_with_a_built_in_model(data, tmp_path, capsys):
     from dali_relabel.tools.cli import main
     from dali_relabel.training.models import create_model

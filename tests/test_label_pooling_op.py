@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from dali_relabel.ops.reference import pooled_from_crops
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.slow  # every test builds and runs DALI pipelines
 
 TOLERANCE = 1e-5
 

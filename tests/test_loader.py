@@ -73,6 +73,7 @@ def id_dataset(tmp_path_factory):
     return make_id_dataset(str(tmp_path_factory.mktemp("ids")), 42)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, threads", [(0, 1), (0, 3), (2, 1), (2, 3)])
 def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(id_dataset, workers, threads):
     """2 ranks x 3 epochs, the source in this process (prefetched on a thread) or in 2 DALI workers,
@@ -102,6 +103,7 @@ def test_every_target_comes_from_its_own_image_across_epochs_workers_and_shards(
     assert orders[0] != orders[1] != orders[2], "the order did not change between epochs"
 
 
+@pytest.mark.slow
 def test_drop_last_gives_full_batches_and_spawn_works(id_dataset):
     from dali_relabel.loader import ReLabelLoader
 
@@ -112,6 +114,7 @@ def test_drop_last_gives_full_batches_and_spawn_works(id_dataset):
     assert sizes == [10, 10, 10, 10]
 
 
+@pytest.mark.slow
 def test_token_targets_and_float16_channels_last(id_dataset):
     from dali_relabel.loader import ReLabelLoader
 
@@ -125,6 +128,7 @@ def test_token_targets_and_float16_channels_last(id_dataset):
     torch.testing.assert_close(targets.sum(1), torch.ones(4, 2, 2))
 
 
+@pytest.mark.slow
 def test_validation_loader_sees_every_image_once(id_dataset):
     from dali_relabel.loader import ValidationLoader
 
@@ -149,15 +153,16 @@ def test_store_for_another_image_set_is_refused(id_dataset, tmp_path):
         ReLabelLoader(other_root, store, batch_size=2, device="cpu")
 
 
-def test_image_without_map_is_refused(tmp_path):
+def test_image_without_map_is_refused(tiny_set_copy):
     from dali_relabel.loader import ReLabelLoader
 
-    image_root, store = make_id_dataset(str(tmp_path), 6)
-    Image.new("RGB", (20, 20)).save(os.path.join(image_root, "class0", "zz_extra.JPEG"))
-    with pytest.raises(StoreError, match="1 images under .* have no map, first: class0/zz_extra.JPEG"):
+    image_root, store = tiny_set_copy.images, tiny_set_copy.store
+    Image.new("RGB", (20, 20)).save(os.path.join(image_root, "class_00", "zz_extra.JPEG"))
+    with pytest.raises(StoreError, match="1 images under .* have no map, first: class_00/zz_extra.JPEG"):
         ReLabelLoader(image_root, store, batch_size=2, device="cpu")
 
 
+@pytest.mark.slow
 def test_batch_of_one_and_reshuffling(id_dataset):
     # The authors' batch function breaks on a batch of one and never reshuffles; ours must not.
     from dali_relabel.loader import ReLabelLoader
@@ -177,6 +182,7 @@ def test_batch_of_one_and_reshuffling(id_dataset):
     assert orders[0] != orders[1]
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_an_epoch_yields_exactly_the_rest(id_dataset):
     from dali_relabel.loader import ReLabelLoader
 

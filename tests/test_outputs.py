@@ -54,6 +54,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_a_lock_kept_by_the_orphaned_workers_of_a_dead_writer_names_them(tmp_path):
     out = tmp_path / "store.h5"
     process = subprocess.run([sys.executable, "-c", _ORPHAN_HOLDS_THE_LOCK, str(out)], env=ENV,
@@ -83,6 +84,7 @@ def process_pid(out):
         return json.load(f)["pid"]
 
 
+@pytest.mark.slow
 def test_processes_holding_names_other_processes_only(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

@@ -63,6 +63,7 @@ def test_a_build_for_another_dali_or_other_sources_is_rejected(tmp_path):
     assert plugin._mismatch(tmp_path / "missing", identity, want_cuda=False) == "no library"
 
 
+@pytest.mark.slow
 def test_no_fitting_build_and_no_building_gives_instructions(tmp_path):
     version = _other_version(plugin_build.dali_identity())
     _fake_build(tmp_path / "old", dali_version=version)
@@ -150,6 +151,7 @@ def test_a_build_for_one_flavour_is_never_loaded_for_the_other(flavour_cache, mo
     assert loaded == []
 
 
+@pytest.mark.slow
 def test_after_switching_flavours_no_building_gives_instructions(tmp_path):
     """A real process with the other flavour's identity, DALI_RELABEL_NO_BUILD=1 and only the running
     flavour's build in its cache: the instructions, and the build (not a library) is never opened."""
@@ -269,6 +271,7 @@ def test_build_plugin_cpu_only_into_a_fresh_directory(tmp_path):
     assert os.path.getsize(tmp_path / "build" / plugin_build.LIBRARY_NAME) > 10_000
 
 
+@pytest.mark.slow
 def test_cuda_backend_is_compiled_where_nvcc_exists():
     """CI machines have nvcc but no GPU: the CUDA backend must still be compiled there."""
     if plugin_build.find_nvcc() is None:
@@ -302,6 +305,7 @@ print("LOADED", plugin.load_plugin()["directory"])
 """
 
 
+@pytest.mark.slow
 def test_unwritable_home_names_the_directory_and_the_variables(tmp_path):
     """A home that cannot be written (read-only here: a file, so that root cannot write it either) used
     to end in a raw OSError from load_plugin(), the loaders and build-plugin; a fitting build in a
@@ -387,6 +391,7 @@ def test_build_plugin_prints_where_and_which_backends(monkeypatch, capsys):
     assert "CPU backend only (--cpu-only)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_check_registered_finds_the_operators_in_dali():
     """What the image's HEALTHCHECK runs: the library is loaded and DALI knows its operators."""
     manifest = plugin.check_registered()

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.slow  # every test builds and runs a DALI pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)

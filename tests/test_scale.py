@@ -18,6 +18,8 @@ from dali_relabel.paths import PathTable
 from dali_relabel.store import LabelStore, write_store
 from dali_relabel.tree_check import check_store_matches_images
 
+pytestmark = pytest.mark.slow  # writes 140,800 files and two stores: about 15 s
+
 CLASSES = 1000
 
 

@@ -9,7 +9,6 @@ import json
 import os
 from argparse import Namespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,32 +16,23 @@ from torch import nn
 from dali_relabel.compat import from_timm, from_torchvision
 from dali_relabel.config import DataConfig
 from dali_relabel.training.losses import SoftTargetCrossEntropy
-from dali_relabel.store import write_store
-from helpers import make_jpeg_tree, random_maps
+from helpers import TINY_CLASSES, TINY_FOLDERS, TINY_PER_FOLDER
 from helpers import timm_args as _timm_args
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.slow  # every test runs the loaders (DALI pipelines)
 
-N_CLASSES, PER_CLASS = 4, 6  # 24 images
-NUM_IMAGES = N_CLASSES * PER_CLASS
+NUM_IMAGES = TINY_FOLDERS * TINY_PER_FOLDER  # 24 images
 FAST = dict(num_threads=1)
 SMALL = dict(image_size=16, seed=5, **FAST)
 TIMM_DATA = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
              "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}
 
 
-@pytest.fixture(scope="module")
-def image_set(tmp_path_factory):
+@pytest.fixture
+def image_set(tiny_set):
     """Random-texture JPEGs of different sizes and a random store over them."""
-    root = tmp_path_factory.mktemp("scripts")
-    rng = np.random.default_rng(0)
-    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(NUM_IMAGES)]
-    relpaths = make_jpeg_tree(root / "images", N_CLASSES, PER_CLASS, sizes=sizes)
-    logits, ids = random_maps(len(relpaths), 3, 4, 4, N_CLASSES, seed=1)
-    labels = [int(p.split("/")[0][-2:]) for p in relpaths]
-    store = write_store(root / "store.h5", relpaths, logits, ids, N_CLASSES, labels=labels,
-                        class_names=[f"class_{c:02d}" for c in range(N_CLASSES)])
-    return str(root / "images"), str(store)
+    return tiny_set.images, tiny_set.store
 
 
 def _train(image_set, config, batch_size=4, **kwargs):
@@ -245,7 +235,6 @@ def _gloo_evaluate(rank, init_file, image_root, out_dir):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_evaluate_on_two_gloo_ranks_takes_the_rank_from_the_process_group(image_set, tmp_path):
     import torch.multiprocessing as mp
 
@@ -267,9 +256,9 @@ def test_soft_targets_work_with_the_criterion_and_accuracy_of_the_reference(imag
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # as in the script
     torch.manual_seed(0)
     for images, targets, labels in loader:
-        assert targets.shape == (images.shape[0], N_CLASSES) and targets.dtype == torch.float32
+        assert targets.shape == (images.shape[0], TINY_CLASSES) and targets.dtype == torch.float32
         torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
-        output = torch.randn(len(targets), N_CLASSES)
+        output = torch.randn(len(targets), TINY_CLASSES)
         loss = criterion(output, targets)
         torch.testing.assert_close(loss, SoftTargetCrossEntropy(smoothing=0.1)(output, targets))
         acc1, acc2 = torchvision_accuracy(output, targets, topk=(1, 2))
@@ -283,7 +272,7 @@ def test_soft_targets_work_with_the_criterion_and_accuracy_of_the_reference(imag
 # -- AMP and channels-last, as both scripts run them ----------------------------------------------------
 def _tiny_model():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, N_CLASSES))
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, TINY_CLASSES))
 
 
 def test_channels_last_bfloat16_forward_and_backward(image_set):

@@ -4,31 +4,26 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from dali_relabel.config import DataConfig
 from dali_relabel.shards import ShardError, ShardSet, expand_braces, write_shards
-from dali_relabel.store import StoreError, write_store
-from helpers import make_jpeg_tree, random_maps
+from dali_relabel.store import StoreError
+from helpers import make_jpeg_tree
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.slow  # writing shards starts processes; reading them runs DALI pipelines
 
 SMALL = dict(image_size=16, num_threads=1, py_num_workers=1, seed=3)
 
 
 @pytest.fixture(scope="module")
-def shard_data(tmp_path_factory):
+def shard_data(tiny_set, tmp_path_factory):
+    """The tiny set written as shards of about 20 kB."""
     root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    sizes = [(int(rng.integers(30, 70)), int(rng.integers(30, 70))) for _ in range(40)]
-    relpaths = make_jpeg_tree(root / "images", 4, 10, sizes=sizes)
-    logits, ids = random_maps(40, 3, 4, 4, 12, seed=1)
-    store = write_store(root / "s.h5", relpaths, logits, ids, 12, labels=[int(p.split("/")[0][-2:]) for p in relpaths],
-                        class_names=[f"class_{c:02d}" for c in range(12)])
-    shards = write_shards(root / "images", store, root / "shards", shard_bytes=20_000, progress=False)
-    return dict(root=root, images=str(root / "images"), store=str(store), shards=shards)
+    shards = write_shards(tiny_set.images, tiny_set.store, root / "shards", shard_bytes=20_000, progress=False)
+    return dict(root=root, images=tiny_set.images, store=tiny_set.store, shards=shards)
 
 
 def _by_row(batches):
@@ -38,7 +33,7 @@ def _by_row(batches):
 
 def test_written_shards_hold_every_row_once_in_a_mixed_order(shard_data):
     shards = shard_data["shards"]
-    assert len(shards.shards) > 3 and shards.num_samples == 40
+    assert len(shards.shards) > 3 and shards.num_samples == 24
     with open(os.path.join(shards.directory, "index.json")) as f:
         index = json.load(f)
     assert index["k"] == 3 and index["grid"] == [4, 4] and index["ids_dtype"] == "uint8"
@@ -50,10 +45,10 @@ def test_written_shards_hold_every_row_once_in_a_mixed_order(shard_data):
             names = tar.getnames()
         assert len(names) == 5 * shard["samples"]
         rows += [int(n.split(".")[0]) for n in names[::5]]
-    assert sorted(rows) == list(range(40))
+    assert sorted(rows) == list(range(24))
     # stored in a seeded random order: the first half of the sequence holds rows of every class
-    # (rows are sorted by class folder, 10 per class, so in stored-row order it would hold two)
-    assert rows != sorted(rows) and len({r // 10 for r in rows[:20]}) == 4
+    # (rows are sorted by class folder, 6 per class, so in stored-row order it would hold two)
+    assert rows != sorted(rows) and len({r // 6 for r in rows[:12]}) == 4
 
 
 def test_shards_give_the_tree_paths_crops_and_targets(shard_data):
@@ -64,7 +59,7 @@ def test_shards_give_the_tree_paths_crops_and_targets(shard_data):
     tree = _by_row(ReLabelLoader(shard_data["images"], shard_data["store"], 4, config=config, device="cpu",
                                  return_rows=True))
     shards = _by_row(ShardReLabelLoader(shard_data["shards"], 4, config=config, device="cpu", return_rows=True))
-    assert len(tree) == len(shards) == 40
+    assert len(tree) == len(shards) == 24
     for row in tree:
         torch.testing.assert_close(tree[row][0], shards[row][0], rtol=0, atol=0)
         torch.testing.assert_close(tree[row][1], shards[row][1], rtol=0, atol=0)
@@ -91,13 +86,13 @@ def test_two_ranks_read_every_sample_once_and_in_step(shard_data):
         batches = [batch_rows.tolist() for _, _, batch_rows in loader]
         counts.append((len(batches), len(loader)))
         rows += [r for batch in batches for r in batch]
-    assert sorted(rows) == list(range(40)) and counts[0] == counts[1]
+    assert sorted(rows) == list(range(24)) and counts[0] == counts[1]
     seen = []
     for rank in range(2):
         seen += [r for _, _, batch in ShardValidationLoader(shard_data["shards"], 7, config=config, device="cpu",
                                                               rank=rank, world_size=2, return_rows=True)
                  for r in batch.tolist()]
-    assert sorted(seen) == list(range(40))
+    assert sorted(seen) == list(range(24))
 
 
 def test_epochs_reorder_and_resume_continues_exactly(shard_data):
@@ -165,7 +160,7 @@ def test_writing_resumes_and_refuses_other_inputs(shard_data, tmp_path):
     again = write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
     assert (out / victim).read_bytes() == reference, "the same inputs give the same bytes"
     assert all(os.path.getmtime(out / name) == mtime for name, mtime in mtimes.items() if name != victim)
-    assert again.num_samples == 40
+    assert again.num_samples == 24
     with pytest.raises(ShardError, match="other inputs or settings"):
         write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=10_000, progress=False)
 
@@ -183,7 +178,7 @@ def test_shard_command(shard_data, tmp_path):
     assert _parse_bytes("1GB") == 1 << 30 and _parse_bytes("500MB") == 500 << 20 and _parse_bytes("4096") == 4096
     assert main(["shard", "--images", shard_data["images"], "--store", shard_data["store"], "--out",
                  str(tmp_path / "cli"), "--shard-size", "40kB", "--quiet"]) == 0
-    assert ShardSet.load(tmp_path / "cli").num_samples == 40
+    assert ShardSet.load(tmp_path / "cli").num_samples == 24
     assert main(["shard", "--images", str(tmp_path), "--store", shard_data["store"], "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
 
@@ -197,7 +192,7 @@ def test_validation_shards_without_a_store_keep_the_file_list(shard_data, tmp_pa
     seen = {}
     for _, labels, rows in loader:
         seen.update(zip(rows.tolist(), labels.tolist()))
-    assert sorted(seen) == list(range(40)) and all(seen[r] == r // 10 for r in seen)
+    assert sorted(seen) == list(range(24)) and all(seen[r] == r // 6 for r in seen)
     assert loader.images.relpaths == shards.relpaths
     with pytest.raises(ValueError, match="hold no label maps"):
         ShardReLabelLoader(tmp_path / "val", 8, config=DataConfig(**SMALL), device="cpu")

@@ -63,6 +63,7 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_short_cpu_run_writes_metrics_checkpoint_and_resumes(tmp_path):
     image_root, store = make_square_set(str(tmp_path))
     out = str(tmp_path / "run")
@@ -84,6 +85,7 @@ def test_short_cpu_run_writes_metrics_checkpoint_and_resumes(tmp_path):
     assert epochs == [0, 1]
 
 
+@pytest.mark.slow
 def test_original_targets_train_without_a_store(tmp_path):
     image_root, _ = make_square_set(str(tmp_path))
     out = str(tmp_path / "run")
@@ -181,6 +183,7 @@ def _copy_run(run, tmp_path):
     return image_root, store, copy
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_the_last_batch_resumes_at_the_next_epoch(killed_after_the_last_batch, tmp_path):
     import torch
 
@@ -203,6 +206,7 @@ def test_a_run_killed_after_the_last_batch_resumes_at_the_next_epoch(killed_afte
     assert final["epoch"] == 1 and final["epoch_finished"] and final["data"]["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_resuming_with_another_batch_size_is_refused(killed_after_the_last_batch, tmp_path):
     image_root, store, out = _copy_run(killed_after_the_last_batch, tmp_path)
     with pytest.raises(SystemExit, match=r"cannot resume the data position with other settings "
@@ -261,6 +265,7 @@ def test_data_flags_are_the_data_config_fields():
     assert changed == DataConfig(scale=(0.3, 1.0), channels_last=True, cutmix_mode="localized", color_jitter=0.4)
 
 
+@pytest.mark.slow
 def test_training_from_shards_resumes_per_rank(tmp_path):
     """--shards instead of --data/--store, --val-shards, and a resume from a mid-epoch checkpoint
     (the shard loader's DALI checkpoint travels in the checkpoint)."""

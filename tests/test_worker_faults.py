@@ -9,22 +9,15 @@ import pytest
 
 from dali_relabel.config import DataConfig
 from dali_relabel.sources import BatchSource
-from dali_relabel.store import write_store
 from dali_relabel.processes import process_state
 from dali_relabel.watchdog import LoaderWorkerError, describe_exit
-from helpers import make_jpeg_tree, random_maps
 
 pytest.importorskip("nvidia.dali")
 
 
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    relpaths = make_jpeg_tree(root / "images", 4, 10, size=(24, 24))
-    logits, ids = random_maps(len(relpaths), 2, 3, 3, 6, seed=0)
-    store = write_store(root / "s.h5", relpaths, logits, ids, 6, labels=[int(p[6:8]) for p in relpaths],
-                        class_names=[f"class_{c:02d}" for c in range(6)])
-    return str(root / "images"), str(store)
+@pytest.fixture
+def small_set(tiny_set):
+    return tiny_set.images, tiny_set.store
 
 
 def _loader(small_set, **config):
@@ -43,6 +36,7 @@ def _worker_pid(loader):
     return workers[0].pid
 
 
+@pytest.mark.slow
 def test_killed_worker_is_named_and_the_position_resumes(small_set):
     loader = _loader(small_set)
     batches = iter(loader)
@@ -58,11 +52,12 @@ def test_killed_worker_is_named_and_the_position_resumes(small_set):
     assert state["epoch"] == 0 and state["batch"] == len(seen)
     loader.load_state_dict(state)
     rest = [rows.tolist() for _, _, rows in loader]
-    assert len(seen) + len(rest) == 10
-    assert sorted(r for batch in seen + rest for r in batch) == list(range(40))
-    assert len(list(loader)) == 10, "later passes run on the new pipeline"
+    assert len(seen) + len(rest) == 6
+    assert sorted(r for batch in seen + rest for r in batch) == list(range(24))
+    assert len(list(loader)) == 6, "later passes run on the new pipeline"
 
 
+@pytest.mark.slow
 def test_stopped_worker_is_named(small_set):
     loader = _loader(small_set)
     batches = iter(loader)
@@ -87,6 +82,7 @@ def _hanging_call(self, batch_info):
     return _REAL_CALL(self, batch_info)
 
 
+@pytest.mark.slow
 def test_stuck_worker_times_out_naming_the_workers(small_set, monkeypatch):
     monkeypatch.setattr(BatchSource, "__call__", _hanging_call)  # inherited by the forked worker
     loader = _loader(small_set, worker_timeout=2)
@@ -97,6 +93,7 @@ def test_stuck_worker_times_out_naming_the_workers(small_set, monkeypatch):
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_a_stuck_source_in_the_loaders_process_times_out_too(small_set, monkeypatch):
     released = threading.Event()
     real_produce = BatchSource.produce
@@ -126,6 +123,7 @@ def test_exit_descriptions():
     assert describe_exit(None) == "is still running"
 
 
+@pytest.mark.slow
 def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
     """A trainer killed outright, even before its first batch, leaves no source worker behind (they
     would keep its files open)."""
