@@ -59,6 +59,7 @@ def test_shard_members_follow_the_table():
     assert member_dtype(fields.ROWS, None).itemsize == 8 and member_dtype(fields.LABELS, None).itemsize == 4
 
 
+@pytest.mark.slow
 def test_shards_written_hold_the_declared_members(tmp_path):
     from dali_relabel.shards import write_shards
     from dali_relabel.store import write_store
