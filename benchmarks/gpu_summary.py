@@ -15,7 +15,8 @@ output folder only:
 
 Standard library only (it also runs where the project could not be installed)::
 
-    python3 -m benchmarks.gpu_summary WORK OUT --mode gpu --budget 330 --seconds 301 [--final]
+    python3 -m benchmarks.gpu_summary WORK OUT --mode gpu --budget 300 --seconds 281 [--final]
+    python3 -m benchmarks.gpu_summary --show summary.json    # the summary in a few lines
 
 ``WORK/steps.tsv`` has one line per step that ran or was passed over:
 ``name<TAB>status<TAB>seconds<TAB>detail``. Steps of ``--steps`` missing from it are
@@ -298,7 +299,8 @@ def write_outputs(work: str, out: str, summary: dict) -> dict:
 
 
 def brief(summary: dict) -> str:
-    """A few lines for the end of the check's output."""
+    """The summary in a few lines: steps, tests, key figures (printed at the end of the check, and by
+    ``--show``)."""
     lines = [f"gpu_check: ok={summary['ok']} complete={summary['complete']} in {summary['seconds']} s "
              f"of {summary['budget_s']} ({summary['mode']}, commit {summary['commit']})"]
     for s in summary["steps"]:
@@ -306,19 +308,49 @@ def brief(summary: dict) -> str:
     for step, counts in summary["tests"].items():
         lines.append(f"  {step}: {counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
                      f"{counts['skipped']} skipped" + "".join(f"\n    {n}" for n in counts["failing"][:10]))
+    figures = summary.get("figures", {})
+    machine = figures.get("machine")
+    if machine:
+        lines.append(f"  machine: {machine.get('gpu') or 'no GPU'}, torch {machine.get('torch')} "
+                     f"(CUDA {machine.get('torch_cuda')}), DALI {machine.get('dali')}, nvcc {machine.get('nvcc')}")
+    if figures.get("plugin"):
+        lines.append(f"  plugin: {figures['plugin'].get('how')}; CUDA backend: {figures['plugin'].get('cuda')}")
+    for row in figures.get("operator", {}).get("results", []):
+        lines.append(f"  operator {row['device']} B={row['batch_size']}: fused {row['fused_ms']} ms, reference "
+                     f"{row['reference_ms']} ms: {row['raw_speedup']}x (operator alone {row['op_only_speedup']}x), "
+                     f"max |diff| {row['max_abs_diff']}")
+    throughput = figures.get("throughput", {})
+    for batch, run in throughput.get("by_batch_size", {}).items():
+        rates = ", ".join(f"{name} {rate}" for name, rate in run["images_per_s"].items())
+        lines.append(f"  throughput {throughput.get('device')} B={batch}: images/s {rates}")
+        for name, ratio in run["ratios"].items():
+            lines.append(f"    {name} {ratio} (paired {run['paired_ratios'].get(name)}, "
+                         f"CPU time {run['cpu_time_ratios'].get(name)})")
+        if run.get("feed_samples_per_s"):
+            feed = ", ".join(f"{name} {rate}" for name, rate in run["feed_samples_per_s"].items())
+            lines.append(f"    feed samples/s: {feed}")
+    for name, target in throughput.get("targets", {}).items():
+        lines.append(f"  target {name}: met {target.get('met')}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_summary", description=__doc__.split("\n")[0])
-    parser.add_argument("work", help="the check's work folder (steps.tsv, logs/, results/)")
-    parser.add_argument("out", help="the folder that goes back (summary.json, the archive, log tails)")
+    parser.add_argument("work", nargs="?", help="the check's work folder (steps.tsv, logs/, results/)")
+    parser.add_argument("out", nargs="?", help="the folder that goes back (summary.json, the archive, log tails)")
     parser.add_argument("--mode", default="gpu")
-    parser.add_argument("--budget", type=int, required=True)
-    parser.add_argument("--seconds", type=int, required=True)
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--seconds", type=int)
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--final", action="store_true", help="also write the archive and the log tails")
+    parser.add_argument("--show", metavar="SUMMARY_JSON", help="print a summary.json in a few lines, and stop")
     args = parser.parse_args(argv)
+    if args.show:
+        with open(args.show, encoding="utf-8") as f:
+            print(brief(json.load(f)))
+        return 0
+    if not (args.work and args.out) or args.budget is None or args.seconds is None:
+        parser.error("WORK, OUT, --budget and --seconds are needed (or --show SUMMARY_JSON)")
     summary = build_summary(args.work, args.mode, args.budget, args.seconds, args.final, args.commit)
     os.makedirs(args.out, exist_ok=True)
     if args.final:

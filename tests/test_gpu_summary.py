@@ -129,3 +129,21 @@ def test_interim_summary_alone(tmp_path):
     out = tmp_path / "out"
     assert gpu_summary.main([str(work), str(out), "--budget", "300", "--seconds", "21"]) == 0
     assert os.listdir(out) == ["summary.json"]
+
+
+def test_show_prints_steps_tests_and_figures(tmp_path, capsys):
+    work = _work(tmp_path, [("stage", "ok", 20, ""), ("tests", "not reached", 80, "cut by the 300 s budget")])
+    (work / "results" / "junit.xml").write_text(JUNIT)
+    shutil.copy(os.path.join(RESULTS, "throughput-cpu-plain-relabel-2026-11-30-b256.json"), work / "results")
+    out = tmp_path / "out"
+    gpu_summary.main([str(work), str(out), "--budget", "300", "--seconds", "290"])
+    capsys.readouterr()
+    assert gpu_summary.main(["--show", str(out / "summary.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "ok=True complete=False in 290 s of 300" in shown
+    assert "tests         not reached    80 s  cut by the 300 s budget" in shown
+    assert "tests: 2 passed, 1 failed, 1 errors, 1 skipped\n    tests.test_a::test_bad[spawn]" in shown
+    assert "throughput cpu B=256: images/s plain 576.3, relabel 570.1" in shown
+    assert "relabel_over_plain 0.989 (paired 0.98, CPU time 0.992)" in shown
+    with pytest.raises(SystemExit):
+        gpu_summary.main([str(work)])  # no OUT, budget or seconds
