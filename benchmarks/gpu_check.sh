@@ -171,7 +171,7 @@ echo "gpu_check.sh: $mode, out $out, work $work, budget $budget s, commit $commi
 if [ "$dry_run" = 1 ]; then
   skip stage "dry run: DALI as installed"
 elif PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" python3 -c "import nvidia.dali" 2>/dev/null; then
-  skip stage "DALI already installed in $target"
+  skip stage "DALI already importable (from $target or python3's own packages)"
 elif [ ! -f "$stage/MANIFEST" ] || ! ls "$stage"/part-* > /dev/null 2>&1; then
   { echo "no MANIFEST or part-* in $stage:"; ls -la "$stage"; } >> "$work/logs/stage.log" 2>&1
   record stage failed 0 "no MANIFEST or parts in $stage (did the earlier runs copy them, on this machine?)"
@@ -190,7 +190,7 @@ fi
 [ "$dry_run" = 1 ] || export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import nvidia.dali as d; print('DALI', d.__version__, d.__file__)" >> "$work/logs/stage.log" 2>&1; then
   echo "gpu_check.sh: DALI is not importable (logs/stage.log); nothing else can run" | tee -a "$work/logs/stage.log"
-  record stage failed 0 "DALI is not importable"
+  grep -q "^stage	failed" "$work/steps.tsv" || record stage failed 0 "DALI is not importable (logs/stage.log)"
   failed=1; skip_rest "DALI is not importable"; exit 1
 fi
 

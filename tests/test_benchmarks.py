@@ -389,8 +389,16 @@ def test_gpu_check_stages_dali_then_stops_at_the_preflight(tmp_path, installer):
     """The GPU mode on a machine without DALI: the staged parts are joined, checked and installed
     (by the stage's install_dali_wheels.sh when it has one, else by the check itself), the wheels'
     nvidia/__init__.py is removed, and without a GPU the preflight stops the check."""
-    venv = tmp_path / "venv"  # a python3 without DALI (or anything else)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    import shutil
+
+    import pip
+
+    venv = tmp_path / "venv"  # a python3 with pip and nothing else (copied: ensurepip may be missing)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([str(venv / "bin" / "python3"), "-c", where], check=True, capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    shutil.copytree(os.path.dirname(pip.__file__), os.path.join(purelib, "pip"))
     stage, target, out = tmp_path / "stage", tmp_path / "site", tmp_path / "out"
     _stage_fake_dali(str(stage))
     if installer == "staged":
@@ -417,3 +425,23 @@ def test_gpu_check_stages_dali_then_stops_at_the_preflight(tmp_path, installer):
     with tarfile.open(out / "results.tar.gz") as tar:
         preflight = json.load(tar.extractfile("results/preflight.json"))
     assert preflight["modules"]["nvidia.dali"] == "0.0+stand-in" and preflight["cuda_available"] is False
+
+
+def test_gpu_check_without_staged_parts_says_so(tmp_path):
+    """GPU mode, python3 without DALI and an empty stage: the stage step fails naming the missing
+    parts, and nothing else runs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+    env.pop("PYTHONPATH", None)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", GPU_CHECK, "--stage", str(tmp_path / "stage"), "--target", str(tmp_path / "site"),
+                           "--out", str(out), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    stage = summary["steps"][0]
+    assert stage["status"] == "failed" and "no MANIFEST or parts in" in stage["detail"]
+    assert all(s["status"] == "skipped" for s in summary["steps"][1:]) and summary["failed_steps"] == ["stage"]
+    assert _returned_files(out) == ["results.tar.gz", "summary.json", "tail-stage.log"]
