@@ -63,7 +63,8 @@ def load_average() -> Optional[List[float]]:
 
 
 def versions() -> dict:
-    """Python and library versions, the dali_relabel that was imported, and the git commit."""
+    """Python and library versions, the dali_relabel that was imported, and the git commit
+    (:func:`git_state`)."""
     out = {"python": sys.version.split()[0]}
     for name, module in (("dali_relabel", "dali_relabel"), ("torch", "torch"), ("torchvision", "torchvision"),
                          ("dali", "nvidia.dali"), ("numpy", "numpy"), ("h5py", "h5py"), ("pillow", "PIL")):
@@ -77,17 +78,35 @@ def versions() -> dict:
         out["dali_relabel_path"] = os.path.dirname(dali_relabel.__file__)
     except Exception:
         pass
+    out.update(git_state())
+    return out
+
+
+#: Set by benchmarks/gpu_check.sh (and usable by anyone running from a copy without ``.git``): the
+#: commit the checked tree came from, recorded instead of asking git.
+GIT_COMMIT_ENV = "DALI_RELABEL_GIT_COMMIT"
+#: ``git_commit`` when neither git nor :data:`GIT_COMMIT_ENV` knows it.
+UNKNOWN_COMMIT = "unknown"
+
+
+def git_state() -> dict:
+    """``{"git_commit", "git_dirty"}`` of the checkout the benchmarks run from: the commit from git;
+    else from the ``DALI_RELABEL_GIT_COMMIT`` environment variable (``git_dirty`` then ``None``: not
+    known); else ``"unknown"`` (a copy of the tree without ``.git``, such as a Docker image or a
+    GPU machine's copy). A set variable wins over git."""
+    given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if given:
+        return {"git_commit": given, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "-C", BENCH_DIR, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
-        if commit.returncode == 0:
+        if commit.returncode == 0 and commit.stdout.strip():
             dirty = subprocess.run(["git", "-C", BENCH_DIR, "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, timeout=10)
-            out["git_commit"] = commit.stdout.strip()
-            out["git_dirty"] = bool(dirty.stdout.strip())
-    except Exception:
+            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
         pass
-    return out
+    return {"git_commit": UNKNOWN_COMMIT, "git_dirty": None}
 
 
 def plugin_info() -> Optional[dict]:
@@ -157,7 +176,7 @@ def header_lines(result: dict, title: str) -> List[str]:
     m, v = result["machine"], result["versions"]
     gib = (m.get("memory_bytes") or 0) / 2**30
     commit = ""
-    if v.get("git_commit"):
+    if v.get("git_commit") and v["git_commit"] != UNKNOWN_COMMIT:
         commit = f" ({v['git_commit'][:10]}{', dirty' if v.get('git_dirty') else ''})"
     return [f"# {title}, {result['created'][:10]}", "",
             f"Machine: {m.get('cpu_model')}, {m.get('usable_cores')} usable cores, {gib:.0f} GiB"

@@ -472,8 +472,9 @@ DROP = [".git/HEAD", "dali_relabel/__pycache__/plugin.cpython-312.pyc", "dali_re
         "benchmarks/.data/xdg-cache/dali_relabel/plugin/x/libdali_relabel.so", "benchmarks/.benchmarks/x.json",
         "runs/relabel/checkpoint.pth", "runs/relabel/metrics.jsonl", "pipelines/runs/relabel/args.json",
         "examples/demo_output/results.md", "data/imagenet/train/n01440764/x.JPEG", "maps/n01440764/x.pt",
-        ".cache/dali_relabel/plugin/2.4.0-cuda120-abc/libdali_relabel.so", "stores/imagenet_relabel.h5",
-        "stores/imagenet_relabel.h5.partial", "logits.npy", "map.png", "venv/bin/python", ".venv/bin/python"]
+        "gpu-check-out/summary.json", ".cache/dali_relabel/plugin/2.4.0-cuda120-abc/libdali_relabel.so",
+        "stores/imagenet_relabel.h5", "stores/imagenet_relabel.h5.partial", "logits.npy", "map.png", "venv/bin/python",
+        ".venv/bin/python"]
 
 
 def _tracked_files() -> List[str]:

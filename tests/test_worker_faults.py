@@ -1,5 +1,9 @@
 """A dead, stopped or stuck source worker is an error naming it within seconds, never a hang; the
-position survives and the next pass starts on a new pipeline."""
+position survives and the next pass starts on a new pipeline.
+
+The worker tests run twice: with workers started by fork (a process without CUDA), and by spawn, as
+they are once the CUDA driver is initialised (on a GPU host the test session's
+``torch.cuda.is_available()`` does that): there DALI's ``IsDriverInitialized`` is forced true."""
 import os
 import signal
 import threading
@@ -7,10 +11,12 @@ import time
 
 import pytest
 
+import dali_relabel.loader
 from dali_relabel.config import DataConfig
 from dali_relabel.sources import BatchSource
 from dali_relabel.processes import process_state
 from dali_relabel.watchdog import LoaderWorkerError, describe_exit
+from fault_sources import HangingBatchSource
 
 pytest.importorskip("nvidia.dali")
 
@@ -28,20 +34,42 @@ def _loader(small_set, **config):
                          return_rows=True)
 
 
-def _worker_pid(loader):
+@pytest.fixture(params=["fork", "spawn"], ids=["fork", "spawn-driver-initialised"])
+def start_method(request, monkeypatch):
+    """How the source workers start: ``"spawn"`` makes this process look as if it had initialised
+    the CUDA driver, so ``worker_start_method`` switches the loader's workers to spawn."""
+    import nvidia.dali.backend
+
+    from dali_relabel.devices import worker_start_method
+
+    if request.param == "spawn":
+        monkeypatch.setattr(nvidia.dali.backend, "IsDriverInitialized", lambda: True)
+    elif nvidia.dali.backend.IsDriverInitialized():  # a GPU host: torch.cuda.is_available() did it
+        pytest.skip("the CUDA driver is initialised in this process: source workers cannot fork")
+    assert worker_start_method("fork") == request.param
+    return request.param
+
+
+def _worker_pid(loader, start_method):
+    """The pid of the loader's one source worker, after checking it was started by ``start_method``
+    (a spawned worker runs multiprocessing's ``spawn_main``; a forked one runs what its parent ran)."""
     from dali_relabel.watchdog import source_workers
 
     workers = source_workers(loader.pipeline)
     assert len(workers) == 1
-    return workers[0].pid
+    pid = workers[0].pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        spawned = b"spawn_main" in f.read()
+    assert spawned == (start_method == "spawn"), f"worker {pid} was not started by {start_method}"
+    return pid
 
 
 @pytest.mark.slow
-def test_killed_worker_is_named_and_the_position_resumes(small_set):
+def test_killed_worker_is_named_and_the_position_resumes(small_set, start_method):
     loader = _loader(small_set)
     batches = iter(loader)
     seen = [next(batches)[2].tolist() for _ in range(2)]
-    pid = _worker_pid(loader)
+    pid = _worker_pid(loader, start_method)
     os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
     with pytest.raises(LoaderWorkerError, match=f"DALI source worker {pid} was killed by SIGKILL"):
@@ -58,11 +86,11 @@ def test_killed_worker_is_named_and_the_position_resumes(small_set):
 
 
 @pytest.mark.slow
-def test_stopped_worker_is_named(small_set):
+def test_stopped_worker_is_named(small_set, start_method):
     loader = _loader(small_set)
     batches = iter(loader)
     next(batches)
-    pid = _worker_pid(loader)
+    pid = _worker_pid(loader, start_method)
     os.kill(pid, signal.SIGSTOP)
     with pytest.raises(LoaderWorkerError, match=f"DALI source worker {pid} is stopped"):
         for _ in batches:
@@ -73,23 +101,16 @@ def test_stopped_worker_is_named(small_set):
     assert process_state(pid) in ("", "Z", "X")
 
 
-_REAL_CALL = BatchSource.__call__
-
-
-def _hanging_call(self, batch_info):
-    if batch_info.iteration >= 2:
-        time.sleep(60)
-    return _REAL_CALL(self, batch_info)
-
-
 @pytest.mark.slow
-def test_stuck_worker_times_out_naming_the_workers(small_set, monkeypatch):
-    monkeypatch.setattr(BatchSource, "__call__", _hanging_call)  # inherited by the forked worker
+def test_stuck_worker_times_out_naming_the_workers(small_set, start_method, monkeypatch):
+    # The loader builds its source from a class a spawned worker can import (tests/fault_sources.py);
+    # a monkeypatched BatchSource.__call__ would reach forked workers only.
+    monkeypatch.setattr(dali_relabel.loader, "BatchSource", HangingBatchSource)
     loader = _loader(small_set, worker_timeout=2)
     started = time.monotonic()
     with pytest.raises(LoaderWorkerError, match=r"no batch for \d+ s \(timeout 2 s\); source workers: \d+ sleeping"):
         for _ in loader:
-            pass
+            _worker_pid(loader, start_method)
     assert time.monotonic() - started < 20
 
 
