@@ -235,6 +235,7 @@ def _env_without_git(copy: str, **extra) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_benchmarks_run_in_a_copy_without_git(tmp_path):
     """No .git: the results record the commit as "unknown" (and the table names none)."""
     copy = copy_of_tree(tmp_path / "tree")
@@ -253,6 +254,7 @@ def test_benchmarks_run_in_a_copy_without_git(tmp_path):
         assert "unknown" not in f.read()
 
 
+@pytest.mark.slow
 def test_git_commit_from_the_environment_wins(monkeypatch, tmp_path):
     from benchmarks import report
 
@@ -295,6 +297,7 @@ def test_gpu_check_arguments(tmp_path):
     assert elsewhere.returncode == 2 and "repository root" in elsewhere.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_out_of_budget_is_not_a_failure(tmp_path):
     """With no time left, every step is "not reached": the check still passes, says it is not
     complete, and leaves summary.json and the archive."""
@@ -392,6 +395,7 @@ def _stage_fake_dali(stage, part_bytes=700):
     assert n >= 2  # several parts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("installer", ["built-in", "staged"])
 def test_gpu_check_stages_dali_then_stops_at_the_preflight(tmp_path, installer):
     """The GPU mode on a machine without DALI: the staged parts are joined, checked and installed
@@ -435,6 +439,7 @@ def test_gpu_check_stages_dali_then_stops_at_the_preflight(tmp_path, installer):
     assert preflight["modules"]["nvidia.dali"] == "0.0+stand-in" and preflight["cuda_available"] is False
 
 
+@pytest.mark.slow
 def test_gpu_check_without_staged_parts_says_so(tmp_path):
     """GPU mode, python3 without DALI and an empty stage: the stage step fails naming the missing
     parts, and nothing else runs."""
