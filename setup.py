@@ -52,7 +52,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dali_relabel", "dali_relabel.store", "dali_relabel.pipelines"],
+    packages=["dali_relabel", "dali_relabel.augment", "dali_relabel.store", "dali_relabel.pipelines"],
     package_dir={"dali_relabel.pipelines": "pipelines"},
     package_data={"dali_relabel": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
     install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "filelock"],
