@@ -22,20 +22,27 @@ from dali_relabel.augment.policies import Policy, PolicyError, parse_policy
 _SEED_TAG = 0x5A17  # separates these draws' seeds from random_erase's for the same user seed
 
 
-def _dispatch(kernel_id, lo: int, hi: int, kernels: Sequence[str], images, arg, matrix, context):
-    """``kernels[kernel_id](...)`` per sample, as a binary tree of DALI conditionals."""
+def _dispatch(kernel_id, lo: int, hi: int, kernels: Sequence[str], images, arg, matrix, valid,
+              context):
+    """``kernels[kernel_id](...)`` per sample, as a binary tree of DALI conditionals.
+
+    Returns ``(images, valid)``; ``valid`` (the content mask, or None) changes only in ``warp``.
+    """
     if lo == hi:
         name = kernels[lo]
         if name == "warp":
-            return geometry.warp(images, matrix, context["fill"], context["interpolation"],
-                                 context["device"])
-        return ops.KERNELS[name](images, arg, context["device"])
+            out = geometry.warp(images, matrix, context["fill"], context["interpolation"],
+                                context["device"])
+            if valid is not None:
+                valid = geometry.warp_mask(valid, matrix)
+            return out, valid
+        return ops.KERNELS[name](images, arg, context["device"]), valid
     mid = (lo + hi) // 2
     if kernel_id <= mid:
-        out = _dispatch(kernel_id, lo, mid, kernels, images, arg, matrix, context)
+        out, valid = _dispatch(kernel_id, lo, mid, kernels, images, arg, matrix, valid, context)
     else:
-        out = _dispatch(kernel_id, mid + 1, hi, kernels, images, arg, matrix, context)
-    return out
+        out, valid = _dispatch(kernel_id, mid + 1, hi, kernels, images, arg, matrix, valid, context)
+    return out, valid
 
 
 def _fill(policy: Policy, fill) -> Tuple[int, int, int]:
@@ -81,7 +88,7 @@ def apply_op(images, policy: Union[str, Policy], op_name: str, arg, *, fill=None
 
 def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = None,
                  fill: Union[None, int, Sequence[int]] = None, interpolation: str = "bilinear",
-                 debug: bool = False):
+                 return_mask: bool = False, debug: bool = False):
     """Apply an automatic augmentation policy to a batch of images inside a DALI graph.
 
     Args:
@@ -93,13 +100,19 @@ def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = No
         interpolation: ``"bilinear"`` (torchvision's reference default; timm's fixed bilinear) or
             ``"nearest"`` (torchvision's class default). timm's ``random`` (bilinear or bicubic per
             op) has no DALI counterpart: ``fn.warp_affine`` has no bicubic.
+        return_mask: also return, per sample, an HW1 uint8 mask: 1 where the output pixel shows
+            content of the input, 0 where it shows fill (see below).
         debug: also return the draws (see below).
 
     Returns:
         ``(images, affine)``: the augmented images (same device, layout and dtype) and per sample the
         composed ``[2, 3]`` float32 matrix (CPU) mapping an output pixel coordinate (centres at
         ``i + 0.5``) to a pixel coordinate of the input image; the identity when no geometric op ran.
-        Photometric ops leave it unchanged. With ``debug=True`` a third element, a dict of CPU
+        Photometric ops leave it unchanged. With several geometric ops the affine says where each
+        pixel's content comes from, but content an earlier op moved off the canvas is lost and
+        shows fill although the composed affine maps inside the input: ``return_mask=True`` adds
+        the exact content mask (one nearest-neighbour warp of a 1-channel mask per geometric op)
+        as the next element. With ``debug=True`` a last element, a dict of CPU
         DataNodes with one entry per slot: ``op`` (int32 index into ``policy.ops``), ``applied``,
         ``negate`` (int32 0/1), ``level`` (float64: timm magnitude after noise, torchvision bin),
         ``arg`` (float64 op argument) and, for sub-policy families, ``sub``.
@@ -112,9 +125,10 @@ def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = No
     context = {"fill": _fill(policy, fill), "interpolation": interpolation,
                "device": images.device or "cpu"}
     affine = geometry.identity()
+    valid = fn.ones_like(images[:, :, 0:1]) if return_mask else None
     slots = policy.num_slots
     if slots == 0:
-        return (images, affine, {}) if debug else (images, affine)
+        return _result(images, affine, valid, {} if debug else None)
     seeds = Seeds(seed, _SEED_TAG)
     draws = draw_slots(policy, seeds)
     shape = images.shape(dtype=types.FLOAT64)
@@ -134,9 +148,15 @@ def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = No
         matrix = geometry.slot_matrix(policy, op, arg, applied, width, height)
         affine = geometry.compose(affine, matrix)
         kernel_id = types.Constant(kernel_of, dtype=types.INT32)[op] * applied
-        images = _dispatch(kernel_id, 0, len(kernels) - 1, kernels, images, arg, matrix, context)
-    if not debug:
-        return images, affine
-    info: Dict[str, object] = dict(draws)
-    info["arg"] = fn.stack(*args)
-    return images, affine, info
+        images, valid = _dispatch(kernel_id, 0, len(kernels) - 1, kernels, images, arg, matrix,
+                                  valid, context)
+    info: Optional[Dict[str, object]] = None
+    if debug:
+        info = dict(draws)
+        info["arg"] = fn.stack(*args)
+    return _result(images, affine, valid, info)
+
+
+def _result(images, affine, valid, info):
+    out = (images, affine) + ((valid,) if valid is not None else ())
+    return out + ((info,) if info is not None else ())

@@ -161,7 +161,7 @@ def _erase_boxes(erasing: Erasing, images, boxes, layout, channels, height, widt
         mask = fn.erase(fn.zeros_like(single), anchor=fn.stack(top, left), shape=fn.stack(h, w),
                         axes=[1, 2] if layout == "CHW" else [0, 1], fill_value=1.0)
         patch = _patch(erasing, images, box, layout, channels, height, width, device, seeds)
-        images = images + mask * (patch - images)
+        images = images * (1.0 - mask) + mask * patch  # exact: the box holds the patch values
     return images
 
 

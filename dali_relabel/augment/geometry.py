@@ -74,3 +74,9 @@ def warp(images, matrix, fill: Sequence[int], interpolation: str, device: str):
     fill = types.Constant(np.asarray(fill, np.uint8), dtype=types.UINT8, device=device)
     outside = types.Constant(1, dtype=types.UINT8, device=device) - inside
     return warped * inside + fill * outside
+
+
+def warp_mask(mask, matrix):
+    """Carry an HW1 uint8 content mask through a warp: 1 where the output shows input content."""
+    return fn.warp_affine(mask, matrix=matrix, fill_value=0, interp_type=types.INTERP_NN,
+                          inverse_map=True)

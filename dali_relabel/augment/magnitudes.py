@@ -9,7 +9,7 @@ pixels for torchvision's, bits for posterize, thresholds for solarize, a radius 
   constants are looked up by the per-sample op index, so one expression serves all ops.
   ``GaussianBlurRand`` then draws its radius as ``random.uniform(0.1, 2 * factor)``.
 - torchvision: ``torch.linspace`` (and the posterize formula) evaluated at graph build time into a
-  ``[ops, bins]`` table; the translations, whose range depends on the image size, follow
+  ``[ops, bins]`` table (enhancements then ``1.0 + magnitude``, as ``_apply_op``); the translations, whose range depends on the image size, follow
   ``torch.linspace(0, 150/331 * size, bins)`` in float32 and ``int()``.
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ def _torchvision_argument(policy: Policy, op, level, negate, width, height):
         translate = on_w + on_h
         value = translate * pixels + (1.0 - translate) * value
     signed = _const(np.array([float(o.bins.signed) for o in policy.ops]))[op]
-    return value * (1.0 - 2.0 * signed * fn.cast(negate, dtype=types.FLOAT64))
+    offset = _const(np.array([o.bins.offset for o in policy.ops]))[op]
+    return offset + value * (1.0 - 2.0 * signed * fn.cast(negate, dtype=types.FLOAT64))
 
 
 def slot_argument(policy: Policy, op, level, negate, width, height, uniform=None):

@@ -92,6 +92,7 @@ class BinMap:
     signed: bool = False
     divisor: float = 4.0
     axis: int = 1
+    offset: float = 0.0  # the op's argument is offset + magnitude (enhancements: 1.0 + m)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ _TV_TRANSLATE_FRACTION = 150.0 / 331.0
 
 
 def _enhance_bins(hi):
-    return BinMap("linspace", 0.0, hi, signed=True)
+    return BinMap("linspace", 0.0, hi, signed=True, offset=1.0)
 
 
 def _tv_space(wide: bool, identity: bool, invert: bool) -> Dict[str, BinMap]:
