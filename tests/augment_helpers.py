@@ -72,17 +72,15 @@ def record_timm(text, count, seed, size=(10, 12)):
     return out
 
 
-def record_torchvision(text, count, seed, size=(10, 12)):
-    """torchvision's transform run ``count`` times; per image the ops as ``(name, magnitude)`` with
-    the magnitude as ``_apply_op`` uses it (``int()`` for translations)."""
+def record_torchvision(text, count, seed, size=(10, 12), transform=None):
+    """torchvision's transform (by policy name, or ``transform``) run ``count`` times; per image the
+    ops as ``(name, argument)``: the magnitude as ``_apply_op`` uses it (``int()`` for translations,
+    ``1.0 + m`` for the enhancements)."""
     import torch
     from torchvision.transforms import autoaugment as tv
-    transforms = {"ta_wide": tv.TrivialAugmentWide, "ra": tv.RandAugment,
-                  "randaugment": tv.RandAugment}
-    if text in transforms:
-        transform = transforms[text]()
-    else:
-        transform = tv.AutoAugment(tv.AutoAugmentPolicy(text))
+    if transform is None:
+        named = {"ta_wide": tv.TrivialAugmentWide, "ra": tv.RandAugment, "randaugment": tv.RandAugment}
+        transform = named[text]() if text in named else tv.AutoAugment(tv.AutoAugmentPolicy(text))
     current = []
     original = tv._apply_op
 
@@ -90,7 +88,7 @@ def record_torchvision(text, count, seed, size=(10, 12)):
         if op_name.startswith("Translate") or op_name == "Posterize":
             magnitude = float(int(magnitude))
         if op_name in ("Brightness", "Color", "Contrast", "Sharpness"):
-            magnitude = 1.0 + magnitude  # the enhance factor _apply_op passes on
+            magnitude = 1.0 + magnitude
         current.append((op_name, float(magnitude)))
         return img
 

@@ -72,7 +72,7 @@ def _weighted_without_replacement(policy: Policy, seeds):
     chosen = []
     for _ in range(policy.num_ops):
         p = weights * available
-        op = fn.random.choice(k, p=p / fn.reductions.sum(p), dtype=types.INT32, **seeds())
+        op = fn.cast(fn.random.choice(k, p=p / fn.reductions.sum(p), **seeds()), dtype=types.INT32)
         chosen.append(op)
         available = available * fn.cast(arange != op, dtype=types.FLOAT)
     return fn.stack(*chosen)

@@ -43,7 +43,8 @@ def _level_table(policy: Policy) -> np.ndarray:
 def bin_values(spec: BinMap, bins: int) -> np.ndarray:
     """torchvision's magnitudes of one op for ``bins`` bins (translations: 0, the graph adds them)."""
     if spec.kind == "linspace":
-        return torch.linspace(spec.lo, spec.hi, bins).numpy().astype(np.float64)
+        values = torch.linspace(spec.lo, spec.hi, bins).numpy().astype(np.float64)
+        return np.trunc(values) if spec.truncate else values
     if spec.kind == "posterize":
         bits = 8 - (torch.arange(bins) / ((bins - 1) / spec.divisor)).round().int()
         return bits.numpy().astype(np.float64)

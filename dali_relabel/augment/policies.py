@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from dali_relabel.errors import DaliRelabelError
@@ -93,6 +93,7 @@ class BinMap:
     divisor: float = 4.0
     axis: int = 1
     offset: float = 0.0  # the op's argument is offset + magnitude (enhancements: 1.0 + m)
+    truncate: bool = False  # int() of the magnitude (``_apply_op``'s translations)
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,9 @@ def _tv_space(wide: bool, identity: bool, invert: bool) -> Dict[str, BinMap]:
     """torchvision's augmentation space: RandAugment / AutoAugment (``wide=False``) or TA wide."""
     space = {"Identity": BinMap("none")} if identity else {}
     shear, rotate, enhance = (0.99, 135.0, 0.99) if wide else (0.3, 30.0, 0.9)
-    translate_x = (BinMap("linspace", 0.0, 32.0, signed=True) if wide
+    translate_x = (BinMap("linspace", 0.0, 32.0, signed=True, truncate=True) if wide
                    else BinMap("translate", 0.0, _TV_TRANSLATE_FRACTION, signed=True, axis=1))
-    translate_y = (BinMap("linspace", 0.0, 32.0, signed=True) if wide
+    translate_y = (BinMap("linspace", 0.0, 32.0, signed=True, truncate=True) if wide
                    else BinMap("translate", 0.0, _TV_TRANSLATE_FRACTION, signed=True, axis=0))
     space.update({
         "ShearX": BinMap("linspace", 0.0, shear, signed=True),
