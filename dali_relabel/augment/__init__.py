@@ -1,0 +1,16 @@
+"""Automatic augmentation policies and random erasing in the DALI graph, with the geometry exposed.
+
+- :func:`apply_policy` runs a timm or torchvision policy string on HWC uint8 images (the resized,
+  flipped crops) and returns the images and, per sample, the composed ``[2, 3]`` affine from output
+  pixels to input pixels, so labels can follow the pixels.
+- :func:`random_erase` is timm's / torchvision's ``RandomErasing`` on the normalised float images.
+- :func:`validate_policy` and :meth:`Erasing.validate` check settings without building a graph.
+
+Both must be called inside a ``@pipeline_def(enable_conditionals=True)`` function.
+"""
+from dali_relabel.augment.apply import apply_op, apply_policy
+from dali_relabel.augment.erasing import Erasing, ErasingError, random_erase
+from dali_relabel.augment.policies import Policy, PolicyError, parse_policy, validate_policy
+
+__all__ = ["apply_policy", "apply_op", "random_erase", "Erasing", "ErasingError", "Policy", "PolicyError",
+           "parse_policy", "validate_policy"]
