@@ -44,6 +44,17 @@ def _interpolation(name: Optional[str], flag: str, allow_random: bool = True) ->
     return None
 
 
+def _policy(flag: str, policy) -> str:
+    """An augmentation policy string, or a refusal naming ``flag`` and what is wrong with it."""
+    from .augment.policies import PolicyError, validate_policy
+
+    try:
+        validate_policy(str(policy))
+    except PolicyError as error:
+        raise UnsupportedSetting(f"{flag} {policy!r}: {error}") from None
+    return str(policy)
+
+
 def _mixing(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float) -> dict:
     """timm's "mix with ``prob``, then CutMix with ``switch_prob`` when both are on" as our chances
     (CutMix per pair or batch, then Mixup for what CutMix left alone)."""
@@ -57,6 +68,32 @@ def _mixing(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: f
     if mixup_alpha > 0:
         return dict(mixup_alpha=mixup_alpha, mixup_probability=prob)
     return {}
+
+
+def _timm_augmentation(args) -> dict:
+    """``--aa``, ``--reprob``/``--remode``/``--recount``, ``--vflip``, ``--aug-repeats`` and
+    ``--num-classes`` as :class:`DataConfig` fields (timm's erasing: areas 0.02-1/3, aspect 0.3-1/0.3)."""
+    settings = {}
+    policy = _get(args, "aa")
+    if policy:
+        if str(policy).startswith("augmix"):
+            _refuse("--aa", policy, "AugMix blends several augmented copies, so no single geometry "
+                    "describes a pixel and its label cannot follow; use a rand- or original policy")
+        settings["auto_augment"] = _policy("--aa", policy)
+    reprob = float(_get(args, "reprob", 0.0) or 0.0)
+    if reprob > 0:
+        settings.update(random_erase_probability=reprob, random_erase_mode=str(_get(args, "remode", "pixel")),
+                        random_erase_count=int(_get(args, "recount", 1) or 1),
+                        random_erase_area=(0.02, 1 / 3), random_erase_aspect=(0.3, 1 / 0.3))
+    vflip = float(_get(args, "vflip", 0.0) or 0.0)
+    if vflip > 0:
+        settings["vflip_probability"] = vflip
+    repeats = int(_get(args, "aug_repeats", 0) or 0)
+    if repeats > 1:
+        settings["aug_repeats"] = repeats
+    if _get(args, "num_classes"):
+        settings["num_classes"] = int(args.num_classes)
+    return settings
 
 
 def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
@@ -80,8 +117,7 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
     if val_interpolation:
         settings.update(val_interpolation=val_interpolation, interpolation=val_interpolation)
     if args is not None:
-        for flag, name, off in (("--aa", "aa", None), ("--reprob", "reprob", 0), ("--vflip", "vflip", 0),
-                                ("--aug-repeats", "aug_repeats", 0), ("--aug-splits", "aug_splits", 0),
+        for flag, name, off in (("--aug-splits", "aug_splits", 0), ("--resplit", "resplit", False),
                                 ("--color-jitter-prob", "color_jitter_prob", None),
                                 ("--grayscale-prob", "grayscale_prob", None),
                                 ("--gaussian-blur-prob", "gaussian_blur_prob", None),
@@ -113,6 +149,10 @@ def from_timm(data_config: dict, args=None, **overrides) -> DataConfig:
         if train_interpolation:
             settings["interpolation"] = train_interpolation
         jitter = _get(args, "color_jitter")
+        settings.update(_timm_augmentation(args))
+        if settings.get("auto_augment") and "3a" not in settings["auto_augment"] \
+                and not _get(args, "force_color_jitter", False):
+            jitter = None  # timm drops colour jitter when a policy runs (unless 3a or forced)
         settings.update(
             scale=tuple(_get(args, "scale", (0.08, 1.0))), ratio=tuple(_get(args, "ratio", (3 / 4, 4 / 3))),
             flip_probability=float(_get(args, "hflip", 0.5)),
@@ -144,11 +184,19 @@ def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
     probability targets too (so it is not applied twice). torchvision mixes per batch, choosing
     MixUp or CutMix with equal chance when both are on; so does the returned config.
     """
-    for flag, name, off in (("--auto-augment", "auto_augment", None), ("--random-erase", "random_erase", 0.0),
-                            ("--ra-sampler", "ra_sampler", False)):
-        value = _get(args, name, off)
-        if value not in (off, None, 0, False):
-            _refuse(flag, value, "the DALI path has no such augmentation or sampler; leave it at its default")
+    augmentation = {}
+    policy = _get(args, "auto_augment")
+    if policy:
+        if str(policy) == "augmix":
+            _refuse("--auto-augment", policy, "AugMix blends several augmented copies, so no single geometry "
+                    "describes a pixel and its label cannot follow")
+        augmentation["auto_augment"] = _policy("--auto-augment", policy)
+    erase = float(_get(args, "random_erase", 0.0) or 0.0)
+    if erase > 0:  # torchvision's RandomErasing(p) defaults: scale (0.02, 0.33), ratio (0.3, 3.3), value 0
+        augmentation.update(random_erase_probability=erase, random_erase_mode="const",
+                            random_erase_area=(0.02, 0.33), random_erase_aspect=(0.3, 3.3))
+    if _get(args, "ra_sampler", False):
+        augmentation["aug_repeats"] = int(_get(args, "ra_reps", 3))
     if _get(args, "weights") and _get(args, "test_only"):
         _refuse("--weights with --test-only", args.weights, "the script would evaluate with the weights' own "
                 "transforms; pass their sizes and interpolation as --val-resize-size, --val-crop-size and "
@@ -156,10 +204,12 @@ def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
     interpolation = _interpolation(_get(args, "interpolation", "bilinear"), "--interpolation",
                                    allow_random=False) or "bilinear"
     mixup, cutmix = float(_get(args, "mixup_alpha", 0.0) or 0.0), float(_get(args, "cutmix_alpha", 0.0) or 0.0)
+    # last_batch "pad": its DataLoader keeps the last partial batch (drop_last=False)
     train = DataConfig(**{
         "image_size": int(_get(args, "train_crop_size", 224)), "interpolation": interpolation,
-        "val_interpolation": interpolation, "mix_granularity": "batch",
-        **_mixing(mixup, cutmix, 1.0, 0.5), **overrides})
-    val = train.replace(image_size=int(_get(args, "val_crop_size", 224)),
+        "val_interpolation": interpolation, "mix_granularity": "batch", "last_batch": "pad",
+        **_mixing(mixup, cutmix, 1.0, 0.5), **augmentation, **overrides})
+    val = train.replace(auto_augment=None, random_erase_probability=0.0, aug_repeats=1,
+                        image_size=int(_get(args, "val_crop_size", 224)),
                         val_resize=int(_get(args, "val_resize_size", 256)))
     return train, val

@@ -29,6 +29,9 @@ LAST_BATCH_POLICIES = ("drop", "pad")
 CUTMIX_MODES = ("authors", "localized")
 #: One CutMix/Mixup draw per pair of samples, or one for the whole batch (timm's default).
 MIX_GRANULARITIES = ("pair", "batch")
+#: What random erasing writes into a box (timm's ``--remode``): 0 (the mean), one N(0, 1) colour per
+#: box, or N(0, 1) noise per pixel, all in normalised units.
+ERASE_MODES = ("const", "rand", "pixel")
 
 
 @dataclass
@@ -50,10 +53,32 @@ class DataConfig:
             bilinear where that is ``"random"``).
         color_jitter: ``(brightness, contrast, saturation, hue)`` strengths like torchvision's
             ``ColorJitter`` (a single number sets the first three); ``None`` or zeros: off.
+        auto_augment: an automatic augmentation policy run on the resized, flipped crop, in the DALI
+            graph: timm's strings (``rand-m9-mstd0.5-inc1``, ``rand-m9-n3-mstd0.5-mmax10-p0.8``,
+            ``original``, ``originalr``, ``v0``, ``v0r``, ``3a``, each with options as in timm) or
+            torchvision's policies (``ta_wide``, ``imagenet``, ``randaugment``/``ra``, ``cifar10``,
+            ``svhn``); see :mod:`dali_relabel.augment`. Its geometric ops (rotate, shear, translate)
+            move the labels too: the soft target is pooled over what each output pixel shows.
+            ``None``: off.
+        vflip_probability: probability of a vertical flip (timm's ``--vflip``); labels follow it.
+        random_erase_probability: chance that an image gets random erasing after normalisation
+            (timm's ``--reprob``, torchvision's ``--random-erase``); targets are unchanged.
+        random_erase_mode: what an erased box holds (one of :data:`ERASE_MODES`, timm's ``--remode``).
+        random_erase_count: most boxes per erased image, 1 to this many (timm's ``--recount``).
+        random_erase_area: range of the erased share of the image (split among the boxes).
+        random_erase_aspect: range of a box's aspect ratio h/w (log-uniform).
+        aug_repeats: repeated augmentation (timm's ``--aug-repeats``, torchvision's ``--ra-sampler
+            --ra-reps``): each sample is read this many times per epoch, each copy with its own crop and
+            augmentation, the copies dealt to different ranks, the epoch keeping its length
+            (:class:`~dali_relabel.plan.EpochPlan`). 1: off. Tree loaders only.
         mean, std: per-channel normalisation in 0-1 units (``(x / 255 - mean) / std``).
         output_dtype: images as one of :data:`OUTPUT_DTYPES`.
         channels_last: images in ``torch.channels_last`` memory format (shape still ``[B, 3, H, W]``).
         output_size: (h, w) grid of the soft target; (1, 1) gives ``[num_classes]`` targets.
+        num_classes: width of the targets handed out: ``None`` for the data's classes (the store's,
+            or the tree's folders); more pads every target with zeros for the classes the data does
+            not have (a model head wider than the data, as timm's ``--num-classes 1000`` over a
+            smaller set); fewer is refused.
         temperature: softmax temperature applied to the pooled logits.
         label_smoothing: ``targets = (1 - e) * targets + e / num_classes`` (after mixing).
         layout: ``None`` to use the store's own layout, else ``"HW"`` or ``"WH"`` to override it.
@@ -97,11 +122,20 @@ class DataConfig:
     interpolation: str = "bilinear"
     val_interpolation: Optional[str] = None
     color_jitter: Optional[Tuple[float, float, float, float]] = None
+    auto_augment: Optional[str] = None
+    vflip_probability: float = 0.0
+    random_erase_probability: float = 0.0
+    random_erase_mode: str = "const"
+    random_erase_count: int = 1
+    random_erase_area: Tuple[float, float] = (0.02, 1.0 / 3.0)
+    random_erase_aspect: Tuple[float, float] = (0.3, 1.0 / 0.3)
+    aug_repeats: int = 1
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     output_dtype: str = "float32"
     channels_last: bool = False
     output_size: Tuple[int, int] = (1, 1)
+    num_classes: Optional[int] = None
     temperature: float = 1.0
     label_smoothing: float = 0.0
     layout: Optional[str] = None
@@ -168,6 +202,45 @@ class DataConfig:
         if len(self.output_size) != 2 or min(self.output_size) < 1:
             raise ValueError(f"output_size must be two positive ints, got {self.output_size}")
         self.color_jitter = _jitter_strengths(self.color_jitter)
+        self._check_augmentation()
+
+    def _check_augmentation(self) -> None:
+        """Refuse policy strings, erasing settings and repeats out of range, naming them."""
+        if self.auto_augment is not None:
+            from .augment.policies import validate_policy
+
+            self.auto_augment = str(self.auto_augment)
+            validate_policy(self.auto_augment)
+        if not 0 <= self.vflip_probability <= 1:
+            raise ValueError(f"vflip_probability must lie in [0, 1], got {self.vflip_probability}")
+        if self.aug_repeats < 1:
+            raise ValueError(f"aug_repeats must be at least 1, got {self.aug_repeats}")
+        self.random_erase_area = tuple(float(v) for v in self.random_erase_area)
+        self.random_erase_aspect = tuple(float(v) for v in self.random_erase_aspect)
+        self.erasing().validate()
+
+    def target_width(self, data_classes: int) -> int:
+        """The targets' width for data with ``data_classes`` classes (:attr:`num_classes`)."""
+        if self.num_classes is None:
+            return data_classes
+        if self.num_classes < data_classes:
+            raise ValueError(f"num_classes {self.num_classes} (timm's --num-classes) is smaller than the "
+                             f"data's {data_classes} classes: the targets cannot be cut; give at least "
+                             f"{data_classes} or leave it unset")
+        return int(self.num_classes)
+
+    def erasing(self):
+        """The random-erasing settings as :class:`~dali_relabel.augment.Erasing`."""
+        from .augment.erasing import Erasing
+
+        return Erasing(prob=float(self.random_erase_probability), mode=self.random_erase_mode,
+                       min_count=1, max_count=int(self.random_erase_count), area=self.random_erase_area,
+                       aspect=self.random_erase_aspect)
+
+    @property
+    def moves_pixels(self) -> bool:
+        """Whether geometric augmentation runs after the flip (the labels must follow an affine)."""
+        return self.auto_augment is not None or self.vflip_probability > 0
 
     @property
     def resize_size(self) -> int:
@@ -210,7 +283,7 @@ _NOT_FLAGS = ("extra",)
 _CHOICES = {"layout": LAYOUTS, "output_dtype": OUTPUT_DTYPES, "interpolation": INTERPOLATIONS,
             "val_interpolation": tuple(i for i in INTERPOLATIONS if i != "random"),
             "last_batch": LAST_BATCH_POLICIES, "py_start_method": ("fork", "spawn"), "cutmix_mode": CUTMIX_MODES,
-            "mix_granularity": MIX_GRANULARITIES}
+            "mix_granularity": MIX_GRANULARITIES, "random_erase_mode": ERASE_MODES}
 
 
 def field_help() -> dict:
@@ -266,7 +339,8 @@ def from_arguments(args, **overrides) -> DataConfig:
     """The :class:`DataConfig` of arguments added by :func:`add_arguments` (``overrides`` last)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)
               if f.name not in _NOT_FLAGS and hasattr(args, f.name)}
-    for name in ("scale", "ratio", "mean", "std", "output_size", "color_jitter"):
+    for name in ("scale", "ratio", "mean", "std", "output_size", "color_jitter", "random_erase_area",
+                 "random_erase_aspect"):
         if isinstance(values.get(name), list):
             values[name] = tuple(values[name])
     values.update(overrides)

@@ -51,7 +51,8 @@ CLASS_IDS = Field("class_ids", None, 3, "[k, H, W] class ids of the label map", 
 LABELS = Field("labels", "int32", 1, "[1] hard label", tar_ext="label")
 ROWS = Field("rows", "int64", 1, "[1] store row (image index)", tar_ext="row")
 VALID = Field("valid", "uint8", 1, "[1] VALID, PADDING or SKIPPED (dali_relabel.sources)")
-EPOCHS = Field("epochs", "int64", 0, "[] the sample's epoch (keys its random choices)")
+EPOCHS = Field("epochs", "int64", 0, "[] the key epoch of the sample's random choices (its epoch, or with "
+                "repeated augmentation epoch * repeats + copy)")
 MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed)")
 
 # -- what the graphs make ----------------------------------------------------------------------------
@@ -59,11 +60,17 @@ IMAGES = Field("images", None, 3, "[3, S, S], or [S, S, 3] for channels_last")
 TARGETS = Field("targets", "float32", None, "[C] soft targets, or [C, oh, ow] on an output grid")
 PASTED = Field("pasted", "float32", None, "as targets: the map pooled over the CutMix box")
 SHAPES = Field("shapes", "int64", 1, "[3] the encoded image's (H, W, C)")
+WINDOW = Field("window", "int32", 1, "[4] the crop window x0, y0, w, h in source pixels")
+FLIP = Field("flip", "int32", 0, "[] 1 where the crop was mirrored horizontally")
+AFFINE = Field("affine", "float32", 2, "[2, 3] output pixel -> pixel of the resized, flipped crop (centres "
+               "at i + 0.5); the identity when no geometric op ran")
 
 #: The label map of a sample.
 MAP_FIELDS: Tuple[Field, ...] = (LOGITS, CLASS_IDS)
 #: The outputs a :class:`~dali_relabel.sources.BatchSource` can have, in their order.
 SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, LABELS, ROWS, VALID, EPOCHS, MIX_BOX)
+#: What ``return_geometry=True`` adds to a training batch, in its order.
+GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE)
 #: A shard sample's tar members, in their order in the tar.
 SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)
 

@@ -34,14 +34,27 @@ from .store import LabelStore, StoreError
 from .tree_check import check_store_matches_images
 
 
-def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool) -> tuple:
-    """``(images, targets[, labels][, rows])`` of a training batch as the loaders hand it out."""
+def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool,
+                   return_geometry: bool = False) -> tuple:
+    """``(images, targets[, labels][, rows][, geometry])`` of a training batch as the loaders hand it
+    out; ``geometry``: ``{"window": [B, 4] (x0, y0, w, h), "flip": [B], "affine": [B, 2, 3]}``."""
     out = [_as_torch_images(batch["images"], config), batch["targets"]]
     if return_labels:
         out.append(batch["labels"].reshape(-1).long())
     if return_rows:
         out.append(batch["rows"].reshape(-1))
+    if return_geometry:
+        out.append({"window": batch["window"], "flip": batch["flip"].reshape(-1), "affine": batch["affine"]})
     return tuple(out)
+
+
+def pad_targets(targets: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, C, ...]`` targets zero-padded to ``[B, width, ...]`` (classes the data does not have)."""
+    missing = width - targets.shape[1]
+    if missing <= 0:
+        return targets
+    pad = torch.zeros((targets.shape[0], missing, *targets.shape[2:]), dtype=targets.dtype, device=targets.device)
+    return torch.cat([targets, pad], dim=1)
 
 
 def validation_batch(batch: dict, config: DataConfig, return_rows: bool) -> tuple:
@@ -81,6 +94,8 @@ def mix_batch(batch: dict, config: DataConfig, epoch: int, batch_index: int, mix
             else torch.ones(size, dtype=torch.bool)
         images, targets = apply_mixup(batch["images"], batch["targets"], lam, untouched)
         batch = dict(batch, images=images, targets=targets)
+    if config.num_classes is not None:  # before smoothing: timm smooths over the head's classes
+        batch = dict(batch, targets=pad_targets(batch["targets"], config.num_classes))
     if config.label_smoothing:
         batch = dict(batch, targets=smooth_targets(batch["targets"], config.label_smoothing))
     return batch
@@ -101,7 +116,12 @@ class ReLabelLoader(PipelineBatches):
         rank, world_size: default from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
         shuffle: new permutation every epoch.
         return_labels: yield ``(images, targets, labels)``.
-        return_rows: also yield the store rows of the batch (last element).
+        return_rows: also yield the store rows of the batch.
+        return_geometry: also yield (last) a dict of every sample's geometry: ``window`` ``[B, 4]``
+            int32 (x0, y0, w, h of the crop in source pixels), ``flip`` ``[B]`` (1: mirrored), and
+            ``affine`` ``[B, 2, 3]`` float32 mapping an output pixel (centres at i + 0.5) to a pixel
+            of the resized, flipped crop: the identity when no geometric augmentation ran. The order
+            is window, resize, flip, geometric ops, erasing.
         check_files: at start-up, refuse a store whose rows do not match the image tree (checked
             once per store and tree, then remembered while the tree's folders are unchanged; see
             :mod:`dali_relabel.tree_check`).
@@ -130,7 +150,8 @@ class ReLabelLoader(PipelineBatches):
                  device="auto", device_id: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
-                 skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0):
+                 skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0,
+                 return_geometry: bool = False):
         from .pipelines.graphs import pipeline_kwargs, train_outputs, train_pipeline
         from .ops.plugin import load_plugin, require_gpu_backend
 
@@ -156,6 +177,7 @@ class ReLabelLoader(PipelineBatches):
             self.class_names = self.store.class_names
             self.num_classes = self.store.num_classes
             self.layout = config.layout or self.store.layout
+        data_classes, self.num_classes = self.num_classes, config.target_width(self.num_classes)
         rank, world_size = resolve_rank(rank, world_size)
         self.device = resolve_device(device)
         index = device_index(device, device_id)
@@ -164,13 +186,13 @@ class ReLabelLoader(PipelineBatches):
             require_gpu_backend()
         num_samples = len(self.store) if self.store is not None else len(paths)
         plan = EpochPlan(num_samples, batch_size, rank, world_size, seed=config.seed,
-                         shuffle=shuffle, last_batch=config.last_batch)
+                         shuffle=shuffle, last_batch=config.last_batch, repeats=config.aug_repeats)
         cutmix = None
         if config.cutmix_probability > 0:
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                 per_batch=config.mix_granularity == "batch")
-        output_map = train_outputs(config, cutmix is not None)
+        output_map = train_outputs(config, cutmix is not None, return_geometry)
         store_path = self.store.path if self.store else None
         execution = pipeline_kwargs(config, batch_size, index)
         decoder = "mixed" if self.device == "gpu" else "cpu"
@@ -180,11 +202,12 @@ class ReLabelLoader(PipelineBatches):
                                labels=labels, epochs=True, cutmix=cutmix, bad_rows=bad_rows)
 
         def make_pipeline(source):
-            return train_pipeline(source, config, self.num_classes, self.layout, decoder_device=decoder,
-                                  **execution)
+            return train_pipeline(source, config, data_classes, self.layout, decoder_device=decoder,
+                                  geometry=return_geometry, **execution)
 
         self.return_labels = return_labels
         self.return_rows = return_rows
+        self.return_geometry = return_geometry
         self.mixup_enabled = True
         self.dataset = LoaderDataset(self.image_root, self.class_names, num_samples)
         self.drop_last = config.last_batch == "drop"
@@ -201,7 +224,7 @@ class ReLabelLoader(PipelineBatches):
 
     def __iter__(self):
         for batch in self._batches():
-            yield training_batch(batch, self.config, self.return_labels, self.return_rows)
+            yield training_batch(batch, self.config, self.return_labels, self.return_rows, self.return_geometry)
 
 
 class ValidationLoader(PipelineBatches):

@@ -24,6 +24,18 @@ class ResumeError(DaliRelabelError, ValueError):
     position without its DALI checkpoint)."""
 
 
+class PassSupersededError(DaliRelabelError, RuntimeError):
+    """An iterator whose pass was ended by a newer ``iter()`` of the same loader."""
+
+
+def superseded(current: "Pass") -> PassSupersededError:
+    """The error an iterator raises when a newer ``iter()`` of its loader has ended its pass."""
+    return PassSupersededError(
+        f"this iterator's pass over epoch {current.epoch} was ended after {current.consumed} batches by a "
+        "newer iter() of the same loader: a loader runs one pass at a time (one DALI pipeline); finish "
+        "or drop an iterator before starting the next")
+
+
 @dataclass
 class Pass:
     """One pass (an ``iter()``) over a loader."""
@@ -67,6 +79,22 @@ class LoaderState(abc.ABC):
         self._pass: Optional[Pass] = None
         self.sampler = LoaderSampler(self)
         self.batch_sampler = None
+
+    # What scripts read off a DataLoader: batches need no pinning or collating (DALI makes them on
+    # their device), the pipeline persists from pass to pass, and the randomness is keyed by the
+    # config's seed, not drawn from a torch generator.
+    pin_memory = False
+    collate_fn = None
+    persistent_workers = True
+    generator = None
+    prefetch_factor = None
+
+    @property
+    def num_workers(self) -> int:
+        """Worker processes running the batch source (``DataConfig.py_num_workers``; 0: the loader's
+        own process). DALI's decoding threads are ``DataConfig.num_threads``."""
+        config = getattr(self, "config", None)
+        return int(config.py_num_workers) if config is not None else 0
 
     # -- what subclasses say ------------------------------------------------------------------------
     @abc.abstractmethod

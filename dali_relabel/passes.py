@@ -15,7 +15,7 @@ import os
 from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
-from .loader_state import LoaderState, Pass
+from .loader_state import LoaderState, Pass, superseded
 from .processes import die_with_parent
 from .sources import SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
@@ -193,7 +193,9 @@ class PipelineBatches(LoaderState):
         current = self._begin_pass()
         while True:
             if self._pass is not current:
-                return  # a newer pass took over
+                if current.finished:
+                    return
+                raise superseded(current)  # a newer pass took over: never end this one silently
             try:
                 outputs = self._guard.call(self._next_outputs)
             except StopIteration:

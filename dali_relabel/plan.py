@@ -102,14 +102,19 @@ class EpochPlan:
 
     def rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, valid)`` of this rank for ``epoch``, each ``num_batches * batch_size`` long."""
-        rows, valid, _ = self._batched(epoch)
+        rows, valid, _ = self.batched(epoch)
         return rows, valid
 
     def draw_epochs(self, epoch: int) -> np.ndarray:
         """int64 key epochs of :meth:`rows`' samples, for the keyed crops and augmentations: ``epoch``
         itself, or with ``repeats`` k, ``epoch * k + copy`` so every copy of a sample draws its own
         crop, flip and augmentation (and no two epochs share a key)."""
-        return epoch * self.repeats + self._batched(epoch)[2]
+        return self.batched(epoch)[2]
+
+    def batched(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`rows` and :meth:`draw_epochs` together: ``(rows, valid, key epochs)``."""
+        rows, valid, copies = self._batched(epoch)
+        return rows, valid, epoch * self.repeats + copies.astype(np.int64)
 
     def _batched(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rows, valid, copy index)``, batched: dropped or padded as ``last_batch`` says."""

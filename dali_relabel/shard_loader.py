@@ -27,7 +27,7 @@ from .devices import device_index, resolve_device
 from .distributed import resolve_rank
 from .errors import DaliRelabelError
 from .loader import mix_batch, training_batch, validation_batch
-from .loader_state import LoaderDataset, LoaderState, Pass
+from .loader_state import LoaderDataset, LoaderState, Pass, superseded
 from .mixing import CutMixSpec
 from .shards import ShardSet
 
@@ -157,7 +157,7 @@ class _ShardBatches(LoaderState):
         try:
             for outputs in current.iterator:
                 if self._pass is not current:
-                    return  # a newer pass took over
+                    raise superseded(current)  # a newer pass took over: never end this one silently
                 current.consumed += 1
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if first + current.consumed >= self.batches_per_epoch:
@@ -174,7 +174,7 @@ class ShardReLabelLoader(_ShardBatches):
     Args:
         shards: a :class:`ShardSet`, the shard directory, its ``index.json``, or a brace pattern
             (``DIR/shard-{000000..000127}.tar``).
-        batch_size, config, device, device_id, rank, world_size, return_labels, return_rows: as
+        batch_size, config, device, device_id, rank, world_size, return_labels, return_rows, return_geometry: as
             :class:`~dali_relabel.loader.ReLabelLoader`.
         shuffle: a new shard order each epoch and a shuffled sample buffer (else the stored order).
 
@@ -185,7 +185,8 @@ class ShardReLabelLoader(_ShardBatches):
 
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
                  device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 shuffle: bool = True, return_labels: bool = False, return_rows: bool = False):
+                 shuffle: bool = True, return_labels: bool = False, return_rows: bool = False,
+                 return_geometry: bool = False):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch)
         if not self.shards.has_maps:
@@ -195,9 +196,14 @@ class ShardReLabelLoader(_ShardBatches):
             from .ops.plugin import require_gpu_backend
 
             require_gpu_backend()
+        if config.aug_repeats > 1:
+            raise ValueError(f"aug_repeats {config.aug_repeats} (timm's --aug-repeats, torchvision's --ra-reps): "
+                             "repeated augmentation needs the image tree loader (ReLabelLoader); DALI's tar "
+                             "reader streams each sample once per epoch")
+        self.num_classes = config.target_width(self.shards.num_classes)
         self.layout = config.layout or self.shards.layout
         self.shuffle = shuffle
-        self.return_labels, self.return_rows = return_labels, return_rows
+        self.return_labels, self.return_rows, self.return_geometry = return_labels, return_rows, return_geometry
         self.mixup_enabled = True
         self.cutmix = None
         if config.cutmix_probability > 0:
@@ -206,7 +212,7 @@ class ShardReLabelLoader(_ShardBatches):
                                      per_batch=config.mix_granularity == "batch")
         from .pipelines.graphs import shard_train_outputs
 
-        self.output_map = shard_train_outputs(config, self.cutmix is not None)
+        self.output_map = shard_train_outputs(config, self.cutmix is not None, return_geometry)
 
     def shard_order(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch`` (the same on every rank)."""
@@ -220,16 +226,17 @@ class ShardReLabelLoader(_ShardBatches):
 
         boxes = None if self.cutmix is None else _BoxSource(self.cutmix, epoch, self.batch_size, mixing)
         reader_seed = int(np.random.default_rng([self.config.seed, epoch, self.rank, 0x5EED]).integers(2**31))
-        return shard_train_pipeline(self.shards, self.shard_order(epoch), epoch, self.config, self.num_classes,
+        return shard_train_pipeline(self.shards, self.shard_order(epoch), epoch, self.config, self.shards.num_classes,
                                     self.layout, decoder_device="mixed" if self.device == "gpu" else "cpu",
                                     shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle,
-                                    reader_seed=reader_seed, mix_boxes=boxes, checkpoint=checkpoint,
+                                    reader_seed=reader_seed, mix_boxes=boxes, geometry=self.return_geometry,
+                                    checkpoint=checkpoint,
                                     **self._pipeline_kwargs())
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
             batch = mix_batch(batch, self.config, epoch, index, self.mixup_enabled)
-            yield training_batch(batch, self.config, self.return_labels, self.return_rows)
+            yield training_batch(batch, self.config, self.return_labels, self.return_rows, self.return_geometry)
 
 
 class ShardValidationLoader(_ShardBatches):

@@ -135,7 +135,7 @@ class BatchSource:
         self.cutmix = cutmix
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
-        self._epoch_cache: Optional[tuple] = None  # (epoch, rows, valid) of the last epoch read
+        self._epoch_cache: Optional[tuple] = None  # (epoch, rows, valid, key epochs) of the last epoch read
         self._owner = os.getpid()  # the loader's process; worker processes die with it
 
     def __getstate__(self):
@@ -182,10 +182,20 @@ class BatchSource:
 
     def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, valid)`` of ``epoch`` (the plan's, cached for the running epoch)."""
+        cached = self._epoch(epoch)
+        return cached[1], cached[2]
+
+    def _epoch(self, epoch: int) -> tuple:
+        """``(epoch, rows, valid, key epochs)``, cached for the running epoch."""
         cached = self._epoch_cache  # one tuple, so a reader on another thread sees a consistent one
         if cached is None or cached[0] != epoch:
-            cached = self._epoch_cache = (epoch, *self.plan.rows(epoch))
-        return cached[1], cached[2]
+            cached = self._epoch_cache = (epoch, *self.plan.batched(epoch))
+        return cached
+
+    def batch_keys(self, epoch: int, batch: int) -> np.ndarray:
+        """int64 key epochs of batch ``batch`` of ``epoch`` (:meth:`EpochPlan.draw_epochs`)."""
+        size = self.plan.batch_size
+        return self._epoch(epoch)[3][batch * size:(batch + 1) * size]
 
     def batch_rows(self, epoch: int, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, status)`` of batch ``batch`` of ``epoch``, bad rows already replaced."""
@@ -237,7 +247,7 @@ class BatchSource:
             out.update(logits=maps.logits, class_ids=maps.class_ids)
         out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
         if self.epochs:
-            out["epochs"] = np.full(len(rows), epoch, np.int64)
+            out["epochs"] = np.ascontiguousarray(self.batch_keys(epoch, batch), np.int64)
         if self.cutmix is not None:
             out["mix_box"] = (self.cutmix.boxes(epoch, batch, len(rows)) if mixing
                               else np.zeros((len(rows), 4), np.float32))

@@ -31,8 +31,8 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
 from dali_relabel.devices import worker_start_method
-from dali_relabel.fields import (IMAGES, JPEGS, LABELS, MAP_FIELDS, MIX_BOX, PASTED, ROWS, SHAPES, SHARD_FIELDS,
-                                 TARGETS, VALID, Field)
+from dali_relabel.fields import (AFFINE, FLIP, GEOMETRY_FIELDS, IMAGES, JPEGS, LABELS, MAP_FIELDS, MIX_BOX, PASTED,
+                                 ROWS, SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
 from dali_relabel.fields import names as field_names
 from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
@@ -56,7 +56,14 @@ def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int
                   prefetch_queue_depth=config.prefetch_queue_depth, exec_dynamic=True)
     if checkpointing:
         kwargs["enable_checkpointing"] = True
+    if needs_conditionals(config):
+        kwargs["enable_conditionals"] = True
     return kwargs
+
+
+def needs_conditionals(config: DataConfig) -> bool:
+    """The augmentation policies and random erasing choose per sample with DALI conditionals."""
+    return config.auto_augment is not None or config.random_erase_probability > 0
 
 
 def in_order(outputs: Dict[str, object], order: Sequence[str]) -> tuple:
@@ -89,12 +96,13 @@ _INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC
                   "nearest": types.INTERP_NN, "lanczos": types.INTERP_LANCZOS3}
 
 
-def normalize(images, config: DataConfig, mirror=None):
+def normalize(images, config: DataConfig, mirror=None, dtype=None):
     """Flip, ``(x / 255 - mean) / std``, and the layout: HWC for channels-last images (the iterator
     hands them out as ``[B, 3, H, W]`` in ``torch.channels_last`` memory format), else CHW. bfloat16
     images leave DALI as float32 (DALI has no bfloat16) and are converted by the iterator."""
     kwargs = {} if mirror is None else {"mirror": mirror}
-    dtype = types.FLOAT16 if config.output_dtype == "float16" else types.FLOAT
+    if dtype is None:
+        dtype = types.FLOAT16 if config.output_dtype == "float16" else types.FLOAT
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC" if config.channels_last else "CHW",
                                     mean=[255.0 * m for m in config.mean], std=[255.0 * s for s in config.std],
                                     **kwargs)
@@ -117,10 +125,22 @@ def resize_square(images, config: DataConfig, interpolation=None):
     return fn.resize(images, size=[config.image_size, config.image_size], antialias=True, interp_type=choice)
 
 
+# Streams of a sample's key (crops.py): 0-2 crop, jitter, interpolation; 3 the vertical flip; the
+# augmentation policy and random erasing draw from their own ranges (dali_relabel.augment.randomness).
+_VFLIP_STREAM = 3
+POLICY_STREAMS = 16
+ERASE_STREAMS = 64
+
+
 def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
-    """The keyed random-resized crop, flip, resize and colour jitter of every sample (its choices
-    drawn from ``(config.seed, epoch, row)``). Returns ``(normalised images, shape, anchor, crop,
-    mirror)``: the crop window and mirror flag the label pooling needs."""
+    """The keyed random-resized crop, flip, resize, colour jitter, augmentation policy and random
+    erasing of every sample (every choice drawn from ``(config.seed, epoch, row)``). Returns
+    ``(normalised images, shape, anchor, crop, mirror, affine)``: the crop window and mirror flag the
+    label pooling needs, and ``affine`` (``None`` when nothing moves the pixels after the flip): per
+    sample the ``[2, 3]`` map from output pixels to pixels of the resized, flipped crop.
+
+    The order is torchvision's and timm's: window, resize, (colour jitter), flips, the policy (its
+    geometric ops compose into ``affine``), normalisation, erasing."""
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
     anchor, crop, mirror = fn.relabel.random_crop_window(
         shape, rows, epochs, seed=config.seed, random_area=list(config.scale),
@@ -137,20 +157,70 @@ def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
         # DALI's color_twist in this fixed order, contrast around mid-grey.
         images = fn.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2],
                                 hue=jitter[3])
-    return normalize(images, config, mirror), shape, anchor, crop, mirror
+    erasing = config.random_erase_probability > 0
+    dtype = types.FLOAT if erasing else None  # erase in float32, then cast (float16 images)
+    affine = None
+    if config.moves_pixels:
+        images, affine = _move_pixels(images, rows, epochs, mirror, config)
+        images = normalize(images, config, dtype=dtype)
+    else:
+        images = normalize(images, config, mirror, dtype=dtype)
+    if erasing:
+        from dali_relabel.augment import random_erase
+        from dali_relabel.augment.randomness import KeyedRandom
+
+        images = random_erase(images, config.erasing(), layout="HWC" if config.channels_last else "CHW",
+                              rng=KeyedRandom(rows, epochs, seed=config.seed, stream_base=ERASE_STREAMS))
+        if config.output_dtype == "float16":
+            images = fn.cast(images, dtype=types.FLOAT16)
+    return images, shape, anchor, crop, mirror, affine
+
+
+def _move_pixels(images, rows, epochs, mirror, config: DataConfig):
+    """The flips and the augmentation policy on the resized crops (HWC uint8): ``(images, affine)``."""
+    from dali_relabel.augment import apply_policy
+    from dali_relabel.augment.geometry import compose, identity
+    from dali_relabel.augment.randomness import KeyedRandom
+
+    vflip = None
+    if config.vflip_probability > 0:
+        draw = fn.relabel.keyed_uniforms(rows, epochs, seed=config.seed, stream=_VFLIP_STREAM, count=1)
+        vflip = fn.cast(draw[0] < float(config.vflip_probability), dtype=types.INT32)
+        images = fn.flip(images, horizontal=mirror, vertical=vflip)
+    else:
+        images = fn.flip(images, horizontal=mirror)
+    affine = identity()
+    if config.auto_augment is not None:
+        from dali_relabel.augment.policies import parse_policy
+
+        policy = parse_policy(config.auto_augment)
+        # timm fills uncovered pixels with the normalisation mean (its img_mean); torchvision with 0
+        fill = tuple(min(255, round(255 * m)) for m in config.mean) if policy.family.startswith("timm") else None
+        images, affine = apply_policy(images, policy, fill=fill,
+                                      rng=KeyedRandom(rows, epochs, seed=config.seed, stream_base=POLICY_STREAMS))
+    if vflip is not None:  # output -> (policy) -> vertically flipped crop -> the flipped crop
+        size = float(config.image_size)
+        v = fn.cast(vflip, dtype=types.FLOAT)
+        flip_matrix = fn.reshape(fn.stack(v * 0.0 + 1.0, v * 0.0, v * 0.0, v * 0.0, 1.0 - 2.0 * v, v * size),
+                                 shape=[2, 3])
+        affine = compose(flip_matrix, affine)
+    return images, affine
 
 
 def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, num_classes: int, layout: str,
-                 decoder_device: str, mix_box=None):
+                 decoder_device: str, mix_box=None, affine=None):
     """``[targets]`` pooled from ``data["logits"]``/``data["class_ids"]`` over each crop (one-hot hard
     labels when ``data`` has no maps); with ``mix_box`` in ``"localized"`` CutMix mode
-    ``[crop minus box, box]``."""
+    ``[crop minus box, box]``. With ``affine`` (geometric augmentation) the map is pooled over what
+    each output pixel shows: sampled at the inverse-mapped positions, fill left out."""
     if "logits" not in data:  # hard labels: one-hot targets, same augmentation
         targets = fn.reshape(fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT),
                              shape=[num_classes])
         return [targets.gpu() if decoder_device == "mixed" else targets]
     pool = dict(device="gpu" if decoder_device == "mixed" else "cpu", num_classes=num_classes,
                 output_size=list(config.output_size), temperature=config.temperature, layout=layout)
+    if affine is not None:
+        pool.update(affine=affine, output_image_size=[config.image_size, config.image_size])
     inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
     if mix_box is not None and config.cutmix_mode == "localized":
         return [fn.relabel.label_pooling(*inputs, mix_box, region_mode=mode, **pool) for mode in ("outside", "inside")]
@@ -180,15 +250,25 @@ def mix_outputs(config: DataConfig, cutmix: bool) -> Tuple[str, ...]:
     return field_names(MIX_BOX, PASTED) if config.cutmix_mode == "localized" else field_names(MIX_BOX)
 
 
-def train_outputs(config: DataConfig, cutmix: bool) -> List[str]:
-    """Names of :func:`train_pipeline`'s outputs, in order (``cutmix``: its source draws CutMix boxes)."""
-    return list(TRAIN_OUTPUTS + mix_outputs(config, cutmix))
+def train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False) -> List[str]:
+    """Names of :func:`train_pipeline`'s outputs, in order (``cutmix``: its source draws CutMix boxes;
+    ``geometry``: the crop window, flip and affine of every sample follow)."""
+    return list(TRAIN_OUTPUTS + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
 
 
-def _training_outputs(images, targets: list, data: dict, mix_box, order: Sequence[str]) -> tuple:
+def geometry_outputs(anchor, crop, mirror, affine) -> dict:
+    """``window`` (x0, y0, w, h), ``flip`` and ``affine`` (the identity where nothing moved the pixels)
+    by name: what ``return_geometry=True`` hands out."""
+    from dali_relabel.augment.geometry import identity
+
+    window = fn.cast(fn.stack(anchor[1], anchor[0], crop[1], crop[0]), dtype=types.INT32)
+    return {WINDOW.name: window, FLIP.name: mirror, AFFINE.name: identity() if affine is None else affine}
+
+
+def _training_outputs(images, targets: list, data: dict, mix_box, order: Sequence[str], geometry=None) -> tuple:
     """A training graph's outputs in ``order``: ``targets`` from :func:`soft_targets` (the crop's, then
-    in ``"localized"`` mode the box's)."""
-    outputs = dict(data, images=images, targets=targets[0])
+    in ``"localized"`` mode the box's); ``geometry`` from :func:`geometry_outputs`."""
+    outputs = dict(data, images=images, targets=targets[0], **(geometry or {}))
     if mix_box is not None:
         outputs[MIX_BOX.name] = mix_box
     if len(targets) > 1:
@@ -198,7 +278,7 @@ def _training_outputs(images, targets: list, data: dict, mix_box, order: Sequenc
 
 @pipeline_def
 def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, layout: str,
-                   decoder_device: str = "cpu"):
+                   decoder_device: str = "cpu", geometry: bool = False):
     """ReLabel training graph. Outputs (:func:`train_outputs`): images, soft targets, labels, rows, valid.
 
     A source without a store gives one-hot targets of the hard labels (the baseline).
@@ -212,13 +292,17 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
         num_classes: C of the soft targets.
         layout: ``"HW"`` or ``"WH"``, how boxes meet the maps.
         decoder_device: ``"mixed"`` (GPU decode; targets pooled on the GPU too) or ``"cpu"``.
+        geometry: also output every sample's crop window, flip and affine (:func:`geometry_outputs`).
     """
     data = read_batches(source, config)
-    images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], data["epochs"], config,
-                                                  decoder_device)
+    images, shape, anchor, crop, mirror, affine = augment(data["jpegs"], data["rows"], data["epochs"], config,
+                                                          decoder_device)
     mix_box = data.get("mix_box")
-    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
-    return _training_outputs(images, targets, data, mix_box, train_outputs(config, mix_box is not None))
+    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box,
+                           affine)
+    extra = geometry_outputs(anchor, crop, mirror, affine) if geometry else None
+    return _training_outputs(images, targets, data, mix_box, train_outputs(config, mix_box is not None, geometry),
+                             extra)
 
 
 #: Outputs of :func:`validation_pipeline`.
@@ -256,28 +340,32 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
 SHARD_TRAIN_OUTPUTS = field_names(IMAGES, TARGETS, LABELS, ROWS)
 
 
-def shard_train_outputs(config: DataConfig, cutmix: bool) -> List[str]:
-    """Names of :func:`shard_train_pipeline`'s outputs, in order (``cutmix``: with ``mix_boxes``)."""
-    return list(SHARD_TRAIN_OUTPUTS + mix_outputs(config, cutmix))
+def shard_train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False) -> List[str]:
+    """Names of :func:`shard_train_pipeline`'s outputs, in order (``cutmix``: with ``mix_boxes``;
+    ``geometry``: the crop window, flip and affine follow)."""
+    return list(SHARD_TRAIN_OUTPUTS + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
 
 
 @pipeline_def
 def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, config: DataConfig, num_classes: int,
                          layout: str, decoder_device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
-                         shuffle: bool = True, reader_seed: int = 0, mix_boxes=None):
+                         shuffle: bool = True, reader_seed: int = 0, mix_boxes=None, geometry: bool = False):
     """ReLabel training graph over tar shards (one epoch's order of ``names``): the same keyed
     augmentation and pooling as :func:`train_pipeline`. Outputs (:func:`shard_train_outputs`): images,
     soft targets, labels, rows, and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``)
     ``mix_box`` (+ ``pasted``)."""
     data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed)
     epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
-    images, shape, anchor, crop, mirror = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
+    images, shape, anchor, crop, mirror, affine = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
     mix_box = None
     if mix_boxes is not None:
         mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=MIX_BOX.dali_type(),
                                      ndim=MIX_BOX.ndim)
-    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box)
-    return _training_outputs(images, targets, data, mix_box, shard_train_outputs(config, mix_box is not None))
+    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box,
+                           affine)
+    extra = geometry_outputs(anchor, crop, mirror, affine) if geometry else None
+    return _training_outputs(images, targets, data, mix_box, shard_train_outputs(config, mix_box is not None, geometry),
+                             extra)
 
 
 #: Outputs of :func:`shard_validation_pipeline`.

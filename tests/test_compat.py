@@ -45,8 +45,9 @@ def test_timm_mixing_probabilities():
 
 
 @pytest.mark.parametrize("change, flag", [
-    (dict(aa="rand-m9-mstd0.5"), "--aa"), (dict(reprob=0.25), "--reprob"), (dict(vflip=0.5), "--vflip"),
-    (dict(aug_repeats=3), "--aug-repeats"), (dict(train_crop_mode="rkrc"), "--train-crop-mode"),
+    (dict(aa="augmix-m5-w4-d2"), "--aa"), (dict(aa="rand-m9-zz3"), "--aa 'rand-m9-zz3'.*'zz'"),
+    (dict(aa="fancy"), "--aa 'fancy'"),
+    (dict(resplit=True), "--resplit"), (dict(train_crop_mode="rkrc"), "--train-crop-mode"),
     (dict(mixup_mode="elem", mixup=0.2), "--mixup-mode"), (dict(cutmix_minmax=[0.2, 0.8]), "--cutmix-minmax"),
     (dict(grayscale_prob=0.1), "--grayscale-prob"), (dict(train_interpolation="box"), "--train-interpolation"),
     (dict(no_aug=True), "--no-aug"), (dict(class_map="map.txt"), "--class-map"), (dict(epoch_repeats=2.0), "--epoch-repeats"),
@@ -57,6 +58,27 @@ def test_timm_mixing_probabilities():
 def test_timm_settings_we_cannot_honour_are_refused_by_name(change, flag):
     with pytest.raises(UnsupportedSetting, match=flag):
         from_timm(TIMM_DATA, timm_args(**change))
+
+
+def test_timm_modern_recipe_maps_onto_the_loader():
+    config = from_timm(TIMM_DATA, timm_args(aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1,
+                                            aug_repeats=3, num_classes=1000, vflip=0.1))
+    assert config.auto_augment == "rand-m9-mstd0.5-inc1" and config.color_jitter is None  # timm drops it
+    assert (config.random_erase_probability, config.random_erase_mode, config.random_erase_count) == (0.25, "pixel", 1)
+    assert config.random_erase_area == pytest.approx((0.02, 1 / 3)) and config.aug_repeats == 3
+    assert config.num_classes == 1000 and config.vflip_probability == 0.1
+    assert from_timm(TIMM_DATA, timm_args(aa="3a")).color_jitter == (0.4, 0.4, 0.4, 0.0), "3a keeps jitter"
+
+
+def test_torchvision_modern_recipe_maps_onto_the_loader():
+    train, val = from_torchvision(torchvision_args(auto_augment="ta_wide", random_erase=0.1, ra_sampler=True,
+                                                   ra_reps=4))
+    assert train.auto_augment == "ta_wide" and train.aug_repeats == 4 and train.last_batch == "pad"
+    assert (train.random_erase_probability, train.random_erase_mode) == (0.1, "const")
+    assert train.random_erase_area == (0.02, 0.33) and train.random_erase_aspect == (0.3, 3.3)
+    assert val.auto_augment is None and val.random_erase_probability == 0 and val.aug_repeats == 1
+    with pytest.raises(UnsupportedSetting, match="--auto-augment 'augmix'"):
+        from_torchvision(torchvision_args(auto_augment="augmix"))
 
 
 def torchvision_args(**changes):
@@ -75,9 +97,7 @@ def test_torchvision_reference_arguments():
     assert train.mixup_probability == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("change, flag", [(dict(auto_augment="ta_wide"), "--auto-augment"),
-                                          (dict(random_erase=0.1), "--random-erase"),
-                                          (dict(ra_sampler=True), "--ra-sampler"),
+@pytest.mark.parametrize("change, flag", [(dict(auto_augment="ta_narrow"), "--auto-augment 'ta_narrow'"),
                                           (dict(weights="ResNet50_Weights.V2", test_only=True), "--weights")])
 def test_torchvision_settings_we_cannot_honour_are_refused_by_name(change, flag):
     with pytest.raises(UnsupportedSetting, match=flag):
