@@ -31,15 +31,31 @@ def _plain_reader(file_root: str, shard_id: int, num_shards: int):
 
 def _plain_augment(jpegs, config: DataConfig, decoder_device: str):
     """``peek_image_shape`` -> ``random_crop_generator`` -> ``decoders.image_slice`` -> resize -> flip
-    + normalize, with DALI's own random draws (no keys, no coordinates kept)."""
+    + normalize, with DALI's own random draws (no keys, no coordinates kept). With
+    ``config.auto_augment`` the same policy runs on the flipped crops, and with
+    ``config.random_erase_probability`` the same erasing after normalisation (:mod:`dali_relabel.augment`
+    with DALI's random operators): the hard-label twin of an augmented dali-relabel graph."""
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
     anchor, crop = fn.random_crop_generator(shape, random_area=list(config.scale),
                                             random_aspect_ratio=list(config.ratio),
                                             num_attempts=config.num_attempts)
     images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW",
                                      **decoder_args(decoder_device, config))
-    return normalize(resize_square(images, _fixed_interpolation(config)), config,
-                     fn.random.coin_flip(probability=config.flip_probability))
+    images = resize_square(images, _fixed_interpolation(config))
+    mirror = fn.random.coin_flip(probability=config.flip_probability)
+    if config.auto_augment is None:
+        images = normalize(images, config, mirror)
+    else:
+        from dali_relabel.augment import apply_policy
+
+        images, _ = apply_policy(fn.flip(images, horizontal=mirror), config.auto_augment, seed=config.seed)
+        images = normalize(images, config)
+    if config.random_erase_probability > 0:
+        from dali_relabel.augment import random_erase
+
+        images = random_erase(images, config.erasing(), layout="HWC" if config.channels_last else "CHW",
+                              seed=config.seed)
+    return images
 
 
 @pipeline_def

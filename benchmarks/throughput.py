@@ -75,6 +75,12 @@ def add_arguments(parser) -> None:
                         help="untimed batches per contender before timing (default: one epoch, at least 2)")
     parser.add_argument("--no-settle", dest="settle", action="store_false",
                         help="do not wait for a contender's prefetch refill after its segment (see timing.py)")
+    parser.add_argument("--augment", default=None, metavar="POLICY",
+                        help="an augmentation policy (e.g. rand-m9-n2-mstd0.5) run by every DALI contender: "
+                             "dali-relabel with keyed draws and labels that follow the pixels, the plain "
+                             "graphs with the same policy and DALI's random operators (default: none)")
+    parser.add_argument("--reprob", type=float, default=0.0,
+                        help="random-erasing probability of every DALI contender (default: 0)")
     parser.add_argument("--shard-mb", type=float, default=32.0, help="size of the tar shards (shards round)")
     parser.add_argument("--feed-threads", type=positive_int, default=2, help="DALI threads of the feed-only pipelines")
     parser.add_argument("--feed-batches", type=positive_int, default=None,
@@ -326,7 +332,8 @@ def run(args) -> dict:
                              workers=args.gen_workers)
     result["data"] = dict(data.manifest, path=data.root)
     config = DataConfig(image_size=args.image_size, num_threads=args.threads, py_num_workers=args.workers,
-                        hw_decoder_load=args.hw_decoder_load, seed=args.seed)
+                        hw_decoder_load=args.hw_decoder_load, seed=args.seed, auto_augment=args.augment,
+                        random_erase_probability=args.reprob)
     result["config"] = {k: v for k, v in config.to_dict().items() if k != "extra"}
     for batch_size in args.batch_sizes:
         run_b = {"contenders": {}, "ratios": {}}
@@ -349,6 +356,8 @@ def run(args) -> dict:
                 spreads[f"B={batch} {name}"] = entry["spread_pct"]
     finish(result, spreads)
     subset = "" if chosen == list(GROUPS) else "-" + "-".join(chosen)  # a partial run keeps the full one
+    if args.augment or args.reprob:  # an augmented run keeps the plain one
+        subset += "-augmented"
     return write_outputs(result, args.out_dir, f"throughput-{device}{subset}", plot, markdown)
 
 
