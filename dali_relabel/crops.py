@@ -96,7 +96,8 @@ def sample_uniforms(keys, stream: int, count: int) -> np.ndarray:
     """float64 ``[B, count]`` uniforms in ``[0, 1)`` from each sample's key, independent of the crop
     stream and of other ``stream`` numbers (colour jitter: stream 1, interpolation: stream 2)."""
     keys = np.asarray(keys, dtype=np.uint64)
-    salts = _mix(np.array([0xA0761D6478BD642F ^ stream], dtype=np.uint64) + np.arange(count, dtype=np.uint64))
+    base = _mix(np.array([0xA0761D6478BD642F ^ stream], dtype=np.uint64))  # mixed: streams never overlap
+    salts = _mix(base + np.arange(count, dtype=np.uint64))
     bits = _mix(keys[:, None] ^ salts[None, :])
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 

@@ -40,6 +40,40 @@ def run_pipeline(graph, images, batches=1, batch_size=None, **kwargs):
     return results
 
 
+def run_rows_pipeline(graph, images, rows, epochs, batch_size, num_threads=1):
+    """Build ``graph(x, rows, epochs)`` over ``images`` and their ``rows`` and ``epochs`` (one value
+    or one per image), fed in the given order in batches of ``batch_size``, and run it once over
+    them all. Returns per output the list of every sample's numpy array, in feeding order."""
+    n = len(images)
+    assert n % batch_size == 0, (n, batch_size)
+    rows = np.asarray(rows, np.int64)
+    epochs = np.broadcast_to(np.asarray(epochs, np.int64), (n,))
+    batches = [(list(images[i:i + batch_size]), rows[i:i + batch_size].copy(),
+                epochs[i:i + batch_size].copy()) for i in range(0, n, batch_size)]
+
+    def source(iteration):
+        return batches[iteration % len(batches)]
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None,
+                  enable_conditionals=True, seed=11, prefetch_queue_depth=1)
+    def pipe():
+        x, r, e = fn.external_source(source=source, num_outputs=3, batch=True,
+                                     layout=["HWC", "", ""])
+        out = graph(x, r, e)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    p = pipe()
+    p.build()
+    results = None
+    for _ in batches:
+        outs = p.run()
+        if results is None:
+            results = [[] for _ in outs]
+        for k, o in enumerate(outs):
+            results[k].extend(np.array(t) for t in o)
+    return results
+
+
 def record_timm(text, count, seed, size=(10, 12)):
     """timm's transform run ``count`` times; per image the applied ops as ``(name, argument)``."""
     from PIL import Image

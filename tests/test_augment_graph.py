@@ -8,8 +8,9 @@ Tolerances (mean absolute difference in levels on a fixed 48x64 image):
   can fall on either side of it);
 - Equalize: mean <= 1.5, max <= 6 (DALI's OpenCV lookup table vs PIL's);
 - GaussianBlur: mean <= 0.5 (PIL's three box blurs vs a Gaussian).
-Draw statistics: >= 10,240 images per policy; two-sample chi-square / Kolmogorov-Smirnov tests
-with p > 1e-3 (fixed seeds, so each test is deterministic).
+Draw statistics: >= 10,240 images per policy, with both random sources (keyed by (seed, epoch, row)
+and DALI's RNG); two-sample chi-square / Kolmogorov-Smirnov tests with p > 1e-3 (fixed seeds and
+rows, so each test is deterministic).
 """
 from collections import Counter
 
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 stats = pytest.importorskip("scipy.stats")
 
-from augment_helpers import fixed_image, record_timm, record_torchvision, run_pipeline
+from augment_helpers import fixed_image, record_timm, record_torchvision, run_pipeline, run_rows_pipeline
 from dali_relabel.augment import Erasing, apply_op, apply_policy, parse_policy, random_erase
+from dali_relabel.augment.randomness import ERASING_STREAM_BASE, POLICY_STREAM_BASE, KeyedRandom
 
 pytestmark = pytest.mark.slow
 P_MIN = 1e-3
@@ -98,19 +100,30 @@ def test_torchvision_ops_match_torchvision_on_a_fixed_image():
 # --- (a) draws and magnitudes over >= 10,000 images -----------------------------------------------------
 SIZE = (10, 12)  # H, W of the tiny images the draw tests run on
 BATCH, BATCHES = 512, 20
+SOURCES = ["keyed", "dali"]  # KeyedRandom over rows 0.. in epoch 3, or DaliRandom (seed=)
 
 
-def _our_draws(text):
+def _our_draws(text, source):
     """Per image the applied ops as (name, argument), plus the raw debug draws."""
     policy = parse_policy(text)
-    images = [np.zeros(SIZE + (3,), np.uint8)] * BATCH
+    keys = ("op", "applied", "level", "negate", "arg")
+    if source == "keyed":
+        images = [np.zeros(SIZE + (3,), np.uint8)] * (BATCH * BATCHES)
 
-    def graph(x):
-        _, _, info = apply_policy(x, policy, seed=5, debug=True)
-        return info["op"], info["applied"], info["level"], info["negate"], info["arg"]
+        def keyed_graph(x, rows, epochs):
+            rng = KeyedRandom(rows, epochs, seed=6, stream_base=POLICY_STREAM_BASE)
+            info = apply_policy(x, policy, rng=rng, debug=True)[-1]
+            return tuple(info[k] for k in keys)
 
-    runs = run_pipeline(graph, images, batches=BATCHES)
-    raw = [np.concatenate([np.stack(r[k]) for r in runs]) for k in range(5)]
+        outs = run_rows_pipeline(keyed_graph, images, np.arange(len(images)), 3, BATCH)
+        raw = [np.stack(out) for out in outs]
+    else:
+        def graph(x):
+            info = apply_policy(x, policy, seed=5, debug=True)[-1]
+            return tuple(info[k] for k in keys)
+
+        runs = run_pipeline(graph, [np.zeros(SIZE + (3,), np.uint8)] * BATCH, batches=BATCHES)
+        raw = [np.concatenate([np.stack(r[k]) for r in runs]) for k in range(5)]
     op, applied, level, negate, arg = raw
     names = policy.op_names
     seqs = [tuple((names[o], float(a)) for o, ap, a in zip(op[i], applied[i], arg[i]) if ap)
@@ -147,11 +160,12 @@ def _compare_draws(ours, theirs):
             assert stats.ks_2samp(a, b).pvalue > P_MIN, name
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("text", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101-mmax12-p0.8",
                                   "rand-m9-n3-tweights", "original-mstd0.5", "v0"])
-def test_timm_draws_match_timm(text, monkeypatch):
+def test_timm_draws_match_timm(text, source, monkeypatch):
     aa = pytest.importorskip("timm.data.auto_augment")
-    policy, ours, (op, applied, level, negate, arg) = _our_draws(text)
+    policy, ours, (op, applied, level, negate, arg) = _our_draws(text, source)
     assert len(ours) >= 10_000
     _compare_draws(ours, record_timm(text, len(ours), seed=1, size=SIZE))
     # every argument is timm's LEVEL_TO_ARG of the drawn level and sign, to the last bit
@@ -165,9 +179,10 @@ def test_timm_draws_match_timm(text, monkeypatch):
         assert all(len(set(row)) == len(row) for row in op)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("text", ["ta_wide", "imagenet", "ra", "ra-m13"])
-def test_torchvision_draws_match_torchvision(text):
-    _, ours, _ = _our_draws(text)
+def test_torchvision_draws_match_torchvision(text, source):
+    _, ours, _ = _our_draws(text, source)
     from torchvision.transforms import autoaugment as tv
     transform = tv.RandAugment(magnitude=13) if text == "ra-m13" else None
     _compare_draws(ours, record_torchvision(text, len(ours), seed=1, size=SIZE, transform=transform))
@@ -273,9 +288,20 @@ def test_affine_is_identity_without_geometric_ops():
 
 
 # --- random erasing ------------------------------------------------------------------------------------
-def _erase_runs(erasing, size, batches, layout="CHW", debug=True):
+def _erase_runs(erasing, size, batches, layout="CHW", source="dali"):
+    """``batches`` runs of ``BATCH`` ones images: per run (images, boxes, counts)."""
     from nvidia.dali import fn, pipeline_def
     shape = (3,) + size if layout == "CHW" else size + (3,)
+    if source == "keyed":
+        def graph(x, rows, epochs):
+            x = fn.reshape(x, layout=layout)
+            rng = KeyedRandom(rows, epochs, seed=4, stream_base=ERASING_STREAM_BASE)
+            out, info = random_erase(x, erasing, layout=layout, rng=rng, debug=True)
+            return out, info["boxes"], info["count"]
+
+        n = BATCH * batches
+        outs = run_rows_pipeline(graph, [np.ones(shape, np.float32)] * n, np.arange(n) + 1000, 0, BATCH)
+        return [[out[i:i + BATCH] for out in outs] for i in range(0, n, BATCH)]
     images = [np.ones(shape, np.float32)] * BATCH
 
     @pipeline_def(batch_size=BATCH, num_threads=1, device_id=None, enable_conditionals=True, seed=2)
@@ -311,8 +337,9 @@ def _box_of(mask):
     return (int(ys.min()), int(xs.min()), int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1))
 
 
+@pytest.mark.parametrize("rng", SOURCES)
 @pytest.mark.parametrize("source", ["timm", "torchvision"])
-def test_erasing_boxes_match_the_original(source):
+def test_erasing_boxes_match_the_original(source, rng):
     size = (24, 32)
     if source == "timm":
         pytest.importorskip("timm")
@@ -326,7 +353,7 @@ def test_erasing_boxes_match_the_original(source):
         eraser = RandomErasing(p=0.4)
         theirs = [_box_of(eraser(torch.ones((3,) + size))[0].numpy() != 1)
                   for _ in range(BATCH * BATCHES)]
-    runs = _erase_runs(erasing, size, BATCHES)
+    runs = _erase_runs(erasing, size, BATCHES, source=rng)
     ours = []
     for out, boxes, _ in runs:
         for image, rows in zip(out, boxes):
@@ -342,12 +369,13 @@ def test_erasing_boxes_match_the_original(source):
         _same_distribution(Counter(a), Counter(b), what)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("layout", ["CHW", "HWC"])
-def test_erasing_modes_fill_as_timm(layout):
+def test_erasing_modes_fill_as_timm(layout, source):
     size = (24, 32)
     for mode in ("rand", "pixel"):
         erasing = Erasing.timm(1.0, mode=mode, min_count=2, max_count=3)
-        (out, boxes, counts), = _erase_runs(erasing, size, 1, layout=layout)
+        (out, boxes, counts), = _erase_runs(erasing, size, 1, layout=layout, source=source)
         values = []
         for image, rows, count in zip(out, boxes, counts):
             chw = image if layout == "CHW" else image.transpose(2, 0, 1)

@@ -161,3 +161,18 @@ def test_splitmix_matches_the_reference_sequence():
     rng = SplitMix64(1234567)
     assert [rng.next() for _ in range(3)] == [6457827717110365317, 3203168211198807973, 9817491932198370423]
     assert math.isclose(SplitMix64(0).uniform(), (SplitMix64(0).next() >> 11) * 2.0 ** -53)
+
+
+def test_streams_never_share_a_draw():
+    """Every (stream, index) of a key is its own draw: a stream's later indices must not repeat another
+    stream's first ones (with salts ``C ^ stream + index``, stream 17's index 1 was stream 16's index 0)."""
+    from dali_relabel.crops import sample_uniforms
+    keys = sample_keys(5, 0, np.arange(20))
+    streams = list(range(1, 130))
+    draws = np.concatenate([sample_uniforms(keys, stream, 64) for stream in streams], axis=1)
+    for row in draws:
+        assert len(np.unique(row)) == len(row)
+    # nor are draws of neighbouring streams correlated
+    first, second = sample_uniforms(sample_keys(5, 0, np.arange(20_000)), 16, 2), \
+        sample_uniforms(sample_keys(5, 0, np.arange(20_000)), 18, 4)
+    assert abs(np.corrcoef(first[:, 0], np.cos(2 * np.pi * second[:, 2]))[0, 1]) < 0.05

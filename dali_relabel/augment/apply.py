@@ -5,7 +5,8 @@
 arguments (``magnitudes``), computes the slot's matrix and composes it (``geometry``), then sends
 each sample through one kernel with DALI conditionals: all geometric ops share the ``warp`` kernel
 (their matrix differs), photometric ops run their ``ops`` kernel, samples whose op does not run take
-``identity``. Only the samples of a branch go through it.
+``identity``. Only the samples of a branch go through it. Every random choice comes from one random
+source (:mod:`~dali_relabel.augment.randomness`): keyed by ``(seed, epoch, row)`` in training.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
 from dali_relabel.augment import geometry, magnitudes, ops
-from dali_relabel.augment.draws import Seeds, draw_slots
+from dali_relabel.augment.draws import DRAW_SEED_TAG, draw_slots
 from dali_relabel.augment.policies import Policy, PolicyError, parse_policy
-
-_SEED_TAG = 0x5A17  # separates these draws' seeds from random_erase's for the same user seed
+from dali_relabel.augment.randomness import Random, resolve
 
 
 def _dispatch(kernel_id, lo: int, hi: int, kernels: Sequence[str], images, arg, matrix, valid,
@@ -86,15 +86,21 @@ def apply_op(images, policy: Union[str, Policy], op_name: str, arg, *, fill=None
     return out, matrix
 
 
-def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = None,
-                 fill: Union[None, int, Sequence[int]] = None, interpolation: str = "bilinear",
-                 return_mask: bool = False, debug: bool = False):
+def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = None,
+                 seed: Optional[int] = None, fill: Union[None, int, Sequence[int]] = None,
+                 interpolation: str = "bilinear", return_mask: bool = False, debug: bool = False):
     """Apply an automatic augmentation policy to a batch of images inside a DALI graph.
 
     Args:
         images: DataNode of HWC uint8 RGB images (the resized, flipped crops), CPU or GPU.
         policy: a policy string (:func:`~dali_relabel.augment.policies.parse_policy`) or a Policy.
-        seed: seed of the policy's random operators (``None``: DALI's per-operator seeds).
+        rng: where every random choice comes from (op, applied, level noise, sign, sub-policy,
+            GaussianBlurRand's radius): a :class:`~dali_relabel.augment.randomness.KeyedRandom`
+            (training: keyed by ``(seed, epoch, row)``, stream base
+            :data:`~dali_relabel.augment.randomness.POLICY_STREAM_BASE`) or a
+            :class:`~dali_relabel.augment.randomness.DaliRandom`.
+        seed: without ``rng``, a ``DaliRandom`` seeded from ``seed`` (``None``: DALI's per-operator
+            seeds); not together with ``rng``.
         fill: RGB fill of the area a geometric op uncovers; ``None``: the original's default
             (timm: ``round(255 * IMAGENET_DEFAULT_MEAN)`` = (124, 116, 104); torchvision: 0).
         interpolation: ``"bilinear"`` (torchvision's reference default; timm's fixed bilinear) or
@@ -119,6 +125,7 @@ def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = No
     """
     if isinstance(policy, str):
         policy = parse_policy(policy)
+    rng = resolve(rng, seed, DRAW_SEED_TAG, "apply_policy")
     if interpolation not in geometry.INTERPOLATIONS:
         raise PolicyError(f"interpolation must be one of {', '.join(geometry.INTERPOLATIONS)}, "
                           f"got {interpolation!r} (DALI's warp_affine has no bicubic)")
@@ -129,15 +136,13 @@ def apply_policy(images, policy: Union[str, Policy], *, seed: Optional[int] = No
     slots = policy.num_slots
     if slots == 0:
         return _result(images, affine, valid, {} if debug else None)
-    seeds = Seeds(seed, _SEED_TAG)
-    draws = draw_slots(policy, seeds)
+    draws = draw_slots(policy, rng)
     shape = images.shape(dtype=types.FLOAT64)
     height, width = shape[0], shape[1]
     kernels = policy.kernels
     kernel_of = np.array([kernels.index(op.kernel) for op in policy.ops], np.int32)
     needs_uniform = "GaussianBlurRand" in policy.op_names
-    uniforms = (fn.random.uniform(range=[0.0, 1.0], shape=(slots,), **seeds()) if needs_uniform
-                else None)
+    uniforms = rng.uniform((slots,)) if needs_uniform else None
     args = []
     for slot in range(slots):
         op = draws["op"][slot]

@@ -32,8 +32,10 @@ inline uint64_t SampleKey(uint64_t seed, uint64_t epoch, uint64_t row) {
 }
 
 // Uniform in [0, 1) number `index` of stream `stream` of a key (streams other than the crop's).
+// The stream is mixed before the index is added: `(C ^ stream) + index` alone let neighbouring
+// streams share draws (stream 17's index 1 was stream 16's index 0).
 inline double SampleUniform(uint64_t key, uint64_t stream, uint64_t index) {
-  const uint64_t salt = Mix((0xA0761D6478BD642Full ^ stream) + index);
+  const uint64_t salt = Mix(Mix(0xA0761D6478BD642Full ^ stream) + index);
   return static_cast<double>(Mix(key ^ salt) >> 11) * 0x1.0p-53;
 }
 
