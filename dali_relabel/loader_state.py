@@ -87,6 +87,7 @@ class Pass:
     iterator: object = None  # the DALI iterator the pass reads, where a loader keeps one per pass
     start: Start = field(default_factory=Start)  # where in the epoch the pass starts
     total: int = 0  # batches the pass yields
+    seen: Optional[np.ndarray] = None  # rows yielded in the epoch so far (loaders that count them)
 
 
 def pack_rows(mask: np.ndarray) -> str:
@@ -326,6 +327,10 @@ class LoaderState(abc.ABC):
                               f"with the saved settings, or {RESTART_HINT}")
         shape = self._shape()
         same_shape = all(state.get(k, shape[k]) == shape[k] for k in ("world_size", "batch_size"))
+        if same_shape and saved.batch >= self.batches_per_epoch:  # saved after the epoch's last batch
+            self._end_pass()
+            self.epoch, self._start = epoch + 1, Start()
+            return
         start = self._resume_start(state, same_shape)
         self._end_pass()
         if self._pass_batches(start) <= 0:  # nothing of the epoch left for this shape
