@@ -360,11 +360,11 @@ class PlannedState(LoaderState):
 
     @property
     def world_size(self) -> int:
-        return self.plan.world_size
+        return getattr(self.plan, "world_size", 1)
 
     @property
     def rank(self) -> int:
-        return self.plan.rank
+        return getattr(self.plan, "rank", 0)
 
     @property
     def samples_per_rank(self) -> int:
@@ -387,15 +387,19 @@ class PlannedState(LoaderState):
 
     # -- the global position: the plan's order ------------------------------------------------------
     def _start_at_batch(self, batch: int) -> Start:
-        if batch == 0:
-            return Start()
+        if batch == 0 or not hasattr(self.plan, "position_after"):  # a plan with no global order
+            return Start(batch=batch)
         position, unread = self.plan.position_after(batch)
         return Start(batch, position, unread)
 
     def _pass_batches(self, start: Start) -> int:
+        if not hasattr(self.plan, "batches"):  # a plan with no global order: batches of the epoch
+            return self.plan.num_batches - start.batch
         return self.plan.batches(start.position, start.unread)
 
     def _start_after(self, current: Pass) -> Start:
+        if not hasattr(self.plan, "position_after"):
+            return Start(batch=current.first + current.consumed)
         position, unread = self.plan.position_after(current.consumed, current.start.position, current.start.unread)
         return Start(current.first + current.consumed, position, unread)
 

@@ -102,7 +102,7 @@ class PipelineBatches(PlannedState):
         ``capacity``: unread positions a pass start may carry (at least the ranks')."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.control = EpochControl(max(64, self.plan.world_size, capacity))
+        self.control = EpochControl(max(64, self.world_size, capacity))
         self.source = self._make_source(self.control, list(self.bad_rows))
         self.pipeline = self._make_pipeline(self.source)
         start_workers(self.pipeline)

@@ -252,6 +252,8 @@ class BatchSource:
         key is the batch."""
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         start = self.control.start(batch_info.epoch_idx)
+        if not hasattr(self.plan, "batches"):  # a plan with no global order: batches of the whole epoch
+            start = None
         batch = first + batch_info.iteration
         end = self.plan.num_batches if start is None else start[0] + self.plan.batches(*start[1:])
         if batch >= min(stop, end):
