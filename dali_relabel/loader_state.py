@@ -111,9 +111,11 @@ def merge_states(states: Sequence[dict]) -> dict:
     if not states:
         raise ValueError("no states to merge")
     first = states[0]
+    shared = ("epoch", "batch", "world_size", "batch_size")
+    if first.get("seen") is None:  # a plan's position is global: every rank's is the same
+        shared += ("position", "unread")
     for other in states[1:]:
-        mismatch = [k for k in ("epoch", "batch", "position", "unread", "world_size", "batch_size")
-                    if k in first and other.get(k) != first[k]]
+        mismatch = [k for k in shared if k in first and other.get(k) != first[k]]
         if mismatch:
             raise ResumeError(f"the ranks' data states stand at different positions ({', '.join(mismatch)}: "
                               f"{first[mismatch[0]]!r} and {other[mismatch[0]]!r}): merge states saved at the same step")

@@ -287,9 +287,25 @@ def test_merging_refuses_ranks_at_different_positions_and_joins_seen_rows():
         merge_states([loader.state_dict() for loader in job])
     a, b = np.zeros(20, bool), np.zeros(20, bool)
     a[[1, 5]], b[[2, 19]] = True, True
+    a[7] = True  # rank 0 yielded one more (a partial last batch): positions differ per rank
     states = [{"epoch": 1, "batch": 1, "world_size": 2, "rank": r, "num_samples": 20, "seen": pack_rows(m),
-               "seen_ranks": [r], "dali_checkpoint": f"c{r}"} for r, m in enumerate((a, b))]
+               "seen_ranks": [r], "dali_checkpoint": f"c{r}", "position": int(m.sum())}
+              for r, m in enumerate((a, b))]
     merged = merge_states(states[::-1])
-    assert unpack_rows(merged["seen"], 20).nonzero()[0].tolist() == [1, 2, 5, 19]
-    assert merged["seen_ranks"] == [0, 1] and merged["position"] == 4
+    assert unpack_rows(merged["seen"], 20).nonzero()[0].tolist() == [1, 2, 5, 7, 19]
+    assert merged["seen_ranks"] == [0, 1] and merged["position"] == 5
     assert merged["dali_checkpoints"] == ["c0", "c1"] and merged["rank"] is None
+
+
+def test_a_state_saved_before_the_global_position_existed_still_resumes():
+    """Older states held the batch and the shape that saved it (batch_size, world_size in their
+    settings): the position is the plan's after that many batches."""
+    job = _job(2, 4)
+    first, _ = _steps(job, 3)
+    old = {"epoch": 0, "batch": 3, "dali_checkpoint": None, "batch_size": 4, "world_size": 2, "rank": 0,
+           "num_samples": 45, "seed": 0, "shuffle": True, "last_batch": "pad"}
+    resumed = Planned(batch_size=6)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict()["position"] == 24
+    rest = [row for batch in resumed for row in batch]
+    assert sorted(first + rest) == list(range(45))
