@@ -287,6 +287,14 @@ class _ShardBatches(LoaderState):
             if self._pass is current and current.consumed >= current.total:
                 current.finished = True
                 self._pass = None
+            if current.finished or self._pass is not current:
+                current.iterator = None  # the pass's pipeline goes now, not when the generator is collected
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any): its pipeline is dropped (the next pass builds its own)."""
+        current, self._pass = self._pass, None
+        if current is not None:
+            current.iterator = None
 
     def _epoch_shards(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch``."""
