@@ -260,6 +260,34 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+#: DataConfig fields that change how the data is made, not what it is: a resume may change them
+#: anywhere (threads, workers, queues, timeouts, the hardware decoder's share, the images' memory
+#: format and dtype), and ``extra`` (for programs). ``last_batch`` only decides the end of an epoch,
+#: which an elastic resume deals out again.
+EXECUTION_FIELDS = ("num_threads", "py_num_workers", "py_start_method", "prefetch_queue_depth", "worker_timeout",
+                    "hw_decoder_load", "channels_last", "output_dtype", "last_batch", "extra")
+#: DataConfig fields that only the validation graph reads.
+VALIDATION_FIELDS = ("crop_pct", "val_resize", "val_interpolation")
+
+
+def data_fingerprint(config: DataConfig, validation: bool = False) -> dict:
+    """The settings of ``config`` that define the samples a loader makes (their order's seed, crops,
+    augmentation, pixels and targets): every field but :data:`EXECUTION_FIELDS` (and, for training,
+    :data:`VALIDATION_FIELDS`), as plain values. A field added later defines the data unless it is
+    listed there, so a loader state never silently resumes an epoch with other data."""
+    left_out = EXECUTION_FIELDS + (() if validation else VALIDATION_FIELDS)
+    return {item.name: _plain(getattr(config, item.name)) for item in dataclasses.fields(config)
+            if item.name not in left_out}
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    return value
+
+
 def _jitter_strengths(value) -> Optional[Tuple[float, float, float, float]]:
     """``(brightness, contrast, saturation, hue)`` from ``None``, a number or a sequence of 3 or 4."""
     if value is None:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, data_fingerprint
 from .devices import device_index, resolve_device
 from .distributed import resolve_rank
 from .imagefolder import list_images
@@ -211,9 +211,22 @@ class ReLabelLoader(PipelineBatches):
         self.mixup_enabled = True
         self.dataset = LoaderDataset(self.image_root, self.class_names, num_samples)
         self.drop_last = config.last_batch == "drop"
+        self._data = {**data_fingerprint(config), "targets": "relabel" if self.store is not None else "original",
+                      "layout": self.layout,
+                      "dataset": (self.store.header.content_sha256 or f"store of {len(self.store)} rows")
+                      if self.store is not None else None}
+        self._tree = (paths, labels)
         super().__init__(plan, make_source, make_pipeline, output_map, start_epoch=start_epoch,
                          resume_batch=resume_batch, skip_bad_images=skip_bad_images,
                          timeout=config.worker_timeout)
+
+    def _data_fingerprint(self) -> dict:
+        """What defines the epoch's samples and targets: the store's content hash (or, for one-hot
+        targets, the tree's listing), the targets kind, the layout, and the data settings
+        (:func:`~dali_relabel.config.data_fingerprint`)."""
+        if self._data["dataset"] is None:  # hashed once, when first asked
+            self._data["dataset"] = listing_sha256(*self._tree)
+        return {"data": self._data}
 
     def _mixing_enabled(self) -> bool:
         return self.mixup_enabled
@@ -267,9 +280,28 @@ class ValidationLoader(PipelineBatches):
         self.return_rows = return_rows
         self.dataset = LoaderDataset(self.images.root, self.images.classes, len(self.images))
         self.drop_last = False
+        self._data = {**data_fingerprint(config, validation=True), "dataset": None}
+        self._tree = (paths, labels)
         super().__init__(plan, make_source, make_pipeline, list(VALIDATION_OUTPUTS),
                          timeout=config.worker_timeout)
+
+    def _data_fingerprint(self) -> dict:
+        if self._data["dataset"] is None:
+            self._data["dataset"] = listing_sha256(*self._tree)
+        return {"data": self._data}
 
     def __iter__(self):
         for batch in self._batches():
             yield validation_batch(batch, self.config, self.return_rows)
+
+
+def listing_sha256(paths: PathTable, labels) -> str:
+    """Content hash of an image tree's listing: its relative paths and labels, in row order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for start in range(0, len(paths), 65536):
+        digest.update("\n".join(paths[i] for i in range(start, min(len(paths), start + 65536))).encode("utf-8"))
+        digest.update(b"\n")
+    digest.update(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes())
+    return "tree:" + digest.hexdigest()

@@ -15,7 +15,7 @@ import os
 from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
-from .loader_state import LoaderState, Pass, superseded
+from .loader_state import Pass, PlannedState, superseded
 from .processes import die_with_parent
 from .sources import SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
@@ -57,7 +57,7 @@ def start_workers(pipe) -> None:
         gc.unfreeze()
 
 
-class PipelineBatches(LoaderState):
+class PipelineBatches(PlannedState):
     """Passes over one DALI pipeline fed by a :class:`BatchSource`: dicts of torch tensors named by
     ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
 
@@ -84,8 +84,7 @@ class PipelineBatches(LoaderState):
                  make_pipeline: Callable[[BatchSource], object], output_map: List[str],
                  start_epoch: int = 0, resume_batch: int = 0, skip_bad_images: bool = False,
                  lookahead: int = 4, timeout: float = 300.0):
-        super().__init__(plan.num_batches, start_epoch, resume_batch)
-        self.plan = plan
+        super().__init__(plan, start_epoch, resume_batch)
         self._make_source = make_source
         self._make_pipeline = make_pipeline
         self._output_map = output_map
@@ -95,15 +94,15 @@ class PipelineBatches(LoaderState):
         self.skipped_images = 0
         self.bad_rows: List[int] = []
         self._iterator = None
-        self._start_pipeline(self.epoch, self._first_batch)
+        self._start_pipeline()
 
     # -- the pipeline ------------------------------------------------------------------------------
-    def _start_pipeline(self, epoch: int, first_batch: int) -> None:
-        """A new pipeline (and source workers) whose first pass reads ``epoch`` from ``first_batch``."""
+    def _start_pipeline(self, capacity: int = 0) -> None:
+        """A new pipeline (and source workers); each pass says what it reads (:meth:`_begin_pass`).
+        ``capacity``: unread positions a pass start may carry (at least the ranks')."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.control = EpochControl()
-        self.control.begin(0, epoch, first_batch, self.plan.num_batches)
+        self.control = EpochControl(max(64, self.world_size, capacity))
         self.source = self._make_source(self.control, list(self.bad_rows))
         self.pipeline = self._make_pipeline(self.source)
         start_workers(self.pipeline)
@@ -129,24 +128,6 @@ class PipelineBatches(LoaderState):
         if getattr(self, "_guard", None) is not None:
             self._guard.close()
 
-    # -- what the position needs ------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    @property
-    def samples_per_rank(self) -> int:
-        return self.plan.samples_per_rank
-
-    def epoch_rows(self, epoch: int) -> List[int]:
-        rows, valid = self.plan.rows(epoch)
-        return rows[valid].tolist()
-
-    def _fingerprint(self) -> dict:
-        plan = self.plan
-        keys = ("batch_size", "num_samples", "world_size", "rank", "seed", "shuffle", "last_batch")
-        return {key: getattr(plan, key) for key in keys if hasattr(plan, key)}
-
     # -- passes ------------------------------------------------------------------------------------
     def __iter__(self):
         return self._batches()
@@ -160,11 +141,11 @@ class PipelineBatches(LoaderState):
 
     def _begin_pass(self) -> Pass:
         self._end_pass()
-        if self._guard.broken:  # the last pass lost a worker: start on a new pipeline
-            self._restart_pipeline(self.epoch, self._first_batch)
+        if self._guard.broken or len(self._start.unread) > self.control.capacity:
+            self._restart_pipeline()  # the last pass lost a worker, or the control is too small
         current = self._next_pass(self._mixing_enabled())
-        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
-                           current.mixing)
+        self.control.begin(self._dali_epoch, current.epoch, current.first, current.first + current.total,
+                           current.mixing, current.start)
         if self._needs_reset:
             self._guard.call(self._iterator.reset)
             self._needs_reset = False
@@ -183,11 +164,12 @@ class PipelineBatches(LoaderState):
             self._dali_epoch += 1
             self._needs_reset = True
         except RuntimeError:  # an error in a batch nobody will see: start afresh
-            self._restart_pipeline(self.epoch, self._first_batch)
+            self._restart_pipeline()
 
-    def _restart_pipeline(self, epoch: int, first_batch: int) -> None:
+    def _restart_pipeline(self) -> None:
+        capacity = max(len(self._start.unread), getattr(getattr(self, "control", None), "capacity", 0))
         self._drop_pipeline()
-        self._start_pipeline(epoch, first_batch)
+        self._start_pipeline(capacity)
 
     def _batches(self):
         current = self._begin_pass()
@@ -227,22 +209,24 @@ class PipelineBatches(LoaderState):
     def _recover(self, current: Pass, error: RuntimeError) -> None:
         """A batch failed: name the bad file, or (``skip_bad_images``) leave it out and go on."""
         failed = current.first + current.consumed
-        bad = self._find_bad_rows(current.epoch, failed)
+        bad = self._find_bad_rows(current, failed)
         if not bad:
             raise error
         if not self.skip_bad_images:
             row, problem = bad[0]
             raise BadImageError(f"{self.source.path(row)}: {problem}") from error
         self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
-        self._restart_pipeline(current.epoch, failed)  # the same epoch from the failed batch on
-        self.control.begin(0, current.epoch, failed, self.plan.num_batches, current.mixing)
-        current.first, current.consumed = failed, 0
+        self._restart_pipeline()  # the same pass from the failed batch on
+        self.control.begin(0, current.epoch, failed, current.first + current.total, current.mixing, current.start)
 
-    def _find_bad_rows(self, epoch: int, batch: int):
-        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few)."""
-        last = min(self.plan.num_batches, batch + 1 + self._lookahead)
+
+    def _find_bad_rows(self, current: Pass, batch: int):
+        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few) of the pass."""
+        last = min(current.first + current.total, batch + 1 + self._lookahead)
+        start = None if current.start.at_epoch_start else (current.start.batch, current.start.position,
+                                                              current.start.unread)
         for index in range(batch, last):
-            rows, _ = self.source.batch_rows(epoch, index)
+            rows, _ = self.source.batch_rows(current.epoch, index, start)
             found = []
             for row in dict.fromkeys(int(r) for r in rows):
                 problem = decode_problem(self.source.path(row))

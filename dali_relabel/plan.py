@@ -6,11 +6,20 @@ partial batch dropped or filled with repeats that are marked as padding. With ``
 follows timm's ``RepeatAugSampler`` and torchvision's ``RASampler`` (repeated augmentation): every
 sample of the permutation is taken ``repeats`` times in a row, the copies dealt out to the ranks in
 turn, and each rank's epoch keeps its usual length.
+
+Every epoch has one **global order** (:meth:`EpochPlan.sequence`), dealt round robin: rank ``r`` of
+``S`` reads its positions ``r, r + S, r + 2S, ...``. So after every rank read ``k`` batches of ``b``,
+exactly the first ``k * b * S`` positions are read (one exception below), and the rest of the epoch
+is the rest of the order: :meth:`EpochPlan.rows` with ``start`` deals ``order[start:]`` to any number
+of ranks with any batch size (elastic resume), and with the same ranks and batch size it is exactly
+the rest of the uninterrupted epoch. The exception: with ``last_batch="pad"``, a rank whose share is
+one batch short gives its last sample to its last batch, so before that batch the position is
+``start`` with that sample still ``unread`` (:meth:`EpochPlan.position_after`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -67,66 +76,116 @@ class EpochPlan:
                              f"batch of {self.batch_size}; use a smaller batch or last_batch='pad'")
 
     @property
-    def samples_per_rank(self) -> int:
+    def order_length(self) -> int:
+        """Positions of an epoch's global order that are dealt out (T): all ``num_samples``, or with
+        ``repeats`` the rounded-down count every rank keeps, times the ranks."""
         if self.repeats > 1:
-            if self.num_samples < REPEAT_ROUND:
-                return self.num_samples // self.world_size
-            return self.num_samples // REPEAT_ROUND * REPEAT_ROUND // self.world_size
+            kept = self.num_samples if self.num_samples < REPEAT_ROUND else self.num_samples // REPEAT_ROUND * REPEAT_ROUND
+            return kept // self.world_size * self.world_size
+        return self.num_samples
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples of a whole epoch on this rank (padding not counted)."""
+        return self._per_rank(self.order_length)
+
+    def _per_rank(self, remaining: int) -> int:
+        """Samples each rank reads of ``remaining`` positions dealt round robin (the shortest share
+        with ``"drop"``, the longest with ``"pad"``)."""
         if self.last_batch == "drop":
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+            return remaining // self.world_size
+        return -(-remaining // self.world_size)
 
     @property
     def num_batches(self) -> int:
+        """Batches of a whole epoch (every rank the same)."""
+        return self.batches()
+
+    def batches(self, start: int = 0, unread: Sequence[int] = ()) -> int:
+        """Batches (every rank the same) of a pass that reads the epoch from ``start`` (and the
+        positions ``unread`` before it); 0 when less than a batch per rank is left with ``"drop"``."""
+        per_rank = self._per_rank(self._remaining(start, unread))
         if self.last_batch == "drop":
-            return self.samples_per_rank // self.batch_size
-        return -(-self.samples_per_rank // self.batch_size)
+            return per_rank // self.batch_size
+        return -(-per_rank // self.batch_size)
+
+    def _remaining(self, start: int, unread: Sequence[int]) -> int:
+        return len(unread) + max(0, self.order_length - start)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The global order of epoch ``epoch`` (same on every rank)."""
+        """The permutation of epoch ``epoch`` (same on every rank)."""
         if not self.shuffle:
             return np.arange(self.num_samples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
-    def _shard(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """This rank's ``(rows, copy index)`` of ``epoch`` before batching."""
+    def sequence(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, copy index)`` of the epoch's global order, :attr:`order_length` long: the
+        permutation, or with ``repeats`` k each of its samples k times in a row."""
         order = self.permutation(epoch)
         if self.repeats == 1:
-            shard = order[self.rank::self.world_size]
-            return shard, np.zeros(len(shard), np.int64)
-        repeated = np.repeat(order, self.repeats)
-        copies = np.tile(np.arange(self.repeats), len(order))
-        total = -(-len(repeated) // self.world_size) * self.world_size
-        positions = np.resize(np.arange(len(repeated)), total)[self.rank::self.world_size][:self.samples_per_rank]
-        return repeated[positions], copies[positions]
+            return order, np.zeros(len(order), np.int64)
+        total = self.order_length
+        return np.repeat(order, self.repeats)[:total], np.tile(np.arange(self.repeats), len(order))[:total]
 
-    def rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(rows, valid)`` of this rank for ``epoch``, each ``num_batches * batch_size`` long."""
-        rows, valid, _ = self.batched(epoch)
+    def _positions(self, start: int, unread: Sequence[int]) -> np.ndarray:
+        """The positions a pass from ``start`` deals out, in order: ``unread`` first, then the rest."""
+        rest = np.arange(min(start, self.order_length), self.order_length)
+        return np.concatenate([np.asarray(unread, np.int64), rest]) if len(unread) else rest
+
+    def _check_start(self, start: int, unread: Sequence[int]) -> None:
+        if start < 0 or any(not 0 <= int(u) < start for u in unread):
+            raise ValueError(f"start {start} with unread positions {list(unread)[:4]} is not a position "
+                             f"of an epoch of {self.order_length}")
+
+    def rows(self, epoch: int, start: int = 0, unread: Sequence[int] = ()) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, valid)`` of this rank for ``epoch``, each ``batches(start, unread) * batch_size``
+        long: the global order from ``start`` (``unread`` positions first) dealt round robin."""
+        rows, valid, _ = self._batched(epoch, start, unread)
         return rows, valid
 
-    def draw_epochs(self, epoch: int) -> np.ndarray:
+    def draw_epochs(self, epoch: int, start: int = 0, unread: Sequence[int] = ()) -> np.ndarray:
         """int64 key epochs of :meth:`rows`' samples, for the keyed crops and augmentations: ``epoch``
         itself, or with ``repeats`` k, ``epoch * k + copy`` so every copy of a sample draws its own
-        crop, flip and augmentation (and no two epochs share a key)."""
-        return self.batched(epoch)[2]
+        crop, flip and augmentation (and no two epochs share a key). A key belongs to a position of
+        the global order, so it does not change with the ranks, the batch size or a resume."""
+        return epoch * self.repeats + self._batched(epoch, start, unread)[2]
 
-    def batched(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`rows` and :meth:`draw_epochs` together: ``(rows, valid, key epochs)``."""
-        rows, valid, copies = self._batched(epoch)
-        return rows, valid, epoch * self.repeats + copies.astype(np.int64)
+    def position_after(self, batches: int, start: int = 0, unread: Sequence[int] = ()) -> Tuple[int, Tuple[int, ...]]:
+        """``(start, unread)`` of the epoch's global position after every rank read ``batches``
+        batches of a pass from ``start``/``unread``: every position before the new ``start`` is
+        read except the new ``unread`` ones (with ``"pad"``, before the last batch, the samples that
+        short ranks moved into it). ``batches`` must be below :meth:`batches` (after the last one
+        the epoch is over)."""
+        total = self.batches(start, unread)
+        if not 0 <= batches < total:
+            raise ValueError(f"position after {batches} batches of a pass of {total}")
+        positions = self._positions(start, unread)
+        read = np.zeros(len(positions), bool)
+        read[:batches * self.batch_size * self.world_size] = True
+        if self.last_batch == "pad" and self.batch_size > 1 and batches == total - 1:
+            for rank in range(self.world_size):  # the samples moved into the last batch (_batched)
+                count = len(positions[rank::self.world_size])
+                if count and count == (total - 1) * self.batch_size:
+                    read[rank + self.world_size * (count - 1)] = False
+        before, window = len(unread), min(len(positions), batches * self.batch_size * self.world_size)
+        cut = max(before, window)
+        return start + max(0, window - before), tuple(int(p) for p in positions[:cut][~read[:cut]])
 
-    def _batched(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, valid, copy index)``, batched: dropped or padded as ``last_batch`` says."""
-        shard, copies = self._shard(epoch)
-        total = self.num_batches * self.batch_size
+    def _batched(self, epoch: int, start: int = 0, unread: Sequence[int] = ()) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, valid, copy index)`` of this rank, batched: dropped or padded as ``last_batch`` says."""
+        self._check_start(start, unread)
+        order, drawn_copies = self.sequence(epoch)
+        mine = self._positions(start, unread)[self.rank::self.world_size]
+        shard, copies = order[mine], drawn_copies[mine]
+        num_batches = self.batches(start, unread)
+        total = num_batches * self.batch_size
         if self.last_batch == "drop":
             return shard[:total], np.ones(total, dtype=bool), copies[:total]
-        filler = shard if len(shard) else self.permutation(epoch)[:1]
+        filler = shard if len(shard) else order[:1]
         rows, drawn = np.resize(filler, total), np.resize(copies if len(shard) else np.zeros(1, np.int64), total)
         valid = np.arange(total) < len(shard)
         size, count = self.batch_size, len(shard)
-        if size > 1 and count and count == (self.num_batches - 1) * size:
+        if size > 1 and count and count == (num_batches - 1) * size:
             # This shard fills one batch fewer than the longest: its last batch would be all padding
             # and never yielded, and this rank would take one step fewer than the others (DDP would
             # hang). Move its last sample into that batch, leaving padding in the one before.

@@ -9,25 +9,46 @@ takes its contiguous part of that sequence (DALI's ``shard_id``/``num_shards``),
 samples is shuffled as they stream in. Rows were already spread randomly over the shards when they
 were written, so every batch mixes classes.
 
-Each pass builds the epoch's pipeline (the shard order is fixed when a pipeline is built). A resumed
-pass restores the reader's position with DALI's pipeline checkpointing (``state_dict`` carries the
-checkpoint), so it continues exactly where the interrupted one stopped.
+Each pass builds the epoch's pipeline (the shard order is fixed when a pipeline is built).
+
+**Resume.** A state (``state_dict``) holds the rows the rank yielded in the epoch (``seen``) and DALI's
+checkpoint of its reader. What is guaranteed:
+
+* with the saved world size and batch size (the rank's own state, or :func:`merge_states` of every
+  rank's): DALI restores the reader, and the pass continues exactly where the interrupted one stopped
+  (the same samples in the same batches, the same targets);
+* with another world size or batch size, from :func:`merge_states` of *every* rank's states (what
+  ``pipelines/train.py`` checkpoints): the pass reads exactly the epoch's samples that no rank yielded
+  yet, each once (with ``last_batch="pad"``: all of them; with ``"drop"``: all but less than a batch
+  per rank), every one with the crop, flip and target it had in the uninterrupted epoch (those are
+  keyed by seed, epoch and row). It reads the epoch's shards in the same order, through DALI index
+  files that list only the unread samples, dealt to the new ranks in contiguous parts and shuffled in
+  the buffer again: which batch a sample lands in differs from the uninterrupted run (and so do
+  its CutMix/Mixup partners);
+* one rank's state alone cannot continue on another shape (the other ranks' rows are unknown): it
+  is refused with :class:`~dali_relabel.loader_state.ResumeError`.
 """
 from __future__ import annotations
 
 import abc
 import base64
+import hashlib
+import json
 import os
-from typing import List, Optional
+import shutil
+import tempfile
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, data_fingerprint
 from .devices import device_index, resolve_device
 from .distributed import resolve_rank
 from .errors import DaliRelabelError
 from .loader import mix_batch, training_batch, validation_batch
-from .loader_state import LoaderDataset, LoaderState, Pass, superseded
+from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, ResumeError, Start, pack_rows,
+                           superseded, unpack_rows)
 from .mixing import CutMixSpec
 from .shards import ShardSet
 
@@ -81,9 +102,23 @@ class UnknownOrderError(DaliRelabelError, TypeError):
     """The rows of a shard epoch are not known before it is read."""
 
 
+def unread_index(index_path: str, seen: np.ndarray, out_path: str) -> int:
+    """Write to ``out_path`` the DALI index file ``index_path`` with only the samples whose row
+    ``seen`` does not mark; returns how many it lists (nothing is written for none). Run once per
+    shard when a pass resumes on another shape, never per batch."""
+    with open(index_path) as f:
+        header, *lines = f.read().splitlines()
+    kept = [line for line in lines if line and not seen[int(line.split(" ", 4)[3].split(".", 1)[0])]]
+    if kept:
+        with open(out_path, "w") as f:
+            f.write(f"{header.split()[0]} {len(kept)}\n" + "\n".join(kept) + "\n")
+    return len(kept)
+
+
 class _ShardBatches(LoaderState):
-    """Passes over shard pipelines, one pipeline per pass, on a :class:`LoaderState` (the position
-    inside an epoch is DALI's checkpoint of the reader)."""
+    """Passes over shard pipelines, one pipeline per pass, on a :class:`LoaderState`: the position
+    inside an epoch is the rows each rank yielded (``seen``) and DALI's checkpoint of the reader (see
+    the module's docstring for what a resume guarantees)."""
 
     keeps_checkpoints = True
 
@@ -118,16 +153,91 @@ class _ShardBatches(LoaderState):
     def samples_per_rank(self) -> int:
         return rank_samples(self.shards.num_samples, self.world_size)[self.rank]
 
+    def _batches_of(self, samples: int) -> int:
+        """Batches every rank yields of ``samples`` dealt by DALI's sharding."""
+        counts = rank_samples(samples, self.world_size)
+        return min(counts) // self.batch_size if self.drop_last else -(-max(counts) // self.batch_size)
+
+    # -- the global position: the rows yielded --------------------------------------------------------
+    @staticmethod
+    def _elastic(start: Start) -> bool:
+        """A pass that reads the unread samples of its epoch (not DALI's checkpoint)."""
+        return start.checkpoint is None and start.seen is not None and bool(start.seen.any())
+
+    def _pass_batches(self, start: Start) -> int:
+        if self._elastic(start):
+            return self._batches_of(self.shards.num_samples - int(start.seen.sum()))
+        return self.batches_per_epoch - start.batch
+
+    def _start_after(self, current: Pass) -> Start:
+        return Start(current.first + current.consumed, int(current.seen.sum()), seen=current.seen.copy())
+
+    def _state_extra(self, start: Start) -> dict:
+        if start.seen is None:
+            return {"seen": None, "seen_ranks": None, "num_samples": self.shards.num_samples}
+        return {"seen": pack_rows(start.seen), "seen_ranks": [self.rank], "num_samples": self.shards.num_samples}
+
+    def _resume_start(self, state: dict, same_shape: bool) -> Start:
+        """DALI's checkpoint of this rank with the same shape; else the epoch's unread samples, which
+        needs every rank's rows (:func:`~dali_relabel.loader_state.merge_states`)."""
+        seen = None if state.get("seen") is None else unpack_rows(state["seen"], self.shards.num_samples)
+        batch = int(state["batch"])
+        if same_shape:
+            try:
+                start = super()._resume_start(state, same_shape)
+                return Start(start.batch, int(state.get("position") or 0), checkpoint=start.checkpoint, seen=seen)
+            except ResumeError:
+                if seen is None:
+                    raise
+        world = int(state.get("world_size") or 0)
+        if seen is None or sorted(state.get("seen_ranks") or ()) != list(range(world)):
+            raise ResumeError(f"cannot continue batch {batch} of epoch {state['epoch']} with world size "
+                              f"{self.world_size} and batch size {self.batch_size}: the state holds the rows of "
+                              f"ranks {state.get('seen_ranks')} of the {world} that saved it; merge every rank's "
+                              f"state_dict() with merge_states (train.py checkpoints do), or {RESTART_HINT}")
+        return Start(int(seen.sum()) // (self.batch_size * self.world_size), int(seen.sum()), seen=seen)
+
+    def _pass_checkpoint(self, current: Pass) -> Optional[str]:
+        if self._elastic(current.start):
+            return None  # its pipeline reads temporary index files: resume it from the rows
+        return self._reader_checkpoint(current)
+
+    def _unread_shards(self, names: Sequence[str], seen: np.ndarray) -> Tuple[List[str], List[str]]:
+        """``(names, index paths)`` of the shards (in ``names``' order) with unread samples, through
+        index files that list only those (in a directory of this loader's, removed with it)."""
+        if getattr(self, "_index_dir", None) is None:
+            self._index_dir = tempfile.mkdtemp(prefix="dali_relabel_unread_")
+            self._index_finalizer = weakref.finalize(self, shutil.rmtree, self._index_dir, True)
+        for old in os.listdir(self._index_dir):
+            os.unlink(os.path.join(self._index_dir, old))
+        kept, paths = [], []
+        for name in names:
+            out = os.path.join(self._index_dir, name[:-len(".tar")] + ".idx")
+            if unread_index(self.shards.index_path(name), seen, out):
+                kept.append(name)
+                paths.append(out)
+        return kept, paths
+
+    def _dataset_sha256(self) -> str:
+        """The shard set's identity: the store it was made from and every shard's name, count and size."""
+        listing = [self.shards.store_sha256, [(s["name"], s["samples"], s["bytes"]) for s in self.shards.shards]]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
     def epoch_rows(self, epoch: int) -> List[int]:
         raise UnknownOrderError("the rows of a shard epoch are known only as its batches stream in (DALI's "
                                 "reader shuffles them in a buffer): iterate the loader with return_rows=True")
 
     def _fingerprint(self) -> dict:
-        return {"batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
-                "seed": self.config.seed, "num_samples": self.shards.num_samples,
-                "store_sha256": self.shards.store_sha256, "last_batch": "drop" if self.drop_last else "pad"}
+        """The order's settings (seed, shuffle, the shard set) and the data's (the store's content
+        hash, layout, targets, :func:`~dali_relabel.config.data_fingerprint`)."""
+        return {"seed": self.config.seed, "shuffle": getattr(self, "shuffle", False),
+                "num_samples": self.shards.num_samples, "store_sha256": self.shards.store_sha256,
+                "data": self._data_fingerprint()}
 
-    def _pass_checkpoint(self, current: Pass) -> Optional[str]:
+    def _data_fingerprint(self) -> dict:
+        return {**data_fingerprint(self.config), "dataset": self._dataset_sha256()}
+
+    def _reader_checkpoint(self, current: Pass) -> Optional[str]:
         checkpoint = current.iterator.checkpoints()[0]  # DALI's serialised (binary) protobuf
         return base64.b64encode(checkpoint if isinstance(checkpoint, bytes)
                                 else checkpoint.encode("latin-1")).decode("ascii")
@@ -139,8 +249,9 @@ class _ShardBatches(LoaderState):
         return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
 
     @abc.abstractmethod
-    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
-        """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``."""
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool, unread=None):
+        """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``,
+        or reading only the samples ``unread`` lists (``(names, index paths)`` of a resumed pass)."""
 
     def _passes(self, mixing: bool = True):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -148,24 +259,46 @@ class _ShardBatches(LoaderState):
 
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
-        pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing)
+        seen = current.start.seen
+        current.seen = seen.copy() if seen is not None else np.zeros(self.shards.num_samples, bool)
+        if current.total <= 0:
+            current.finished, self._pass = True, None
+            return
+        unread = None
+        if self._elastic(current.start):
+            unread = self._unread_shards(self._epoch_shards(epoch), current.seen)
+        pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing,
+                           unread)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         current.iterator = _bounded_iterator(DALIGenericIterator)(
-            [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
+            [pipe], self.output_map, runs=current.total, prefetch=self.config.prefetch_queue_depth,
             reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         try:
             for outputs in current.iterator:
                 if self._pass is not current:
                     raise superseded(current)  # a newer pass took over: never end this one silently
                 current.consumed += 1
+                current.seen[outputs[0]["rows"].reshape(-1).cpu().numpy()] = True  # once per batch
                 yield epoch, first + current.consumed - 1, outputs[0]
-                if first + current.consumed >= self.batches_per_epoch:
+                if current.consumed >= current.total:
                     break  # every rank stops after the same number of batches
         finally:
-            if self._pass is current and first + current.consumed >= self.batches_per_epoch:
+            if self._pass is current and current.consumed >= current.total:
                 current.finished = True
                 self._pass = None
+            if current.finished or self._pass is not current:
+                current.iterator = None  # the pass's pipeline goes now, not when the generator is collected
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any): its pipeline is dropped (the next pass builds its own)."""
+        current, self._pass = self._pass, None
+        if current is not None:
+            current.iterator = None
+
+    def _epoch_shards(self, epoch: int) -> List[str]:
+        """The shards' order in ``epoch``."""
+        return [s["name"] for s in self.shards.shards]
 
 
 class ShardReLabelLoader(_ShardBatches):
@@ -214,6 +347,9 @@ class ShardReLabelLoader(_ShardBatches):
 
         self.output_map = shard_train_outputs(config, self.cutmix is not None, return_geometry)
 
+    def _epoch_shards(self, epoch: int) -> List[str]:
+        return self.shard_order(epoch)
+
     def shard_order(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch`` (the same on every rank)."""
         names = [s["name"] for s in self.shards.shards]
@@ -221,17 +357,17 @@ class ShardReLabelLoader(_ShardBatches):
             return names
         return [names[i] for i in np.random.default_rng([self.config.seed, epoch, 0x5EED]).permutation(len(names))]
 
-    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool, unread=None):
         from .pipelines.graphs import shard_train_pipeline
 
         boxes = None if self.cutmix is None else _BoxSource(self.cutmix, epoch, self.batch_size, mixing)
         reader_seed = int(np.random.default_rng([self.config.seed, epoch, self.rank, 0x5EED]).integers(2**31))
-        return shard_train_pipeline(self.shards, self.shard_order(epoch), epoch, self.config, self.shards.num_classes,
+        names, index_paths = unread or (self.shard_order(epoch), None)
+        return shard_train_pipeline(self.shards, names, epoch, self.config, self.shards.num_classes,
                                     self.layout, decoder_device="mixed" if self.device == "gpu" else "cpu",
                                     shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle,
                                     reader_seed=reader_seed, mix_boxes=boxes, geometry=self.return_geometry,
-                                    checkpoint=checkpoint,
-                                    **self._pipeline_kwargs())
+                                    checkpoint=checkpoint, index_paths=index_paths, **self._pipeline_kwargs())
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
@@ -257,13 +393,17 @@ class ShardValidationLoader(_ShardBatches):
 
             self.images = ImageList(self.shards.directory, self.class_names, self.shards.relpaths, [])
 
-    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
+    def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool, unread=None):
         from .pipelines.graphs import shard_validation_pipeline
 
+        names, index_paths = unread or (None, None)
         return shard_validation_pipeline(self.shards, self.config,
                                          decoder_device="mixed" if self.device == "gpu" else "cpu",
                                          shard_id=self.rank, num_shards=self.world_size, checkpoint=checkpoint,
-                                         **self._pipeline_kwargs())
+                                         names=names, index_paths=index_paths, **self._pipeline_kwargs())
+
+    def _data_fingerprint(self) -> dict:
+        return {**data_fingerprint(self.config, validation=True), "dataset": self._dataset_sha256()}
 
     def __iter__(self):
         for _, _, batch in self._passes():

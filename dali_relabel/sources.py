@@ -14,7 +14,8 @@ with another image's map.
 
 :class:`EpochControl` is a few integers in a shared file through which the loader tells the source
 (in whichever process it runs) which epoch a pass reads, from which batch, and where an abandoned pass
-stops.
+stops. A pass resumed inside its epoch (:class:`~dali_relabel.loader_state.Start`) reads the rest of
+the epoch's global order from its position, dealt to this rank by the plan.
 """
 from __future__ import annotations
 
@@ -46,43 +47,63 @@ def _shared_directory() -> str:
 
 
 class EpochControl:
-    """Per DALI epoch: ``(epoch, first_batch, stop_batch, mixing)``, in a small file mapped by every
-    process.
+    """Per DALI epoch: ``(epoch, first_batch, stop_batch, mixing, start)``, in a small file mapped by
+    every process.
 
     The loader writes an epoch's entry before DALI starts that epoch (:meth:`begin`) and may lower its
     stop while it runs (:meth:`stop`); the source reads the entry on every call. Entries live in a
     ring, since at most the running epoch and the next one are in flight. ``mixing`` (0 or 1) switches
-    the pass's CutMix boxes on or off (timm's ``loader.mixup_enabled``).
+    the pass's CutMix boxes on or off (timm's ``loader.mixup_enabled``). ``start`` is where the pass
+    begins in its epoch's global order: ``None`` (the epoch's start) or ``(batch, position, unread)``
+    of a resumed pass (:class:`~dali_relabel.loader_state.Start`), with at most ``capacity`` unread
+    positions.
     """
 
     RING = 4
+    _FIXED = 7  # epoch, first, stop, mixing, start batch, position, unread count
 
-    def __init__(self):
+    def __init__(self, capacity: int = 64):
         fd, self.path = tempfile.mkstemp(prefix="dali_relabel_control_", dir=_shared_directory())
         os.close(fd)
-        self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, 4))
+        self.capacity = int(capacity)
+        self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, self._FIXED + self.capacity))
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
-    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int, mixing: bool = True) -> None:
-        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop_batch, int(mixing))
+    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int, mixing: bool = True,
+              start=None) -> None:
+        batch, position, unread = (0, 0, ()) if start is None else (start.batch, start.position, start.unread)
+        if len(unread) > self.capacity:
+            raise ValueError(f"{len(unread)} unread positions do not fit the control's {self.capacity}")
+        row = self._table[dali_epoch % self.RING]
+        row[self._FIXED:self._FIXED + len(unread)] = unread
+        row[:self._FIXED] = (epoch, first_batch, stop_batch, int(mixing), batch, position, len(unread))
 
     def stop(self, dali_epoch: int, stop_batch: int) -> None:
         self._table[dali_epoch % self.RING, 2] = stop_batch
 
     def entry(self, dali_epoch: int) -> Tuple[int, int, int, bool]:
-        epoch, first, stop, mixing = self._table[dali_epoch % self.RING]
+        epoch, first, stop, mixing = self._table[dali_epoch % self.RING, :4]
         return int(epoch), int(first), int(stop), bool(mixing)
+
+    def start(self, dali_epoch: int) -> Optional[Tuple[int, int, Tuple[int, ...]]]:
+        """``(batch, position, unread)`` of the pass's start in its epoch, ``None`` at the epoch's start."""
+        row = self._table[dali_epoch % self.RING]
+        batch, position, count = (int(v) for v in row[4:self._FIXED])
+        if not (batch or position or count):
+            return None
+        return batch, position, tuple(int(u) for u in row[self._FIXED:self._FIXED + count])
 
     def close(self) -> None:
         if getattr(self, "_finalizer", None) is not None:
             self._finalizer()
 
     def __getstate__(self):
-        return {"path": self.path}
+        return {"path": self.path, "capacity": self.capacity}
 
     def __setstate__(self, state):
         self.path = state["path"]
-        self._table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.RING, 4))
+        self.capacity = state["capacity"]
+        self._table = np.memmap(self.path, dtype=np.int64, mode="r", shape=(self.RING, self._FIXED + self.capacity))
         self._finalizer = None  # only the creating process removes the file
 
 
@@ -180,32 +201,32 @@ class BatchSource:
             self._store = LabelStore(self.store_path, verify="header")
         return self._store
 
-    def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(rows, valid)`` of ``epoch`` (the plan's, cached for the running epoch)."""
-        cached = self._epoch(epoch)
-        return cached[1], cached[2]
-
-    def _epoch(self, epoch: int) -> tuple:
-        """``(epoch, rows, valid, key epochs)``, cached for the running epoch."""
+    def epoch_rows(self, epoch: int, start=None) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(rows, valid, keys)`` of the pass over ``epoch`` from ``start`` (``(batch, position,
+        unread)``; ``None``: the whole epoch): the plan's, cached for the running pass. ``keys`` are
+        the samples' augmentation keys where they are not the epoch itself (repeated augmentation)."""
         cached = self._epoch_cache  # one tuple, so a reader on another thread sees a consistent one
-        if cached is None or cached[0] != epoch:
-            cached = self._epoch_cache = (epoch, *self.plan.batched(epoch))
-        return cached
+        if cached is None or cached[0] != (epoch, start):
+            where = () if start is None else start[1:]
+            keys = self.plan.draw_epochs(epoch, *where) if getattr(self.plan, "repeats", 1) > 1 else None
+            cached = self._epoch_cache = ((epoch, start), *self.plan.rows(epoch, *where), keys)
+        return cached[1], cached[2], cached[3]
 
-    def batch_keys(self, epoch: int, batch: int) -> np.ndarray:
-        """int64 key epochs of batch ``batch`` of ``epoch`` (:meth:`EpochPlan.draw_epochs`)."""
+    def _span(self, batch: int, start) -> slice:
         size = self.plan.batch_size
-        return self._epoch(epoch)[3][batch * size:(batch + 1) * size]
+        index = batch - (start[0] if start is not None else 0)
+        return slice(index * size, (index + 1) * size)
 
-    def batch_rows(self, epoch: int, batch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(rows, status)`` of batch ``batch`` of ``epoch``, bad rows already replaced."""
-        rows, valid = self.epoch_rows(epoch)
+    def batch_rows(self, epoch: int, batch: int, start=None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, status)`` of batch ``batch`` (the epoch's number) of the pass over ``epoch`` from
+        ``start``, bad rows already replaced."""
+        rows, valid, _ = self.epoch_rows(epoch, start)
         size = self.plan.batch_size
-        span = slice(batch * size, (batch + 1) * size)
+        span = self._span(batch, start)
         batch_rows = rows[span].astype(np.int64)
         status = np.where(valid[span], VALID, PADDING).astype(np.uint8)
         if self.bad_rows.size:
-            self._substitute(rows, batch * size, batch_rows, status)
+            self._substitute(rows, span.start, batch_rows, status)
         return batch_rows, status
 
     def _substitute(self, epoch_rows: np.ndarray, start: int, batch_rows: np.ndarray,
@@ -224,20 +245,25 @@ class BatchSource:
     def __call__(self, batch_info):
         return self.produce(*self.batch_key(batch_info))
 
-    def batch_key(self, batch_info) -> Tuple[int, int, bool]:
-        """``(epoch, batch, mixing)`` that DALI's ``batch_info`` (its epoch index and iteration)
-        reads, as the loader's :class:`EpochControl` says now; ``StopIteration`` past the pass's end.
-        :meth:`produce` of the key is the batch."""
+    def batch_key(self, batch_info) -> tuple:
+        """``(epoch, batch, mixing)`` (and the pass's ``start`` when it resumes inside the epoch)
+        that DALI's ``batch_info`` (its epoch index and iteration) reads, as the loader's
+        :class:`EpochControl` says now; ``StopIteration`` past the pass's end. :meth:`produce` of the
+        key is the batch."""
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
+        start = self.control.start(batch_info.epoch_idx)
+        if not hasattr(self.plan, "batches"):  # a plan with no global order: batches of the whole epoch
+            start = None
         batch = first + batch_info.iteration
-        if batch >= min(stop, self.plan.num_batches):
+        end = self.plan.num_batches if start is None else start[0] + self.plan.batches(*start[1:])
+        if batch >= min(stop, end):
             raise StopIteration
-        return epoch, batch, mixing
+        return (epoch, batch, mixing) if start is None else (epoch, batch, mixing, start)
 
-    def produce(self, epoch: int, batch: int, mixing: bool) -> tuple:
-        """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch``: a pure function of
-        its arguments, the plan and the bad rows."""
-        rows, status = self.batch_rows(epoch, batch)
+    def produce(self, epoch: int, batch: int, mixing: bool, start=None) -> tuple:
+        """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch`` (of a pass from
+        ``start``): a pure function of its arguments, the plan and the bad rows."""
+        rows, status = self.batch_rows(epoch, batch, start)
         out: Dict[str, np.ndarray] = {"paths": self.paths.gather(rows, self.prefix)[0]}
         if self.store_path:
             store = self.store()
@@ -247,7 +273,8 @@ class BatchSource:
             out.update(logits=maps.logits, class_ids=maps.class_ids)
         out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
         if self.epochs:
-            out["epochs"] = np.ascontiguousarray(self.batch_keys(epoch, batch), np.int64)
+            keys = self.epoch_rows(epoch, start)[2]
+            out["epochs"] = np.full(len(rows), epoch, np.int64) if keys is None else keys[self._span(batch, start)]
         if self.cutmix is not None:
             out["mix_box"] = (self.cutmix.boxes(epoch, batch, len(rows)) if mixing
                               else np.zeros((len(rows), 4), np.float32))

@@ -318,15 +318,17 @@ def validation_pipeline(source: BatchSource, config: DataConfig, decoder_device:
 
 
 def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shards: int, shuffle: bool,
-                reader_seed: int, fields: Sequence[Field] = SHARD_FIELDS) -> dict:
+                reader_seed: int, fields: Sequence[Field] = SHARD_FIELDS,
+                index_paths: Optional[Sequence[str]] = None) -> dict:
     """DALI's webdataset reader over the tar ``names`` of ``shards``, in that order, reading only
     ``fields`` (of :data:`~dali_relabel.fields.SHARD_FIELDS`), by field name; the maps reshaped to
     ``[k, H, W]``. Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to
     the same size by repeating the last sample, which the iterator drops); ``shuffle``: through a
-    sample buffer."""
+    sample buffer. ``index_paths``: other DALI index files of those tars (a resumed epoch's unread
+    samples), else the shards' own."""
     fields = list(fields)
     outputs = fn.readers.webdataset(
-        paths=[shards.path(n) for n in names], index_paths=[shards.index_path(n) for n in names],
+        paths=[shards.path(n) for n in names], index_paths=list(index_paths or [shards.index_path(n) for n in names]),
         ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
         seed=reader_seed, pad_last_batch=True, stick_to_shard=True, name="Reader")
@@ -349,12 +351,13 @@ def shard_train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False
 @pipeline_def
 def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, config: DataConfig, num_classes: int,
                          layout: str, decoder_device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
-                         shuffle: bool = True, reader_seed: int = 0, mix_boxes=None, geometry: bool = False):
+                         shuffle: bool = True, reader_seed: int = 0, mix_boxes=None, geometry: bool = False,
+                         index_paths=None):
     """ReLabel training graph over tar shards (one epoch's order of ``names``): the same keyed
     augmentation and pooling as :func:`train_pipeline`. Outputs (:func:`shard_train_outputs`): images,
     soft targets, labels, rows, and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``)
     ``mix_box`` (+ ``pasted``)."""
-    data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed)
+    data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed, index_paths=index_paths)
     epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
     images, shape, anchor, crop, mirror, affine = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
     mix_box = None
@@ -374,10 +377,12 @@ SHARD_VALIDATION_OUTPUTS = field_names(IMAGES, LABELS, ROWS)
 
 @pipeline_def
 def shard_validation_pipeline(shards: ShardSet, config: DataConfig, decoder_device: str = "cpu",
-                              shard_id: int = 0, num_shards: int = 1):
-    """Validation over tar shards in their stored order. Outputs: :data:`SHARD_VALIDATION_OUTPUTS`."""
-    data = read_shards(shards, [s["name"] for s in shards.shards], shard_id, num_shards, shuffle=False,
-                       reader_seed=0, fields=[JPEGS, LABELS, ROWS])
+                              shard_id: int = 0, num_shards: int = 1, names=None, index_paths=None):
+    """Validation over tar shards in their stored order (or ``names`` with ``index_paths``: a resumed
+    pass's unread samples). Outputs: :data:`SHARD_VALIDATION_OUTPUTS`."""
+    names = names or [s["name"] for s in shards.shards]
+    data = read_shards(shards, names, shard_id, num_shards, shuffle=False,
+                       reader_seed=0, fields=[JPEGS, LABELS, ROWS], index_paths=index_paths)
     return in_order(dict(data, images=_validation_images(data["jpegs"], config, decoder_device)),
                     SHARD_VALIDATION_OUTPUTS)
 

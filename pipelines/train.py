@@ -15,12 +15,16 @@ Python entry point :func:`train` takes a ``DataConfig`` and the other flags as k
 Distributed settings come from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
 NCCL on GPUs, gloo on CPU; data is sharded by global rank. Every run writes ``args.json`` and
 ``metrics.jsonl`` into ``--output-dir``; checkpoints hold model, optimizer, schedule, scaler, epoch,
-args and the loader's ``state_dict()`` (the data position, with the batch size, world size and seed
-it means), and ``--resume`` continues from one (``--resume auto``: the latest in the output
-directory), including in the middle of an epoch, through ``loader.load_state_dict`` (which refuses
-other data settings rather than skip or repeat samples). Checkpoints hold only tensors and plain
-values and are loaded with ``weights_only=True``: a planted file cannot run code. They are published
-durably (fsync, rename, fsync of the directory).
+args and the data position: every rank's ``loader.state_dict()`` merged into the global one
+(:func:`~dali_relabel.loader_state.merge_states`: the epoch, how much of its global order all ranks
+read, shard loaders' rows and DALI checkpoints, and the settings that define the data). ``--resume``
+continues from one (``--resume auto``: the latest in the output directory), also in the middle of an
+epoch and on another number of ranks or batch size: the rest of the epoch is read, each sample once
+(the schedule's progress is carried over in epochs). Inside an epoch, other data settings (store,
+image size, layout, targets, augmentation, seed) are refused, naming them;
+``--resume-restart-epoch`` starts the saved epoch again instead. Checkpoints hold only tensors and
+plain values and are loaded with ``weights_only=True``: a planted file cannot run code. They are
+published durably (fsync, rename, fsync of the directory).
 """
 from __future__ import annotations
 
@@ -65,6 +69,12 @@ def get_args_parser(add_help: bool = True, prog: Optional[str] = None) -> argpar
     run.add_argument("--device", default="auto", help="auto, cpu, cuda (a process's GPU is its LOCAL_RANK)")
     run.add_argument("--output-dir", default="runs/relabel")
     run.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto'")
+    run.add_argument("--resume-restart-epoch", action="store_true",
+                     help="start the checkpoint's epoch again from its first batch (needed to change data "
+                          "settings inside an epoch)")
+    run.add_argument("--stop-after-steps", type=int, default=0,
+                     help="end the run after this many steps of this process, with a checkpoint there "
+                          "(a time-limited job; tests)")
     run.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: per epoch)")
     run.add_argument("--max-steps-per-epoch", type=int, default=0, help="cut epochs short (smoke tests)")
     run.add_argument("--print-freq", type=int, default=50)
@@ -203,8 +213,15 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
         if args.print_freq and step % args.print_freq == 0:
             log.write({"epoch": epoch, "step": step, "loss": float(reduce_mean(loss.detach())),
                        "lr": scheduler.get_last_lr()[0]})
-        if save_checkpoint and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+        args.steps_done = getattr(args, "steps_done", 0) + 1
+        stop = bool(args.stop_after_steps) and args.steps_done >= args.stop_after_steps
+        if save_checkpoint and ((args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or stop):
             save_checkpoint(epoch)
+        if stop:
+            bar.close()
+            if rows_log is not None:
+                rows_log.close()
+            raise StopTraining(f"stopped after {args.steps_done} steps (--stop-after-steps)")
         if args.max_steps_per_epoch and steps >= args.max_steps_per_epoch:
             break
     bar.close()
@@ -217,6 +234,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {"train_loss": float(summed[0] / max(1.0, float(summed[1]))),
             "images": int(summed[1]), "images_per_second": float(summed[1] / (summed[2] / world))}
+
+
+class StopTraining(Exception):
+    """``--stop-after-steps`` reached (its checkpoint is saved)."""
 
 
 def _amp_dtype(name: str):
@@ -271,8 +292,7 @@ def training_loader(args, data_cfg, device: str):
 
 
 def gather_data_states(loader, world_size: int) -> list:
-    """Every rank's ``loader.state_dict()`` (rank order): each rank resumes from its own (a shard
-    loader's carries its own DALI checkpoint)."""
+    """Every rank's ``loader.state_dict()`` (rank order), for :func:`merge_states` (a collective call)."""
     state = loader.state_dict()
     if world_size == 1:
         return [state]
@@ -281,6 +301,23 @@ def gather_data_states(loader, world_size: int) -> list:
     states = [None] * world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def checkpoint_data_state(checkpoint: dict) -> dict:
+    """The global data position of a checkpoint (an older one kept each rank's state apart)."""
+    from dali_relabel.loader_state import merge_states
+
+    if checkpoint.get("data_ranks"):
+        return merge_states(checkpoint["data_ranks"])
+    return dict(checkpoint["data"])
+
+
+def resume_schedule(scheduler, checkpoint: dict, steps_per_epoch: int) -> None:
+    """Carry the schedule's progress over in epochs when the checkpoint's epochs had another number
+    of steps (another world size or batch size)."""
+    saved = checkpoint.get("steps_per_epoch")
+    if saved and saved != steps_per_epoch:
+        scheduler.last_epoch = int(round(scheduler.last_epoch * steps_per_epoch / saved))
 
 
 def main(args) -> dict:
@@ -304,13 +341,8 @@ def main(args) -> dict:
     loader = training_loader(args, data_cfg, "gpu" if device_kind == "gpu" else "cpu")
     start_epoch = 0
     if checkpoint:
-        states = checkpoint.get("data_ranks") or [checkpoint["data"]]
-        if len(states) == world_size:
-            data_state = dict(states[args.rank])
-        else:  # an older checkpoint (rank 0's only): every rank stands at the same batch
-            data_state = dict(states[0], rank=loader.state_dict().get("rank", 0))
-        try:
-            loader.load_state_dict(data_state)  # normalises "after the last batch" to the next epoch
+        try:  # the global position: any number of ranks continues it ("after the last batch": the next epoch)
+            loader.load_state_dict(checkpoint_data_state(checkpoint), restart_epoch=args.resume_restart_epoch)
         except ValueError as error:
             raise SystemExit(f"--resume {checkpoint_path}: {error}") from None
         start_epoch = loader.state_dict()["epoch"]
@@ -338,32 +370,41 @@ def main(args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        resume_schedule(scheduler, checkpoint, steps_per_epoch)
     criterion = SoftTargetCrossEntropy()  # smoothing, if any, is in the targets (--label-smoothing)
     log = MetricsLog(args.output_dir, args.rank)
     val_loader = validation_loader(args, data_cfg, loader.class_names, "gpu" if device_kind == "gpu" else "cpu")
 
-    def save_checkpoint(epoch: int, data_states: list, finished: bool = False):
+    def save_checkpoint(epoch: int, data_state: dict, finished: bool = False):
         if args.rank != 0:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                 "epoch_finished": finished, "data": data_states[0], "data_ranks": data_states,
+                 "epoch_finished": finished, "data": data_state, "steps_per_epoch": steps_per_epoch,
                  "args": vars(args), "num_classes": num_classes, "class_names": list(loader.class_names)}
         save_checkpoint_file(state, os.path.join(args.output_dir, "checkpoint.pth"))
 
-    def save_position(epoch: int, data_state=None):
-        """Checkpoint every rank's data position (a collective call: every rank makes it)."""
-        states = gather_data_states(loader, world_size) if data_state is None else [
-            dict(s, **data_state) for s in gather_data_states(loader, world_size)]
-        save_checkpoint(epoch, states, finished=data_state is not None)
+    def save_position(epoch: int, next_epoch: Optional[int] = None):
+        """Checkpoint the global data position (a collective call: every rank makes it); with
+        ``next_epoch``, the start of that epoch."""
+        from dali_relabel.loader_state import epoch_start_state, merge_states
+
+        state = merge_states(gather_data_states(loader, world_size))
+        if next_epoch is not None:
+            state = epoch_start_state(state, next_epoch)
+        save_checkpoint(epoch, state, finished=next_epoch is not None)
 
     result = {}
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
-        stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, loader, device, epoch,
-                                args, log, save_position)
-        # every rank's position at the next epoch's start, even when --max-steps-per-epoch cut this short
-        save_position(epoch, {"epoch": epoch + 1, "batch": 0, "dali_checkpoint": None})
+        try:
+            stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, loader, device, epoch,
+                                    args, log, save_position)
+        except StopTraining as stopped:
+            result = {"epoch": epoch, "stopped": str(stopped)}
+            break
+        # the position at the next epoch's start, even when --max-steps-per-epoch cut this short
+        save_position(epoch, epoch + 1)
         result = {"epoch": epoch, **stats}
         if val_loader is not None:
             result.update(evaluate(model, args, val_loader))

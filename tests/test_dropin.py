@@ -124,13 +124,69 @@ def test_state_at_the_end_of_an_epoch_is_the_next_epoch(textured):
     assert (other.state_dict()["epoch"], other.state_dict()["batch"]) == (1, 0) and len(other) == 6
 
 
+def _state_after(loader, batches):
+    for i, _ in enumerate(loader):
+        if i == batches - 1:
+            break
+    return loader.state_dict()
+
+
 @pytest.mark.slow
-def test_resume_with_other_settings_is_refused(textured):
-    state = _loader(textured, batch_size=4).state_dict()
-    with pytest.raises(ValueError, match="batch_size: saved 4, now 3"):
-        _loader(textured, batch_size=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="seed"):
-        _loader(textured, seed=6).load_state_dict(state)
+def test_resume_with_other_data_inside_an_epoch_is_refused_naming_it(textured):
+    """Issue 23, defect 5: another store, image size, layout or targets kind used to resume silently."""
+    from dali_relabel.loader import ReLabelLoader
+    from dali_relabel.loader_state import ResumeError
+
+    state = _state_after(_loader(textured), 2)
+    for config, named in ((dict(seed=6), "seed: saved 5, now 6"), (dict(image_size=24), "data.image_size: saved 16"),
+                          (dict(layout="WH"), "data.layout: saved 'HW', now 'WH'"),
+                          (dict(color_jitter=0.4), "data.color_jitter")):
+        with pytest.raises(ResumeError, match=named):
+            _loader(textured, **config).load_state_dict(state)
+    image_root, _ = textured
+    original = ReLabelLoader(image_root, None, 4, config=DataConfig(**SMALL), device="cpu")
+    with pytest.raises(ResumeError, match=r"data.targets: saved 'relabel', now 'original'.*restart_epoch=True"):
+        original.load_state_dict(state)
+    original.load_state_dict(state, restart_epoch=True)
+    assert (original.epoch, len(original)) == (0, 6)
+    _loader(textured, num_threads=3, prefetch_queue_depth=1).load_state_dict(state)  # execution settings: fine
+    _loader(textured, image_size=24).load_state_dict(dict(state, epoch=1, batch=0, position=0))  # a boundary
+
+
+@pytest.mark.slow
+def test_resume_on_other_ranks_and_batch_size_reads_the_rest_once_with_the_same_targets(textured):
+    """Two ranks stop after 2 batches of 4; one rank with batches of 5 reads the rest of the epoch:
+    every image once, each with the crop and target the uninterrupted run gave it."""
+    from dali_relabel.loader import ReLabelLoader
+
+    image_root, store = textured
+
+    def loader(batch_size, rank=0, world_size=1):
+        return ReLabelLoader(image_root, store, batch_size, config=DataConfig(**SMALL), device="cpu",
+                             rank=rank, world_size=world_size, return_rows=True)
+
+    reference = {}
+    for images, targets, rows in loader(4):
+        reference.update({r: (i, t) for r, i, t in zip(rows.tolist(), images, targets)})
+    ranks = [loader(4, r, 2) for r in range(2)]
+    seen = []
+    for rank in ranks:
+        for i, (_, _, rows) in enumerate(rank):
+            seen += rows.tolist()
+            if i == 1:
+                break
+    state = ranks[1].state_dict()
+    assert (state["position"], state["world_size"]) == (16, 2)
+    resumed = loader(5)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 1  # 8 left: "drop" keeps one full batch of 5
+    rest = [(rows.tolist(), images, targets) for images, targets, rows in resumed]
+    seen += [r for rows, _, _ in rest for r in rows]
+    assert len(seen) == len(set(seen)) and len(seen) >= 16 + 5
+    for rows, images, targets in rest:
+        for row, image, target in zip(rows, images, targets):
+            torch.testing.assert_close(image, reference[row][0], rtol=0, atol=0)
+            torch.testing.assert_close(target, reference[row][1], rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -108,3 +108,88 @@ def test_repeats_over_ranks_put_copies_on_different_ranks_and_pad_keeps_keys():
 def test_repeats_must_be_positive():
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         EpochPlan(100, 10, repeats=0)
+
+
+# -- the global order and elastic resume -----------------------------------------------------------
+def _read(plans, epoch, batches, start=0, unread=()):
+    """``[(row, key)]`` every rank of ``plans`` reads in its first ``batches`` batches from ``start``."""
+    seen = []
+    for plan in plans:
+        rows, valid = plan.rows(epoch, start, unread)
+        keys = plan.draw_epochs(epoch, start, unread)
+        span = slice(0, batches * plan.batch_size)
+        seen += list(zip(rows[span][valid[span]].tolist(), keys[span][valid[span]].tolist()))
+    return seen
+
+
+def _ranks(n, batch, world, **options):
+    return [EpochPlan(n, batch, rank, world, seed=7, **options) for rank in range(world)]
+
+
+@pytest.mark.parametrize("n, world, batch, policy, repeats", [
+    (42, 2, 8, "drop", 1), (42, 2, 8, "pad", 1), (100, 3, 7, "pad", 1), (29, 2, 7, "pad", 1),
+    (21, 4, 5, "pad", 1), (300, 4, 8, "drop", 3), (300, 2, 16, "pad", 2), (90, 2, 4, "pad", 2)])
+def test_after_every_batch_the_read_positions_are_the_global_order_up_to_the_position(n, world, batch, policy,
+                                                                                        repeats):
+    plans = _ranks(n, batch, world, last_batch=policy, repeats=repeats)
+    plan = plans[0]
+    rows, keys = plan.sequence(3)
+    for k in range(plan.num_batches):
+        start, unread = plan.position_after(k)
+        read = sorted(_read(plans, 3, k))
+        expected = sorted((int(rows[p]), int(3 * repeats + keys[p])) for p in range(start) if p not in unread)
+        assert read == expected, f"after {k} batches"
+        assert start - len(unread) == len(read), "the global count of samples read"
+        if k < plan.num_batches - 1:
+            assert (start, unread) == (k * batch * world, ()), "a prefix of the order"
+    with pytest.raises(ValueError, match="position after"):
+        plan.position_after(plan.num_batches)
+
+
+def test_the_same_ranks_and_batch_size_continue_exactly_the_uninterrupted_epoch():
+    for policy in ("drop", "pad"):
+        for plan in _ranks(29, 7, 2, last_batch=policy) + _ranks(300, 8, 3, repeats=3, last_batch=policy):
+            full_rows, full_valid = plan.rows(5)
+            for k in range(plan.num_batches):
+                start, unread = plan.position_after(k)
+                rows, valid = plan.rows(5, start, unread)
+                assert plan.batches(start, unread) == plan.num_batches - k
+                if not unread:  # (padding may repeat other rows: it is never trained on)
+                    assert np.array_equal(valid, full_valid[k * plan.batch_size:])
+                    assert np.array_equal(rows[valid], full_rows[k * plan.batch_size:][valid])
+                    keys = plan.draw_epochs(5, start)
+                    assert np.array_equal(keys[valid], plan.draw_epochs(5)[k * plan.batch_size:][valid])
+
+
+@pytest.mark.parametrize("n, repeats", [(101, 1), (300, 3), (90, 2)])
+@pytest.mark.parametrize("before, after", [((2, 8), (1, 8)), ((2, 8), (3, 5)), ((4, 3), (2, 16)), ((1, 5), (4, 2)),
+                                           ((3, 4), (5, 1))])
+def test_a_resume_on_other_ranks_and_batch_sizes_reads_the_rest_of_the_epoch_exactly_once(n, repeats, before, after):
+    """Checkpoint on S ranks after any number of batches, resume on M ranks with another batch size
+    (and chain a second resume): with "pad" every position of the epoch is read exactly once, each
+    with its own augmentation key; with "drop" none twice, and only the order's tail is left out."""
+    (world, batch), (new_world, new_batch) = before, after
+    for policy in ("pad", "drop"):
+        saved = _ranks(n, batch, world, last_batch=policy, repeats=repeats)
+        resumed = _ranks(n, new_batch, new_world, last_batch=policy, repeats=repeats)
+        again = _ranks(n, 3, 2, last_batch=policy, repeats=repeats)
+        everything = [(int(r), repeats + c) for r in saved[0].permutation(1) for c in range(repeats)]
+        for k in range(saved[0].num_batches):
+            start, unread = saved[0].position_after(k)
+            first = _read(saved, 1, k)
+            total = resumed[0].batches(start, unread)
+            for j in range(total + 1):  # a second checkpoint inside the resumed pass, then a third shape
+                if j < total:
+                    second = _read(resumed, 1, j, start, unread)
+                    start2, unread2 = resumed[0].position_after(j, start, unread)
+                    third = _read(again, 1, again[0].batches(start2, unread2), start2, unread2)
+                else:
+                    second, third = _read(resumed, 1, total, start, unread), []
+                seen = sorted(first + second + third)
+                assert len(set(seen)) == len(seen), f"read twice ({policy}, {k} then {j} batches)"
+                kept = [plans[0].order_length for plans in (saved, resumed, again)]
+                assert set(seen) <= set(everything[:max(kept)]), "past the epoch's order"
+                if policy == "pad":  # every position of the epoch read
+                    assert set(everything[:min(kept)]) <= set(seen), f"{k} then {j} batches"
+                else:  # only the order's tail is left out: less than a batch per rank per resume
+                    assert len(seen) >= min(kept) - sum(w * b for w, b in (before, after, (2, 3)))

@@ -207,11 +207,44 @@ def test_a_run_killed_after_the_last_batch_resumes_at_the_next_epoch(killed_afte
 
 
 @pytest.mark.slow
-def test_resuming_with_another_batch_size_is_refused(killed_after_the_last_batch, tmp_path):
-    image_root, store, out = _copy_run(killed_after_the_last_batch, tmp_path)
-    with pytest.raises(SystemExit, match=r"cannot resume the data position with other settings "
-                                         r"\(batch_size: saved 8, now 4\)"):
-        _run_main(_args(image_root, store, out, "--epochs", "2", "--batch-size", "4", "--resume", "auto"))
+def test_resuming_inside_an_epoch_with_other_data_is_refused_unless_the_epoch_restarts(tmp_path):
+    """Issue 23, defect 5: another image size, layout or targets kind inside an epoch is refused,
+    naming it; --resume-restart-epoch (which the message names) trains the epoch from its start."""
+    image_root, store = make_square_set(str(tmp_path))
+    out = str(tmp_path / "run")
+    _run_main(_args(image_root, store, out, "--epochs", "1", "--batch-size", "8", "--stop-after-steps", "1"))
+    for flags, named in ((["--image-size", "24"], "data.image_size: saved 32, now 24"),
+                         (["--layout", "WH"], "data.layout: saved 'HW', now 'WH'")):
+        with pytest.raises(SystemExit, match=rf"--resume .*cannot continue epoch 0 at batch 1 with other data "
+                                             rf"settings \({named}\).*--resume-restart-epoch"):
+            _run_main(_args(image_root, store, out, "--epochs", "1", "--batch-size", "8", "--resume", "auto", *flags))
+    result = _run_main(_args(image_root, store, out, "--epochs", "1", "--batch-size", "8", "--resume", "auto",
+                             "--image-size", "24", "--resume-restart-epoch"))
+    assert result["images"] == 24, "the restarted epoch is whole"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_ranks_resumes_on_one_with_another_batch_size(tmp_path):
+    """Two gloo processes train 2 steps of batch 4 and stop (a time-limited job); one process with
+    batch 6 resumes: over the epoch every image is trained on exactly once."""
+    image_root, store = make_square_set(str(tmp_path), num_images=32)
+    out = str(tmp_path / "run")
+    common = ["--epochs", "1", "--log-rows", "--last-batch", "pad"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+               *_args(image_root, store, out, "--batch-size", "4", "--stop-after-steps", "2", *common)]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import torch
+
+    data = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["data"]
+    assert (data["epoch"], data["batch"], data["position"], data["world_size"]) == (0, 2, 16, 2)
+    before = [row for rank in range(2) for step in _read_rows(out, rank) for row in step["rows"]]
+    assert len(before) == 16
+    result = _run_main(_args(image_root, store, out, "--batch-size", "6", "--resume", "auto", *common))
+    after = [step["rows"] for step in _read_rows(out, 0)[2:]]
+    assert [len(rows) for rows in after] == [6, 6, 4] and result["images"] == 16
+    assert sorted(before + [row for rows in after for row in rows]) == list(range(32))
 
 
 def _read_rows(out, rank):
@@ -284,7 +317,7 @@ def test_training_from_shards_resumes_per_rank(tmp_path):
     import torch
 
     checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
-    assert checkpoint["data"]["epoch"] == 1 and len(checkpoint["data_ranks"]) == 1
+    assert checkpoint["data"]["epoch"] == 1 and "data_ranks" not in checkpoint
     result = _run_main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
                        + ["--resume", "auto"])
     assert result["epoch"] == 1

@@ -90,11 +90,6 @@ class RowPlan:
         order = np.arange(self.start, self.stop, dtype=np.int64)
         return np.resize(order, total), np.arange(total) < len(order)
 
-    def batched(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`rows` with every sample's key epoch (``epoch``; the teacher draws nothing)."""
-        rows, valid = self.rows(epoch)
-        return rows, valid, np.full(len(rows), epoch, np.int64)
-
 
 def shard_bounds(num_rows: int, rank: int, world_size: int) -> Tuple[int, int]:
     """The contiguous rows ``[start, stop)`` of ``rank`` among ``world_size`` (sizes differ by <= 1)."""
