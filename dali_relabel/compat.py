@@ -88,9 +88,12 @@ def _timm_augmentation(args) -> dict:
     vflip = float(_get(args, "vflip", 0.0) or 0.0)
     if vflip > 0:
         settings["vflip_probability"] = vflip
-    repeats = int(_get(args, "aug_repeats", 0) or 0)
+    repeats = float(_get(args, "aug_repeats", 0) or 0)  # timm parses it as a float
+    if repeats != int(repeats):
+        _refuse("--aug-repeats", repeats, "each sample is repeated a whole number of times (timm resamples "
+                "for a fraction)")
     if repeats > 1:
-        settings["aug_repeats"] = repeats
+        settings["aug_repeats"] = int(repeats)
     if _get(args, "num_classes"):
         settings["num_classes"] = int(args.num_classes)
     return settings
@@ -182,7 +185,9 @@ def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
 
     Label smoothing is left to the script's ``CrossEntropyLoss(label_smoothing=...)``, which smooths
     probability targets too (so it is not applied twice). torchvision mixes per batch, choosing
-    MixUp or CutMix with equal chance when both are on; so does the returned config.
+    MixUp or CutMix with equal chance when both are on; so does the returned config. ``--auto-augment
+    ra`` takes ``--ra-magnitude``; ``--ra-sampler`` repeats samples (``--ra-reps``) only when
+    ``args.distributed`` is not False, as the script builds its ``RASampler`` only then.
     """
     augmentation = {}
     policy = _get(args, "auto_augment")
@@ -190,12 +195,19 @@ def from_torchvision(args, **overrides) -> Tuple[DataConfig, DataConfig]:
         if str(policy) == "augmix":
             _refuse("--auto-augment", policy, "AugMix blends several augmented copies, so no single geometry "
                     "describes a pixel and its label cannot follow")
-        augmentation["auto_augment"] = _policy("--auto-augment", policy)
+        magnitude = int(_get(args, "ra_magnitude", 9) or 0)
+        if str(policy) == "ra" and magnitude != 9:  # the script's RandAugment(magnitude=--ra-magnitude)
+            augmentation["auto_augment"] = _policy(f"--auto-augment ra --ra-magnitude {magnitude}",
+                                                   f"ra-m{magnitude}")
+        else:
+            augmentation["auto_augment"] = _policy("--auto-augment", policy)
     erase = float(_get(args, "random_erase", 0.0) or 0.0)
     if erase > 0:  # torchvision's RandomErasing(p) defaults: scale (0.02, 0.33), ratio (0.3, 3.3), value 0
         augmentation.update(random_erase_probability=erase, random_erase_mode="const",
                             random_erase_area=(0.02, 0.33), random_erase_aspect=(0.3, 3.3))
-    if _get(args, "ra_sampler", False):
+    if _get(args, "ra_sampler", False) and _get(args, "distributed") is not False:
+        # the script builds its RASampler only when distributed (args.distributed, set by
+        # utils.init_distributed_mode); single-process it samples each image once per epoch
         augmentation["aug_repeats"] = int(_get(args, "ra_reps", 3))
     if _get(args, "weights") and _get(args, "test_only"):
         _refuse("--weights with --test-only", args.weights, "the script would evaluate with the weights' own "

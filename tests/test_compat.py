@@ -102,3 +102,27 @@ def test_torchvision_reference_arguments():
 def test_torchvision_settings_we_cannot_honour_are_refused_by_name(change, flag):
     with pytest.raises(UnsupportedSetting, match=flag):
         from_torchvision(torchvision_args(**change))
+
+
+def test_torchvision_ra_magnitude_reaches_randaugment():
+    train, _ = from_torchvision(torchvision_args(auto_augment="ra", ra_magnitude=7))
+    assert train.auto_augment == "ra-m7"
+    assert from_torchvision(torchvision_args(auto_augment="ra", ra_magnitude=9))[0].auto_augment == "ra"
+    assert from_torchvision(torchvision_args(auto_augment="ta_wide", ra_magnitude=7))[0].auto_augment == "ta_wide"
+    with pytest.raises(UnsupportedSetting, match="--auto-augment ra --ra-magnitude 31"):
+        from_torchvision(torchvision_args(auto_augment="ra", ra_magnitude=31))
+
+
+def test_torchvision_ra_sampler_repeats_only_when_distributed_as_the_script():
+    """The script builds its RASampler only under ``args.distributed``; single-process it samples plainly."""
+    recipe = dict(ra_sampler=True, ra_reps=4)
+    assert from_torchvision(torchvision_args(distributed=True, **recipe))[0].aug_repeats == 4
+    assert from_torchvision(torchvision_args(distributed=False, **recipe))[0].aug_repeats == 1
+    assert from_torchvision(torchvision_args(**recipe))[0].aug_repeats == 4  # no init_distributed_mode yet
+
+
+def test_timm_fractional_aug_repeats_is_refused_not_rounded():
+    """timm's RepeatAugSampler resamples for a fractional ``--aug-repeats``; the loader repeats whole times."""
+    assert from_timm(TIMM_DATA, timm_args(aug_repeats=3.0)).aug_repeats == 3  # argparse gives a float
+    with pytest.raises(UnsupportedSetting, match="--aug-repeats 2.5"):
+        from_timm(TIMM_DATA, timm_args(aug_repeats=2.5))
