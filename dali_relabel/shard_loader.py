@@ -149,12 +149,13 @@ class _ShardBatches(LoaderState):
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
         pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing)
-        pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        current.iterator = _bounded_iterator(DALIGenericIterator)(
-            [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
-            reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         try:
+            pipe.build()
+            current.iterator = _bounded_iterator(DALIGenericIterator)(
+                [pipe], self.output_map, runs=self.batches_per_epoch - first,
+                prefetch=self.config.prefetch_queue_depth, reader_name="Reader", last_batch_policy=policy,
+                auto_reset=False, prepare_first_batch=False)
             for outputs in current.iterator:
                 if self._pass is not current:
                     return  # a newer pass took over
@@ -162,10 +163,28 @@ class _ShardBatches(LoaderState):
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if first + current.consumed >= self.batches_per_epoch:
                     break  # every rank stops after the same number of batches
+        except RuntimeError as error:
+            self._explain_read_failure(error)
+            raise
         finally:
             if self._pass is current and first + current.consumed >= self.batches_per_epoch:
                 current.finished = True
                 self._pass = None
+
+    def _explain_read_failure(self, error: RuntimeError) -> None:
+        """DALI failed to read or build: if a shard changed since the loader checked it (truncated,
+        replaced or removed, on a disk or on object storage), raise :class:`ShardError` naming it."""
+        from .shards import ShardError
+
+        try:
+            self.shards.check_sizes()
+        except (ShardError, OSError) as problem:
+            raise ShardError(f"reading the shards failed: {problem} (DALI: {_last_line(error)})") from error
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 class ShardReLabelLoader(_ShardBatches):
