@@ -10,7 +10,7 @@ and uploading a directory (``dali-relabel shard --out s3://...``).
 
 Both clients are configured from the standard AWS variables: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), ``AWS_ENDPOINT_URL`` for any S3-compatible
-store (MinIO, Ceph, moto, Google Cloud Storage's XML API with HMAC keys...), ``AWS_REGION`` or
+store (MinIO, Ceph, moto...), ``AWS_REGION`` or
 ``AWS_DEFAULT_REGION``. Profiles in ``~/.aws`` work for boto3; DALI's SDK reads the variables.
 
 The cache lives in ``$XDG_CACHE_HOME/dali_relabel/remote`` (default ``~/.cache``): one file per URL,
@@ -36,14 +36,18 @@ class RemoteError(DaliRelabelError, OSError):
     message names the URL."""
 
 
+class NoSuchObjectError(RemoteError, FileNotFoundError):
+    """No object at the URL, in a bucket that exists."""
+
+
 def is_remote(location) -> bool:
     """Whether ``location`` is an object-storage URL (``s3://``); ``gs://`` is refused with advice."""
     if not isinstance(location, str):
         return False
     if location.startswith(_UNLISTABLE):
-        raise RemoteError(f"{location}: only s3:// URLs are supported; Google Cloud Storage is readable "
-                          "through its S3-compatible API (AWS_ENDPOINT_URL=https://storage.googleapis.com "
-                          "with HMAC keys as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) as s3://bucket/...")
+        raise RemoteError(f"{location}: only s3:// URLs are supported (Google Cloud Storage's S3-compatible "
+                          "API, AWS_ENDPOINT_URL=https://storage.googleapis.com with HMAC keys, may serve "
+                          "the bucket as s3://...)")
     return location.startswith(SCHEME)
 
 
@@ -116,7 +120,7 @@ def explain(error: Exception, url: str) -> RemoteError:
         bucket = split(url)[0]
         return RemoteError(f"{url}: the bucket {bucket!r} does not exist (endpoint {endpoint})")
     if code in ("NoSuchKey", "404", "NotFound"):
-        return RemoteError(f"{url}: no such object (endpoint {endpoint})")
+        return NoSuchObjectError(f"{url}: no such object (endpoint {endpoint})")
     if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "ExpiredToken", "InvalidToken", "AllAccessDisabled"):
         return RemoteError(f"{url}: access denied ({code}): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
@@ -147,18 +151,18 @@ def _missing_bucket_or_object(url: str) -> RemoteError:
         client().head_bucket(Bucket=bucket)
     except Exception as error:
         problem = explain(error, url)
-        if "no such object" in str(problem):  # HEAD answers a missing bucket with a bare 404
+        if isinstance(problem, NoSuchObjectError):  # HEAD answers a missing bucket with a bare 404
             return RemoteError(f"{url}: the bucket {bucket!r} does not exist "
                                f"(endpoint {os.environ.get('AWS_ENDPOINT_URL') or 'AWS'})")
         return problem
-    return RemoteError(f"{url}: no such object (endpoint {os.environ.get('AWS_ENDPOINT_URL') or 'AWS'})")
+    return NoSuchObjectError(f"{url}: no such object (endpoint {os.environ.get('AWS_ENDPOINT_URL') or 'AWS'})")
 
 
 def _raise_for(error: Exception, url: str):
     if isinstance(error, RemoteError):
         raise error
     problem = explain(error, url)
-    if "no such object" in str(problem):
+    if isinstance(problem, NoSuchObjectError):
         problem = _missing_bucket_or_object(url)
     raise problem from None
 
@@ -178,10 +182,8 @@ def exists(url: str) -> bool:
     """Whether an object is at ``url`` (a missing bucket or refused access still raise)."""
     try:
         stat(url)
-    except RemoteError as error:
-        if "no such object" in str(error):
-            return False
-        raise
+    except NoSuchObjectError:
+        return False
     return True
 
 
@@ -236,8 +238,8 @@ def cached_copy(url: str, check: Optional[Callable[[str], None]] = None) -> str:
             pass
         partial = f"{path}.partial{os.getpid()}"
         bucket, key = split(url)
-        _call(url, lambda: client().download_file(bucket, key, partial))
         try:
+            _call(url, lambda: client().download_file(bucket, key, partial))
             if os.path.getsize(partial) != size:
                 raise RemoteError(f"{url}: fetched {os.path.getsize(partial)} bytes of {size}")
             if check is not None:

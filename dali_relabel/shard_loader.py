@@ -285,6 +285,11 @@ class ShardValidationLoader(_ShardBatches):
 def is_shard_location(location) -> bool:
     """Whether ``location`` names shards (a directory with ``index.json``, the index, a ``.tar`` or
     brace pattern) rather than an image tree."""
+    from . import remote
+
     location = os.fspath(location)
-    return (location.endswith((".json", ".tar")) or "{" in location
-            or os.path.exists(os.path.join(location, "index.json")))
+    if location.endswith((".json", ".tar")) or "{" in location:
+        return True
+    if remote.is_remote(location):
+        return remote.exists(remote.join(location, "index.json"))
+    return os.path.exists(os.path.join(location, "index.json"))

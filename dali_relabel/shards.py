@@ -209,9 +209,7 @@ def _read_remote_index(index_url: str) -> bytes:
     """``index.json`` of remote shards; a prefix with no shards at all says so."""
     try:
         return remote.read_bytes(index_url)
-    except remote.RemoteError as error:
-        if "no such object" not in str(error):
-            raise
+    except remote.NoSuchObjectError:
         directory = remote.parent(index_url)
         tars = [key for key in remote.list_objects(directory) if key.endswith(".tar")]
         if not tars:
