@@ -22,8 +22,10 @@ layout, and each shard's name, sample count and size (a truncated shard is refus
 beside it), from a directory or an ``s3://`` prefix: DALI's webdataset reader streams the tars from
 object storage itself, given their index files, which are fetched once into the local cache
 (:mod:`dali_relabel.remote`). Without index files the reader would infer each one at every pipeline
-build, one ranged request per tar member header: thousands of round trips per shard. Writing is parallel (one process per shard at a time), shows progress and resumes: a
-shard is complete once its index file exists.
+build, one ranged request per tar member header: thousands of round trips per shard.
+
+Writing is parallel (one process per shard at a time), shows progress and resumes: a shard is
+complete once its index file exists.
 """
 from __future__ import annotations
 
@@ -201,7 +203,8 @@ def _remote_index_path(location: str):
     if location.endswith(".json"):
         return location, None
     if location.endswith(".tar") or "{" in location:
-        return remote.join(remote.parent(location), INDEX_NAME), set(remote.basename(p) for p in expand_braces(location))
+        chosen = set(remote.basename(p) for p in expand_braces(location))
+        return remote.join(remote.parent(location), INDEX_NAME), chosen
     return remote.join(location, INDEX_NAME), None
 
 

@@ -176,7 +176,9 @@ class BatchSource:
 
     def path(self, row: int) -> str:
         """The absolute image path (or URL) of ``row``."""
-        return self.image_root + "/" + self.paths[row] if self.remote else os.path.join(self.image_root, self.paths[row])
+        if self.remote:
+            return self.image_root + "/" + self.paths[row]
+        return os.path.join(self.image_root, self.paths[row])
 
     def store(self) -> LabelStore:
         # Opened lazily in the worker process that uses it (never shared across fork).

@@ -2,7 +2,8 @@
 
 Every graph starts from a :class:`~dali_relabel.sources.BatchSource`: one call per batch (made ahead on
 a thread of this process, or in DALI worker processes) hands over the image paths, which the plugin's
-C++ file reader ``relabel.read_files`` reads (DALI's ``io.file.read`` reads ``s3://`` URLs), and (for training) the rows' label maps and random keys.
+C++ file reader ``relabel.read_files`` reads (DALI's ``io.file.read`` reads ``s3://`` URLs), and (for
+training) the rows' label maps and random keys.
 
 Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized crop and flip keyed by
 ``(seed, epoch, row)``; ``relabel.sample_draws`` adds colour jitter and random interpolation) ->

@@ -112,17 +112,20 @@ server.stop()
 class S3Server:
     """moto's S3-compatible server on 127.0.0.1 (a free port) in a process of its own.
 
-    Not a thread of the test process: DALI's webdataset reader opens its ``s3://`` tars while the
-    pipeline is built, holding the GIL, so a server thread in the same process could not answer (the
-    SDK gives up after 3 s: curl's "Timeout was reached"). ``env`` adds variables to the server's
-    environment (``INITIAL_NO_AUTH_ACTION_COUNT=0`` makes it check credentials)."""
+    Not a thread of the test process: DALI's webdataset reader asks for its ``s3://`` tars' sizes
+    while ``Pipeline.build()`` runs, and a server thread of the same process gets no turn to answer
+    meanwhile (the build does not release the GIL): the SDK gives up after 3 s with curl's "Timeout
+    was reached", index files or not. (``io.file.read``, which reads while the pipeline runs, is
+    answered.) ``env`` adds variables to the server's environment (``INITIAL_NO_AUTH_ACTION_COUNT=0``
+    makes it check credentials)."""
 
     def __init__(self, env: dict = None):
         import subprocess
         import sys
 
         self.process = subprocess.Popen([sys.executable, "-c", _S3_SERVER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ, **(env or {})), text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        env=dict(os.environ, **(env or {})), text=True)
         self.endpoint = f"http://127.0.0.1:{int(self.process.stdout.readline())}"
 
     def environment(self) -> dict:

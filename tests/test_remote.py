@@ -16,6 +16,7 @@ from helpers import S3Server, make_jpeg_tree, random_maps
 
 pytest.importorskip("moto.server")
 pytest.importorskip("boto3")
+pytestmark = pytest.mark.slow  # every test here needs the server (a process) and its uploads
 
 SMALL = dict(image_size=16, num_threads=1, py_num_workers=0, seed=5)
 BUCKET = "relabel-data"
@@ -91,7 +92,6 @@ def _epoch(loader):
             torch.cat([b[0] for b in batches]))
 
 
-@pytest.mark.slow
 def test_training_from_an_s3_tree_equals_the_local_copy(s3):
     from dali_relabel.loader import ReLabelLoader, ValidationLoader
 
@@ -114,7 +114,6 @@ def test_training_from_an_s3_tree_equals_the_local_copy(s3):
     val.close()
 
 
-@pytest.mark.slow
 def test_training_from_s3_shards_equals_the_local_copy(s3):
     from dali_relabel.shard_loader import ShardReLabelLoader
     from dali_relabel.shards import ShardSet
@@ -155,7 +154,8 @@ def test_the_store_is_fetched_once_and_checked_against_its_hash(s3, monkeypatch)
     with h5py.File(bad, "r+") as f:
         f["logits"][3] = f["logits"][3] + 1
     remote.client().upload_file(str(bad), BUCKET, "bad.h5")
-    with pytest.raises(StoreError, match=f"s3://{BUCKET}/bad.h5: the fetched copy is refused: content checksum mismatch"):
+    with pytest.raises(StoreError, match=f"s3://{BUCKET}/bad.h5: the fetched copy is refused: "
+                                         "content checksum mismatch"):
         LabelStore(f"s3://{BUCKET}/bad.h5")
     assert len(fetched) == 1 and not any(n.endswith("bad.h5") for n in os.listdir(remote.cache_dir())), \
         "a refused copy is not kept"
@@ -194,7 +194,6 @@ def test_refused_credentials_are_named(s3, monkeypatch):
         guarded.close()
 
 
-@pytest.mark.slow
 def test_a_shard_truncated_during_the_run_is_named(s3):
     from dali_relabel.shard_loader import ShardReLabelLoader
     from dali_relabel.shards import ShardError
@@ -210,3 +209,18 @@ def test_a_shard_truncated_during_the_run_is_named(s3):
     with pytest.raises(ShardError, match=f"{url}/{victim}: .* bytes, but .* were written: the shard is truncated"):
         for _ in batches:
             pass
+
+
+def test_an_image_gone_from_the_bucket_during_the_run_is_named(s3):
+    from dali_relabel.bad_images import BadImageError
+    from dali_relabel.loader import ReLabelLoader
+
+    url = f"s3://{BUCKET}/gone"
+    _upload_tree(s3["images"], url)
+    loader = ReLabelLoader(url, s3["store"], 8, config=DataConfig(**SMALL), device="cpu", shuffle=False)
+    victim = loader.store.paths[20]  # in the last batch
+    remote.client().delete_object(Bucket=BUCKET, Key=f"gone/{victim}")
+    with pytest.raises(BadImageError, match=f"{url}/{victim}: cannot be read \\(no such object"):
+        for _ in loader:
+            pass
+    loader.close()
