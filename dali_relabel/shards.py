@@ -142,12 +142,14 @@ class ShardSet:
         return found
 
     @property
-    def remote(self) -> bool:
+    def on_object_storage(self) -> bool:
         """Whether the shards are on object storage (``s3://``)."""
         return self.directory.startswith(remote.SCHEME)
 
     def path(self, name: str) -> str:
-        return remote.join(self.directory, name) if self.remote else os.path.join(self.directory, name)
+        if self.on_object_storage:
+            return remote.join(self.directory, name)
+        return os.path.join(self.directory, name)
 
     def index_path(self, name: str) -> str:
         """Where DALI's index file of shard ``name`` is (an ``s3://`` URL for remote shards)."""
@@ -155,7 +157,7 @@ class ShardSet:
 
     def reader_index_path(self, name: str) -> str:
         """The local index file DALI's reader is given: remote ones fetched once into the cache."""
-        if not self.remote:
+        if not self.on_object_storage:
             return self.index_path(name)
         if name not in self.local_index:
             self.local_index[name] = remote.cached_copy(self.index_path(name))
@@ -163,7 +165,7 @@ class ShardSet:
 
     def check_sizes(self) -> None:
         """Refuse a missing or truncated shard (or index file), naming it."""
-        listed = remote.list_objects(self.directory) if self.remote else None
+        listed = remote.list_objects(self.directory) if self.on_object_storage else None
         for shard in self.shards:
             path = self.path(shard["name"])
             try:
