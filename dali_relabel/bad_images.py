@@ -42,11 +42,19 @@ def check_encoded_image(data: np.ndarray, path: str) -> None:
 
 
 def decode_problem(path: str) -> Optional[str]:
-    """Why DALI's CPU decoder cannot read or decode ``path`` (run alone), or ``None`` if it can."""
+    """Why DALI's CPU decoder cannot read or decode ``path`` (a file or an ``s3://`` URL, run alone), or
+    ``None`` if it can."""
     from nvidia.dali import fn, pipeline_def
 
+    from . import remote
+
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        if remote.is_remote(path):
+            data = np.frombuffer(remote.read_bytes(path), dtype=np.uint8)
+        else:
+            data = np.fromfile(path, dtype=np.uint8)
+    except remote.RemoteError as error:
+        return f"cannot be read ({str(error).split(': ', 1)[-1]})"
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
     try:

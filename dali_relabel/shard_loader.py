@@ -269,12 +269,13 @@ class _ShardBatches(LoaderState):
             unread = self._unread_shards(self._epoch_shards(epoch), current.seen)
         pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing,
                            unread)
-        pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        current.iterator = _bounded_iterator(DALIGenericIterator)(
-            [pipe], self.output_map, runs=current.total, prefetch=self.config.prefetch_queue_depth,
-            reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         try:
+            pipe.build()
+            current.iterator = _bounded_iterator(DALIGenericIterator)(
+                [pipe], self.output_map, runs=current.total,
+                prefetch=self.config.prefetch_queue_depth, reader_name="Reader", last_batch_policy=policy,
+                auto_reset=False, prepare_first_batch=False)
             for outputs in current.iterator:
                 if self._pass is not current:
                     raise superseded(current)  # a newer pass took over: never end this one silently
@@ -283,6 +284,9 @@ class _ShardBatches(LoaderState):
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if current.consumed >= current.total:
                     break  # every rank stops after the same number of batches
+        except RuntimeError as error:
+            self._explain_read_failure(error)
+            raise
         finally:
             if self._pass is current and current.consumed >= current.total:
                 current.finished = True
@@ -299,6 +303,21 @@ class _ShardBatches(LoaderState):
     def _epoch_shards(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch``."""
         return [s["name"] for s in self.shards.shards]
+
+    def _explain_read_failure(self, error: RuntimeError) -> None:
+        """DALI failed to read or build: if a shard changed since the loader checked it (truncated,
+        replaced or removed, on a disk or on object storage), raise :class:`ShardError` naming it."""
+        from .shards import ShardError
+
+        try:
+            self.shards.check_sizes()
+        except (ShardError, OSError) as problem:
+            raise ShardError(f"reading the shards failed: {problem} (DALI: {_last_line(error)})") from error
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 class ShardReLabelLoader(_ShardBatches):
@@ -413,6 +432,11 @@ class ShardValidationLoader(_ShardBatches):
 def is_shard_location(location) -> bool:
     """Whether ``location`` names shards (a directory with ``index.json``, the index, a ``.tar`` or
     brace pattern) rather than an image tree."""
+    from . import remote
+
     location = os.fspath(location)
-    return (location.endswith((".json", ".tar")) or "{" in location
-            or os.path.exists(os.path.join(location, "index.json")))
+    if location.endswith((".json", ".tar")) or "{" in location:
+        return True
+    if remote.is_remote(location):
+        return remote.exists(remote.join(location, "index.json"))
+    return os.path.exists(os.path.join(location, "index.json"))

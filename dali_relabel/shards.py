@@ -19,8 +19,13 @@ classes. Beside the shards: DALI's index files (``<shard>.idx``, made with DALI'
 layout, and each shard's name, sample count and size (a truncated shard is refused by name).
 
 :class:`ShardSet` reads ``index.json`` back (or a ``shard-{000000..000127}.tar`` brace pattern
-beside it). Writing is parallel (one process per shard at a time), shows progress and resumes: a
-shard is complete once its index file exists.
+beside it), from a directory or an ``s3://`` prefix: DALI's webdataset reader streams the tars from
+object storage itself, given their index files, which are fetched once into the local cache
+(:mod:`dali_relabel.remote`). Without index files the reader would infer each one at every pipeline
+build, one ranged request per tar member header: thousands of round trips per shard.
+
+Writing is parallel (one process per shard at a time), shows progress and resumes: a shard is
+complete once its index file exists.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from . import remote
 from .errors import DaliRelabelError
 from .fields import CLASS_IDS, LABELS, LOGITS, MAP_FIELDS, ROWS, SHARD_FIELDS, Field
 from .store import LabelStore, StoreError
@@ -62,7 +68,7 @@ class ShardSet:
     """What ``index.json`` says about a directory of shards.
 
     Attributes:
-        directory: where the shards are.
+        directory: where the shards are (a directory or an ``s3://`` prefix).
         shards: per shard ``{"name", "samples", "bytes"}``.
         num_samples, num_classes, k, grid_h, grid_w, layout, ids_dtype, class_names: the data.
         store_sha256: content hash of the store the shards were made from.
@@ -83,6 +89,8 @@ class ShardSet:
     seed: int = 0
     relpaths: Optional[List[str]] = None
     extra: dict = field(default_factory=dict)
+    #: remote shards: their index files' local copies, by shard name
+    local_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def has_maps(self) -> bool:
@@ -92,33 +100,37 @@ class ShardSet:
     @classmethod
     def load(cls, location: str, check_sizes: bool = True) -> "ShardSet":
         """From a directory, its ``index.json``, or a brace pattern ``DIR/shard-{000000..000127}.tar``
-        (which then names the shards to use, all listed in the index beside them)."""
+        (which then names the shards to use, all listed in the index beside them); ``DIR`` may be an
+        ``s3://`` prefix."""
         location = os.fspath(location)
         chosen = None
-        if os.path.isdir(location):
-            index_path = os.path.join(location, INDEX_NAME)
-        elif location.endswith(".json"):
-            index_path = location
+        if remote.is_remote(location):
+            index_path, chosen = _remote_index_path(location)
+            index = _parse_index(index_path, _read_remote_index(index_path))
+            directory = remote.parent(index_path)
         else:
-            index_path = os.path.join(os.path.dirname(location) or ".", INDEX_NAME)
-            chosen = set(os.path.basename(p) for p in expand_braces(location))
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-        except OSError as error:
-            raise ShardError(f"{index_path}: no shard index ({error.strerror}); write shards with "
-                             "`dali-relabel shard`") from None
-        except ValueError:
-            raise ShardError(f"{index_path}: not a readable shard index") from None
-        if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{index_path}: not a dali-relabel shard index of version {FORMAT_VERSION}")
+            if os.path.isdir(location):
+                index_path = os.path.join(location, INDEX_NAME)
+            elif location.endswith(".json"):
+                index_path = location
+            else:
+                index_path = os.path.join(os.path.dirname(location) or ".", INDEX_NAME)
+                chosen = set(os.path.basename(p) for p in expand_braces(location))
+            try:
+                with open(index_path, "rb") as f:
+                    data = f.read()
+            except OSError as error:
+                raise ShardError(f"{index_path}: no shard index ({error.strerror}); write shards with "
+                                 "`dali-relabel shard`") from None
+            index = _parse_index(index_path, data)
+            directory = os.path.dirname(os.path.abspath(index_path))
         shards = index["shards"]
         if chosen is not None:
             unknown = chosen - {s["name"] for s in shards}
             if unknown:
                 raise ShardError(f"{location}: {sorted(unknown)[0]} is not in {index_path}")
             shards = [s for s in shards if s["name"] in chosen]
-        found = cls(directory=os.path.dirname(os.path.abspath(index_path)), shards=shards,
+        found = cls(directory=directory, shards=shards,
                     num_samples=sum(s["samples"] for s in shards), num_classes=index["num_classes"],
                     k=index["k"], grid_h=index["grid"][0], grid_w=index["grid"][1], layout=index["layout"],
                     ids_dtype=index["ids_dtype"], class_names=index["class_names"],
@@ -129,25 +141,44 @@ class ShardSet:
             found.check_sizes()
         return found
 
+    @property
+    def on_object_storage(self) -> bool:
+        """Whether the shards are on object storage (``s3://``)."""
+        return self.directory.startswith(remote.SCHEME)
+
     def path(self, name: str) -> str:
+        if self.on_object_storage:
+            return remote.join(self.directory, name)
         return os.path.join(self.directory, name)
 
     def index_path(self, name: str) -> str:
+        """Where DALI's index file of shard ``name`` is (an ``s3://`` URL for remote shards)."""
         return self.path(name[:-len(".tar")] + ".idx")
+
+    def reader_index_path(self, name: str) -> str:
+        """The local index file DALI's reader is given: remote ones fetched once into the cache."""
+        if not self.on_object_storage:
+            return self.index_path(name)
+        if name not in self.local_index:
+            self.local_index[name] = remote.cached_copy(self.index_path(name))
+        return self.local_index[name]
 
     def check_sizes(self) -> None:
         """Refuse a missing or truncated shard (or index file), naming it."""
+        listed = remote.list_objects(self.directory) if self.on_object_storage else None
         for shard in self.shards:
             path = self.path(shard["name"])
             try:
-                size = os.path.getsize(path)
-            except OSError:
+                size = listed[shard["name"]] if listed is not None else os.path.getsize(path)
+            except (KeyError, OSError):
                 raise ShardError(f"{path}: missing (index.json lists it)") from None
             if size != shard["bytes"]:
                 raise ShardError(f"{path}: {size} bytes, but {shard['bytes']} were written: the shard is "
                                  f"truncated or was changed; write it again (`dali-relabel shard` resumes)")
-            if not os.path.exists(self.index_path(shard["name"])):
-                raise ShardError(f"{self.index_path(shard['name'])}: DALI index of {path} is missing")
+            index = self.index_path(shard["name"])
+            there = remote.basename(index) in listed if listed is not None else os.path.exists(index)
+            if not there:
+                raise ShardError(f"{index}: DALI index of {path} is missing")
 
     @property
     def map_shape(self):
@@ -156,6 +187,41 @@ class ShardSet:
     def dtype(self, field: Field) -> np.dtype:
         """The dtype ``field`` of a sample (one of :data:`~dali_relabel.fields.SHARD_FIELDS`) is stored in."""
         return member_dtype(field, self.ids_dtype)
+
+
+def _parse_index(index_path: str, data: bytes) -> dict:
+    try:
+        index = json.loads(data)
+    except ValueError:
+        raise ShardError(f"{index_path}: not a readable shard index") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME or \
+            index.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{index_path}: not a dali-relabel shard index of version {FORMAT_VERSION}")
+    return index
+
+
+def _remote_index_path(location: str):
+    """``(URL of index.json, chosen shard names or None)`` of an ``s3://`` shard location."""
+    if location.endswith(".json"):
+        return location, None
+    if location.endswith(".tar") or "{" in location:
+        chosen = set(remote.basename(p) for p in expand_braces(location))
+        return remote.join(remote.parent(location), INDEX_NAME), chosen
+    return remote.join(location, INDEX_NAME), None
+
+
+def _read_remote_index(index_url: str) -> bytes:
+    """``index.json`` of remote shards; a prefix with no shards at all says so."""
+    try:
+        return remote.read_bytes(index_url)
+    except remote.NoSuchObjectError:
+        directory = remote.parent(index_url)
+        tars = [key for key in remote.list_objects(directory) if key.endswith(".tar")]
+        if not tars:
+            raise ShardError(f"{directory}: no shards under this URL (no index.json, no .tar objects); write "
+                             "them with `dali-relabel shard --out s3://...`") from None
+        raise ShardError(f"{index_url}: no shard index beside the {len(tars)} .tar objects; write shards "
+                         "with `dali-relabel shard`") from None
 
 
 def member_dtype(field: Field, ids_dtype) -> np.dtype:
@@ -270,6 +336,9 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     from .imagefolder import list_images
     from .tree_check import check_store_matches_images
 
+    if remote.is_remote(os.fspath(image_root)) or remote.is_remote(os.fspath(out_dir)):
+        raise ShardError(f"write_shards reads a local image tree into a local directory ({image_root} -> "
+                         f"{out_dir}); `dali-relabel shard --out s3://...` uploads the result")
     image_root, out_dir = os.path.abspath(os.fspath(image_root)), os.fspath(out_dir)
     if store is not None:
         store = store if isinstance(store, LabelStore) else LabelStore(store)

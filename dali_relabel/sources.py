@@ -4,7 +4,8 @@
 processes (parallel), or in the loader's process with each batch made ahead on a thread
 (:class:`~dali_relabel.prefetch.PrefetchingSource`, the default). For
 ``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
-returns, as whole-batch arrays: the image paths (for the plugin's C++ file reader ``relabel.read_files``), the
+returns, as whole-batch arrays: the image paths (for the plugin's C++ file reader ``relabel.read_files``, or
+DALI's ``io.file.read`` for ``s3://`` URLs of a tree on object storage), the
 rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
 validity flag, the epoch (which, with the row, keys every random choice: :mod:`dali_relabel.crops`)
 and, with CutMix, the pair boxes.
@@ -33,6 +34,7 @@ from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
 from .processes import die_with_parent
+from .remote import is_remote
 from .store import LabelStore, StoreError, map_value_problem
 
 #: Values of the ``valid`` output.
@@ -119,7 +121,7 @@ class BatchSource:
     in a :class:`~dali_relabel.prefetch.PrefetchingSource`.
 
     Args:
-        image_root: directory the stored paths are relative to.
+        image_root: directory (or ``s3://`` prefix) the stored paths are relative to.
         plan: the rank's plan (an :class:`EpochPlan`, or anything with ``batch_size``,
             ``num_batches`` and ``rows(epoch)``).
         control: where each pass starts and stops (written by the loader).
@@ -145,7 +147,9 @@ class BatchSource:
                  cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
         if store_path is None and (paths is None or labels is None):
             raise ValueError("a source without a store needs paths and labels")
-        self.image_root = os.path.abspath(os.fspath(image_root))
+        image_root = os.fspath(image_root)
+        self.remote = is_remote(image_root)  #: the paths are ``s3://`` URLs
+        self.image_root = image_root.rstrip("/") if self.remote else os.path.abspath(image_root)
         self.prefix = (self.image_root.rstrip("/") + "/").encode("utf-8")
         self._paths = paths
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int32)
@@ -192,7 +196,9 @@ class BatchSource:
         return [field.name for field in self.fields]
 
     def path(self, row: int) -> str:
-        """The absolute image path of ``row``."""
+        """The absolute image path (or URL) of ``row``."""
+        if self.remote:
+            return self.image_root + "/" + self.paths[row]
         return os.path.join(self.image_root, self.paths[row])
 
     def store(self) -> LabelStore:

@@ -6,6 +6,9 @@ user's cache under a key made of the store's content hash and the root, together
 of the tree's folders (their modification times and inodes change whenever a file is added, removed
 or renamed in them). The next check with an unchanged fingerprint costs one ``stat`` per folder. One
 process lists while the others (DDP ranks on the node) wait on a file lock and then reuse its result.
+
+A tree under an ``s3://`` prefix has no such cheap fingerprint: it is listed at every check (one
+request per 1,000 objects); pass ``check_files=False`` to the loader to skip that for a tree you trust.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import remote
 from .imagefolder import list_images
 from .store import LabelStore, StoreError
 
@@ -104,6 +108,9 @@ def check_store_matches_images(store: LabelStore, image_root, allow_extra_images
         cache: remember a passed check (see the module docstring) and skip the listing while the
             tree's folders are unchanged.
     """
+    if remote.is_remote(image_root):
+        _list_and_compare(store, image_root, allow_extra_images)
+        return
     image_root = os.path.abspath(os.fspath(image_root))
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image root {image_root} is not a directory")

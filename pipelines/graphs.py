@@ -2,7 +2,8 @@
 
 Every graph starts from a :class:`~dali_relabel.sources.BatchSource`: one call per batch (made ahead on
 a thread of this process, or in DALI worker processes) hands over the image paths, which the plugin's
-C++ file reader ``relabel.read_files`` reads, and (for training) the rows' label maps and random keys.
+C++ file reader ``relabel.read_files`` reads (DALI's ``io.file.read`` reads ``s3://`` URLs), and (for
+training) the rows' label maps and random keys.
 
 Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized crop and flip keyed by
 ``(seed, epoch, row)``; ``relabel.sample_draws`` adds colour jitter and random interpolation) ->
@@ -86,6 +87,13 @@ def read_batches(source: BatchSource, config: DataConfig) -> dict:
                                  ndim=ndims, **where)
     data = dict(zip(source.names, outputs))
     load_plugin()
+    if getattr(source, "remote", False):
+        # s3:// URLs: DALI's own reader (its AWS SDK client), each path cut to its length (the
+        # count of its non-zero bytes: stored paths hold no NUL)
+        paths = data["paths"]
+        length = fn.reductions.sum(fn.cast(paths != 0, dtype=types.INT32))
+        data[JPEGS.name] = fn.io.file.read(paths[:length], dont_use_mmap=True)
+        return data
     # The plugin's reader takes the zero-padded rows as they come (io.file.read needs each path cut
     # to length by one more operator, and maps each file): 15 % more samples/s in the feed benchmark.
     data[JPEGS.name] = fn.relabel.read_files(data["paths"])
@@ -325,10 +333,12 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
     ``[k, H, W]``. Each pipeline reads its ``shard_id`` of ``num_shards`` contiguous parts (padded to
     the same size by repeating the last sample, which the iterator drops); ``shuffle``: through a
     sample buffer. ``index_paths``: other DALI index files of those tars (a resumed epoch's unread
-    samples), else the shards' own."""
+    samples), else the shards' own; shards on object storage are streamed by the reader itself,
+    given local copies of their index files."""
     fields = list(fields)
     outputs = fn.readers.webdataset(
-        paths=[shards.path(n) for n in names], index_paths=list(index_paths or [shards.index_path(n) for n in names]),
+        paths=[shards.path(n) for n in names],
+        index_paths=list(index_paths or [shards.reader_index_path(n) for n in names]),
         ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
         seed=reader_seed, pad_last_batch=True, stick_to_shard=True, name="Reader")

@@ -147,3 +147,47 @@ def wait_until_gone(pids, seconds: float = 10.0) -> list:
     while not all(process_gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return [p for p in pids if not process_gone(p)]
+
+
+_S3_SERVER = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the test process closes the pipe (or dies)
+server.stop()
+"""
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 (a free port) in a process of its own.
+
+    Not a thread of the test process: DALI's webdataset reader asks for its ``s3://`` tars' sizes
+    while ``Pipeline.build()`` runs, and a server thread of the same process gets no turn to answer
+    meanwhile (the build does not release the GIL): the SDK gives up after 3 s with curl's "Timeout
+    was reached", index files or not. (``io.file.read``, which reads while the pipeline runs, is
+    answered.) ``env`` adds variables to the server's environment (``INITIAL_NO_AUTH_ACTION_COUNT=0``
+    makes it check credentials)."""
+
+    def __init__(self, env: dict = None):
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-c", _S3_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        env=dict(os.environ, **(env or {})), text=True)
+        self.endpoint = f"http://127.0.0.1:{int(self.process.stdout.readline())}"
+
+    def environment(self) -> dict:
+        """The AWS variables that point boto3 and DALI at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:
+            self.process.kill()
+            self.process.wait()

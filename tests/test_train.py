@@ -321,3 +321,129 @@ def test_training_from_shards_resumes_per_rank(tmp_path):
     result = _run_main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
                        + ["--resume", "auto"])
     assert result["epoch"] == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_node(port: int, argv, log_path):
+    """One node: ``torchrun --nnodes=2 --nproc_per_node=1`` with c10d rendezvous on 127.0.0.1, exactly
+    the README's multi-node command (gloo on the CPU), in its own process group."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=relabel-test",
+               TRAIN, *argv]
+    log = open(log_path, "ab")
+    return subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def _process_tree(pid: int) -> list:
+    """``pid`` and its descendants (torchrun starts its workers in sessions of their own, so a process
+    group is not a node: its rank and the rank's DALI workers are below it)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _signal_all(pids, signum) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_all(nodes, timeout: float):
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        try:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_all(_process_tree(node.pid), signal.SIGKILL)
+            node.wait()
+    return [node.returncode for node in nodes]
+
+
+@pytest.mark.slow
+def test_two_nodes_split_the_data_and_resume_after_losing_one(tmp_path):
+    """Two torchrun launches (one process each) form a 2-node job; one node is killed in the middle of
+    the run (its torchrun, its rank and the rank's workers), and both restarted with ``--resume auto``
+    continue from the last checkpoint (saved every step) to the end: each rank exactly the batches of
+    its own half of every epoch that the checkpoint had not covered yet."""
+    import signal
+    import time
+
+    import torch
+
+    from dali_relabel.config import DataConfig
+    from dali_relabel.plan import EpochPlan
+
+    image_root, store = make_square_set(str(tmp_path), num_images=32)
+    out = str(tmp_path / "run")
+    epochs, batches = 3, 4  # 32 images, 2 ranks, batch 4
+    argv = _args(image_root, store, out, "--batch-size", "4", "--epochs", str(epochs), "--log-rows",
+                 "--checkpoint-every", "1")
+    logs = [str(tmp_path / f"node{n}.log") for n in range(2)]
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    port = _free_port()
+
+    def log_tails():
+        return "\n".join(open(p, errors="replace").read()[-3000:] for p in logs)
+
+    nodes = [_launch_node(port, argv, logs[n]) for n in range(2)]
+    deadline = time.monotonic() + 300
+    while not os.path.exists(checkpoint) and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
+        time.sleep(0.005)
+    # A step takes milliseconds here: freeze both nodes at the first checkpoint, then node 1 dies.
+    trees = [_process_tree(node.pid) for node in nodes]
+    for tree in trees:
+        _signal_all(tree, signal.SIGSTOP)
+    _signal_all(trees[1], signal.SIGKILL)
+    _signal_all(trees[0], signal.SIGCONT)
+    codes = _wait_all(nodes, timeout=120)
+    data = torch.load(checkpoint, weights_only=True)["data"]
+    killed_at = (data["epoch"], data["batch"])
+    assert killed_at < (epochs - 1, 0) and codes[1] == -signal.SIGKILL, \
+        f"the run was not killed in the middle (checkpoint at {killed_at}, exit codes {codes}):\n{log_tails()}"
+    assert codes[0] != 0, "the surviving node should stop with its peer gone"
+    epochs_before = [m["epoch"] for m in _metrics(out) if "train_loss" in m]
+    lines_before = [len(_read_rows(out, r)) for r in range(2)]
+
+    nodes = [_launch_node(port, argv + ["--resume", "auto"], logs[n]) for n in range(2)]
+    codes = _wait_all(nodes, timeout=300)
+    assert codes == [0, 0], log_tails()
+    final = torch.load(checkpoint, weights_only=True)
+    assert final["epoch"] == epochs - 1 and final["epoch_finished"] and final["data"]["epoch"] == epochs
+    epochs_after = [m["epoch"] for m in _metrics(out) if "train_loss" in m][len(epochs_before):]
+    assert epochs_after == list(range(killed_at[0], epochs)), "the resumed run did not go on from the checkpoint"
+    epoch, batch = killed_at
+    plans = [EpochPlan(32, 4, rank, 2, seed=0, last_batch=DataConfig().last_batch) for rank in range(2)]
+    expected = [(epoch, b) for b in range(batch, batches)] + \
+        [(e, b) for e in range(epoch + 1, epochs) for b in range(batches)]
+    resumed = [_read_rows(out, rank)[lines_before[rank]:] for rank in range(2)]
+    for rank in range(2):
+        assert [(s["epoch"], s["rows"]) for s in resumed[rank]] == \
+            [(e, plans[rank].rows(e)[0][b * 4:(b + 1) * 4].tolist()) for e, b in expected], \
+            f"rank {rank} did not continue its part of the data at epoch {epoch}, batch {batch}"
+    for e in range(epoch + 1, epochs):  # whole epochs after the restart: each node its own half
+        seen = [{row for step in resumed[rank] if step["epoch"] == e for row in step["rows"]} for rank in range(2)]
+        assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(32)), f"epoch {e}: the nodes' parts"

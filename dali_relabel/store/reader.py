@@ -13,9 +13,22 @@ import numpy as np
 
 from ..config import LAYOUTS
 from ..paths import PathTable
+from ..remote import cached_copy, is_remote
 from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, PARTIAL_SUFFIX, READABLE_VERSIONS, SCAN_ROWS, VERIFY_LEVELS,
                      StoreError, StoreHeader, check_map_values, content_hash_v1, decode_strings,
                      map_value_problem, normalise_relpath, paths_digest, root_hash, row_bytes)
+
+
+def fetch_store(url: str) -> str:
+    """The local copy of the store at ``url`` (fetched once into the cache; a new download is kept
+    only if every block matches the store's content hash and every value is in range)."""
+    def check(path: str) -> None:
+        try:
+            LabelStore(path, verify="full").close()
+        except StoreError as error:
+            raise StoreError(url, f"the fetched copy is refused: {error.problem}") from None
+
+    return cached_copy(url, check=check)
 
 
 @dataclass
@@ -48,7 +61,9 @@ class LabelStore:
     """Read access to a store, validated at open.
 
     Args:
-        path: the store file.
+        path: the store file, or an ``s3://`` URL: the object is fetched once into the user's cache
+            (:func:`dali_relabel.remote.cached_copy`; again when it changes), every block checked
+            against the store's content hash before the copy is kept, and the copy is opened.
         verify: how much to check at open (:data:`VERIFY_LEVELS`):
 
             * ``"header"``: format, version, completeness, dataset shapes and dtypes, and that the
@@ -67,7 +82,9 @@ class LabelStore:
     def __init__(self, path, verify: str = "sample"):
         if verify not in VERIFY_LEVELS:
             raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
-        self.path = os.fspath(path)
+        path = os.fspath(path)
+        self.url = path if is_remote(path) else None  #: where a fetched store came from
+        self.path = fetch_store(path) if self.url else path
         self._pid = None
         self._file = None
         self._arrays = {}

@@ -126,13 +126,27 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_shard(args) -> int:
-    from ..shards import write_shards
+    import shutil
+    import tempfile
 
-    shards = write_shards(args.images, args.store, args.out, shard_bytes=args.shard_size, seed=args.seed,
+    from .. import remote
+    from ..shards import INDEX_NAME, ShardSet, write_shards
+
+    upload = remote.is_remote(args.out)
+    if args.staging and not upload:
+        raise ValueError("--staging is for --out s3://...: local shards are written into --out directly")
+    staging = args.staging or (tempfile.mkdtemp(prefix="dali-relabel-shards-") if upload else None)
+    shards = write_shards(args.images, args.store, staging or args.out, shard_bytes=args.shard_size, seed=args.seed,
                           workers=args.workers, progress=not args.quiet)
+    if upload:  # the shards first, index.json last: a reader never finds an index without its shards
+        remote.upload_directory(staging, args.out, last=(INDEX_NAME,), progress=not args.quiet)
+        shards = ShardSet.load(args.out)  # lists the uploaded objects and checks every size
+        if not args.staging:
+            shutil.rmtree(staging, ignore_errors=True)
     total = sum(s["bytes"] for s in shards.shards)
+    where = shards.directory.rstrip("/")
     print(f"wrote {shards.num_samples} samples in {len(shards.shards)} shards ({total / 1e9:.2f} GB) to "
-          f"{shards.directory}; train with --shards '{shards.directory}/shard-{{000000..{len(shards.shards) - 1:06d}}}.tar'")
+          f"{where}; train with --shards '{where}/shard-{{000000..{len(shards.shards) - 1:06d}}}.tar'")
     return 0
 
 
@@ -247,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="ImageFolder root the store describes")
     p.add_argument("--store", default=None, help="the label store (without one: images and labels only, e.g. "
                                                  "for validation)")
-    p.add_argument("--out", required=True, help="directory for the shards, their DALI index files and index.json")
+    p.add_argument("--out", required=True, help="directory for the shards, their DALI index files and index.json, "
+                                                "or an s3:// prefix they are uploaded to (AWS_* variables)")
+    p.add_argument("--staging", default=None, help="with --out s3://: local directory the shards are written to "
+                                                   "before the upload, kept (a rerun resumes); default: a "
+                                                   "temporary one, removed after the upload")
     p.add_argument("--shard-size", type=_parse_bytes, default=_parse_bytes("1GB"), help="target shard size (1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rows' order over the shards")
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: all cores)")
