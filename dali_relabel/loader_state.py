@@ -8,15 +8,25 @@ It holds the epoch the next pass reads and the batch it starts at, and with them
 loader) and the ``sampler``/``dataset`` shims that training scripts call (:class:`LoaderSampler`,
 :class:`LoaderDataset`). Subclasses run the passes: each ``iter()`` takes
 :meth:`LoaderState._next_pass` and counts the batches it yields on the :class:`Pass`.
+
+It also holds a loader's life: ``close()`` (and ``with loader:``) releases what the loader runs, and a
+loader belongs to the process that built it: a forked child that uses it is told so at once
+(:class:`LoaderProcessError`), instead of waiting for threads that a fork does not copy.
 """
 from __future__ import annotations
 
 import abc
+import os
 import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import DaliRelabelError
+
+
+class LoaderProcessError(DaliRelabelError, RuntimeError):
+    """A loader used in another process than the one that built it (a forked child): its pipeline's
+    threads did not come along, so the child must build its own loader."""
 
 
 class ResumeError(DaliRelabelError, ValueError):
@@ -67,6 +77,26 @@ class LoaderState(abc.ABC):
         self._pass: Optional[Pass] = None
         self.sampler = LoaderSampler(self)
         self.batch_sampler = None
+        self._built_in = os.getpid()
+
+    # -- the loader's life ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the loader runs now (pipelines, threads, source workers, files) rather than
+        when it is collected; a later ``iter()`` starts afresh from the position."""
+        self._pass = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_process(self) -> None:
+        """Refuse, at once, use in another process than the one that built the loader."""
+        if os.getpid() != self._built_in:
+            raise LoaderProcessError(f"this loader was built in process {self._built_in} and is used in process "
+                                     f"{os.getpid()}: a forked child must build its own loader (the pipeline's "
+                                     "threads and workers stay with the process that started them)")
 
     # -- what subclasses say ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -109,6 +139,7 @@ class LoaderState(abc.ABC):
     def _next_pass(self, mixing: bool = True) -> Pass:
         """The pass an ``iter()`` starts (now the running one); the pass after it reads the next
         epoch from its start unless ``set_epoch`` or ``load_state_dict`` say otherwise."""
+        self._check_process()
         current = Pass(self.epoch, self._first_batch, mixing, checkpoint=self._checkpoint)
         self.epoch, self._first_batch, self._checkpoint = current.epoch + 1, 0, None
         self._pass = current

@@ -30,6 +30,7 @@ from .loader import mix_batch, training_batch, validation_batch
 from .loader_state import LoaderDataset, LoaderState, Pass
 from .mixing import CutMixSpec
 from .shards import ShardSet
+from .watchdog import shutdown_pipeline
 
 
 def rank_samples(num_samples: int, world_size: int) -> List[int]:
@@ -133,6 +134,14 @@ class _ShardBatches(LoaderState):
                                 else checkpoint.encode("latin-1")).decode("ascii")
 
     # -- passes ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the running pass's pipeline now (the next ``iter()`` builds the next pass's)."""
+        current, self._pass = self._pass, None
+        if current is not None and current.iterator is not None and self._built_in == os.getpid():
+            for pipe in current.iterator._pipes:
+                shutdown_pipeline(pipe)
+            current.iterator = None
+
     def _pipeline_kwargs(self) -> dict:
         from .pipelines.graphs import pipeline_kwargs
 
@@ -155,9 +164,14 @@ class _ShardBatches(LoaderState):
             [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
             reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         try:
-            for outputs in current.iterator:
+            while True:
+                self._check_process()
                 if self._pass is not current:
-                    return  # a newer pass took over
+                    return  # a newer pass took over, or the loader was closed
+                try:
+                    outputs = next(current.iterator)
+                except StopIteration:
+                    break
                 current.consumed += 1
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if first + current.consumed >= self.batches_per_epoch:
