@@ -208,9 +208,6 @@ class PipelineBatches(LoaderState):
         """Whether the next pass mixes (subclasses with CutMix/Mixup say)."""
         return True
 
-    def _next_outputs(self):
-        return next(self._iterator)
-
     def _begin_pass(self) -> Pass:
         self._check_process()
         self._end_pass()
@@ -232,7 +229,7 @@ class PipelineBatches(LoaderState):
         self.control.stop(self._dali_epoch, current.first + current.consumed)
         try:
             while True:
-                self._guard.call(self._next_outputs)
+                self._guard.call(self._iterator.__next__)
         except StopIteration:
             self._dali_epoch += 1
             self._needs_reset = True
@@ -250,7 +247,8 @@ class PipelineBatches(LoaderState):
             if self._pass is not current:
                 return  # a newer pass took over, or the loader was closed
             try:
-                outputs = self._guard.call(self._next_outputs)
+                # the iterator's method: a call left blocked (a dead worker) keeps no loader alive
+                outputs = self._guard.call(self._iterator.__next__)
             except StopIteration:
                 current.finished = True
                 self._pass = None

@@ -134,7 +134,7 @@ class PipelineGuard:
                     os.kill(process.pid, signal.SIGKILL)
                 except OSError:
                     pass
-        self._executor.shutdown()
+        self._executor.abandon()
         self._executor = self._new_executor()
 
     def close(self) -> None:
