@@ -30,6 +30,13 @@ THREAD_PREFIX = "dali-relabel"
 INFRASTRUCTURE = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 #: Where the package puts temporary files: the temp directory, and the loaders' shared directory.
 REDIRECTED = ("TMPDIR", "DALI_RELABEL_SHARED_DIR")
+#: Temporary entries that other software keeps past the session on purpose, by name prefix.
+KEPT_ON_PURPOSE = {
+    "__autograph_generated_file": "DALI's conditionals keep a pipeline function's generated source for "
+                                  "tracebacks and remove it when the process exits",
+    "pytest-of-": "pytest keeps the last tmp_path roots of the sessions that tests run in subprocesses",
+    "torchinductor_": "torch's compile cache, meant to outlive the process",
+}
 
 
 def temp_roots() -> Tuple[str, ...]:
@@ -93,7 +100,8 @@ def _current(start: Snapshot) -> List[str]:
         if not thread.daemon or thread.name.startswith(THREAD_PREFIX):
             found.append(f"thread {thread.name!r} ({'daemon' if thread.daemon else 'not a daemon'}, "
                          f"target {getattr(thread, '_target', None)!r})")
-    found += [f"temporary file {path}" for path in sorted(_entries(start.roots) - start.temp_entries)]
+    found += [f"temporary file {path}" for path in sorted(_entries(start.roots) - start.temp_entries)
+              if not os.path.basename(path).startswith(tuple(KEPT_ON_PURPOSE))]
     return found
 
 

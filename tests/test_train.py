@@ -225,7 +225,7 @@ def test_two_process_gloo_run_shards_and_matches_a_single_process(tmp_path):
     deterministic = ["--scale", "1", "1", "--ratio", "1", "1", "--flip-probability", "0", "--epochs", "2",
                      "--log-rows", "--lr", "0.5"]
     ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun keeps its log folder there
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
                *_args(image_root, store, ddp_out, "--batch-size", "4", *deterministic)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
