@@ -23,11 +23,16 @@ all ranks) is read, so it means the same on any number of ranks and batch size (
 
 ``load_state_dict`` on a loader with the saved world size and batch size continues exactly the
 uninterrupted epoch; with another shape it reads the rest of the epoch, each sample once.
+
+It also holds a loader's life: ``close()`` (and ``with loader:``) releases what the loader runs, and a
+loader belongs to the process that built it: a forked child that uses it is told so at once
+(:class:`LoaderProcessError`), instead of waiting for threads that a fork does not copy.
 """
 from __future__ import annotations
 
 import abc
 import base64
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -42,6 +47,11 @@ RESTART_HINT = ("start the epoch again: load_state_dict(state, restart_epoch=Tru
 #: State keys of the position and the shape (everything else a state holds is a setting it needs).
 POSITION_KEYS = ("epoch", "batch", "position", "unread", "dali_checkpoint", "dali_checkpoints", "seen",
                  "seen_ranks", "world_size", "batch_size", "rank")
+
+
+class LoaderProcessError(DaliRelabelError, RuntimeError):
+    """A loader used in another process than the one that built it (a forked child): its pipeline's
+    threads did not come along, so the child must build its own loader."""
 
 
 class ResumeError(DaliRelabelError, ValueError):
@@ -95,6 +105,7 @@ class Pass:
     mixing: bool = True  # CutMix/Mixup switched on for this pass
     consumed: int = 0  # batches taken from the pipeline so far
     finished: bool = False
+    superseded: bool = False  # a newer iter() of the loader ended it
     checkpoint: Optional[str] = None  # DALI's checkpoint of the pass's start (base64; shard loaders)
     iterator: object = None  # the DALI iterator the pass reads, where a loader keeps one per pass
     start: Start = field(default_factory=Start)  # where in the epoch the pass starts
@@ -202,6 +213,26 @@ class LoaderState(abc.ABC):
             self.epoch, self._start = start_epoch, self._start_at_batch(resume_batch)
         self.sampler = LoaderSampler(self)
         self.batch_sampler = None
+        self._built_in = os.getpid()
+
+    # -- the loader's life ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the loader runs now (pipelines, threads, source workers, files) rather than
+        when it is collected; a later ``iter()`` starts afresh from the position."""
+        self._pass = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_process(self) -> None:
+        """Refuse, at once, use in another process than the one that built the loader."""
+        if os.getpid() != self._built_in:
+            raise LoaderProcessError(f"this loader was built in process {self._built_in} and is used in process "
+                                     f"{os.getpid()}: a forked child must build its own loader (the pipeline's "
+                                     "threads and workers stay with the process that started them)")
 
     # What scripts read off a DataLoader: batches need no pinning or collating (DALI makes them on
     # their device), the pipeline persists from pass to pass, and the randomness is keyed by the
@@ -296,9 +327,17 @@ class LoaderState(abc.ABC):
         if epoch != self.epoch:
             self.epoch, self._start = int(epoch), Start()
 
+    def _supersede_running_pass(self) -> None:
+        """Mark the running pass as ended by a newer ``iter()``: its iterator then raises
+        :class:`PassSupersededError` instead of ending silently."""
+        if self._pass is not None and not self._pass.finished:
+            self._pass.superseded = True
+
     def _next_pass(self, mixing: bool = True) -> Pass:
         """The pass an ``iter()`` starts (now the running one); the pass after it reads the next
         epoch from its start unless ``set_epoch`` or ``load_state_dict`` say otherwise."""
+        self._check_process()
+        self._supersede_running_pass()
         start = self._start
         current = Pass(self.epoch, start.batch, mixing, checkpoint=start.checkpoint, start=start,
                        total=self._pass_batches(start))

@@ -4,8 +4,9 @@ Every job that writes a file others will read (a label store, a training checkpo
 a temporary name and renames it into place when complete. This module holds the two rules around
 that rename:
 
-* :class:`OutputLock`: one writer per output. An exclusive ``flock`` on ``<out>.lock``, taken before
-  any worker process starts and held until the output is published; a second writer is refused at
+* :class:`OutputLock`: one writer per output. An exclusive ``flock`` on ``<out>.lock`` (or a lock file
+  inside an output directory, as a training run's ``train.lock``), taken before any worker process
+  starts and held until the output is published; a second writer is refused at
   once with :class:`OutputBusyError`, naming the holder (its pid, host, start time and command are
   written into the lock file). Worker processes forked while the lock is held share it, so a writer
   whose workers outlived it still counts as running.
@@ -96,14 +97,15 @@ class OutputLock:
         out: the output path (the lock file is ``out + ".lock"`` beside it).
         grace: when the recorded holder is a process of this host that no longer runs, wait up to
             this many seconds for its worker processes (which die with it) to let the lock go.
+        lock_path: the lock file, where not beside ``out`` (a directory's own lock lives inside it).
 
     :meth:`acquire` raises :class:`OutputBusyError` at once if another process holds the lock, naming
     it. The lock file is removed on :meth:`release`; one left by a killed writer is simply reused.
     """
 
-    def __init__(self, out, grace: float = 5.0):
+    def __init__(self, out, grace: float = 5.0, lock_path=None):
         self.out = os.fspath(out)
-        self.path = self.out + LOCK_SUFFIX
+        self.path = os.fspath(lock_path) if lock_path is not None else self.out + LOCK_SUFFIX
         self.grace = grace
         self._fd: Optional[int] = None
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
+import weakref
 from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
@@ -57,6 +59,43 @@ def start_workers(pipe) -> None:
         gc.unfreeze()
 
 
+class _PipelineParts:
+    """A loader's running pipeline, its DALI iterator, its :class:`EpochControl` file and its
+    :class:`PipelineGuard` (with the guard's thread). The loader and its finalizer hold it; it refers
+    to nothing that refers to the loader, so a dropped loader is collected and its finalizer releases
+    these: the source workers stop, the guard's thread ends, the control file goes."""
+
+    def __init__(self):
+        self.pipeline = self.iterator = self.control = self.guard = None
+        self.owner = os.getpid()
+        self.owner_thread = threading.get_ident()
+
+    def release(self) -> None:
+        """Stop the pipeline (unless a call is still blocked in it) and its source workers, end the
+        guard's thread, remove the control file; in the process that built them only (a forked
+        child inherits the finalizer, not the pipeline). Called by the garbage collector on another
+        thread (a helper thread or DALI's, which the pipeline's shutdown may wait for), the work
+        moves to a thread of its own."""
+        if os.getpid() != self.owner:
+            return
+        pipeline, guard, control = self.pipeline, self.guard, self.control
+        self.pipeline = self.iterator = self.control = self.guard = None
+        if threading.get_ident() != self.owner_thread:
+            threading.Thread(target=self._release, args=(pipeline, guard, control), name="dali-relabel-release",
+                             daemon=True).start()
+        else:
+            self._release(pipeline, guard, control)
+
+    @staticmethod
+    def _release(pipeline, guard, control) -> None:
+        if pipeline is not None:
+            shutdown_pipeline(pipeline, blocked=guard is not None and guard.broken)
+        if control is not None:
+            control.close()
+        if guard is not None:
+            guard.close()
+
+
 class PipelineBatches(PlannedState):
     """Passes over one DALI pipeline fed by a :class:`BatchSource`: dicts of torch tensors named by
     ``output_map``, padding and stand-ins removed, decoder failures re-raised naming the file.
@@ -93,40 +132,54 @@ class PipelineBatches(PlannedState):
         self.timeout = timeout
         self.skipped_images = 0
         self.bad_rows: List[int] = []
-        self._iterator = None
+        # What the pipeline holds, apart from the loader: dropping the loader releases it.
+        self._parts = _PipelineParts()
+        self._finalizer = weakref.finalize(self, self._parts.release)
         self._start_pipeline()
 
     # -- the pipeline ------------------------------------------------------------------------------
+    @property
+    def pipeline(self):
+        """The running DALI pipeline (``None`` after :meth:`close`)."""
+        return self._parts.pipeline
+
+    @property
+    def control(self) -> EpochControl:
+        return self._parts.control
+
+    @property
+    def _guard(self) -> PipelineGuard:
+        return self._parts.guard
+
+    @property
+    def _iterator(self):
+        return self._parts.iterator
+
     def _start_pipeline(self, capacity: int = 0) -> None:
         """A new pipeline (and source workers); each pass says what it reads (:meth:`_begin_pass`).
         ``capacity``: unread positions a pass start may carry (at least the ranks')."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.control = EpochControl(max(64, self.world_size, capacity))
-        self.source = self._make_source(self.control, list(self.bad_rows))
-        self.pipeline = self._make_pipeline(self.source)
-        start_workers(self.pipeline)
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
+        parts = self._parts
+        parts.control = EpochControl(max(64, self.world_size, capacity))
+        self.source = self._make_source(parts.control, list(self.bad_rows))
+        parts.pipeline = self._make_pipeline(self.source)
+        start_workers(parts.pipeline)
+        parts.pipeline.build()
+        parts.iterator = DALIGenericIterator([parts.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
-        self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout)
+        parts.guard = PipelineGuard(lambda: source_workers(parts.pipeline), timeout=self.timeout)
         self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
         self._needs_reset = False
 
     def close(self) -> None:
-        """Stop the pipeline and its source's worker processes now."""
+        """Stop the pipeline and its source's worker processes now (a later ``iter()`` starts a new
+        pipeline at the position). A loader dropped without ``close()`` is closed when collected."""
         self._pass = None
         self._drop_pipeline()
 
     def _drop_pipeline(self) -> None:
-        self._iterator = None
-        if getattr(self, "pipeline", None) is not None:
-            shutdown_pipeline(self.pipeline, blocked=self._guard.broken)
-        self.pipeline = None
-        if getattr(self, "control", None) is not None:
-            self.control.close()
-        if getattr(self, "_guard", None) is not None:
-            self._guard.close()
+        self._parts.release()
 
     # -- passes ------------------------------------------------------------------------------------
     def __iter__(self):
@@ -136,13 +189,12 @@ class PipelineBatches(PlannedState):
         """Whether the next pass mixes (subclasses with CutMix/Mixup say)."""
         return True
 
-    def _next_outputs(self):
-        return next(self._iterator)
-
     def _begin_pass(self) -> Pass:
+        self._check_process()
+        self._supersede_running_pass()
         self._end_pass()
-        if self._guard.broken or len(self._start.unread) > self.control.capacity:
-            self._restart_pipeline()  # the last pass lost a worker, or the control is too small
+        if self.pipeline is None or self._guard.broken or len(self._start.unread) > self.control.capacity:
+            self._restart_pipeline()  # closed, the last pass lost a worker, or the control is too small
         current = self._next_pass(self._mixing_enabled())
         self.control.begin(self._dali_epoch, current.epoch, current.first, current.first + current.total,
                            current.mixing, current.start)
@@ -154,12 +206,12 @@ class PipelineBatches(PlannedState):
     def _end_pass(self) -> None:
         """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
         current, self._pass = self._pass, None
-        if current is None or current.finished or self._guard.broken:
+        if current is None or current.finished or self.pipeline is None or self._guard.broken:
             return
         self.control.stop(self._dali_epoch, current.first + current.consumed)
         try:
             while True:
-                self._guard.call(self._next_outputs)
+                self._guard.call(self._iterator.__next__)
         except StopIteration:
             self._dali_epoch += 1
             self._needs_reset = True
@@ -174,12 +226,14 @@ class PipelineBatches(PlannedState):
     def _batches(self):
         current = self._begin_pass()
         while True:
+            self._check_process()
             if self._pass is not current:
-                if current.finished:
-                    return
-                raise superseded(current)  # a newer pass took over: never end this one silently
+                if current.superseded:
+                    raise superseded(current)  # a newer pass took over: never end this one silently
+                return  # the pass was stopped (the loader closed, a state loaded)
             try:
-                outputs = self._guard.call(self._next_outputs)
+                # the iterator's method: a call left blocked (a dead worker) keeps no loader alive
+                outputs = self._guard.call(self._iterator.__next__)
             except StopIteration:
                 current.finished = True
                 self._pass = None

@@ -51,6 +51,7 @@ from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, Resum
                            superseded, unpack_rows)
 from .mixing import CutMixSpec
 from .shards import ShardSet
+from .watchdog import shutdown_pipeline
 
 
 def rank_samples(num_samples: int, world_size: int) -> List[int]:
@@ -243,6 +244,14 @@ class _ShardBatches(LoaderState):
                                 else checkpoint.encode("latin-1")).decode("ascii")
 
     # -- passes ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the running pass's pipeline now (the next ``iter()`` builds the next pass's)."""
+        current, self._pass = self._pass, None
+        if current is not None and current.iterator is not None and self._built_in == os.getpid():
+            for pipe in current.iterator._pipes:
+                shutdown_pipeline(pipe)
+            current.iterator = None
+
     def _pipeline_kwargs(self) -> dict:
         from .pipelines.graphs import pipeline_kwargs
 
@@ -273,12 +282,18 @@ class _ShardBatches(LoaderState):
         try:
             pipe.build()
             current.iterator = _bounded_iterator(DALIGenericIterator)(
-                [pipe], self.output_map, runs=current.total,
-                prefetch=self.config.prefetch_queue_depth, reader_name="Reader", last_batch_policy=policy,
-                auto_reset=False, prepare_first_batch=False)
-            for outputs in current.iterator:
+                [pipe], self.output_map, runs=current.total, prefetch=self.config.prefetch_queue_depth,
+                reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
+            while True:
+                self._check_process()
                 if self._pass is not current:
-                    raise superseded(current)  # a newer pass took over: never end this one silently
+                    if current.superseded:
+                        raise superseded(current)  # a newer pass took over: never end this one silently
+                    return  # the pass was stopped (the loader closed, a state loaded)
+                try:
+                    outputs = next(current.iterator)
+                except StopIteration:
+                    break
                 current.consumed += 1
                 current.seen[outputs[0]["rows"].reshape(-1).cpu().numpy()] = True  # once per batch
                 yield epoch, first + current.consumed - 1, outputs[0]

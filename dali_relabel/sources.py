@@ -44,6 +44,11 @@ __all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
 
 
 def _shared_directory() -> str:
+    """Where the loader's :class:`EpochControl` files go: ``DALI_RELABEL_SHARED_DIR`` where set (the
+    test suite keeps its own), else ``/dev/shm``, else the temp directory."""
+    chosen = os.environ.get("DALI_RELABEL_SHARED_DIR")
+    if chosen:
+        return chosen
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 

@@ -47,7 +47,10 @@ def source_workers(pipeline) -> List:
 
 def shutdown_pipeline(pipeline, blocked: bool = False) -> None:
     """Stop a pipeline's source workers now (they hold inherited file descriptors and locks until
-    they exit) and, unless a call is still ``blocked`` inside it, the pipeline itself."""
+    they exit) and, unless a call is still ``blocked`` inside it, the pipeline itself and the helper
+    threads of its in-process sources (a callback with a ``close()``, such as
+    :class:`~dali_relabel.prefetch.PrefetchingSource`): DALI's pipeline holds them in reference
+    cycles, so without this they would live until the next garbage collection."""
     pool = getattr(pipeline, "_py_pool", None)
     if pool is not None:
         try:
@@ -59,6 +62,10 @@ def shutdown_pipeline(pipeline, blocked: bool = False) -> None:
             pipeline._shutdown()
         except Exception:
             pass
+        for group in getattr(pipeline, "_input_callbacks", None) or []:  # DALI 2.x keeps them here
+            close = getattr(getattr(group, "callback", None), "close", None)
+            if callable(close):
+                close()
 
 
 class PipelineGuard:
@@ -127,7 +134,7 @@ class PipelineGuard:
                     os.kill(process.pid, signal.SIGKILL)
                 except OSError:
                     pass
-        self._executor.shutdown()
+        self._executor.abandon()
         self._executor = self._new_executor()
 
     def close(self) -> None:

@@ -24,12 +24,18 @@ epoch and on another number of ranks or batch size: the rest of the epoch is rea
 image size, layout, targets, augmentation, seed) are refused, naming them;
 ``--resume-restart-epoch`` starts the saved epoch again instead. Checkpoints hold only tensors and
 plain values and are loaded with ``weights_only=True``: a planted file cannot run code. They are
-published durably (fsync, rename, fsync of the directory).
+published durably (fsync, rename, fsync of the directory). A save that fails (a full disk) removes its partial
+file, keeps the previous checkpoint and says why (:class:`CheckpointError`). A checkpoint whose model
+does not fit the run's is refused before anything is written. One trainer writes an output directory
+at a time: a second one is refused, naming the first (``train.lock`` in the directory,
+:class:`~dali_relabel.outputs.OutputLock`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -39,6 +45,7 @@ from typing import Optional
 
 from dali_relabel import config as data_settings
 from dali_relabel.distributed import init_from_env, rank_and_world
+from dali_relabel.errors import DaliRelabelError
 
 # torch and the loaders are imported where they are used: building the parser stays light.
 AMP_DTYPES = ("none", "bf16", "fp16")
@@ -119,6 +126,19 @@ def find_checkpoint(args) -> Optional[str]:
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "data")
 
 
+class CheckpointError(DaliRelabelError, ValueError):
+    """A checkpoint that this run cannot resume (another model), or one that could not be saved."""
+
+
+def output_lock(output_dir: str):
+    """The lock that makes a trainer the only writer of ``output_dir`` (``train.lock`` inside it):
+    a context manager; a second trainer gets :class:`~dali_relabel.outputs.OutputBusyError` naming
+    the first."""
+    from dali_relabel.outputs import OutputLock
+
+    return OutputLock(output_dir, lock_path=os.path.join(output_dir, "train.lock"))
+
+
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of this script, loaded with ``weights_only=True`` (tensors and plain Python values
     only, so loading runs no code from the file); anything else is refused with ``SystemExit``."""
@@ -140,15 +160,77 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def check_model_fits(checkpoint: dict, path: str, model, model_name: str, num_classes: int) -> None:
+    """Refuse, with :class:`CheckpointError`, a checkpoint whose model state does not fit ``model``
+    (another architecture or another number of classes), naming both and the tensors that differ."""
+    saved, mine = checkpoint["model"], model.state_dict()
+    shapes = [(key, list(saved[key].shape), list(mine[key].shape)) for key in mine
+              if key in saved and list(getattr(saved[key], "shape", ())) != list(mine[key].shape)]
+    missing = [key for key in mine if key not in saved]
+    unexpected = [key for key in saved if key not in mine]
+    if not (shapes or missing or unexpected):
+        return
+    details = []
+    if shapes:
+        details.append("other shapes: " + ", ".join(f"{key} saved {a}, now {b}" for key, a, b in shapes[:3])
+                       + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""))
+    if missing:
+        details.append(f"{len(missing)} tensors of this model are not in it (such as {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} of its tensors are not in this model (such as {unexpected[0]})")
+    saved_model = (checkpoint.get("args") or {}).get("model", "an unknown model")
+    raise CheckpointError(f"--resume {path}: the checkpoint was trained with model {saved_model} "
+                          f"({checkpoint.get('num_classes', '?')} classes); this run builds {model_name} "
+                          f"({num_classes} classes): {'; '.join(details)}. Resume with the checkpoint's model "
+                          "and data, or start a new run in another --output-dir")
+
+
+class _RecordingFile:
+    """The file ``torch.save`` writes through, remembering the first ``OSError`` of a write (torch
+    turns it into a ``RuntimeError`` that says only "enforce fail")."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 def save_checkpoint_file(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` atomically and durably (``<path>.tmp``, fsync, rename, fsync dir)."""
+    """Write ``state`` to ``path`` atomically and durably (``<path>.tmp``, fsync, rename, fsync dir).
+
+    A save that fails (a full disk, an I/O error) removes ``<path>.tmp``, leaves the previous file at
+    ``path`` as it was and raises :class:`CheckpointError` naming the path and the cause."""
     import torch
 
     from dali_relabel.outputs import durable_replace
 
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    durable_replace(tmp, path)
+    target = None
+    try:
+        with open(tmp, "wb") as f:
+            target = _RecordingFile(f)
+            torch.save(state, target)
+        durable_replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        cause = target.error if target is not None and target.error is not None else error
+        partial = os.path.lexists(tmp)
+        if partial:
+            os.unlink(tmp)
+        reason = cause.strerror or str(cause) if isinstance(cause, OSError) else str(cause)
+        hint = "; free space there or choose another --output-dir" if getattr(cause, "errno", None) in (
+            errno.ENOSPC, errno.EDQUOT) else ""
+        kept = ("the partial file was removed and the previous checkpoint (if any) is unchanged" if partial
+                else "the previous checkpoint (if any) is unchanged")
+        raise CheckpointError(f"cannot save the checkpoint {path}: {reason} ({kept}){hint}") from error
 
 
 class MetricsLog:
@@ -321,17 +403,26 @@ def resume_schedule(scheduler, checkpoint: dict, steps_per_epoch: int) -> None:
 
 
 def main(args) -> dict:
-    import torch
-    import torch.distributed as dist
-
+    """Train as ``args`` (this parser's) say; returns the last epoch's metrics."""
     from dali_relabel.devices import resolve_device
-    from dali_relabel.training.losses import SoftTargetCrossEntropy
-    from dali_relabel.training.models import create_model
 
     device_kind = resolve_device(args.device)
     args.rank, world_size, local_rank = init_distributed(device_kind == "gpu")
-    device = torch.device(f"cuda:{local_rank}" if device_kind == "gpu" else "cpu")
     os.makedirs(args.output_dir, exist_ok=True)
+    # One trainer per output directory (rank 0 writes it): a second is refused before it writes.
+    with output_lock(args.output_dir) if args.rank == 0 else contextlib.nullcontext():
+        return _run(args, device_kind, world_size, local_rank)
+
+
+def _run(args, device_kind: str, world_size: int, local_rank: int) -> dict:
+    """:func:`main` once it holds the output directory."""
+    import torch
+    import torch.distributed as dist
+
+    from dali_relabel.training.losses import SoftTargetCrossEntropy
+    from dali_relabel.training.models import create_model
+
+    device = torch.device(f"cuda:{local_rank}" if device_kind == "gpu" else "cpu")
     torch.manual_seed(args.seed)
 
     checkpoint_path = find_checkpoint(args)
@@ -347,11 +438,9 @@ def main(args) -> dict:
             raise SystemExit(f"--resume {checkpoint_path}: {error}") from None
         start_epoch = loader.state_dict()["epoch"]
     num_classes = loader.num_classes
-    if args.rank == 0:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(dict(vars(args), num_classes=num_classes, world_size=world_size), f, indent=2)
-
     model = create_model(args.model, num_classes).to(device)
+    if checkpoint:
+        check_model_fits(checkpoint, checkpoint_path, model, args.model, num_classes)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -366,11 +455,18 @@ def main(args) -> dict:
                                    args.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        resume_schedule(scheduler, checkpoint, steps_per_epoch)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            resume_schedule(scheduler, checkpoint, steps_per_epoch)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"--resume {checkpoint_path}: its training state does not fit this run: "
+                                  f"{error}") from None
+    if args.rank == 0:  # written once the resume is known to fit: a refused run leaves it as it was
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(dict(vars(args), num_classes=num_classes, world_size=world_size), f, indent=2)
     criterion = SoftTargetCrossEntropy()  # smoothing, if any, is in the targets (--label-smoothing)
     log = MetricsLog(args.output_dir, args.rank)
     val_loader = validation_loader(args, data_cfg, loader.class_names, "gpu" if device_kind == "gpu" else "cpu")
@@ -409,6 +505,9 @@ def main(args) -> dict:
         if val_loader is not None:
             result.update(evaluate(model, args, val_loader))
         log.write(result)
+    for used in (loader, val_loader):  # their pipelines, threads and workers end now
+        if used is not None:
+            used.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -430,4 +529,6 @@ def train(config=None, **options) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(get_args_parser().parse_args()) is not None else 1)
+    from dali_relabel.tools.cli import run_command  # errors meant for the user: the message, no traceback
+
+    sys.exit(run_command("train", lambda args: 0 if main(args) is not None else 1, get_args_parser().parse_args()))

@@ -2,7 +2,7 @@
 forked children away from earlier tests' garbage; the tiny tree plus store, built once a session;
 keep `slow` work (DALI pipelines, processes, network) out of the unmarked tests, so that
 `pytest -m "not slow"` stays the fast inner loop; name the random test order (pytest-randomly) when
-something fails."""
+something fails; fail a session that leaves a process, thread or temporary file behind."""
 import gc
 import multiprocessing.process
 import os
@@ -203,3 +203,42 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if exitstatus not in (0, 5) and isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
         terminalreporter.write_line(f"The tests ran in random order (pytest-randomly): repeat it with "
                                     f"-p randomly --randomly-seed={seed}, or use -p no:randomly for file order.")
+
+
+
+_SESSION_START = {}
+
+
+def pytest_sessionstart(session):
+    """Temporary directories of the session's own, and what ran before the first test (see
+    :mod:`leftovers`). pytest's ``tmp_path`` root is fixed first, so it stays where pytest keeps it."""
+    import leftovers
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        factory.getbasetemp()
+    _SESSION_START["snapshot"] = leftovers.start_session()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test leaves a child process, a thread or a temporary file behind: the session fails,
+    listing them, if one did."""
+    import leftovers
+
+    start = _SESSION_START.pop("snapshot", None)
+    if start is None or start.pid != os.getpid():
+        return
+    found = leftovers.finish_session(start)
+    if not found:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["the tests left these behind (a test must stop, join or remove what it starts or creates):"]
+    lines += [f"  {item}" for item in found]
+    if reporter is not None:
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    if session.exitstatus in (0, 5):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -474,8 +474,9 @@ def test_killing_generate_kills_its_readers_and_the_rerun_resumes(data, store_pa
     from dali_relabel.outputs import processes_holding
 
     out = tmp_path / "killed.h5"
+    # killed, it cannot remove its temporary files: they stay in this test's directory
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), DALI_RELABEL_SHARED_DIR=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-c", _PAUSED_GENERATE, data["images"], str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -232,8 +232,8 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_another_batch_size(tmp_pa
     common = ["--epochs", "1", "--log-rows", "--last-batch", "pad"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
                *_args(image_root, store, out, "--batch-size", "4", "--stop-after-steps", "2", *common)]
-    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun keeps its log folder there
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     import torch
 
@@ -258,7 +258,7 @@ def test_two_process_gloo_run_shards_and_matches_a_single_process(tmp_path):
     deterministic = ["--scale", "1", "1", "--ratio", "1", "1", "--flip-probability", "0", "--epochs", "2",
                      "--log-rows", "--lr", "0.5"]
     ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun keeps its log folder there
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
                *_args(image_root, store, ddp_out, "--batch-size", "4", *deterministic)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -338,8 +338,11 @@ def _launch_node(port: int, argv, log_path):
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=relabel-test",
                TRAIN, *argv]
     log = open(log_path, "ab")
-    return subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log,
-                            start_new_session=True)
+    # A killed node cannot clean up: its torchrun log folders and control files go next to its log.
+    scratch = os.path.join(os.path.dirname(str(log_path)), "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=scratch, DALI_RELABEL_SHARED_DIR=scratch)
+    return subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
 
 
 def _process_tree(pid: int) -> list:

@@ -160,7 +160,9 @@ def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
         "                       config=DataConfig(image_size=16, num_threads=1, py_num_workers=1))\n"
         "print(*[p.pid for p in source_workers(loader.pipeline)], flush=True)\n"
         "time.sleep(60)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # killed, it cannot remove its loader's files: keep them in this test's directory
+    env = dict(os.environ, TMPDIR=str(tmp_path), DALI_RELABEL_SHARED_DIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     workers = [int(pid) for pid in process.stdout.readline().split()]
     assert workers
     process.kill()
