@@ -110,7 +110,8 @@ class PipelineBatches(LoaderState):
         self.pipeline.build()
         self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
-        self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout)
+        self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout,
+                                    pipeline=lambda: self.pipeline)
         self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
         self._needs_reset = False
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from .bad_images import file_kind
 from .imagefolder import IMAGE_EXTENSIONS, list_images
 from .store import LabelStore, StoreError
 
@@ -77,16 +77,6 @@ def check_labels_match_folders(store: LabelStore) -> None:
         path, label = paths[row], int(labels[row])
         raise StoreError(store.path, f"row {row} ({path}) has label {label} = {store.class_names[label]!r}, "
                                      f"but lies in folder {path.split('/', 1)[0]!r}")
-
-
-def file_kind(mode: int) -> str:
-    """What a ``stat`` mode says a path is, in words (``"a FIFO"``, ``"a directory"``, ...)."""
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "of an unknown kind"
 
 
 def check_regular_files(store: LabelStore, image_root: str) -> None:

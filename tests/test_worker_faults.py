@@ -150,3 +150,108 @@ def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
     while any(process_state(pid) not in ("", "Z", "X") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(process_state(pid) in ("", "Z", "X") for pid in workers), "an orphaned worker lives on"
+
+
+def _unblock(fifo):
+    """Let a reader blocked opening ``fifo`` go (open it for writing, then close: end of file)."""
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_blocked_file_calls_name_the_file_a_thread_waits_for(tmp_path):
+    from dali_relabel.processes import blocked_file_calls
+
+    opening, reading = str(tmp_path / "opening.jpg"), str(tmp_path / "reading.jpg")
+    os.mkfifo(opening)
+    os.mkfifo(reading)
+    fd = os.open(reading, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(reading, os.O_WRONLY)
+    os.set_blocking(fd, True)
+    threads = [threading.Thread(target=lambda: open(opening, "rb").close()),
+               threading.Thread(target=lambda: os.read(fd, 1))]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = {(call, path) for _, call, path in blocked_file_calls()}
+            if {("open", opening), ("read", reading)} <= found:
+                break
+            time.sleep(0.05)
+        assert ("open", opening) in found and ("read", reading) in found
+    finally:
+        _unblock(opening)
+        os.write(writer, b"x")
+        for thread in threads:
+            thread.join(10)
+        os.close(writer)
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_source_blocked_on_a_file_times_out_naming_it(small_set, monkeypatch, tmp_path):
+    fifo = str(tmp_path / "hung.jpg")
+    os.mkfifo(fifo)  # like a file on a mount that stopped answering: opening it never returns
+    real_produce = BatchSource.produce
+
+    def blocked_produce(self, epoch, batch, mixing):
+        if batch >= 2:
+            open(fifo, "rb").close()
+        return real_produce(self, epoch, batch, mixing)
+
+    monkeypatch.setattr(BatchSource, "produce", blocked_produce)
+    loader = _loader(small_set, py_num_workers=0, worker_timeout=2)
+    try:
+        with pytest.raises(LoaderWorkerError, match=rf"no batch for \d+ s \(timeout 2 s\); waiting to open {fifo}"):
+            for _ in loader:
+                pass
+    finally:
+        _unblock(fifo)
+        loader.close()
+
+
+_BLOCKED_PIPELINE = """
+import os, sys
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+from dali_relabel.watchdog import LoaderWorkerError, PipelineGuard
+
+fifo = sys.argv[1]
+
+def blocking(x):
+    open(fifo, "rb").close()  # blocks one of DALI's executor threads (as a read on a hung mount would)
+    return x
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+def graph():
+    return fn.python_function(fn.external_source(source=lambda: [np.zeros(1, np.uint8)], batch=True),
+                              function=blocking)
+
+pipe = graph()
+pipe.build()
+guard = PipelineGuard(lambda: [], timeout=1, poll=0.1, pipeline=lambda: pipe)
+try:
+    guard.call(pipe.run)
+except LoaderWorkerError as error:
+    print(error, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_process_exits_after_a_pipeline_blocked_in_a_read_is_abandoned(tmp_path):
+    """DALI shuts every pipeline down at exit, joining its threads: one blocked in a read would hold
+    the exit forever. The abandoned pipeline is left alone, and the process ends normally."""
+    import subprocess
+    import sys
+
+    fifo = str(tmp_path / "hung.jpg")
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-c", _BLOCKED_PIPELINE, fifo], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        pytest.fail(f"the process did not exit after its pipeline was abandoned:\n{out}")
+    assert process.returncode == 0, out
+    assert f"waiting to open {fifo}" in out
