@@ -77,6 +77,21 @@ def _bounded_iterator(base):
     return BoundedIterator
 
 
+def _named_failures(iterator, shards: ShardSet, names: List[str]):
+    """The iterator's batches; a DALI error (a damaged shard: "Actual volume: 0", "nvImageCodec
+    failure") re-raised as a :class:`~dali_relabel.shards.ShardError` naming the shard and, when it
+    can be found, the sample key (:meth:`ShardSet.explain_failure`)."""
+    iterator = iter(iterator)
+    while True:
+        try:
+            outputs = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            raise shards.explain_failure(names, error) from error
+        yield outputs
+
+
 class UnknownOrderError(DaliRelabelError, TypeError):
     """The rows of a shard epoch are not known before it is read."""
 
@@ -138,6 +153,16 @@ class _ShardBatches(LoaderState):
 
         return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
 
+    def _pass_shards(self, epoch: int) -> List[str]:
+        """The shards this rank reads in a pass over ``epoch``."""
+        from .shard_checks import shards_of_rank
+
+        return shards_of_rank(self.shards.shards, self._shard_names(epoch), self.rank, self.world_size)
+
+    def _shard_names(self, epoch: int) -> List[str]:
+        """Every shard in the order a pass over ``epoch`` reads them."""
+        return [s["name"] for s in self.shards.shards]
+
     @abc.abstractmethod
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
         """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``."""
@@ -148,6 +173,8 @@ class _ShardBatches(LoaderState):
 
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
+        reading = self._pass_shards(epoch)
+        self.shards.check_files("header", reading)  # DALI trusts the indexes: checked before each pass
         pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
@@ -155,7 +182,7 @@ class _ShardBatches(LoaderState):
             [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
             reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
         try:
-            for outputs in current.iterator:
+            for outputs in _named_failures(current.iterator, self.shards, reading):
                 if self._pass is not current:
                     return  # a newer pass took over
                 current.consumed += 1
@@ -207,6 +234,9 @@ class ShardReLabelLoader(_ShardBatches):
         from .pipelines.graphs import shard_train_outputs
 
         self.output_map = shard_train_outputs(config, self.cutmix is not None)
+
+    def _shard_names(self, epoch: int) -> List[str]:
+        return self.shard_order(epoch)
 
     def shard_order(self, epoch: int) -> List[str]:
         """The shards' order in ``epoch`` (the same on every rank)."""
