@@ -217,7 +217,8 @@ class ShardSet:
         reading ``names``: their files are checked again, every block hashed, and a changed shard's
         samples searched; reads those shards whole (a failure's cost, not a batch's)."""
         detail = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = next((line for line in reversed(detail) if "rror" in line or "failure" in line), detail[-1] if detail else "")
+        detail = next((line for line in reversed(detail) if "rror" in line or "failure" in line),
+                      detail[-1] if detail else "")
         try:
             self.check_files("header", names)
         except ShardError as found:
