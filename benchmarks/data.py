@@ -298,7 +298,15 @@ def prepare_shards(data: BenchData, shard_mb: float = 32.0, log: Callable[[str],
     with open_store(data.store_path) as store:
         out_dir = os.path.join(data.root, f"shards-{store.header.content_sha256[:12]}")
         if os.path.exists(os.path.join(out_dir, "index.json")):
-            return out_dir
+            import json
+            import shutil
+
+            from dali_relabel.shards import FORMAT_VERSION
+
+            with open(os.path.join(out_dir, "index.json")) as f:
+                if json.load(f).get("format_version") == FORMAT_VERSION:
+                    return out_dir
+            shutil.rmtree(out_dir)  # a cached set of an older shard format: written again
         log(f"packing the image set into tar shards of ~{shard_mb:g} MB -> {out_dir}")
         write_shards(data.image_root, store, out_dir, shard_bytes=int(shard_mb * 1e6), progress=False)
     return out_dir

@@ -5,6 +5,8 @@ batch fails, the loader decodes that batch's files alone (:func:`decode_problem`
 """
 from __future__ import annotations
 
+import os
+import stat
 from typing import Optional
 
 import numpy as np
@@ -19,6 +21,31 @@ _EOI_SEARCH_BYTES = 4096
 
 class BadImageError(DaliRelabelError, ValueError):
     """An image file cannot be decoded; the message names the file."""
+
+
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode says a path is, in words (``"a FIFO"``, ``"a directory"``, ...)."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "of an unknown kind"
+
+
+def read_regular_file(path: str) -> np.ndarray:
+    """The bytes of ``path`` (uint8), opened without blocking: a FIFO, device or socket raises
+    :class:`BadImageError` instead of waiting forever for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadImageError(f"{path}: not a regular file but {file_kind(mode)}")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+    finally:
+        os.close(fd)
 
 
 def check_encoded_image(data: np.ndarray, path: str) -> None:
@@ -52,11 +79,13 @@ def decode_problem(path: str) -> Optional[str]:
         if remote.is_remote(path):
             data = np.frombuffer(remote.read_bytes(path), dtype=np.uint8)
         else:
-            data = np.fromfile(path, dtype=np.uint8)
+            data = read_regular_file(path)
     except remote.RemoteError as error:
         return f"cannot be read ({str(error).split(': ', 1)[-1]})"
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
+    except BadImageError as error:
+        return str(error).rsplit(": ", 1)[-1]
     try:
         check_encoded_image(data, path)
     except BadImageError as error:

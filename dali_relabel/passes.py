@@ -168,7 +168,8 @@ class PipelineBatches(PlannedState):
         parts.pipeline.build()
         parts.iterator = DALIGenericIterator([parts.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
-        parts.guard = PipelineGuard(lambda: source_workers(parts.pipeline), timeout=self.timeout)
+        parts.guard = PipelineGuard(lambda: source_workers(parts.pipeline), timeout=self.timeout,
+                                    pipeline=lambda: parts.pipeline)
         self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
         self._needs_reset = False
 

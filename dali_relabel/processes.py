@@ -109,3 +109,59 @@ def die_with_parent(parent: int) -> None:
         return  # not Linux: nothing to arm
     if os.getppid() != parent:
         os._exit(1)
+
+
+# System call numbers (Linux) of the calls a thread waits in while it opens or reads a file.
+_FILE_SYSCALLS = {
+    "x86_64": {"open": {2: 0, 257: 1, 437: 1}, "read": {0, 17, 19, 295, 327}},
+    "aarch64": {"open": {56: 1, 437: 1}, "read": {63, 65, 67, 69, 286}},
+}
+
+
+def _path_at(pid: int, address: int, limit: int = 4096) -> Optional[str]:
+    """The zero-terminated string at ``address`` in ``pid``'s memory (``/proc/<pid>/mem``)."""
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, limit, address)
+    except (OSError, OverflowError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace") or None
+
+
+def blocked_file_calls(pid: Optional[int] = None) -> List[Tuple[int, str, str]]:
+    """``(thread id, "open" or "read", path)`` of each thread of ``pid`` (default: this process) that
+    waits inside an ``open``/``read`` system call on a file, read from ``/proc/<pid>/task/*/syscall``
+    (a hung network file system, a FIFO nobody writes to); ``[]`` where ``/proc`` does not tell."""
+    import platform
+
+    calls = _FILE_SYSCALLS.get(platform.machine())
+    pid = os.getpid() if pid is None else pid
+    if calls is None:
+        return []
+    try:
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+    found = []
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+            number, args = int(fields[0]), [int(a, 16) for a in fields[1:7]]
+        except (OSError, ValueError, IndexError):
+            continue  # running (no call to read), gone, or not allowed
+        if number in calls["open"]:
+            path = _path_at(pid, args[calls["open"][number]])
+            if path is not None:
+                found.append((tid, "open", path))
+        elif number in calls["read"]:
+            try:
+                found.append((tid, "read", os.readlink(f"/proc/{pid}/fd/{args[0]}")))
+            except OSError:
+                continue
+    return found

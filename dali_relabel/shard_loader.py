@@ -257,6 +257,12 @@ class _ShardBatches(LoaderState):
 
         return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
 
+    def _pass_shards(self, epoch: int) -> List[str]:
+        """The shards this rank reads in a pass over ``epoch``."""
+        from .shard_checks import shards_of_rank
+
+        return shards_of_rank(self.shards.shards, self._epoch_shards(epoch), self.rank, self.world_size)
+
     @abc.abstractmethod
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool, unread=None):
         """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``,
@@ -268,6 +274,8 @@ class _ShardBatches(LoaderState):
 
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
+        reading = self._pass_shards(epoch)
+        self.shards.check_files("header", reading)  # DALI trusts the indexes: checked before each pass
         seen = current.start.seen
         current.seen = seen.copy() if seen is not None else np.zeros(self.shards.num_samples, bool)
         if current.total <= 0:
@@ -300,8 +308,8 @@ class _ShardBatches(LoaderState):
                 if current.consumed >= current.total:
                     break  # every rank stops after the same number of batches
         except RuntimeError as error:
-            self._explain_read_failure(error)
-            raise
+            self._explain_read_failure(error)  # a shard changed (or vanished) under the run
+            raise self.shards.explain_failure(reading, error) from error  # which shard and sample key
         finally:
             if self._pass is current and current.consumed >= current.total:
                 current.finished = True
@@ -316,7 +324,7 @@ class _ShardBatches(LoaderState):
             current.iterator = None
 
     def _epoch_shards(self, epoch: int) -> List[str]:
-        """The shards' order in ``epoch``."""
+        """Every shard in the order a pass over ``epoch`` reads them."""
         return [s["name"] for s in self.shards.shards]
 
     def _explain_read_failure(self, error: RuntimeError) -> None:

@@ -16,16 +16,20 @@ images' indices in the tree's sorted file list, and ``index.json`` keeps that li
 Rows are spread over the shards in a seeded random order, so every shard holds a balanced mix of
 classes. Beside the shards: DALI's index files (``<shard>.idx``, made with DALI's ``wds2idx``) and
 ``index.json``, which records the store's content hash, the class names, the map geometry and
-layout, and each shard's name, sample count and size (a truncated shard is refused by name).
+layout, each shard's name, sample count, size and content hashes (the whole shard's, and one per
+block of :data:`~dali_relabel.shard_checks.HASH_BLOCK_BYTES`), its DALI index's hash, and the index's
+own content hash.
 
 :class:`ShardSet` reads ``index.json`` back (or a ``shard-{000000..000127}.tar`` brace pattern
-beside it), from a directory or an ``s3://`` prefix: DALI's webdataset reader streams the tars from
-object storage itself, given their index files, which are fetched once into the local cache
+beside it), from a directory or an ``s3://`` prefix, and checks it as untrusted input before DALI sees
+anything (:mod:`dali_relabel.shard_checks`). DALI's webdataset reader streams the tars from object
+storage itself, given their index files, which are fetched once into the local cache
 (:mod:`dali_relabel.remote`). Without index files the reader would infer each one at every pipeline
 build, one ranged request per tar member header: thousands of round trips per shard.
 
-Writing is parallel (one process per shard at a time), shows progress and resumes: a shard is
-complete once its index file exists.
+Writing is parallel (one process per shard at a time), shows progress, takes the output's lock, and
+resumes: a shard is complete once its entry (``<shard>.entry.json``) exists, and a rerun keeps only
+the shards whose bytes still hash as recorded: a truncated or damaged one is written again.
 """
 from __future__ import annotations
 
@@ -41,22 +45,24 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import remote
-from .errors import DaliRelabelError
 from .fields import CLASS_IDS, LABELS, LOGITS, MAP_FIELDS, ROWS, SHARD_FIELDS, Field
+from .shard_checks import (HASH_BLOCK_BYTES, ShardError, check_blocks, damaged_member, file_sha256, index_digest,
+                           member_sizes, parse_index_file, shard_digests, validate_index)
 from .store import LabelStore, StoreError
 
 FORMAT_NAME = "dali-relabel-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hashes of the shards, their DALI indexes and the index itself
+READABLE_VERSIONS = (2,)
 INDEX_NAME = "index.json"
+ENTRY_SUFFIX = ".entry.json"
+#: How much :meth:`ShardSet.load` checks: the index, sizes and DALI indexes; plus one random block
+#: of one random shard; plus every block of every shard.
+VERIFY_LEVELS = ("header", "sample", "full")
 #: The tar extensions of a shard sample's members, in their order (:data:`~dali_relabel.fields.SHARD_FIELDS`).
 EXTENSIONS = tuple(field.tar_ext for field in SHARD_FIELDS)
 #: Shards store logits as float16 whatever the store holds.
 LOGITS_DTYPE = "float16"
 _TAR_BLOCK = 512
-
-
-class ShardError(DaliRelabelError, ValueError):
-    """Shards are missing, truncated, or do not fit their index; the message names the shard."""
 
 
 def shard_name(index: int) -> str:
@@ -69,7 +75,7 @@ class ShardSet:
 
     Attributes:
         directory: where the shards are (a directory or an ``s3://`` prefix).
-        shards: per shard ``{"name", "samples", "bytes"}``.
+        shards: per shard ``{"name", "samples", "bytes", "sha256", "blocks", "idx_sha256"}``.
         num_samples, num_classes, k, grid_h, grid_w, layout, ids_dtype, class_names: the data.
         store_sha256: content hash of the store the shards were made from.
         seed: the seed of the rows' order.
@@ -91,6 +97,7 @@ class ShardSet:
     extra: dict = field(default_factory=dict)
     #: remote shards: their index files' local copies, by shard name
     local_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    hash_block_bytes: int = HASH_BLOCK_BYTES
 
     @property
     def has_maps(self) -> bool:
@@ -98,15 +105,21 @@ class ShardSet:
         return bool(self.store_sha256)
 
     @classmethod
-    def load(cls, location: str, check_sizes: bool = True) -> "ShardSet":
+    def load(cls, location: str, check_sizes: bool = True, verify: str = "sample") -> "ShardSet":
         """From a directory, its ``index.json``, or a brace pattern ``DIR/shard-{000000..000127}.tar``
         (which then names the shards to use, all listed in the index beside them); ``DIR`` may be an
-        ``s3://`` prefix."""
+        ``s3://`` prefix.
+
+        ``index.json`` is validated (every field, the shard names, its content hash); with
+        ``check_sizes``, the shards are checked as ``verify`` says (:data:`VERIFY_LEVELS`:
+        :meth:`check_files`)."""
+        if verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         location = os.fspath(location)
         chosen = None
         if remote.is_remote(location):
             index_path, chosen = _remote_index_path(location)
-            index = _parse_index(index_path, _read_remote_index(index_path))
+            data = _read_remote_index(index_path)
             directory = remote.parent(index_path)
         else:
             if os.path.isdir(location):
@@ -122,8 +135,12 @@ class ShardSet:
             except OSError as error:
                 raise ShardError(f"{index_path}: no shard index ({error.strerror}); write shards with "
                                  "`dali-relabel shard`") from None
-            index = _parse_index(index_path, data)
             directory = os.path.dirname(os.path.abspath(index_path))
+        try:
+            index = json.loads(data)
+        except ValueError:
+            raise ShardError(f"{index_path}: not a readable shard index") from None
+        validate_index(index, index_path, READABLE_VERSIONS, FORMAT_NAME)
         shards = index["shards"]
         if chosen is not None:
             unknown = chosen - {s["name"] for s in shards}
@@ -134,11 +151,11 @@ class ShardSet:
                     num_samples=sum(s["samples"] for s in shards), num_classes=index["num_classes"],
                     k=index["k"], grid_h=index["grid"][0], grid_w=index["grid"][1], layout=index["layout"],
                     ids_dtype=index["ids_dtype"], class_names=index["class_names"],
-                    store_sha256=index["store_sha256"], seed=index.get("seed", 0),
-                    relpaths=index.get("relpaths"),
+                    store_sha256=index["store_sha256"], seed=index["seed"],
+                    relpaths=index.get("relpaths"), hash_block_bytes=index["hash_block_bytes"],
                     extra={k: v for k, v in index.items() if k not in ("shards", "class_names", "relpaths")})
         if check_sizes:
-            found.check_sizes()
+            found.check_files(verify)
         return found
 
     @property
@@ -163,6 +180,16 @@ class ShardSet:
             self.local_index[name] = remote.cached_copy(self.index_path(name))
         return self.local_index[name]
 
+    @property
+    def extensions(self) -> List[str]:
+        """The member extensions of every sample, in their order."""
+        return [f.tar_ext for f in SHARD_FIELDS if self.has_maps or f not in MAP_FIELDS]
+
+    def member_sizes(self) -> List[Optional[int]]:
+        """The exact byte size of each member of :attr:`extensions` (``None``: the image, any size)."""
+        itemsize = np.dtype(self.ids_dtype).itemsize if self.ids_dtype else 0
+        return member_sizes(self.extensions, int(np.prod(self.map_shape)), itemsize)
+
     def check_sizes(self) -> None:
         """Refuse a missing or truncated shard (or index file), naming it."""
         listed = remote.list_objects(self.directory) if self.on_object_storage else None
@@ -174,11 +201,85 @@ class ShardSet:
                 raise ShardError(f"{path}: missing (index.json lists it)") from None
             if size != shard["bytes"]:
                 raise ShardError(f"{path}: {size} bytes, but {shard['bytes']} were written: the shard is "
-                                 f"truncated or was changed; write it again (`dali-relabel shard` resumes)")
+                                 f"truncated or was changed; write it again (`dali-relabel shard` with the same "
+                                 "arguments repairs it)")
             index = self.index_path(shard["name"])
             there = remote.basename(index) in listed if listed is not None else os.path.exists(index)
             if not there:
                 raise ShardError(f"{index}: DALI index of {path} is missing")
+
+    def check_index_files(self, names: Optional[Sequence[str]] = None) -> None:
+        """Check each shard's DALI index (hash as recorded, every member inside the tar, the
+        fixed-size members of their size) before DALI reads it; remembered per process while the
+        files are unchanged, so a check before every pass costs a ``stat`` per file."""
+        entries = {s["name"]: s for s in self.shards}
+        sizes = self.member_sizes()
+        for name in (names if names is not None else list(entries)):
+            entry, idx_path = entries[name], self.reader_index_path(name)  # local (remote: cached copy)
+            try:
+                info = os.stat(idx_path)
+            except OSError:
+                raise ShardError(f"{idx_path}: DALI index of {self.path(name)} is missing") from None
+            key = (idx_path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, entry["idx_sha256"],
+                   entry["bytes"], tuple(self.extensions), tuple(sizes))
+            if key in _CHECKED_INDEXES:
+                continue
+            if file_sha256(idx_path) != entry["idx_sha256"]:
+                parse_index_file(idx_path, entry["bytes"], entry["samples"], self.extensions, sizes)
+                raise ShardError(f"{idx_path}: differs from the DALI index written for {name} (content hash "
+                                 "mismatch); write the shard again")
+            parse_index_file(idx_path, entry["bytes"], entry["samples"], self.extensions, sizes)
+            _CHECKED_INDEXES.add(key)
+
+    def check_files(self, verify: str = "sample", names: Optional[Sequence[str]] = None) -> None:
+        """The shards (default: all) against ``index.json``: present, of the recorded size, their
+        DALI indexes sound (:meth:`check_index_files`); with ``verify="sample"`` one random block of
+        one random shard hashes as recorded, with ``"full"`` every block of every shard (reads them)."""
+        self.check_sizes()
+        self.check_index_files(names)
+        shards = [s for s in self.shards if names is None or s["name"] in names]
+        if self.on_object_storage:
+            return  # remote tars: sizes (one listing) and their indexes; their blocks are hashed locally only
+        if verify == "full":
+            for shard in shards:
+                check_blocks(self.path(shard["name"]), shard, self.hash_block_bytes)
+        elif verify == "sample" and shards:
+            rng = np.random.default_rng()
+            shard = shards[int(rng.integers(len(shards)))]
+            if shard["blocks"]:
+                check_blocks(self.path(shard["name"]), shard, self.hash_block_bytes,
+                             [int(rng.integers(len(shard["blocks"])))])
+
+    def explain_failure(self, names: Sequence[str], error: BaseException) -> ShardError:
+        """A :class:`ShardError` naming the shard (and sample key) behind DALI's ``error`` while
+        reading ``names``: their files are checked again, every block hashed, and a changed shard's
+        samples searched; reads those shards whole (a failure's cost, not a batch's)."""
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in reversed(detail) if "rror" in line or "failure" in line),
+                      detail[-1] if detail else "")
+        try:
+            self.check_files("header", names)
+        except ShardError as found:
+            return found
+        changed = None
+        if self.on_object_storage:  # the tars' bytes are not read back from object storage
+            return ShardError(f"reading the shards {', '.join(self.path(n) for n in names)} failed: {detail}")
+        for name in names:
+            entry = next(s for s in self.shards if s["name"] == name)
+            try:
+                check_blocks(self.path(name), entry, self.hash_block_bytes)
+            except ShardError as found:
+                changed = found
+            problem = damaged_member(self.path(name), self.extensions, self.member_sizes())
+            if problem is not None:
+                return ShardError(f"{self.path(name)}: {problem}" + (" (the shard's content hash differs from "
+                                  "what was written: write it again)" if changed is not None else
+                                  " (as it was written: the image was bad in the image tree)"))
+            if changed is not None:
+                return changed
+        return ShardError(f"reading {len(names)} shard(s) in {self.directory} ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}) failed, and they are as written: DALI said: "
+                          f"{detail[:300]}")
 
     @property
     def map_shape(self):
@@ -187,17 +288,6 @@ class ShardSet:
     def dtype(self, field: Field) -> np.dtype:
         """The dtype ``field`` of a sample (one of :data:`~dali_relabel.fields.SHARD_FIELDS`) is stored in."""
         return member_dtype(field, self.ids_dtype)
-
-
-def _parse_index(index_path: str, data: bytes) -> dict:
-    try:
-        index = json.loads(data)
-    except ValueError:
-        raise ShardError(f"{index_path}: not a readable shard index") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME or \
-            index.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{index_path}: not a dali-relabel shard index of version {FORMAT_VERSION}")
-    return index
 
 
 def _remote_index_path(location: str):
@@ -222,6 +312,9 @@ def _read_remote_index(index_url: str) -> bytes:
                              "them with `dali-relabel shard --out s3://...`") from None
         raise ShardError(f"{index_url}: no shard index beside the {len(tars)} .tar objects; write shards "
                          "with `dali-relabel shard`") from None
+
+
+_CHECKED_INDEXES: set = set()  # DALI indexes checked in this process (path, stat, recorded hash)
 
 
 def member_dtype(field: Field, ids_dtype) -> np.dtype:
@@ -276,6 +369,8 @@ def _write_shard(task) -> dict:
         paths, labels = tree
         ids_dtype = None
     path = os.path.join(directory, name)
+    if os.path.exists(path + ENTRY_SUFFIX):
+        os.remove(path + ENTRY_SUFFIX)  # the shard is written again: it is complete only with a new entry
     partial = path + ".partial"
     with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
@@ -297,7 +392,38 @@ def _write_shard(task) -> dict:
     with wds2idx.IndexCreator(path, index_partial, verbose=False) as creator:
         creator.create_index()
     os.replace(index_partial, index_partial[:-len(".partial")])
-    return {"name": name, "samples": len(rows), "bytes": os.path.getsize(path)}
+    digest, blocks = shard_digests(path)
+    entry = {"name": name, "samples": len(rows), "bytes": os.path.getsize(path), "sha256": digest,
+             "blocks": blocks, "idx_sha256": file_sha256(index_partial[:-len(".partial")])}
+    _write_json(path + ENTRY_SUFFIX, entry)  # last: the shard is complete
+    return entry
+
+
+def _write_json(path: str, value) -> None:
+    """Write ``value`` as JSON to ``path`` durably (a complete file or none)."""
+    from .outputs import durable_replace
+
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    durable_replace(tmp, path)
+
+
+def _kept_entry(out_dir: str, name: str, samples: int) -> Optional[dict]:
+    """The recorded entry of a shard written earlier if the shard and its DALI index still hash as
+    recorded (every byte is read), else ``None``: it is written again."""
+    path = os.path.join(out_dir, name)
+    try:
+        with open(path + ENTRY_SUFFIX) as f:
+            entry = json.load(f)
+        if entry.get("samples") != samples or os.path.getsize(path) != entry.get("bytes") or \
+                file_sha256(os.path.join(out_dir, name[:-len(".tar")] + ".idx")) != entry.get("idx_sha256"):
+            return None
+        if shard_digests(path) != (entry.get("sha256"), entry.get("blocks")):
+            return None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return entry
 
 
 def plan_shards(sizes: np.ndarray, order: np.ndarray, shard_bytes: int) -> List[np.ndarray]:
@@ -328,9 +454,18 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
         progress: show a progress bar.
         check_files: refuse a store that does not match the tree (the loader's checks).
 
-    A rerun with the same arguments keeps the shards already complete and writes the rest; other
-    arguments over an existing set are refused (delete the directory first).
+    A rerun with the same arguments keeps the shards already complete whose bytes still hash as
+    recorded, and writes the rest (a truncated or damaged shard is written again); other arguments
+    over an existing set are refused (delete the directory first). One writer per ``out_dir``: a
+    second is refused at once (:class:`~dali_relabel.outputs.OutputLock` on ``<out_dir>.lock``).
     """
+    from .outputs import OutputLock
+
+    with OutputLock(os.path.abspath(os.fspath(out_dir))):
+        return _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progress, check_files)
+
+
+def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progress, check_files) -> ShardSet:
     from tqdm import tqdm
 
     from .imagefolder import list_images
@@ -380,9 +515,11 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
     names = [shard_name(i) for i in range(len(groups))]
     entries = {}
     todo = []
-    for name, rows in zip(names, groups):
-        if os.path.exists(os.path.join(out_dir, name[:-len(".tar")] + ".idx")):
-            entries[name] = {"name": name, "samples": len(rows), "bytes": os.path.getsize(os.path.join(out_dir, name))}
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing the kept shards: I/O bound
+        kept = list(pool.map(lambda task: _kept_entry(out_dir, task[0], len(task[1])), zip(names, groups)))
+    for name, rows, entry in zip(names, groups, kept):
+        if entry is not None:
+            entries[name] = entry
         else:
             todo.append((out_dir, name, rows, image_root, store.path if store is not None else None, os.getpid(),
                          tree))
@@ -400,20 +537,17 @@ def write_shards(image_root, store, out_dir, shard_bytes: int = 1 << 30, seed: i
              "store": store.path if store is not None else None, "store_sha256": content,
              "num_classes": len(class_names), "k": 0, "grid": [0, 0], "layout": "HW", "ids_dtype": "",
              "extensions": [f.tar_ext for f in SHARD_FIELDS if store is not None or f not in MAP_FIELDS],
-             "num_samples": n, "shards": [entries[name] for name in names], "class_names": class_names}
+             "num_samples": n, "shards": [entries[name] for name in names], "class_names": class_names,
+             "hash_block_bytes": HASH_BLOCK_BYTES}
     if store is not None:
         header = store.header
         index.update(num_classes=header.num_classes, k=header.k, grid=[header.grid_h, header.grid_w],
                      layout=header.layout, ids_dtype=str(store.class_ids_dtype))
     else:
         index["relpaths"] = list(paths)  # the rows' files, for ReaL labels
-    tmp = os.path.join(out_dir, INDEX_NAME + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
-    return ShardSet.load(out_dir)
+    index["index_sha256"] = index_digest(index)
+    _write_json(os.path.join(out_dir, INDEX_NAME), index)
+    return ShardSet.load(out_dir, verify="header")
 
 
 def check_shards_match_store(shards: ShardSet, store: LabelStore) -> None:

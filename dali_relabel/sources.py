@@ -275,6 +275,8 @@ class BatchSource:
         """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch`` (of a pass from
         ``start``): a pure function of its arguments, the plan and the bad rows."""
         rows, status = self.batch_rows(epoch, batch, start)
+        if self.store_path:
+            self.store().check_unchanged()  # the paths and maps are mapped: a truncated file is SIGBUS
         out: Dict[str, np.ndarray] = {"paths": self.paths.gather(rows, self.prefix)[0]}
         if self.store_path:
             store = self.store()

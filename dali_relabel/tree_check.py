@@ -9,6 +9,11 @@ process lists while the others (DDP ranks on the node) wait on a file lock and t
 
 A tree under an ``s3://`` prefix has no such cheap fingerprint: it is listed at every check (one
 request per 1,000 objects); pass ``check_files=False`` to the loader to skip that for a tree you trust.
+
+The listing also refuses anything in the tree that is named like an image but is no regular file (a
+FIFO would block whoever opens it; a device or socket is no image), and compares the stored image
+sizes of a random sample of rows with the files' own (read from their headers, as ``generate``
+records them: without EXIF rotation).
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import remote
-from .imagefolder import list_images
+from .bad_images import file_kind
+from .imagefolder import IMAGE_EXTENSIONS, list_images
 from .store import LabelStore, StoreError
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+#: Rows whose stored image size is compared with the file's at each listing.
+SIZE_SAMPLE_ROWS = 64
 
 
 def _cache_dir() -> str:
@@ -75,9 +83,63 @@ def check_labels_match_folders(store: LabelStore) -> None:
                                      f"but lies in folder {path.split('/', 1)[0]!r}")
 
 
+def check_regular_files(store: LabelStore, image_root: str) -> None:
+    """Refuse an entry named like an image under ``image_root`` that is not a regular file (or a link
+    to one), naming it; nothing is opened. One ``scandir`` pass (file types come with the listing;
+    links cost a ``stat``)."""
+    pending = [""]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(os.path.join(image_root, folder)) as entries:
+            for entry in entries:
+                relpath = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(relpath)
+                elif folder and entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.is_file():
+                    try:
+                        kind = file_kind(os.stat(entry.path).st_mode)
+                    except OSError as error:
+                        kind = f"unreadable ({error.strerror})"
+                    if kind == "a directory":
+                        continue  # a folder named like an image: not listed as one
+                    raise StoreError(store.path, f"{os.path.join(image_root, relpath)} is {kind}, not a regular "
+                                                 "file: remove it from the image tree (opening a FIFO blocks)")
+
+
+def _image_size(path: str):
+    """``(height, width)`` from an image file's header (PIL reads no pixels), or ``None``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except Exception:  # an undecodable image is the loader's to report, by name
+        return None
+
+
+def check_image_sizes(store: LabelStore, image_root: str, rows: int = SIZE_SAMPLE_ROWS, seed=None) -> None:
+    """Compare the stored ``image_sizes`` of ``rows`` random rows (those that record one) with the
+    sizes in their files' headers; raise :class:`StoreError` naming the first row that differs."""
+    sizes = np.asarray(store.image_sizes)
+    known = np.flatnonzero((sizes > 0).all(axis=1))
+    if not known.size:
+        return  # the store records no sizes (0, 0: unknown)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(known, size=min(rows, known.size), replace=False))
+    paths = store.paths
+    for row in chosen.tolist():
+        found = _image_size(os.path.join(image_root, paths[row]))
+        stored = (int(sizes[row, 0]), int(sizes[row, 1]))
+        if found is not None and found != stored:
+            raise StoreError(store.path, f"row {row} ({paths[row]}): stored image size {stored[0]}x{stored[1]} "
+                                         f"(height x width), but the file is {found[0]}x{found[1]}: the store was "
+                                         "made for other images")
+
+
 def _list_and_compare(store: LabelStore, image_root: str, allow_extra_images: bool) -> List[str]:
     """The full check; returns the folders holding images (for the fingerprint)."""
     check_labels_match_folders(store)
+    check_regular_files(store, image_root)
     images = list_images(image_root, classes=None)
     on_disk = set(images.relpaths)
     stored = store.paths.tolist()
@@ -94,6 +156,7 @@ def _list_and_compare(store: LabelStore, image_root: str, allow_extra_images: bo
         extra = next(p for p in images.relpaths if p not in seen)
         raise StoreError(store.path, f"{len(on_disk) - len(seen)} images under {image_root} have no "
                                      f"map, first: {extra}")
+    check_image_sizes(store, image_root)
     return sorted({os.path.dirname(p) for p in images.relpaths})
 
 
@@ -102,7 +165,9 @@ def check_store_matches_images(store: LabelStore, image_root, allow_extra_images
     """Refuse a store that does not describe the images under ``image_root`` (naming the first
     offending path): every row needs its image, no two rows the same image, every image under the
     root needs a row (unless ``allow_extra_images``), and each row's class folder must be the class
-    name of its label.
+    name of its label. Entries named like images that are no regular files (FIFOs, devices, sockets)
+    are refused, and a sample of the stored image sizes is compared with the files'
+    (:func:`check_image_sizes`).
 
     Args:
         cache: remember a passed check (see the module docstring) and skip the listing while the

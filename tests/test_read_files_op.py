@@ -1,4 +1,7 @@
 """relabel.read_files: whole files from zero-padded path rows; errors name the file."""
+import os
+import socket
+
 import numpy as np
 import pytest
 
@@ -61,9 +64,26 @@ def test_a_path_filling_its_whole_row_needs_no_terminator(tmp_path):
     assert np.array(pipe.run()[0][0]).tobytes() == b"abc"
 
 
+def _fifo(directory):
+    path = directory / "fifo.jpg"
+    os.mkfifo(path)  # nobody writes to it: a blocking open would wait forever
+    return str(path)
+
+
+def _socket(directory):
+    path = directory / "socket.jpg"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.close()  # the socket file stays
+    return str(path)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: str(d / "missing.jpg"), "cannot open '{path}': No such file or directory"),
     (lambda d: str(d), "cannot open '{path}': Is a directory"),
+    (_fifo, "cannot open '{path}': not a regular file (a FIFO)"),
+    (_socket, "cannot open '{path}': No such device or address"),
+    (lambda d: "/dev/null", "cannot open '{path}': not a regular file (a character device)"),
 ])
 def test_an_unreadable_path_is_named_in_the_error(tmp_path, make, message):
     good = tmp_path / "good.jpg"

@@ -277,3 +277,201 @@ def test_shard_loaders_keep_the_loader_state_rules(shard_data):
                            world_size=3).load_state_dict(state)
     with pytest.raises(ResumeError, match="no DALI checkpoint of rank 1's position"):
         loader.load_state_dict(state)
+
+
+# ------------------------------------------------------------------ untrusted shards (issue 23)
+def _copy(shard_data, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_data["shards"].directory, copy)
+    return copy
+
+
+def _edit_index(directory, edit, rehash=True):
+    from dali_relabel.shard_checks import index_digest
+
+    path = directory / "index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    if rehash:
+        index["index_sha256"] = index_digest(index)
+    path.write_text(json.dumps(index))
+
+
+def test_a_rerun_repairs_a_truncated_shard(shard_data, tmp_path):
+    """The truncation error says to rerun `dali-relabel shard`; the rerun must write the shard again,
+    not record its new size (which switched the check off)."""
+    out = tmp_path / "repair"
+    first = write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    victim = out / first.shards[2]["name"]
+    reference = victim.read_bytes()
+    victim.write_bytes(reference[:len(reference) // 2])
+    with pytest.raises(ShardError, match="truncated"):
+        ShardSet.load(out)
+    again = write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    assert victim.read_bytes() == reference
+    assert again.shards == first.shards
+    flipped = bytearray(reference)
+    flipped[len(flipped) // 3] ^= 0xFF  # same size, other bytes
+    victim.write_bytes(bytes(flipped))
+    write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    assert victim.read_bytes() == reference
+
+
+def test_changed_bytes_are_found_by_the_content_hash(shard_data, tmp_path):
+    copy = _copy(shard_data, tmp_path)
+    victim = copy / shard_data["shards"].shards[1]["name"]
+    data = bytearray(victim.read_bytes())
+    data[3000] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{victim}: bytes 0\.\.\d+ differ from what was written"):
+        ShardSet.load(copy, verify="full")
+    ShardSet.load(copy, verify="header")  # sizes and indexes alone do not see it
+
+
+@pytest.mark.parametrize("field", ["grid", "layout", "shards", "k", "num_classes", "index_sha256"])
+def test_a_missing_index_field_is_named(shard_data, tmp_path, field):
+    copy = _copy(shard_data, tmp_path)
+    _edit_index(copy, lambda index: index.pop(field), rehash=False)
+    with pytest.raises(ShardError, match=f"index.json: field '{field}' is missing"):
+        ShardSet.load(copy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda index: index.update(grid="4x4"), "field 'grid' must be two non-negative integers"),
+    (lambda index: index.update(k=2.5), "field 'k' must be a non-negative integer"),
+    (lambda index: index["shards"][0].pop("bytes"), "shard entry 0: field 'bytes' is missing"),
+    (lambda index: index["shards"][0].update(samples="4"), "shard entry 0: field 'samples' must be"),
+])
+def test_mistyped_index_fields_are_named(shard_data, tmp_path, edit, message):
+    copy = _copy(shard_data, tmp_path)
+    _edit_index(copy, edit)
+    with pytest.raises(ShardError, match=message):
+        ShardSet.load(copy)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda index: index.update(layout="WH"),
+    lambda index: index.update(grid=[index["grid"][0] + 1, index["grid"][1]]),
+    lambda index: index.update(ids_dtype="uint16"),
+])
+def test_an_edited_index_is_refused(shard_data, tmp_path, edit):
+    """A changed layout or grid would change every target silently."""
+    copy = _copy(shard_data, tmp_path)
+    _edit_index(copy, edit, rehash=False)
+    with pytest.raises(ShardError, match="index.json: its content differs from what was written"):
+        ShardSet.load(copy)
+
+
+@pytest.mark.parametrize("name", ["../../x.tar", "/etc/x.tar", "sub/x.tar", "..tar"])
+def test_shard_names_stay_in_the_shard_directory(shard_data, tmp_path, name):
+    copy = _copy(shard_data, tmp_path)
+    _edit_index(copy, lambda index: index["shards"][0].update(name=name))
+    with pytest.raises(ShardError, match="is not a plain file name inside the shard directory"):
+        ShardSet.load(copy)
+
+
+def test_a_shard_linked_from_outside_is_refused(shard_data, tmp_path):
+    copy = _copy(shard_data, tmp_path)
+    name = shard_data["shards"].shards[0]["name"]
+    outside = tmp_path / "outside.tar"
+    os.replace(copy / name, outside)
+    os.symlink(outside, copy / name)
+    with pytest.raises(ShardError, match=f"{copy / name} leads out of the shard directory"):
+        ShardSet.load(copy)
+
+
+def file_sha256(path):
+    from dali_relabel.shard_checks import file_sha256 as digest
+
+    return digest(path)
+
+
+def _edit_idx(path, line, member, column, value):
+    lines = path.read_text().split("\n")
+    tokens = lines[line - 1].split()
+    tokens[4 * member + column] = value
+    lines[line - 1] = " ".join(tokens)
+    path.write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize("member, column, value, message", [
+    (0, 2, str(8 << 30), r"member \d+\.jpg at offset \d+, 8589934592 bytes, ends beyond the shard's \d+ bytes"),
+    (0, 2, str(1 << 40), "ends beyond the shard's"),
+    (1, 2, "0", r"member \d+\.logits at offset \d+, 0 bytes, has the wrong size for its kind \(expected 96 bytes\)"),
+    (0, 1, "-512", "member offset is not a number"),
+    (0, 1, "100", "starts off a 512-byte tar block"),
+    (2, 0, "jpg", r"members \['jpg', 'logits', 'jpg', 'label', 'row'\], expected"),
+])
+def test_a_damaged_dali_index_is_refused_before_dali_reads_it(shard_data, tmp_path, member, column, value, message):
+    """DALI crashed (segfault, std::bad_alloc) or failed mid-epoch ("Actual volume: 0") on these."""
+    copy = _copy(shard_data, tmp_path)
+    idx = copy / shard_data["shards"].shards[1]["name"].replace(".tar", ".idx")
+    _edit_idx(idx, 3, member, column, value)
+    with pytest.raises(ShardError, match=rf"{idx}: line 3 \(sample \d+\): .*{message}"):
+        ShardSet.load(copy)
+    _edit_index(copy, lambda index: index["shards"][1].update(idx_sha256=file_sha256(str(idx))))
+    with pytest.raises(ShardError, match=rf"{idx}: line 3 \(sample \d+\): .*{message}"):
+        ShardSet.load(copy)  # even with a hash to match (an index edited on purpose)
+
+
+def test_a_well_formed_but_changed_dali_index_is_refused(shard_data, tmp_path):
+    """Two samples' lines swapped: every member is still inside the tar, but not the one written."""
+    copy = _copy(shard_data, tmp_path)
+    idx = copy / shard_data["shards"].shards[0]["name"].replace(".tar", ".idx")
+    lines = idx.read_text().split("\n")
+    lines[1], lines[2] = lines[2], lines[1]
+    idx.write_text("\n".join(lines))
+    with pytest.raises(ShardError, match=f"{idx}: differs from the DALI index written"):
+        ShardSet.load(copy)
+
+
+def test_a_malformed_index_line_is_named(shard_data, tmp_path):
+    from dali_relabel.shard_checks import parse_index_file
+
+    copy = _copy(shard_data, tmp_path)
+    entry = shard_data["shards"].shards[0]
+    idx = copy / entry["name"].replace(".tar", ".idx")
+    lines = idx.read_text().split("\n")
+    lines[2] = lines[2].rsplit(" ", 1)[0]
+    idx.write_text("\n".join(lines))
+    with pytest.raises(ShardError, match=rf"{idx}: line 3 has 19 fields, expected 20"):
+        parse_index_file(str(idx), entry["bytes"], entry["samples"], shard_data["shards"].extensions,
+                         shard_data["shards"].member_sizes())
+
+
+def test_a_second_writer_of_the_same_shards_is_refused(shard_data, tmp_path):
+    from dali_relabel.outputs import OutputBusyError, OutputLock
+
+    out = tmp_path / "busy"
+    with OutputLock(os.path.abspath(out)):
+        with pytest.raises(OutputBusyError, match="is being written by process"):
+            write_shards(shard_data["images"], shard_data["store"], out, shard_bytes=20_000, progress=False)
+    assert not out.exists()
+
+
+def _damage_member(path, ext, data_for):
+    """Overwrite the data of the first member with extension ``ext`` in a tar, in place."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith("." + ext))
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(data_for(member.size))
+    return member.name.split(".")[0]
+
+
+@pytest.mark.slow
+def test_a_damaged_image_in_a_shard_names_the_shard_and_the_sample(shard_data, tmp_path):
+    """DALI's own message names no shard and no sample ("nvImageCodec failure")."""
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    copy = _copy(shard_data, tmp_path)
+    victim = copy / shard_data["shards"].shards[1]["name"]
+    key = _damage_member(victim, "jpg", lambda size: b"\x00" * size)
+    shards = ShardSet.load(copy, verify="header")
+    loader = ShardReLabelLoader(shards, 4, config=DataConfig(**SMALL), device="cpu")
+    with pytest.raises(ShardError, match=rf"{victim}: sample {key}: .*not a recognised image format.*content hash "
+                                         "differs"):
+        for _ in loader:
+            pass

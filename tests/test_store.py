@@ -855,3 +855,143 @@ def test_summarize_label_agreement(tmp_path):
     assert summarize(LabelStore(path))["majority_top1_equals_hard_label"] == 0.0
     s = summarize(LabelStore(path), sample_rows=3)
     assert s["sampled_rows"] == 3 and s["rows"] == n
+
+
+# ------------------------------------------------------------------ untrusted files (issue 23)
+@pytest.mark.parametrize("name, dtype, expected", [
+    ("labels", np.int64, "int32"), ("labels", np.float32, "int32"), ("image_sizes", np.int64, "int32"),
+    ("image_sizes", np.float32, "int32"), ("class_ids", np.int64, "uint8"),
+])
+def test_wrong_dtypes_are_named_with_the_expected_one(store_path, name, dtype, expected):
+    with h5py.File(store_path, "r+") as f:
+        values = f[name][()]
+        del f[name]
+        f.create_dataset(name, data=values.astype(dtype))
+    with pytest.raises(StoreError, match=f"dataset '{name}' has dtype {np.dtype(dtype)}, expected {expected}"):
+        LabelStore(store_path, verify="header")
+
+
+def test_an_external_link_is_refused_by_name(store_path, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(store_path, "r") as f, h5py.File(other, "w") as g:
+        g.create_dataset("labels", data=f["labels"][()])
+    with h5py.File(store_path, "r+") as f:
+        del f["labels"]
+        f["labels"] = h5py.ExternalLink(str(other), "/labels")
+    with pytest.raises(StoreError, match=f"dataset 'labels' is a link to {other}:/labels"):
+        LabelStore(store_path)
+
+
+def test_a_soft_link_is_refused_by_name(store_path):
+    with h5py.File(store_path, "r+") as f:
+        f.move("labels", "elsewhere")
+        f["labels"] = h5py.SoftLink("/elsewhere")
+    with pytest.raises(StoreError, match="dataset 'labels' is a link to /elsewhere"):
+        LabelStore(store_path)
+
+
+def test_external_storage_is_refused_without_reading_it(store_path, tmp_path):
+    """External storage makes HDF5 read another file; pointing at a FIFO, opening hung (issue 23)."""
+    fifo = tmp_path / "outside"
+    os.mkfifo(fifo)
+    with h5py.File(store_path, "r+") as f:
+        del f["labels"]
+        f.create_dataset("labels", shape=(N,), dtype=np.int32, external=[(str(fifo), 0, N * 4)])
+    with pytest.raises(StoreError, match="dataset 'labels' keeps its data in 1 external file"):
+        LabelStore(store_path)
+
+
+def test_a_virtual_dataset_is_refused(store_path, tmp_path):
+    other = tmp_path / "source.h5"
+    with h5py.File(store_path, "r") as f, h5py.File(other, "w") as g:
+        g.create_dataset("labels", data=f["labels"][()])
+    layout = h5py.VirtualLayout(shape=(N,), dtype=np.int32)
+    layout[:] = h5py.VirtualSource(str(other), "labels", shape=(N,))
+    with h5py.File(store_path, "r+") as f:
+        del f["labels"]
+        f.create_virtual_dataset("labels", layout)
+    with pytest.raises(StoreError, match="dataset 'labels' is a virtual dataset"):
+        LabelStore(store_path)
+
+
+def _declaring_rows(src, dst, rows):
+    """A copy of the store's header and names, its datasets declared for ``rows`` rows but never
+    written (HDF5 allocates nothing for them: the file stays a few KB)."""
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        g.attrs.update(dict(f.attrs))
+        g.attrs["num_rows"] = rows
+        g.create_dataset("class_names", data=f["class_names"][()])
+        for name, ds in f.items():
+            if name == "class_names":
+                continue
+            shape = (rows + (name == "path_offsets"),) + ds.shape[1:]
+            if name == "chunk_sha256":
+                shape = (-(-rows // 1024), 32)
+            if name == "path_bytes":
+                shape = ds.shape
+            g.create_dataset(name, shape=shape, dtype=ds.dtype)
+
+
+def test_huge_declared_sizes_are_refused_before_allocating(store_path, tmp_path):
+    import resource
+
+    huge = tmp_path / "huge.h5"
+    _declaring_rows(store_path, huge, 2 ** 31)
+    assert os.path.getsize(huge) < 100_000
+    used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(StoreError, match="dataset 'logits' declares 2147483648 rows .* holds no data"):
+        LabelStore(huge)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - used < 200_000, "nothing big was allocated"
+
+
+def test_a_store_rewritten_in_place_under_a_reader_is_refused(tmp_path, data, store_path):
+    other = dict(data, logits=data["logits"][::-1].copy(), class_ids=data["class_ids"][::-1].copy())
+    replacement = _write(tmp_path / "other.h5", other)
+    store = LabelStore(store_path)
+    store.read([0, 1])
+    with open(replacement, "rb") as f:
+        new_bytes = f.read()
+    with open(store_path, "r+b") as f:  # same file (inode), new content: the maps would switch silently
+        f.write(new_bytes)
+    with pytest.raises(StoreError, match="changed while it was read"):
+        store.read([0, 1])
+    with pytest.raises(StoreError, match="changed while it was read"):
+        store.read(3)
+
+
+def test_a_store_replaced_under_a_reader_is_refused(tmp_path, data, store_path):
+    replacement = _write(tmp_path / "other.h5", data)
+    store = LabelStore(store_path)
+    store.read([0, 1])
+    os.replace(replacement, store_path)
+    with pytest.raises(StoreError, match="was replaced by another file while it was read"):
+        store.read([0, 1])
+
+
+_TRUNCATED_UNDER_A_READER = """
+import os, sys
+from dali_relabel.store import LabelStore, StoreError
+store = LabelStore(sys.argv[1])
+store.read([0, 1, 2])
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(4096)
+try:
+    store.read([7, 8, 9])
+except StoreError as error:
+    print("StoreError:", error)
+"""
+
+
+@pytest.mark.slow
+def test_a_store_truncated_under_a_reader_is_an_error_not_sigbus(tmp_path, data):
+    """The maps are memory-mapped: touching a page past a truncated file's end kills the process
+    with SIGBUS. Every batch read first checks the file (issue 23)."""
+    import subprocess
+    import sys
+
+    logits, ids = random_maps(4000, K, H, W, C, seed=3)  # pages of the maps well beyond 4 KB
+    path = write_store(tmp_path / "big.h5", _paths(4000), logits, ids, C)
+    result = subprocess.run([sys.executable, "-c", _TRUNCATED_UNDER_A_READER, path], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert "StoreError:" in result.stdout and "was truncated to 4096 bytes while it was read" in result.stdout

@@ -127,3 +127,56 @@ def test_a_different_store_for_the_same_root_is_checked_again(tmp_path, monkeypa
         check_store_matches_images(other, root)
     check_store_matches_images(other, root, allow_extra_images=True)
     assert np.asarray(other.labels).shape == (len(relpaths) - 1,)
+
+
+def test_a_fifo_in_the_tree_is_refused_by_name(tmp_path):
+    """A FIFO named like an image would block whoever opens it (issue 23): refused, never opened."""
+    root, store, relpaths = _tree_and_store(tmp_path)
+    os.remove(os.path.join(root, relpaths[2]))
+    os.mkfifo(os.path.join(root, relpaths[2]))
+    with pytest.raises(StoreError, match=f"{relpaths[2]} is a FIFO, not a regular file"):
+        check_store_matches_images(store, root)
+
+
+def test_a_socket_or_a_link_to_a_device_in_the_tree_is_refused(tmp_path):
+    import socket
+
+    root, store, relpaths = _tree_and_store(tmp_path)
+    os.remove(os.path.join(root, relpaths[1]))
+    os.symlink("/dev/zero", os.path.join(root, relpaths[1]))
+    with pytest.raises(StoreError, match=f"{relpaths[1]} is a character device, not a regular file"):
+        check_store_matches_images(store, root)
+    os.remove(os.path.join(root, relpaths[1]))
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(os.path.join(root, relpaths[1]))
+    server.close()
+    with pytest.raises(StoreError, match=f"{relpaths[1]} is a socket, not a regular file"):
+        check_store_matches_images(store, root)
+
+
+def test_a_link_to_a_regular_image_is_accepted(tmp_path):
+    root, store, relpaths = _tree_and_store(tmp_path)
+    target = tmp_path / "elsewhere.JPEG"
+    os.replace(os.path.join(root, relpaths[0]), target)
+    os.symlink(target, os.path.join(root, relpaths[0]))
+    check_store_matches_images(store, root)
+
+
+def test_stored_image_sizes_are_compared_with_the_files(tmp_path):
+    relpaths = make_jpeg_tree(tmp_path / "images", 2, 3, size=(12, 16))
+    logits, ids = random_maps(len(relpaths), 2, 2, 2, 2, seed=1)
+    labels = [int(p.split("/")[0][-2:]) for p in relpaths]
+    names = ["class_00", "class_01"]
+    sizes = np.tile([12, 16], (len(relpaths), 1))
+    right = LabelStore(write_store(tmp_path / "right.h5", relpaths, logits, ids, 2, labels=labels,
+                                   class_names=names, image_sizes=sizes))
+    check_store_matches_images(right, tmp_path / "images")
+    unknown = LabelStore(write_store(tmp_path / "unknown.h5", relpaths, logits, ids, 2, labels=labels,
+                                     class_names=names))  # (0, 0): not recorded, nothing to compare
+    check_store_matches_images(unknown, tmp_path / "images")
+    sizes[4] = [16, 12]  # height and width swapped
+    wrong = LabelStore(write_store(tmp_path / "wrong.h5", relpaths, logits, ids, 2, labels=labels,
+                                   class_names=names, image_sizes=sizes))
+    with pytest.raises(StoreError, match=rf"row 4 \({relpaths[4]}\): stored image size 16x12 \(height x width\), "
+                                         r"but the file is 12x16"):
+        check_store_matches_images(wrong, tmp_path / "images")

@@ -171,3 +171,155 @@ def test_source_workers_die_with_the_loader_process(small_set, tmp_path):
     while any(process_state(pid) not in ("", "Z", "X") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(process_state(pid) in ("", "Z", "X") for pid in workers), "an orphaned worker lives on"
+
+
+def _unblock(fifo):
+    """Let a reader blocked opening ``fifo`` go (open it for writing, then close: end of file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader waits any more
+        pass
+
+
+def test_blocked_file_calls_name_the_file_a_thread_waits_for(tmp_path):
+    from dali_relabel.processes import blocked_file_calls
+
+    opening, reading = str(tmp_path / "opening.jpg"), str(tmp_path / "reading.jpg")
+    os.mkfifo(opening)
+    os.mkfifo(reading)
+    fd = os.open(reading, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(reading, os.O_WRONLY)
+    os.set_blocking(fd, True)
+    threads = [threading.Thread(target=lambda: open(opening, "rb").close()),
+               threading.Thread(target=lambda: os.read(fd, 1))]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = {(call, path) for _, call, path in blocked_file_calls()}
+            if {("open", opening), ("read", reading)} <= found:
+                break
+            time.sleep(0.05)
+        assert ("open", opening) in found and ("read", reading) in found
+    finally:
+        _unblock(opening)
+        os.write(writer, b"x")
+        for thread in threads:
+            thread.join(10)
+        os.close(writer)
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_source_blocked_on_a_file_times_out_naming_it(small_set, monkeypatch, tmp_path):
+    fifo = str(tmp_path / "hung.jpg")
+    os.mkfifo(fifo)  # like a file on a mount that stopped answering: opening it never returns
+    real_produce = BatchSource.produce
+
+    def blocked_produce(self, epoch, batch, mixing):
+        if batch >= 2:
+            open(fifo, "rb").close()
+        return real_produce(self, epoch, batch, mixing)
+
+    monkeypatch.setattr(BatchSource, "produce", blocked_produce)
+    loader = _loader(small_set, py_num_workers=0, worker_timeout=2)
+    try:
+        with pytest.raises(LoaderWorkerError, match=rf"no batch for \d+ s \(timeout 2 s\); waiting to open {fifo}"):
+            for _ in loader:
+                pass
+    finally:
+        _unblock(fifo)
+        loader.close()
+
+
+_BLOCKED_PIPELINE = """
+import os, sys
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+from dali_relabel.watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
+
+fifo, workers = sys.argv[1], int(sys.argv[2])
+
+def blocking(x):
+    open(fifo, "rb").close()  # blocks one of DALI's executor threads (as a read on a hung mount would)
+    return x
+
+def sample(info):
+    return np.zeros(1, np.uint8)
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True, py_num_workers=max(workers, 1),
+              py_start_method="fork")
+def graph():
+    source = fn.external_source(source=sample, parallel=True, batch=False) if workers else \
+        fn.external_source(source=lambda: [np.zeros(1, np.uint8)], batch=True)
+    return fn.python_function(source, function=blocking)
+
+pipe = graph()
+if workers:
+    pipe.start_py_workers()
+pipe.build()
+guard = PipelineGuard(lambda: source_workers(pipe), timeout=1, poll=0.1, pipeline=lambda: pipe)
+try:
+    guard.call(pipe.run)
+except LoaderWorkerError as error:
+    print(error, flush=True)
+shutdown_pipeline(pipe, blocked=True)  # what the loader's close does next
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_process_exits_after_a_pipeline_blocked_in_a_read_is_abandoned(tmp_path, workers):
+    """DALI shuts every pipeline down at exit, joining its threads: one blocked in a read would hold
+    the exit forever. The abandoned pipeline is left alone, and the process ends normally. With a
+    source worker (killed by the guard), closing its pool must not wait for it either."""
+    import subprocess
+    import sys
+
+    fifo = str(tmp_path / "hung.jpg")
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-c", _BLOCKED_PIPELINE, fifo, str(workers)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        pytest.fail(f"the process did not exit after its pipeline was abandoned:\n{out}")
+    assert process.returncode == 0, out
+    assert f"waiting to open {fifo}" in out and "closed" in out
+
+
+_HUNG_FIFO = {"path": None}
+
+
+def _produce_blocked_on_the_fifo(self, epoch, batch, mixing):
+    if batch >= 2 and _HUNG_FIFO["path"] and os.path.exists(_HUNG_FIFO["path"]):
+        open(_HUNG_FIFO["path"], "rb").close()
+    return _REAL_PRODUCE(self, epoch, batch, mixing)
+
+
+_REAL_PRODUCE = BatchSource.produce
+
+
+@pytest.mark.slow
+def test_a_worker_blocked_on_a_file_is_named_and_the_next_pass_runs(small_set, monkeypatch, tmp_path):
+    """The worker's blocked open is named; closing its pool afterwards must not hang (DALI's pool
+    observer, told to close before it saw the killed worker, waited forever), and the next pass runs."""
+    fifo = str(tmp_path / "hung.jpg")
+    os.mkfifo(fifo)
+    _HUNG_FIFO["path"] = fifo
+    monkeypatch.setattr(BatchSource, "produce", _produce_blocked_on_the_fifo)  # inherited by the fork
+    loader = _loader(small_set, worker_timeout=2)
+    try:
+        with pytest.raises(LoaderWorkerError, match=rf"waiting to open {fifo}.*source workers: \d+"):
+            for _ in loader:
+                pass
+        loader.close()  # at once: the pool is closed before its observer could see the killed worker
+        os.remove(fifo)
+        assert len(list(loader)) >= len(loader) - 2, "the next pass runs on a new pipeline"
+    finally:
+        _HUNG_FIFO["path"] = None
+        loader.close()

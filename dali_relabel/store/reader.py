@@ -1,5 +1,14 @@
 """Reading a store: validated at open (header, and a sample of the hashes by default), the big arrays,
-paths and labels memory-mapped, the HDF5 handle reopened in each process."""
+paths and labels memory-mapped, the HDF5 handle reopened in each process.
+
+A store is untrusted input. Before anything is read beyond the header, every dataset must hold its
+own data in this file (no links, no external storage, no virtual datasets: those make HDF5 read other
+files), with the dtype the format says, and within the file's size (so a small file declaring
+billions of rows is refused before anything is allocated). While it is read, every batch first
+checks (one ``fstat`` and one ``stat``) that the file is still the one opened: a store truncated
+under the reader would kill the process with ``SIGBUS`` at the first mapped page past its end, and
+one rewritten in place would switch the maps mid-epoch.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +24,7 @@ from ..config import LAYOUTS
 from ..paths import PathTable
 from ..remote import cached_copy, is_remote
 from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, PARTIAL_SUFFIX, READABLE_VERSIONS, SCAN_ROWS, VERIFY_LEVELS,
-                     StoreError, StoreHeader, check_map_values, content_hash_v1, decode_strings,
+                     StoreError, StoreHeader, check_map_values, class_id_dtype, content_hash_v1, decode_strings,
                      map_value_problem, normalise_relpath, paths_digest, root_hash, row_bytes)
 
 
@@ -52,6 +61,20 @@ def _memmap_dataset(path: str, dataset, advice: Optional[int] = None) -> Optiona
         raw.madvise(advice)
     return array
 
+
+def _identity(info: os.stat_result) -> tuple:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _id_dtypes(num_classes: int) -> list:
+    """The class-id dtypes a store of ``num_classes`` may hold (the writer's, or a wider one)."""
+    dtypes = [np.dtype("u1"), np.dtype("<u2"), np.dtype("<i4")]
+    return [d for d in dtypes if d.itemsize >= class_id_dtype(num_classes).itemsize]
+
+
+#: Compressed (chunked) datasets may declare at most this many times their stored bytes (gzip's
+#: best ratio is about 1030:1).
+MAX_COMPRESSION = 1100
 
 _RANDOM = getattr(mmap, "MADV_RANDOM", None)  # batch reads: read-around would fetch unused pages
 _SEQUENTIAL = getattr(mmap, "MADV_SEQUENTIAL", None)  # scans: read ahead
@@ -90,6 +113,8 @@ class LabelStore:
         self._arrays = {}
         self._paths: Optional[PathTable] = None
         self._row_of_path = None
+        self._identity = None  # (device, inode, size, mtime) of the file when this process opened it
+        self._data_end = 0  # the end of the last byte of dataset storage the header declares
         if not os.path.exists(self.path):
             hint = ""
             if os.path.exists(self.path + PARTIAL_SUFFIX):
@@ -110,6 +135,7 @@ class LabelStore:
                 self._file = h5py.File(self.path, "r")
             except OSError as error:
                 raise StoreError(self.path, f"cannot be opened as HDF5 ({error})") from None
+            self._identity = _identity(os.fstat(self._file.id.get_vfd_handle()))
             self._pid = os.getpid()
             self._arrays = {}
             self._paths = None
@@ -122,6 +148,72 @@ class LabelStore:
             mapped = _memmap_dataset(self.path, f[name], _RANDOM if name in ("logits", "class_ids") else None)
             self._arrays[name] = mapped if mapped is not None else f[name]
         return self._arrays[name]
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`StoreError` if the file changed since this process opened it: truncated
+        (reading its mapped pages would kill the process with ``SIGBUS``), written to, or replaced.
+        One ``fstat`` and one ``stat``: every batch read calls it first. (A truncation in the
+        microseconds between this check and the copy of a batch is not caught.)"""
+        if self._file is None or self._pid != os.getpid():
+            return  # nothing mapped in this process yet: the next open records the file
+        now = os.fstat(self._file.id.get_vfd_handle())
+        if now.st_size < self._data_end:
+            raise StoreError(self.path, f"was truncated to {now.st_size} bytes while it was read (its data ends at "
+                                        f"byte {self._data_end}): another process is rewriting or cutting it")
+        if _identity(now) != self._identity:
+            raise StoreError(self.path, "changed while it was read (it was written to in place: its size or "
+                                        "modification time differs from when it was opened); the maps read "
+                                        "so far and those read next would not belong together: start again")
+        try:
+            named = os.stat(self.path)
+        except OSError as error:
+            raise StoreError(self.path, f"was removed while it was read ({error.strerror})") from None
+        if (named.st_dev, named.st_ino) != self._identity[:2]:
+            raise StoreError(self.path, "was replaced by another file while it was read; the maps read so far "
+                                        "and those read next would not belong together: start again")
+
+    def _check_dataset_storage(self, f, name: str, dtypes) -> None:
+        """Dataset ``name`` must be a dataset of this file holding its own data (no link, external
+        storage or virtual dataset), of one of ``dtypes``, stored within the file's size."""
+        link = f.get(name, getlink=True)
+        if link is None:
+            raise StoreError(self.path, f"dataset '{name}' is missing")
+        if isinstance(link, h5py.ExternalLink):
+            raise StoreError(self.path, f"dataset '{name}' is a link to {link.filename}:{link.path}: a store "
+                                        "must hold its data itself")
+        if isinstance(link, h5py.SoftLink):
+            raise StoreError(self.path, f"dataset '{name}' is a link to {link.path}: a store must hold its "
+                                        "data under the format's names")
+        dataset = f[name]
+        if not isinstance(dataset, h5py.Dataset):
+            raise StoreError(self.path, f"'{name}' is not a dataset")
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.VIRTUAL:
+            raise StoreError(self.path, f"dataset '{name}' is a virtual dataset (its data lives in other "
+                                        "files): a store must hold its data itself")
+        if plist.get_external_count() > 0:
+            raise StoreError(self.path, f"dataset '{name}' keeps its data in {plist.get_external_count()} "
+                                        "external file(s): a store must hold its data itself")
+        if dtypes is not None and dataset.dtype not in dtypes:
+            raise StoreError(self.path, f"dataset '{name}' has dtype {dataset.dtype}, expected "
+                                        f"{' or '.join(str(d) for d in dtypes)}")
+        declared = int(dataset.size) * dataset.dtype.itemsize
+        if declared == 0:
+            return
+        file_size = os.fstat(f.id.get_vfd_handle()).st_size
+        rows = f"{dataset.shape[0]} rows" if dataset.ndim else "a value"
+        offset = dataset.id.get_offset() if plist.get_layout() == h5py.h5d.CONTIGUOUS else None
+        stored = dataset.id.get_storage_size()
+        if stored == 0:
+            raise StoreError(self.path, f"dataset '{name}' declares {rows} ({declared} bytes) but holds no data")
+        if offset is not None:
+            if offset + declared > file_size:
+                raise StoreError(self.path, f"dataset '{name}' ends at byte {offset + declared}, but the file has "
+                                            f"{file_size} bytes (it was truncated)")
+            self._data_end = max(self._data_end, offset + declared)
+        elif declared > MAX_COMPRESSION * stored + (1 << 20):
+            raise StoreError(self.path, f"dataset '{name}' declares {rows} ({declared} bytes) in {stored} bytes "
+                                        "of storage: more than any compression gives")
 
     def _validate_header(self) -> StoreHeader:
         f = self._open()
@@ -147,14 +239,22 @@ class LabelStore:
                 values_checked=version >= 2 and bool(attrs.get("values_checked", False)))
         except KeyError as missing:
             raise StoreError(self.path, f"header attribute {missing} is missing") from None
+        except (TypeError, ValueError) as error:
+            raise StoreError(self.path, f"a header attribute is not a number ({error})") from None
+        chunk_rows = attrs.get("hash_chunk_rows", HASH_CHUNK_ROWS)
+        if min(header.num_rows, header.num_classes, header.k, header.grid_h, header.grid_w) < 0 or \
+                not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise StoreError(self.path, "a header attribute (num_rows, num_classes, k, grid_h, grid_w, "
+                                        "hash_chunk_rows) is out of range")
         if header.layout not in LAYOUTS:
             raise StoreError(self.path, f"layout {header.layout!r} is neither 'HW' nor 'WH'")
         n, map_shape = header.num_rows, header.map_shape
+        int32 = [np.dtype("<i4")]
         expected = {
-            "logits": ((n,) + map_shape, [np.dtype(np.float16), np.dtype(np.float32)]),
-            "class_ids": ((n,) + map_shape, None),
-            "labels": ((n,), None),
-            "image_sizes": ((n, 2), None),
+            "logits": ((n,) + map_shape, [np.dtype("<f2"), np.dtype("<f4")]),
+            "class_ids": ((n,) + map_shape, _id_dtypes(header.num_classes)),
+            "labels": ((n,), int32),
+            "image_sizes": ((n, 2), int32),
             "class_names": ((header.num_classes,), None),
         }
         if version == 1:
@@ -162,18 +262,20 @@ class LabelStore:
         else:
             expected["path_offsets"] = ((n + 1,), [np.dtype(np.int64)])
             expected["path_bytes"] = (None, [np.dtype(np.uint8)])
-            expected["chunk_sha256"] = ((-(-n // int(attrs.get("hash_chunk_rows", HASH_CHUNK_ROWS))), 32),
-                                        [np.dtype(np.uint8)])
-        for name, (shape, dtypes) in expected.items():
-            if name not in f:
+            expected["chunk_sha256"] = ((-(-n // int(chunk_rows)), 32), [np.dtype(np.uint8)])
+        for name in expected:
+            if name not in f and f.get(name, getlink=True) is None:
                 raise StoreError(self.path, f"dataset '{name}' is missing")
+        if f.get("class_ids", getlink=True) is not None and isinstance(f.get("class_ids", getlink=True),
+                                                                        h5py.HardLink) \
+                and isinstance(f["class_ids"], h5py.Dataset) and f["class_ids"].dtype.kind not in "iu":
+            raise StoreError(self.path, f"class_ids must be integers, found {f['class_ids'].dtype}")
+        for name, (shape, dtypes) in expected.items():
+            self._check_dataset_storage(f, name, None)  # links, storage and sizes before the shapes
             if shape is not None and f[name].shape != shape:
                 raise StoreError(self.path, f"dataset '{name}' has shape {f[name].shape}, expected "
                                             f"{shape} from the header")
-            if dtypes is not None and f[name].dtype not in dtypes:
-                raise StoreError(self.path, f"dataset '{name}' has dtype {f[name].dtype}")
-        if f["class_ids"].dtype.kind not in "iu":
-            raise StoreError(self.path, f"class_ids must be integers, found {f['class_ids'].dtype}")
+            self._check_dataset_storage(f, name, dtypes)
         return header
 
     def _verify_at_open(self, full: bool) -> None:
@@ -297,6 +399,7 @@ class LabelStore:
     def read(self, rows) -> LabelMap:
         """Maps of ``rows`` (an int or a sequence): ``logits [n, k, H, W]``, ``class_ids [n, k, H, W]``."""
         logits, class_ids = self._array("logits"), self._array("class_ids")
+        self.check_unchanged()
         if np.isscalar(rows):
             row = int(rows)
             if not 0 <= row < len(self):
@@ -338,7 +441,7 @@ class LabelStore:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_file=None, _arrays={}, _paths=None, _pid=None, _row_of_path=None)
+        state.update(_file=None, _arrays={}, _paths=None, _pid=None, _row_of_path=None, _identity=None)
         return state
 
     def __enter__(self):

@@ -27,6 +27,7 @@ struct OpenFile {
   int64_t size = 0;
   int error = 0;             // errno of the failed step, 0 if none
   const char *step = "";     // which step failed
+  const char *kind = nullptr;  // what the path is, when it is not a regular file
 };
 
 std::string PathOf(const ::dali::TensorList<CPUBackend> &paths, int sample) {
@@ -35,8 +36,19 @@ std::string PathOf(const ::dali::TensorList<CPUBackend> &paths, int sample) {
   return std::string(bytes, strnlen(bytes, static_cast<size_t>(capacity)));
 }
 
+const char *KindOf(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  return "not a regular file";
+}
+
+// Opens without blocking (a FIFO's open would wait for a writer forever), refuses anything but a
+// regular file, then switches the descriptor back to blocking reads.
 void Open(const std::string &path, OpenFile &file) {
-  file.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  file.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (file.fd < 0) {
     file.error = errno;
     file.step = "open";
@@ -49,8 +61,15 @@ void Open(const std::string &path, OpenFile &file) {
   } else if (!S_ISREG(info.st_mode)) {
     file.error = S_ISDIR(info.st_mode) ? EISDIR : EINVAL;
     file.step = "open";
+    file.kind = KindOf(info.st_mode);
   } else {
-    file.size = info.st_size;
+    const int flags = fcntl(file.fd, F_GETFL);
+    if (flags < 0 || fcntl(file.fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+      file.error = errno;
+      file.step = "open";
+    } else {
+      file.size = info.st_size;
+    }
   }
 }
 
@@ -129,8 +148,10 @@ class ReadFilesOp : public ::dali::StatelessOperator<CPUBackend> {
       if (files_[i].error == 0) continue;
       const OpenFile failed = files_[i];
       CloseAll(files_);
+      const std::string why = failed.kind && failed.error != EISDIR
+          ? ::dali::make_string("not a regular file (", failed.kind, ")") : std::strerror(failed.error);
       DALI_FAIL(::dali::make_string("relabel.read_files: sample ", i, ": cannot ", failed.step, " '",
-                                    PathOf(paths, i), "': ", std::strerror(failed.error)));
+                                    PathOf(paths, i), "': ", why));
     }
   }
 
@@ -147,7 +168,8 @@ DALI_SCHEMA(relabel__ReadFiles)
 Each sample of ``paths`` is a uint8 vector holding a path, followed by zero bytes up to the batch's
 longest path (the rows of a ``[B, L]`` byte matrix as one external source output gives them).
 Output: the file's bytes, uint8 ``[size]``. A file that cannot be opened or read, or is not a regular
-file, stops the batch with an error naming it.)")
+file (a FIFO, device or socket is refused without opening it for blocking reads), stops the batch
+with an error naming it.)")
     .NumInput(1)
     .NumOutput(1)
     .InputDox(0, "paths", "TensorList of uint8 vectors", "Path bytes, zero-padded.");
