@@ -139,7 +139,9 @@ def check_image_sizes(store: LabelStore, image_root: str, rows: int = SIZE_SAMPL
 def _list_and_compare(store: LabelStore, image_root: str, allow_extra_images: bool) -> List[str]:
     """The full check; returns the folders holding images (for the fingerprint)."""
     check_labels_match_folders(store)
-    check_regular_files(store, image_root)
+    local = not remote.is_remote(image_root)
+    if local:  # objects in a bucket are plain objects: nothing to open without blocking
+        check_regular_files(store, image_root)
     images = list_images(image_root, classes=None)
     on_disk = set(images.relpaths)
     stored = store.paths.tolist()
@@ -156,7 +158,8 @@ def _list_and_compare(store: LabelStore, image_root: str, allow_extra_images: bo
         extra = next(p for p in images.relpaths if p not in seen)
         raise StoreError(store.path, f"{len(on_disk) - len(seen)} images under {image_root} have no "
                                      f"map, first: {extra}")
-    check_image_sizes(store, image_root)
+    if local:  # reading 64 headers from a bucket would cost 64 requests at every start
+        check_image_sizes(store, image_root)
     return sorted({os.path.dirname(p) for p in images.relpaths})
 
 
