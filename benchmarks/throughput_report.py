@@ -65,6 +65,10 @@ def markdown(result: dict) -> str:
               f"alternating repeats; {d.get('num_images')} JPEGs (mean {d.get('mean_jpeg_bytes', 0) / 1000:.0f} KB, "
               f"about {d.get('mean_image_hw', [0, 0])[1]:.0f}x{d.get('mean_image_hw', [0, 0])[0]:.0f}), "
               f"{d.get('num_classes')} classes; feed only with {a.get('feed_threads')} DALI threads.", ""]
+    if a.get("augment") or a.get("reprob"):
+        lines += [f"Augmentation in every DALI contender: policy `{a.get('augment')}`, random erasing "
+                  f"{a.get('reprob')} (dali-relabel: keyed draws, targets pooled through each sample's affine; "
+                  "plain: the same graph on DALI's random operators, hard labels).", ""]
     if any(run.get("contenders") for run in runs.values()):
         lines += ["## Training loaders", ""] + _table(result, None, "images/s") + [""]
         lines += _table(result, None, "CPU ms per image", _cpu_cell, "median; all processes of the run") + [""]
