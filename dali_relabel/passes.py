@@ -15,9 +15,11 @@ import os
 from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
+from .errors import DaliRelabelError
 from .loader_state import LoaderState, Pass, superseded
+from .lookahead import Stream, locate
 from .processes import die_with_parent
-from .sources import SKIPPED, VALID, BatchSource, EpochControl
+from .sources import FOREVER, SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 
@@ -75,9 +77,12 @@ class PipelineBatches(LoaderState):
             stopped worker is reported at once (:mod:`dali_relabel.watchdog`). After such an error
             the next pass starts on a new pipeline.
 
-    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it); a pass left
-    unfinished is stopped when the next one starts, which costs decoding the batches DALI had already
-    prefetched (about ``2 * prefetch_queue_depth``).
+    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it). The pipeline
+    does not stop between passes: when a pass has taken its batches, DALI goes on making the next
+    epoch's first ones (:mod:`dali_relabel.lookahead`), which the next pass takes if it starts there
+    with the same mixing switch. Otherwise (``set_epoch`` or ``load_state_dict`` chose another
+    position, ``mixup_enabled`` changed, or the last pass was left unfinished) what was made ahead
+    is drained unseen, about ``2 * prefetch_queue_depth`` batches, and the pass starts afresh.
     """
 
     def __init__(self, plan, make_source: Callable[[EpochControl, Sequence[int]], BatchSource],
@@ -103,7 +108,7 @@ class PipelineBatches(LoaderState):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.control = EpochControl()
-        self.control.begin(0, epoch, first_batch, self.plan.num_batches)
+        self.control.begin(0, epoch, first_batch, FOREVER)
         self.source = self._make_source(self.control, list(self.bad_rows))
         self.pipeline = self._make_pipeline(self.source)
         start_workers(self.pipeline)
@@ -111,8 +116,9 @@ class PipelineBatches(LoaderState):
         self._iterator = DALIGenericIterator([self.pipeline], self._output_map, size=-1, auto_reset=False,
                                              prepare_first_batch=False)
         self._guard = PipelineGuard(lambda: source_workers(self.pipeline), timeout=self.timeout)
-        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
+        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) stream
         self._needs_reset = False
+        self._stream = None  # what the pipeline's DALI epoch reads (None: no stream open)
 
     def close(self) -> None:
         """Stop the pipeline and its source's worker processes now."""
@@ -163,19 +169,33 @@ class PipelineBatches(LoaderState):
         if self._guard.broken:  # the last pass lost a worker: start on a new pipeline
             self._restart_pipeline(self.epoch, self._first_batch)
         current = self._next_pass(self._mixing_enabled())
-        self.control.begin(self._dali_epoch, current.epoch, current.first, self.plan.num_batches,
-                           current.mixing)
-        if self._needs_reset:
-            self._guard.call(self._iterator.reset)
-            self._needs_reset = False
+        stream = self._stream
+        if stream is not None and stream.continues(current.epoch, current.first, current.mixing,
+                                                   self._source_mixes()):
+            return current  # DALI has been making this pass's first batches already
+        self._drain_stream()
+        self._open_stream(current.epoch, current.first, current.mixing)
         return current
 
-    def _end_pass(self) -> None:
-        """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
-        current, self._pass = self._pass, None
-        if current is None or current.finished or self._guard.broken:
+    def _source_mixes(self) -> bool:
+        """Whether the source's batches depend on the mixing switch (its CutMix boxes)."""
+        return getattr(self.source, "cutmix", None) is not None
+
+    def _open_stream(self, epoch: int, first: int, mixing: bool) -> None:
+        """Start the pipeline's next DALI epoch at batch ``first`` of ``epoch``, running on through
+        the following epochs."""
+        self.control.begin(self._dali_epoch, epoch, first, FOREVER, mixing)
+        if self._needs_reset:  # DALI asks the source for the new epoch's batches at once
+            self._guard.call(self._iterator.reset)
+            self._needs_reset = False
+        self._stream = Stream(epoch, first, mixing, self.plan.num_batches)
+
+    def _drain_stream(self) -> None:
+        """Stop the open stream where the loader stands in it and drain what DALI made ahead."""
+        stream, self._stream = self._stream, None
+        if stream is None or self._guard.broken:
             return
-        self.control.stop(self._dali_epoch, current.first + current.consumed)
+        self.control.stop(self._dali_epoch, stream.position)
         try:
             while True:
                 self._guard.call(self._next_outputs)
@@ -184,6 +204,11 @@ class PipelineBatches(LoaderState):
             self._needs_reset = True
         except RuntimeError:  # an error in a batch nobody will see: start afresh
             self._restart_pipeline(self.epoch, self._first_batch)
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any); what DALI made ahead is kept until the next pass starts
+        (:meth:`_begin_pass` keeps it, or drains it if that pass starts elsewhere)."""
+        self._pass = None
 
     def _restart_pipeline(self, epoch: int, first_batch: int) -> None:
         self._drop_pipeline()
@@ -198,18 +223,21 @@ class PipelineBatches(LoaderState):
                 raise superseded(current)  # a newer pass took over: never end this one silently
             try:
                 outputs = self._guard.call(self._next_outputs)
-            except StopIteration:
-                current.finished = True
-                self._pass = None
+            except StopIteration:  # only a stream stopped under a running pass ends: a bug
+                self._stream, self._needs_reset = None, True
                 self._dali_epoch += 1
-                self._needs_reset = True
-                return
+                raise DaliRelabelError(f"the pipeline's stream ended after {current.consumed} batches of the "
+                                       f"pass over epoch {current.epoch}") from None
             except LoaderWorkerError:
                 raise  # the position stays where it was: the next pass can resume it
             except RuntimeError as error:
                 self._recover(current, error)
                 continue
             current.consumed += 1
+            self._stream.taken += 1
+            if current.first + current.consumed >= self.plan.num_batches:
+                current.finished = True  # the pass has its batches; DALI makes the next pass's
+                self._pass = None
             batch = self._transform(outputs[0], current)
             status = batch["valid"].reshape(-1).cpu()
             self.skipped_images += int((status == SKIPPED).sum())
@@ -235,14 +263,14 @@ class PipelineBatches(LoaderState):
             raise BadImageError(f"{self.source.path(row)}: {problem}") from error
         self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
         self._restart_pipeline(current.epoch, failed)  # the same epoch from the failed batch on
-        self.control.begin(0, current.epoch, failed, self.plan.num_batches, current.mixing)
+        self._open_stream(current.epoch, failed, current.mixing)
         current.first, current.consumed = failed, 0
 
     def _find_bad_rows(self, epoch: int, batch: int):
-        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few)."""
-        last = min(self.plan.num_batches, batch + 1 + self._lookahead)
-        for index in range(batch, last):
-            rows, _ = self.source.batch_rows(epoch, index)
+        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few, which DALI
+        may have been decoding ahead, into the next epoch's)."""
+        for position in range(batch, batch + 1 + self._lookahead):
+            rows, _ = self.source.batch_rows(*locate(epoch, position, self.plan.num_batches))
             found = []
             for row in dict.fromkeys(int(r) for r in rows):
                 problem = decode_problem(self.source.path(row))

@@ -13,8 +13,9 @@ paths and the maps are gathered for the same rows in the same call, an image can
 with another image's map.
 
 :class:`EpochControl` is a few integers in a shared file through which the loader tells the source
-(in whichever process it runs) which epoch a pass reads, from which batch, and where an abandoned pass
-stops.
+(in whichever process it runs) where each DALI epoch of its pipeline starts (an epoch and a batch),
+and where it stops: a stream may run on through the following epochs (:data:`FOREVER`), so the next
+pass's first batches are made before the current pass ends (:mod:`dali_relabel.lookahead`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from .bad_images import BadImageError
 from .fields import EPOCHS, LABELS, MAP_FIELDS, MIX_BOX, PATHS, ROWS, SOURCE_FIELDS, Field
 from .fields import VALID as VALID_FIELD  # VALID here is the status value
+from .lookahead import locate
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
@@ -37,7 +39,10 @@ from .store import LabelStore, StoreError, map_value_problem
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
 
-__all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
+#: A stop position no stream reaches: the DALI epoch runs on from epoch to epoch.
+FOREVER = 2 ** 62
+
+__all__ = ["BatchSource", "EpochControl", "FOREVER", "PADDING", "VALID", "SKIPPED"]
 
 
 def _shared_directory() -> str:
@@ -46,13 +51,19 @@ def _shared_directory() -> str:
 
 
 class EpochControl:
-    """Per DALI epoch: ``(epoch, first_batch, stop_batch, mixing)``, in a small file mapped by every
+    """Per DALI epoch: ``(epoch, first_batch, stop, mixing)``, in a small file mapped by every
     process.
+
+    A DALI epoch reads a stream of positions: its iteration ``i`` is position ``first_batch + i``
+    counted from batch 0 of ``epoch``, and a position ``p`` past the epoch's batches is batch
+    ``p % num_batches`` of epoch ``epoch + p // num_batches`` (:func:`~dali_relabel.lookahead.locate`).
+    The stream ends (``StopIteration``) at position ``stop``: ``num_batches`` for one epoch,
+    :data:`FOREVER` for a stream that runs on into the following epochs.
 
     The loader writes an epoch's entry before DALI starts that epoch (:meth:`begin`) and may lower its
     stop while it runs (:meth:`stop`); the source reads the entry on every call. Entries live in a
     ring, since at most the running epoch and the next one are in flight. ``mixing`` (0 or 1) switches
-    the pass's CutMix boxes on or off (timm's ``loader.mixup_enabled``).
+    the stream's CutMix boxes on or off (timm's ``loader.mixup_enabled``).
     """
 
     RING = 4
@@ -63,11 +74,13 @@ class EpochControl:
         self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, 4))
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
-    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int, mixing: bool = True) -> None:
-        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop_batch, int(mixing))
+    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop: int, mixing: bool = True) -> None:
+        self._table[dali_epoch % self.RING] = (epoch, first_batch, stop, int(mixing))
 
-    def stop(self, dali_epoch: int, stop_batch: int) -> None:
-        self._table[dali_epoch % self.RING, 2] = stop_batch
+    def stop(self, dali_epoch: int, stop: int) -> None:
+        """End DALI epoch ``dali_epoch``'s stream at position ``stop`` (counted from batch 0 of its
+        epoch)."""
+        self._table[dali_epoch % self.RING, 2] = stop
 
     def entry(self, dali_epoch: int) -> Tuple[int, int, int, bool]:
         epoch, first, stop, mixing = self._table[dali_epoch % self.RING]
@@ -226,12 +239,13 @@ class BatchSource:
 
     def batch_key(self, batch_info) -> Tuple[int, int, bool]:
         """``(epoch, batch, mixing)`` that DALI's ``batch_info`` (its epoch index and iteration)
-        reads, as the loader's :class:`EpochControl` says now; ``StopIteration`` past the pass's end.
+        reads, as the loader's :class:`EpochControl` says now; ``StopIteration`` at the stream's stop.
         :meth:`produce` of the key is the batch."""
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
-        batch = first + batch_info.iteration
-        if batch >= min(stop, self.plan.num_batches):
+        position = first + batch_info.iteration
+        if position >= stop:
             raise StopIteration
+        epoch, batch = locate(epoch, position, self.plan.num_batches)
         return epoch, batch, mixing
 
     def produce(self, epoch: int, batch: int, mixing: bool) -> tuple:

@@ -1,0 +1,228 @@
+"""No stall at epoch ends (dali_relabel.lookahead): the next pass's first batches are made before the
+current pass ends, and a pass never gets a batch made ahead for another position or mixing switch."""
+import numpy as np
+import pytest
+import torch
+
+from dali_relabel.config import DataConfig
+from dali_relabel.lookahead import Stream, locate
+from dali_relabel.mixing import CutMixSpec
+from dali_relabel.paths import PathTable
+from dali_relabel.plan import EpochPlan
+from dali_relabel.prefetch import PrefetchingSource
+from dali_relabel.sources import FOREVER, BatchSource, EpochControl
+
+NUM_ROWS, BATCH = 40, 8  # 5 batches an epoch
+
+
+class Info:
+    def __init__(self, iteration, epoch_idx=0):
+        self.iteration, self.epoch_idx = iteration, epoch_idx
+
+
+@pytest.fixture
+def control():
+    control = EpochControl()
+    yield control
+    control.close()
+
+
+def _source(control):
+    paths = PathTable.from_strings([f"class{r % 3}/img{r}.jpg" for r in range(NUM_ROWS)])
+    return BatchSource("/data", EpochPlan(NUM_ROWS, BATCH, seed=4), control, paths=paths,
+                       labels=np.arange(NUM_ROWS) % 3, epochs=True,
+                       cutmix=CutMixSpec(probability=1.0, alpha=1.0, image_size=16, seed=1))
+
+
+# -- positions and streams (no DALI) -------------------------------------------------------------
+def test_positions_run_on_into_the_following_epochs():
+    assert locate(3, 0, 5) == (3, 0)
+    assert locate(3, 4, 5) == (3, 4)
+    assert locate(3, 5, 5) == (4, 0)
+    assert locate(3, 12, 5) == (5, 2)
+
+
+def test_a_stream_is_continued_only_by_the_pass_that_starts_where_it_stands():
+    stream = Stream(epoch=2, first=3, mixing=True, batches_per_epoch=5)
+    stream.taken = 2  # the pass over epoch 2 from batch 3 took its 2 batches
+    assert stream.next_batch() == (3, 0)
+    assert stream.continues(3, 0, True)
+    assert not stream.continues(4, 0, True), "set_epoch chose another epoch"
+    assert not stream.continues(3, 2, True), "a resumed position elsewhere"
+    assert not stream.continues(3, 0, False), "the mixing switch changed and the batches depend on it"
+    assert stream.continues(3, 0, False, mixing_matters=False)
+
+
+def test_a_stream_reads_the_next_epochs_batches_after_the_last_one(control):
+    source = _source(control)
+    control.begin(0, 1, 3, FOREVER)  # a pass over epoch 1 from batch 3, then epoch 2, 3, ...
+    keys = [source.batch_key(Info(i)) for i in range(2 + 5 + 1)]
+    assert keys == [(1, 3, True), (1, 4, True)] + [(2, b, True) for b in range(5)] + [(3, 0, True)]
+    rows = {epoch: source.epoch_rows(epoch)[0] for epoch in (1, 2, 3)}
+    for i, (epoch, batch, _) in enumerate(keys):
+        got = dict(zip(source.names, source(Info(i))))
+        np.testing.assert_array_equal(got["rows"].reshape(-1), rows[epoch][batch * BATCH:(batch + 1) * BATCH])
+        assert (got["epochs"] == epoch).all(), "a batch keyed with another epoch's crops"
+    control.stop(0, 5 + 1)  # the loader drains the stream after batch 0 of epoch 2
+    with pytest.raises(StopIteration):
+        source.batch_key(Info(3))
+
+
+def test_batches_made_ahead_across_the_epoch_end_are_the_direct_ones(control):
+    direct, prefetching = _source(control), PrefetchingSource(_source(control), depth=3)
+    control.begin(0, 0, 0, FOREVER)
+    for i in range(12):
+        for a, b in zip(prefetching(Info(i)), direct(Info(i))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_stream_stopped_at_the_epoch_end_hands_out_nothing_made_ahead(control):
+    prefetching = PrefetchingSource(_source(control), depth=3)
+    control.begin(0, 0, 0, FOREVER)
+    for i in range(4):
+        prefetching(Info(i))  # batch 4 and epoch 1's batches 0-1 are being made ahead
+    control.stop(0, 5)  # the next pass starts elsewhere: the loader drains after epoch 0
+    prefetching(Info(4))
+    with pytest.raises(StopIteration):
+        prefetching(Info(5))
+
+
+# -- the tree loader (DALI) ------------------------------------------------------------------------
+def _config(**extra):
+    return DataConfig(**{**dict(image_size=16, num_threads=1, seed=7, last_batch="drop"), **extra})
+
+
+def _loader(id_dataset, batch_size=8, **extra):
+    from dali_relabel.loader import ReLabelLoader
+
+    pytest.importorskip("nvidia.dali")
+    image_root, store = id_dataset
+    return ReLabelLoader(image_root, store, batch_size=batch_size, config=_config(**extra), device="cpu",
+                         return_rows=True)
+
+
+def _check_pass(loader, epoch, first=0):
+    """One pass: its batches are the epoch's rows in the plan's order from batch ``first`` on, each
+    target from its own row's map and each image its own row's (unmixed)."""
+    from test_loader import _row_from_pixels
+
+    order = loader.epoch_rows(epoch)
+    size = loader.batch_size
+    expected = [order[b * size:(b + 1) * size] for b in range(first, loader.plan.num_batches)]
+    got = []
+    for images, targets, rows in loader:
+        assert torch.equal(targets.argmax(1), rows), "a target came from another row's map"
+        assert torch.equal(_row_from_pixels(images, loader.config), rows), "an image of another row"
+        got.append(rows.tolist())
+    assert got == expected, f"the pass did not read epoch {epoch} from batch {first} in its order"
+
+
+@pytest.fixture(scope="module")
+def id_dataset(tmp_path_factory):
+    from test_loader import make_id_dataset
+
+    return make_id_dataset(str(tmp_path_factory.mktemp("ids")), 40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_passes_read_every_epoch_in_order_on_one_stream(id_dataset, workers):
+    """Four passes, each epoch exactly once and in its order, all from the one DALI epoch: the next
+    pass's batches were made before it started (no drain, no reset)."""
+    loader = _loader(id_dataset, py_num_workers=workers)
+    assert len(loader) == 5
+    for epoch in range(4):
+        loader.set_epoch(epoch)  # the epoch it reads anyway: keeps what was made ahead
+        _check_pass(loader, epoch)
+    assert loader._dali_epoch == 0, "a pass drained the pipeline although its batches were made ahead"
+    assert loader._stream.next_batch() == (4, 0)
+    loader.close()
+
+
+@pytest.mark.slow
+def test_set_epoch_to_another_epoch_drops_what_was_made_ahead(id_dataset):
+    loader = _loader(id_dataset)
+    _check_pass(loader, 0)
+    loader.set_epoch(5)  # DALI made epoch 1's first batches: none of them may be yielded
+    _check_pass(loader, 5)
+    assert loader._dali_epoch == 1, "the stream made ahead for epoch 1 was not drained"
+    _check_pass(loader, 6)
+    assert loader._dali_epoch == 1
+    loader.close()
+
+
+@pytest.mark.slow
+def test_a_pass_broken_off_is_followed_by_a_whole_next_epoch(id_dataset):
+    loader = _loader(id_dataset)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    _check_pass(loader, 1)
+    _check_pass(loader, 2)
+    loader.close()
+
+
+@pytest.mark.slow
+def test_load_state_dict_mid_run_continues_exactly_there(id_dataset):
+    saver = _loader(id_dataset)
+    _check_pass(saver, 0)
+    for i, _ in enumerate(saver):  # epoch 1, stopped after 2 batches
+        if i == 1:
+            state = saver.state_dict()
+            break
+    saver.close()
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    loader = _loader(id_dataset)
+    _check_pass(loader, 0)
+    _check_pass(loader, 1)  # the stream now stands at epoch 2
+    loader.load_state_dict(state)
+    _check_pass(loader, 1, first=2)
+    _check_pass(loader, 2)
+    loader.close()
+
+
+@pytest.mark.slow
+def test_a_state_loaded_where_the_stream_stands_keeps_what_was_made_ahead(id_dataset):
+    loader = _loader(id_dataset)
+    _check_pass(loader, 0)
+    loader.load_state_dict(loader.state_dict())  # epoch 1, batch 0: where the stream stands
+    _check_pass(loader, 1)
+    assert loader._dali_epoch == 0
+    loader.close()
+
+
+def _pixels(loader):
+    return [(rows.tolist(), images, targets) for images, targets, rows in loader]
+
+
+@pytest.mark.slow
+def test_mixing_switched_off_between_passes_gets_no_batch_made_for_mixing(id_dataset):
+    """CutMix boxes come from the source: the batches made ahead while mixing was on must not reach
+    the pass that has it off (timm's mixup_enabled), which must equal a never-mixing loader's."""
+    plain = _loader(id_dataset)
+    _pixels(plain)
+    expected = _pixels(plain)  # epoch 1 unmixed
+    plain.close()
+    mixed = _loader(id_dataset, cutmix_probability=1.0, mixup_alpha=1.0)
+    first = _pixels(mixed)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, expected)), "CutMix changed nothing"
+    mixed.mixup_enabled = False
+    off = _pixels(mixed)
+    assert len(off) == len(expected)
+    for (rows_a, images_a, targets_a), (rows_b, images_b, targets_b) in zip(expected, off):
+        assert rows_a == rows_b
+        torch.testing.assert_close(images_b, images_a, rtol=0, atol=0)
+        torch.testing.assert_close(targets_b, targets_a, rtol=0, atol=0)
+    mixed.close()
+
+
+@pytest.mark.slow
+def test_mixup_alone_switched_off_keeps_the_stream_and_mixes_nothing(id_dataset):
+    """Without CutMix the source's batches do not depend on the switch (Mixup runs in torch): the
+    stream goes on, and the pass with mixing off is unmixed."""
+    loader = _loader(id_dataset, mixup_alpha=1.0)
+    _pixels(loader)
+    loader.mixup_enabled = False
+    _check_pass(loader, 1)
+    assert loader._dali_epoch == 0
+    loader.close()
