@@ -12,16 +12,21 @@ otherwise, the next pass reads the next epoch from its first batch, with the sam
   stream, drains what was made ahead unseen, and starts a new DALI epoch where the pass starts;
 - the shard loaders (:mod:`dali_relabel.shard_loader`), which need a pipeline per epoch (its shard
   order), build the next epoch's pipeline on a helper thread while the current pass takes its last
-  batches (:class:`PipelineAhead`); a pass that does not start where it was built for drops it.
+  batches (:class:`PipelineAhead`), early enough to be ready (:class:`Pace`); a pass that
+  does not start where it was built for drops it.
 """
 from __future__ import annotations
 
+import collections
+import math
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Tuple
+from typing import Callable, Deque, Hashable, Optional, Tuple
 
 from .call_thread import CallThread
 
-__all__ = ["locate", "Stream", "PipelineAhead"]
+__all__ = ["locate", "Stream", "PipelineAhead", "Pace", "batches_ahead"]
 
 
 def locate(epoch: int, position: int, batches_per_epoch: int) -> Tuple[int, int]:
@@ -75,8 +80,11 @@ class PipelineAhead:
     def take(self, key: Hashable) -> Optional[object]:
         """The pipeline if ``key`` is the one it was built for and its build succeeded, else ``None``
         (then it is dropped; a failed build is left to the caller's own build, which reports it)."""
+        future, self._future = self._future, None
+        if future is None:
+            return None
         try:
-            made = self._future.result()
+            made = future.result()
         except Exception:
             return None
         if key == self.key:
@@ -87,3 +95,62 @@ class PipelineAhead:
     def drop(self) -> None:
         """Wait for the build and release what it made."""
         self.take(object())
+
+
+
+class Pace:
+    """When a shard loader starts building the next pass's pipeline: what a pipeline took from the
+    start of its build to its first batch, and the time between batches (the median of the last
+    few, so neither prefetched batches nor a pause of the training loop sway it).
+
+    Args:
+        scheduled: batches a running pipeline computes ahead (its prefetch depth).
+    """
+
+    def __init__(self, scheduled: int):
+        self.scheduled = scheduled
+        self.startup: Optional[float] = None
+        self._intervals: Deque[float] = collections.deque(maxlen=16)
+        self._started = self._last = None
+        self._timed = False
+
+    def pass_started(self) -> None:
+        """A pass starts (before its pipeline is taken or built)."""
+        self._started, self._last, self._timed = time.monotonic(), None, False
+
+    def pipeline_taken(self, built_now: bool) -> None:
+        """``built_now``: the pass got a pipeline built for it now, whose start-up is timed."""
+        self._timed = built_now
+
+    def batch_taken(self) -> None:
+        now = time.monotonic()
+        if self._last is None:
+            if self._timed:  # the whole start-up: the build, the reader's fill, the first batch
+                self.startup = now - self._started
+        else:
+            self._intervals.append(now - self._last)
+        self._last = now
+
+    def batches_ahead(self) -> int:
+        """How many batches before the pass's end to start (:func:`batches_ahead`)."""
+        batch_seconds = statistics.median(self._intervals) if self._intervals else None
+        return batches_ahead(self.startup, batch_seconds, self.scheduled)
+
+
+def batches_ahead(startup_seconds: Optional[float], batch_seconds: Optional[float], scheduled: int) -> int:
+    """How many batches before a pass's end to start building the next pass's pipeline.
+
+    Args:
+        startup_seconds: what a pipeline took from the start of its build to its first batch
+            (``None``: not known yet).
+        batch_seconds: the time between two batches of the running pass (``None``: not known yet).
+        scheduled: batches the running pipeline computes ahead (its prefetch depth): once that few
+            are left, it has nothing more to schedule, so the build costs the pass nothing.
+
+    Twice the start-up time's worth of batches (a margin for a machine busier than when it was
+    measured), and never fewer than ``scheduled``: late enough that a long epoch does not keep two
+    pipelines (and two shuffle buffers) for long, early enough that the next one is ready in time.
+    """
+    if not startup_seconds or not batch_seconds:
+        return scheduled
+    return max(scheduled, math.ceil(2.0 * startup_seconds / batch_seconds))

@@ -9,9 +9,12 @@ takes its contiguous part of that sequence (DALI's ``shard_id``/``num_shards``),
 samples is shuffled as they stream in. Rows were already spread randomly over the shards when they
 were written, so every batch mixes classes.
 
-Each pass builds the epoch's pipeline (the shard order is fixed when a pipeline is built). A resumed
-pass restores the reader's position with DALI's pipeline checkpointing (``state_dict`` carries the
-checkpoint), so it continues exactly where the interrupted one stopped.
+Each pass reads its own epoch's pipeline (the shard order is fixed when a pipeline is built). The
+next epoch's is built on a helper thread while a pass takes its last batches, so the next pass starts
+on a pipeline that already has its first batches (:mod:`dali_relabel.lookahead`); a pass that starts
+elsewhere (``set_epoch``, ``load_state_dict``, ``mixup_enabled`` changed) drops it and builds its own.
+A resumed pass restores the reader's position with DALI's pipeline checkpointing (``state_dict``
+carries the checkpoint), so it continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ from .distributed import resolve_rank
 from .errors import DaliRelabelError
 from .loader import mix_batch, training_batch, validation_batch
 from .loader_state import LoaderDataset, LoaderState, Pass, superseded
+from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
 from .shards import ShardSet
+from .watchdog import shutdown_pipeline
 
 
 def rank_samples(num_samples: int, world_size: int) -> List[int]:
@@ -77,6 +82,12 @@ def _bounded_iterator(base):
     return BoundedIterator
 
 
+def _drop_iterator(iterator) -> None:
+    """Release a pipeline built for a pass that never came."""
+    for pipe in getattr(iterator, "_pipes", ()):
+        shutdown_pipeline(pipe)
+
+
 class UnknownOrderError(DaliRelabelError, TypeError):
     """The rows of a shard epoch are not known before it is read."""
 
@@ -111,6 +122,8 @@ class _ShardBatches(LoaderState):
         self.class_names = self.shards.class_names
         self.num_classes = self.shards.num_classes
         self.dataset = LoaderDataset(self.shards.directory, self.class_names, self.shards.num_samples)
+        self._ahead: Optional[PipelineAhead] = None  # the next pass's pipeline, built while a pass ends
+        self._pace = Pace(config.prefetch_queue_depth)  # when to start building it
         load_plugin()
 
     # -- what the position needs ------------------------------------------------------------------
@@ -142,23 +155,57 @@ class _ShardBatches(LoaderState):
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool):
         """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``."""
 
-    def _passes(self, mixing: bool = True):
+    def _iterator(self, epoch: int, first: int, checkpoint: Optional[str], mixing: bool, schedule: bool = False):
+        """The iterator of a new pipeline for a pass over ``epoch`` from batch ``first`` (DALI's
+        ``checkpoint`` of that position, base64); ``schedule``: its first runs start now."""
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        current = self._next_pass(mixing)
-        epoch, first = current.epoch, current.first
-        pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing)
+        pipe = self._build(epoch, base64.b64decode(checkpoint) if checkpoint else None, mixing)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        current.iterator = _bounded_iterator(DALIGenericIterator)(
+        iterator = _bounded_iterator(DALIGenericIterator)(
             [pipe], self.output_map, runs=self.batches_per_epoch - first, prefetch=self.config.prefetch_queue_depth,
             reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
+        if schedule:
+            iterator._schedule_runs(False)  # what its first next() would do (BoundedIterator counts it)
+        return iterator
+
+    def _take_iterator(self, current: Pass):
+        """``(iterator, built now)`` of the pass ``current``: the one built ahead for it, else a new one."""
+        ahead, self._ahead = self._ahead, None
+        key = (current.epoch, current.first, current.checkpoint, current.mixing)
+        made = ahead.take(key) if ahead is not None else None
+        return (made, False) if made is not None else (self._iterator(*key), True)
+
+    def _build_ahead(self, current: Pass) -> None:
+        """Start building, on a helper thread, the pipeline of the pass that follows ``current``
+        unless ``set_epoch`` or ``load_state_dict`` say otherwise: the next epoch from its start."""
+        key = (current.epoch + 1, 0, None, current.mixing)
+        self._ahead = PipelineAhead(key, lambda: self._iterator(*key, schedule=True), _drop_iterator)
+
+    def close(self) -> None:
+        """Release the pipeline built ahead for the next pass (the running pass's goes with it)."""
+        self._pass = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
+
+    def _passes(self, mixing: bool = True):
+        current = self._next_pass(mixing)
+        epoch, first = current.epoch, current.first
+        self._pace.pass_started()
+        current.iterator, built_now = self._take_iterator(current)
+        self._pace.pipeline_taken(built_now)
         try:
             for outputs in current.iterator:
                 if self._pass is not current:
                     raise superseded(current)  # a newer pass took over: never end this one silently
                 current.consumed += 1
+                self._pace.batch_taken()
+                left = self.batches_per_epoch - (first + current.consumed)
+                if self._ahead is None and 0 < left <= self._pace.batches_ahead():
+                    self._build_ahead(current)
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if first + current.consumed >= self.batches_per_epoch:
                     break  # every rank stops after the same number of batches

@@ -226,3 +226,129 @@ def test_mixup_alone_switched_off_keeps_the_stream_and_mixes_nothing(id_dataset)
     _check_pass(loader, 1)
     assert loader._dali_epoch == 0
     loader.close()
+
+
+# -- the shard loader (DALI) -----------------------------------------------------------------------
+def test_the_next_pipeline_is_started_early_enough_to_be_ready():
+    from dali_relabel.lookahead import batches_ahead
+
+    assert batches_ahead(None, None, 2) == 2, "nothing measured yet: once the pipeline has scheduled all"
+    assert batches_ahead(0.5, 0.1, 2) == 10
+    assert batches_ahead(0.01, 0.1, 2) == 2
+
+
+@pytest.fixture(scope="module")
+def shard_set(tiny_set, tmp_path_factory):
+    from dali_relabel.shards import write_shards
+
+    root = tmp_path_factory.mktemp("lookahead-shards")
+    return write_shards(tiny_set.images, tiny_set.store, root / "shards", shard_bytes=20_000, progress=False)
+
+
+def _shard_loader(shard_set, **extra):
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    pytest.importorskip("nvidia.dali")
+    config = DataConfig(**{**dict(image_size=16, num_threads=1, seed=3), **extra})
+    loader = ShardReLabelLoader(shard_set, 4, config=config, device="cpu", return_rows=True)
+    built = []
+    build = loader._iterator
+
+    def recording(epoch, first, checkpoint, mixing, schedule=False):
+        built.append((epoch, first, mixing, "ahead" if schedule else "now"))
+        return build(epoch, first, checkpoint, mixing, schedule)
+
+    loader._iterator = recording  # what the loader builds, and where
+    return loader, built
+
+
+def _shard_pass(loader):
+    return [(rows.tolist(), targets) for _, targets, rows in loader]
+
+
+def _reference(shard_set, epoch, mixing=True, **extra):
+    """A fresh loader's pass over ``epoch``."""
+    loader, _ = _shard_loader(shard_set, **extra)
+    loader.mixup_enabled = mixing
+    loader.set_epoch(epoch)
+    batches = _shard_pass(loader)
+    loader.close()
+    return batches
+
+
+def _assert_same(got, expected):
+    assert [rows for rows, _ in got] == [rows for rows, _ in expected]
+    for (_, a), (_, b) in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_shard_passes_run_on_pipelines_built_ahead(shard_set):
+    loader, built = _shard_loader(shard_set)
+    for epoch in range(3):
+        _assert_same(_shard_pass(loader), _reference(shard_set, epoch))
+    assert built[0] == (0, 0, True, "now")
+    assert built[1:] == [(1, 0, True, "ahead"), (2, 0, True, "ahead"), (3, 0, True, "ahead")], \
+        "a pass built its own pipeline although the next epoch's was known"
+    loader.close()
+
+
+@pytest.mark.slow
+def test_shard_set_epoch_elsewhere_drops_the_pipeline_built_ahead(shard_set):
+    loader, built = _shard_loader(shard_set)
+    _shard_pass(loader)
+    loader.set_epoch(5)
+    _assert_same(_shard_pass(loader), _reference(shard_set, 5))
+    assert (5, 0, True, "now") in built
+    loader.close()
+
+
+@pytest.mark.slow
+def test_shard_pass_broken_off_then_load_state_dict_mid_run(shard_set):
+    loader, built = _shard_loader(shard_set)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    _assert_same(_shard_pass(loader), _reference(shard_set, 1))  # a break: the next epoch, whole
+    reference = _reference(shard_set, 4)
+    saver, _ = _shard_loader(shard_set)
+    saver.set_epoch(4)
+    batches = iter(saver)
+    for _ in range(3):
+        next(batches)
+    state = saver.state_dict()
+    saver.close()
+    loader.load_state_dict(state)  # the pipeline built ahead (epoch 2) is not this position's
+    _assert_same(_shard_pass(loader), reference[3:])
+    _assert_same(_shard_pass(loader), _reference(shard_set, 5))
+    loader.close()
+
+
+@pytest.mark.slow
+def test_shard_mixing_switched_off_drops_the_pipeline_built_for_mixing(shard_set):
+    mixing = dict(cutmix_probability=1.0, mixup_alpha=0.5)
+    loader, built = _shard_loader(shard_set, **mixing)
+    _shard_pass(loader)
+    loader.mixup_enabled = False
+    _assert_same(_shard_pass(loader), _reference(shard_set, 1, mixing=False, **mixing))
+    assert (1, 0, False, "now") in built
+    loader.close()
+
+
+def test_the_pace_times_a_pipelines_start_up_and_the_median_batch(monkeypatch):
+    import dali_relabel.lookahead as lookahead
+
+    clock = iter([0.0, 1.0, 1.125, 1.25, 5.0, 5.125, 10.0, 10.0])  # a pause of the loop among 1/8 s batches
+    monkeypatch.setattr(lookahead.time, "monotonic", lambda: next(clock))
+    pace = lookahead.Pace(scheduled=2)
+    assert pace.batches_ahead() == 2
+    pace.pass_started()
+    pace.pipeline_taken(built_now=True)
+    for _ in range(5):
+        pace.batch_taken()
+    assert pace.startup == 1.0
+    assert pace.batches_ahead() == 16  # twice 1 s of start-up at the median 1/8 s a batch
+    pace.pass_started()
+    pace.pipeline_taken(built_now=False)  # built ahead: its wait is no start-up
+    pace.batch_taken()
+    assert pace.startup == 1.0
