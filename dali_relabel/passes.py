@@ -81,7 +81,7 @@ class PipelineBatches(LoaderState):
     does not stop between passes: when a pass has taken its batches, DALI goes on making the next
     epoch's first ones (:mod:`dali_relabel.lookahead`), which the next pass takes if it starts there
     with the same mixing switch. Otherwise (``set_epoch`` or ``load_state_dict`` chose another
-    position, ``mixup_enabled`` changed, or the last pass was left unfinished) what was made ahead
+    position, ``mixup_enabled`` changed with CutMix on, or the last pass was left unfinished) what was made ahead
     is drained unseen, about ``2 * prefetch_queue_depth`` batches, and the pass starts afresh.
     """
 
