@@ -17,7 +17,7 @@ Tar shards (images/s; the same images packed by ``dali-relabel shard``, :func:`b
 - ``plain-shards``: ``plain_shard_train_pipeline``, ``readers.webdataset`` (JPEG + label) on the
   same decode path as ``plain``, hard labels: the ceiling of the shard path;
 - ``shards``: :class:`~dali_relabel.shard_loader.ShardReLabelLoader` with soft targets (maps read
-  from the shards; one pipeline per epoch, with its shard order);
+  from the shards; one pipeline per epoch, with its shard order, the next built while a pass ends);
 - ``plain-shards-graph``, ``shards-graph``: the two graphs alone (``pipeline.run()`` across reader
   epochs, no iterator, no per-epoch pipeline): the steady state, without what an epoch's end costs.
 
@@ -288,18 +288,19 @@ def make_feed_reader(data: BenchData, config, batch_size: int) -> Contender:
 
 
 def make_feed_source(data: BenchData, config, batch_size: int, name: str = "source") -> Contender:
-    """Our source as the loader drives it: each DALI epoch ends with ``StopIteration``; the next one is
-    announced in the :class:`~dali_relabel.sources.EpochControl` and the pipeline reset."""
+    """Our source as the loader drives it: one stream that runs on from epoch to epoch (the
+    :class:`~dali_relabel.sources.EpochControl` entry stops at :data:`~dali_relabel.sources.FOREVER`),
+    so DALI's epoch never ends between passes."""
     from dali_relabel.passes import start_workers
     from dali_relabel.plan import EpochPlan
-    from dali_relabel.sources import BatchSource, EpochControl
+    from dali_relabel.sources import FOREVER, BatchSource, EpochControl
 
     _, source_graph = _feed_graphs()
     with open_store(data.store_path) as store:
         num_samples = len(store)
     plan = EpochPlan(num_samples, batch_size, seed=config.seed)
     control = EpochControl()
-    control.begin(0, 0, 0, plan.num_batches)
+    control.begin(0, 0, 0, FOREVER)
     # As ReLabelLoader builds it: paths and labels are the store's own, mapped in the worker.
     source = BatchSource(data.image_root, plan, control, store_path=data.store_path, epochs=True)
     pipe = source_graph(source, config, **_exec_settings(config, batch_size))
@@ -307,15 +308,8 @@ def make_feed_source(data: BenchData, config, batch_size: int, name: str = "sour
     pipe.build()
 
     def stream():
-        dali_epoch = 0
         while True:
-            try:
-                pipe.run()
-            except StopIteration:
-                dali_epoch += 1
-                control.begin(dali_epoch, dali_epoch, 0, plan.num_batches)
-                pipe.reset()
-                continue
+            pipe.run()
             yield batch_size
 
     return Contender(name, label(name), stream(), lambda n: n, drain=2 * config.prefetch_queue_depth,

@@ -120,7 +120,8 @@ def markdown(result: dict) -> str:
         lines += ["## Targets", ""]
         for key, entry in targets.items():
             values = ", ".join(f"B={b}: {fmt(v, 2 if v < 100 else 0)}" for b, v in entry["by_batch_size"].items())
-            what = {"relabel_over_plain": "relabel / plain >=", "shards_over_plain_shards": "shards / plain on shards >="
+            what = {"relabel_over_plain": "relabel / plain >=", "shards_over_plain_shards": "shards / plain on shards >=",
+                    "relabel_over_plain_small_epochs": "relabel / plain on small epochs (<= 4 batches) >="
                     }.get(key, "our feed (samples/s) >=")
             lines.append(f"- {what} {fmt(entry['threshold'], 2 if entry['threshold'] < 100 else 0)} at every "
                          f"batch size: **{'met' if entry['met'] else 'MISSED'}** ({values})"

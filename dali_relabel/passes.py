@@ -17,9 +17,11 @@ import weakref
 from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
+from .errors import DaliRelabelError
 from .loader_state import Pass, PlannedState, superseded
+from .lookahead import Stream, locate
 from .processes import die_with_parent
-from .sources import SKIPPED, VALID, BatchSource, EpochControl
+from .sources import FOREVER, SKIPPED, VALID, BatchSource, EpochControl
 from .watchdog import LoaderWorkerError, PipelineGuard, shutdown_pipeline, source_workers
 
 
@@ -114,9 +116,12 @@ class PipelineBatches(PlannedState):
             stopped worker is reported at once (:mod:`dali_relabel.watchdog`). After such an error
             the next pass starts on a new pipeline.
 
-    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it); a pass left
-    unfinished is stopped when the next one starts, which costs decoding the batches DALI had already
-    prefetched (about ``2 * prefetch_queue_depth``).
+    Every ``iter()`` starts a new pass over the next epoch (``set_epoch`` chooses it). The pipeline
+    does not stop between passes: when a pass has taken its batches, DALI goes on making the next
+    epoch's first ones (:mod:`dali_relabel.lookahead`), which the next pass takes if it starts there
+    with the same mixing switch. Otherwise (``set_epoch`` or ``load_state_dict`` chose another
+    position, ``mixup_enabled`` changed with CutMix on, or the last pass was left unfinished) what was made ahead
+    is drained unseen, about ``2 * prefetch_queue_depth`` batches, and the pass starts afresh.
     """
 
     def __init__(self, plan, make_source: Callable[[EpochControl, Sequence[int]], BatchSource],
@@ -170,8 +175,9 @@ class PipelineBatches(PlannedState):
                                              prepare_first_batch=False)
         parts.guard = PipelineGuard(lambda: source_workers(parts.pipeline), timeout=self.timeout,
                                     pipeline=lambda: parts.pipeline)
-        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) pass
+        self._dali_epoch = 0  # the pipeline's epoch index of the next (or running) stream
         self._needs_reset = False
+        self._stream = None  # what the pipeline's DALI epoch reads (None: no stream open)
 
     def close(self) -> None:
         """Stop the pipeline and its source's worker processes now (a later ``iter()`` starts a new
@@ -180,6 +186,7 @@ class PipelineBatches(PlannedState):
         self._drop_pipeline()
 
     def _drop_pipeline(self) -> None:
+        self._stream = None
         self._parts.release()
 
     # -- passes ------------------------------------------------------------------------------------
@@ -197,19 +204,34 @@ class PipelineBatches(PlannedState):
         if self.pipeline is None or self._guard.broken or len(self._start.unread) > self.control.capacity:
             self._restart_pipeline()  # closed, the last pass lost a worker, or the control is too small
         current = self._next_pass(self._mixing_enabled())
-        self.control.begin(self._dali_epoch, current.epoch, current.first, current.first + current.total,
-                           current.mixing, current.start)
-        if self._needs_reset:
-            self._guard.call(self._iterator.reset)
-            self._needs_reset = False
+        stream = self._stream
+        if (stream is not None and current.start.at_epoch_start
+                and stream.continues(current.epoch, current.first, current.mixing, self._source_mixes())):
+            return current  # DALI has been making this pass's first batches already
+        self._drain_stream()
+        self._open_stream(current, current.first)
         return current
 
-    def _end_pass(self) -> None:
-        """Stop the running pass (if any) at the batch it reached and drain what DALI prefetched."""
-        current, self._pass = self._pass, None
-        if current is None or current.finished or self.pipeline is None or self._guard.broken:
+    def _source_mixes(self) -> bool:
+        """Whether the source's batches depend on the mixing switch (its CutMix boxes)."""
+        return getattr(self.source, "cutmix", None) is not None
+
+    def _open_stream(self, current: Pass, first: int) -> None:
+        """Start the pipeline's next DALI epoch at batch ``first`` of the pass ``current`` (from its
+        start), running on through the following epochs, each from its start."""
+        self.control.begin(self._dali_epoch, current.epoch, first, FOREVER, current.mixing, current.start)
+        if self._needs_reset:  # DALI asks the source for the new epoch's batches at once
+            self._guard.call(self._iterator.reset)
+            self._needs_reset = False
+        self._stream = Stream(current.epoch, first, current.mixing, self.plan.num_batches,
+                              end=current.first + current.total, resumed=not current.start.at_epoch_start)
+
+    def _drain_stream(self) -> None:
+        """Stop the open stream where the loader stands in it and drain what DALI made ahead."""
+        stream, self._stream = self._stream, None
+        if stream is None or self.pipeline is None or self._guard.broken:
             return
-        self.control.stop(self._dali_epoch, current.first + current.consumed)
+        self.control.stop(self._dali_epoch, stream.position)
         try:
             while True:
                 self._guard.call(self._iterator.__next__)
@@ -218,6 +240,11 @@ class PipelineBatches(PlannedState):
             self._needs_reset = True
         except RuntimeError:  # an error in a batch nobody will see: start afresh
             self._restart_pipeline()
+
+    def _end_pass(self) -> None:
+        """Stop the running pass (if any); what DALI made ahead is kept until the next pass starts
+        (:meth:`_begin_pass` keeps it, or drains it if that pass starts elsewhere)."""
+        self._pass = None
 
     def _restart_pipeline(self) -> None:
         capacity = max(len(self._start.unread), getattr(getattr(self, "control", None), "capacity", 0))
@@ -235,18 +262,21 @@ class PipelineBatches(PlannedState):
             try:
                 # the iterator's method: a call left blocked (a dead worker) keeps no loader alive
                 outputs = self._guard.call(self._iterator.__next__)
-            except StopIteration:
-                current.finished = True
-                self._pass = None
+            except StopIteration:  # only a stream stopped under a running pass ends: a bug
+                self._stream, self._needs_reset = None, True
                 self._dali_epoch += 1
-                self._needs_reset = True
-                return
+                raise DaliRelabelError(f"the pipeline's stream ended after {current.consumed} batches of the "
+                                       f"pass over epoch {current.epoch}") from None
             except LoaderWorkerError:
                 raise  # the position stays where it was: the next pass can resume it
             except RuntimeError as error:
                 self._recover(current, error)
                 continue
             current.consumed += 1
+            self._stream.taken += 1
+            if current.consumed >= current.total:
+                current.finished = True  # the pass has its batches; DALI makes the next pass's
+                self._pass = None
             batch = self._transform(outputs[0], current)
             status = batch["valid"].reshape(-1).cpu()
             self.skipped_images += int((status == SKIPPED).sum())
@@ -272,16 +302,19 @@ class PipelineBatches(PlannedState):
             raise BadImageError(f"{self.source.path(row)}: {problem}") from error
         self.bad_rows += [row for row, _ in bad if row not in self.bad_rows]
         self._restart_pipeline()  # the same pass from the failed batch on
-        self.control.begin(0, current.epoch, failed, current.first + current.total, current.mixing, current.start)
-
+        self._open_stream(current, failed)
 
     def _find_bad_rows(self, current: Pass, batch: int):
-        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few) of the pass."""
-        last = min(current.first + current.total, batch + 1 + self._lookahead)
+        """``[(row, problem)]`` of the undecodable images in ``batch`` (or the next few, which DALI
+        may have been decoding ahead, into the next epoch's) of the pass's stream."""
+        end = current.first + current.total
         start = None if current.start.at_epoch_start else (current.start.batch, current.start.position,
                                                               current.start.unread)
-        for index in range(batch, last):
-            rows, _ = self.source.batch_rows(current.epoch, index, start)
+        for position in range(batch, batch + 1 + self._lookahead):
+            if position < end:
+                rows, _ = self.source.batch_rows(current.epoch, position, start)
+            else:  # the following epochs, read whole
+                rows, _ = self.source.batch_rows(*locate(current.epoch, position, self.plan.num_batches, end))
             found = []
             for row in dict.fromkeys(int(r) for r in rows):
                 problem = decode_problem(self.source.path(row))

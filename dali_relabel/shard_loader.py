@@ -9,7 +9,11 @@ takes its contiguous part of that sequence (DALI's ``shard_id``/``num_shards``),
 samples is shuffled as they stream in. Rows were already spread randomly over the shards when they
 were written, so every batch mixes classes.
 
-Each pass builds the epoch's pipeline (the shard order is fixed when a pipeline is built).
+Each pass reads its own epoch's pipeline (the shard order is fixed when a pipeline is built). The
+next epoch's is built on a helper thread while a pass takes its last batches, so the next pass starts
+on a pipeline that already has its first batches (:mod:`dali_relabel.lookahead`); a pass that starts
+elsewhere (``set_epoch`` to another epoch, ``load_state_dict`` inside an epoch, ``mixup_enabled``
+changed) drops it and builds its own.
 
 **Resume.** A state (``state_dict``) holds the rows the rank yielded in the epoch (``seen``) and DALI's
 checkpoint of its reader. What is guaranteed:
@@ -49,6 +53,7 @@ from .errors import DaliRelabelError
 from .loader import mix_batch, training_batch, validation_batch
 from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, ResumeError, Start, pack_rows,
                            superseded, unpack_rows)
+from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
 from .shards import ShardSet
 from .watchdog import shutdown_pipeline
@@ -99,6 +104,12 @@ def _bounded_iterator(base):
     return BoundedIterator
 
 
+def _drop_iterator(iterator) -> None:
+    """Release a pipeline built for a pass that never came."""
+    for pipe in getattr(iterator, "_pipes", ()):
+        shutdown_pipeline(pipe)
+
+
 class UnknownOrderError(DaliRelabelError, TypeError):
     """The rows of a shard epoch are not known before it is read."""
 
@@ -147,6 +158,8 @@ class _ShardBatches(LoaderState):
         self.class_names = self.shards.class_names
         self.num_classes = self.shards.num_classes
         self.dataset = LoaderDataset(self.shards.directory, self.class_names, self.shards.num_samples)
+        self._ahead: Optional[PipelineAhead] = None  # the next pass's pipeline, built while a pass ends
+        self._pace = Pace(config.prefetch_queue_depth)  # when to start building it
         load_plugin()
 
     # -- what the position needs ------------------------------------------------------------------
@@ -245,12 +258,18 @@ class _ShardBatches(LoaderState):
 
     # -- passes ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the running pass's pipeline now (the next ``iter()`` builds the next pass's)."""
+        """Stop the running pass's pipeline now and release the one built ahead for the next pass
+        (the next ``iter()`` builds its own)."""
         current, self._pass = self._pass, None
-        if current is not None and current.iterator is not None and self._built_in == os.getpid():
+        ahead, self._ahead = self._ahead, None
+        if self._built_in != os.getpid():
+            return  # a forked child: the pipelines (and the helper thread) stayed with the parent
+        if current is not None and current.iterator is not None:
             for pipe in current.iterator._pipes:
                 shutdown_pipeline(pipe)
             current.iterator = None
+        if ahead is not None:
+            ahead.drop()
 
     def _pipeline_kwargs(self) -> dict:
         from .pipelines.graphs import pipeline_kwargs
@@ -268,10 +287,53 @@ class _ShardBatches(LoaderState):
         """The pipeline (not yet built) of a pass over ``epoch``, restored from DALI's ``checkpoint``,
         or reading only the samples ``unread`` lists (``(names, index paths)`` of a resumed pass)."""
 
-    def _passes(self, mixing: bool = True):
+    def _iterator(self, epoch: int, first: int, checkpoint: Optional[str], mixing: bool, schedule: bool = False,
+                  unread=None, runs: Optional[int] = None):
+        """The iterator of a new pipeline for a pass over ``epoch`` from batch ``first`` (DALI's
+        ``checkpoint`` of that position, base64; or ``unread``, the ``(names, index paths)`` of a
+        resumed pass, :meth:`_build`) that yields ``runs`` batches (default: the rest of the epoch);
+        ``schedule``: its first runs start now."""
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+        pipe = self._build(epoch, base64.b64decode(checkpoint) if checkpoint else None, mixing, unread)
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        pipe.build()
+        iterator = _bounded_iterator(DALIGenericIterator)(
+            [pipe], self.output_map, runs=self.batches_per_epoch - first if runs is None else runs,
+            prefetch=self.config.prefetch_queue_depth, reader_name="Reader", last_batch_policy=policy,
+            auto_reset=False, prepare_first_batch=False)
+        if schedule:
+            iterator._schedule_runs(False)  # what its first next() would do (BoundedIterator counts it)
+        return iterator
+
+    def _take_iterator(self, current: Pass):
+        """``(iterator, built now)`` of the pass ``current``: the one built ahead for it (a pass from
+        the start of its epoch), else a new one."""
+        ahead, self._ahead = self._ahead, None
+        key = (current.epoch, current.first, current.checkpoint, current.mixing)
+        if ahead is not None:
+            made = ahead.take(key if current.start.at_epoch_start else object())
+            if made is not None:
+                return made, False
+        unread = None
+        if self._elastic(current.start):
+            unread = self._unread_shards(self._epoch_shards(current.epoch), current.seen)
+        return self._iterator(*key, unread=unread, runs=current.total), True
+
+    def _build_ahead(self, current: Pass) -> None:
+        """Start building, on a helper thread, the pipeline of the pass that follows ``current``
+        unless ``set_epoch`` or ``load_state_dict`` say otherwise: the next epoch from its start
+        (its shards checked first, as every pass's are)."""
+        key = (current.epoch + 1, 0, None, current.mixing)
+
+        def build():
+            self.shards.check_files("header", self._pass_shards(key[0]))  # DALI trusts the indexes
+            return self._iterator(*key, schedule=True)
+
+        self._ahead = PipelineAhead(key, build, _drop_iterator)
+
+    def _passes(self, mixing: bool = True):
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
         reading = self._pass_shards(epoch)
@@ -281,17 +343,10 @@ class _ShardBatches(LoaderState):
         if current.total <= 0:
             current.finished, self._pass = True, None
             return
-        unread = None
-        if self._elastic(current.start):
-            unread = self._unread_shards(self._epoch_shards(epoch), current.seen)
-        pipe = self._build(epoch, base64.b64decode(current.checkpoint) if current.checkpoint else None, mixing,
-                           unread)
-        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        self._pace.pass_started()
         try:
-            pipe.build()
-            current.iterator = _bounded_iterator(DALIGenericIterator)(
-                [pipe], self.output_map, runs=current.total, prefetch=self.config.prefetch_queue_depth,
-                reader_name="Reader", last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
+            current.iterator, built_now = self._take_iterator(current)
+            self._pace.pipeline_taken(built_now)
             while True:
                 self._check_process()
                 if self._pass is not current:
@@ -304,6 +359,10 @@ class _ShardBatches(LoaderState):
                     break
                 current.consumed += 1
                 current.seen[outputs[0]["rows"].reshape(-1).cpu().numpy()] = True  # once per batch
+                self._pace.batch_taken()
+                left = current.total - current.consumed
+                if self._ahead is None and 0 < left <= self._pace.batches_ahead():
+                    self._build_ahead(current)
                 yield epoch, first + current.consumed - 1, outputs[0]
                 if current.consumed >= current.total:
                     break  # every rank stops after the same number of batches

@@ -14,9 +14,12 @@ paths and the maps are gathered for the same rows in the same call, an image can
 with another image's map.
 
 :class:`EpochControl` is a few integers in a shared file through which the loader tells the source
-(in whichever process it runs) which epoch a pass reads, from which batch, and where an abandoned pass
-stops. A pass resumed inside its epoch (:class:`~dali_relabel.loader_state.Start`) reads the rest of
-the epoch's global order from its position, dealt to this rank by the plan.
+(in whichever process it runs) where each DALI epoch of its pipeline starts (an epoch and a batch),
+and where it stops: a stream may run on through the following epochs (:data:`FOREVER`), so the next
+pass's first batches are made before the current pass ends (:mod:`dali_relabel.lookahead`). A pass
+resumed inside its epoch (:class:`~dali_relabel.loader_state.Start`) reads the rest of the epoch's
+global order from its position, dealt to this rank by the plan; the stream then runs on into the
+following epochs from their starts.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 from .bad_images import BadImageError
 from .fields import EPOCHS, LABELS, MAP_FIELDS, MIX_BOX, PATHS, ROWS, SOURCE_FIELDS, Field
 from .fields import VALID as VALID_FIELD  # VALID here is the status value
+from .lookahead import locate
 from .mixing import CutMixSpec
 from .paths import PathTable
 from .plan import EpochPlan
@@ -40,7 +44,10 @@ from .store import LabelStore, StoreError, map_value_problem
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
 
-__all__ = ["BatchSource", "EpochControl", "PADDING", "VALID", "SKIPPED"]
+#: A stop position no stream reaches: the DALI epoch runs on from epoch to epoch.
+FOREVER = 2 ** 62
+
+__all__ = ["BatchSource", "EpochControl", "FOREVER", "PADDING", "VALID", "SKIPPED"]
 
 
 def _shared_directory() -> str:
@@ -54,16 +61,23 @@ def _shared_directory() -> str:
 
 
 class EpochControl:
-    """Per DALI epoch: ``(epoch, first_batch, stop_batch, mixing, start)``, in a small file mapped by
-    every process.
+    """Per DALI epoch: ``(epoch, first_batch, stop, mixing, start)``, in a small file mapped by every
+    process.
+
+    A DALI epoch reads a stream of positions: its iteration ``i`` is position ``first_batch + i``
+    counted from batch 0 of ``epoch``. The positions up to the end of the pass from ``start`` are
+    that pass's batches; the ones past it are the following epochs' batches, each epoch read whole
+    from its start (:func:`~dali_relabel.lookahead.locate`). The stream ends (``StopIteration``) at
+    position ``stop``: the pass's end for one pass, :data:`FOREVER` for a stream that runs on into the
+    following epochs.
 
     The loader writes an epoch's entry before DALI starts that epoch (:meth:`begin`) and may lower its
     stop while it runs (:meth:`stop`); the source reads the entry on every call. Entries live in a
     ring, since at most the running epoch and the next one are in flight. ``mixing`` (0 or 1) switches
-    the pass's CutMix boxes on or off (timm's ``loader.mixup_enabled``). ``start`` is where the pass
-    begins in its epoch's global order: ``None`` (the epoch's start) or ``(batch, position, unread)``
-    of a resumed pass (:class:`~dali_relabel.loader_state.Start`), with at most ``capacity`` unread
-    positions.
+    the stream's CutMix boxes on or off (timm's ``loader.mixup_enabled``). ``start`` is where the
+    stream's first pass begins in its epoch's global order: ``None`` (the epoch's start) or
+    ``(batch, position, unread)`` of a resumed pass (:class:`~dali_relabel.loader_state.Start`), with
+    at most ``capacity`` unread positions.
     """
 
     RING = 4
@@ -76,17 +90,19 @@ class EpochControl:
         self._table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.RING, self._FIXED + self.capacity))
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
-    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop_batch: int, mixing: bool = True,
+    def begin(self, dali_epoch: int, epoch: int, first_batch: int, stop: int, mixing: bool = True,
               start=None) -> None:
         batch, position, unread = (0, 0, ()) if start is None else (start.batch, start.position, start.unread)
         if len(unread) > self.capacity:
             raise ValueError(f"{len(unread)} unread positions do not fit the control's {self.capacity}")
         row = self._table[dali_epoch % self.RING]
         row[self._FIXED:self._FIXED + len(unread)] = unread
-        row[:self._FIXED] = (epoch, first_batch, stop_batch, int(mixing), batch, position, len(unread))
+        row[:self._FIXED] = (epoch, first_batch, stop, int(mixing), batch, position, len(unread))
 
-    def stop(self, dali_epoch: int, stop_batch: int) -> None:
-        self._table[dali_epoch % self.RING, 2] = stop_batch
+    def stop(self, dali_epoch: int, stop: int) -> None:
+        """End DALI epoch ``dali_epoch``'s stream at position ``stop`` (counted from batch 0 of its
+        epoch)."""
+        self._table[dali_epoch % self.RING, 2] = stop
 
     def entry(self, dali_epoch: int) -> Tuple[int, int, int, bool]:
         epoch, first, stop, mixing = self._table[dali_epoch % self.RING, :4]
@@ -259,17 +275,21 @@ class BatchSource:
     def batch_key(self, batch_info) -> tuple:
         """``(epoch, batch, mixing)`` (and the pass's ``start`` when it resumes inside the epoch)
         that DALI's ``batch_info`` (its epoch index and iteration) reads, as the loader's
-        :class:`EpochControl` says now; ``StopIteration`` past the pass's end. :meth:`produce` of the
+        :class:`EpochControl` says now; ``StopIteration`` at the stream's stop. Past the end of the
+        stream's first pass come the following epochs, each from its start. :meth:`produce` of the
         key is the batch."""
         epoch, first, stop, mixing = self.control.entry(batch_info.epoch_idx)
         start = self.control.start(batch_info.epoch_idx)
         if not hasattr(self.plan, "batches"):  # a plan with no global order: batches of the whole epoch
             start = None
-        batch = first + batch_info.iteration
-        end = self.plan.num_batches if start is None else start[0] + self.plan.batches(*start[1:])
-        if batch >= min(stop, end):
+        position = first + batch_info.iteration
+        if position >= stop:
             raise StopIteration
-        return (epoch, batch, mixing) if start is None else (epoch, batch, mixing, start)
+        end = self.plan.num_batches if start is None else start[0] + self.plan.batches(*start[1:])
+        if position >= end:  # the following epochs, read whole
+            epoch, batch = locate(epoch, position, self.plan.num_batches, end)
+            return epoch, batch, mixing
+        return (epoch, position, mixing) if start is None else (epoch, position, mixing, start)
 
     def produce(self, epoch: int, batch: int, mixing: bool, start=None) -> tuple:
         """The outputs (in :attr:`names` order) of batch ``batch`` of ``epoch`` (of a pass from

@@ -46,6 +46,10 @@ _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
 _SOURCE_BYTES_PER_SAMPLE = 8 << 10
 # Samples the webdataset reader shuffles among (on top of the per-epoch order of the shards).
 _SHUFFLE_BUFFER = 4096
+# Bytes the webdataset reader reserves for each output of a sample it prepares; a sample's tensors
+# grow to its data. Restoring a checkpoint prepares the whole shuffle buffer at once: with DALI's
+# default (1 MB) that is 4096 samples x 5 outputs = 20 GB of heap committed per resumed pipeline.
+_READER_TENSOR_BYTES = 16 << 10
 
 
 def pipeline_kwargs(config: DataConfig, batch_size: int, device_id: Optional[int], checkpointing: bool = False) -> dict:
@@ -341,7 +345,8 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
         index_paths=list(index_paths or [shards.reader_index_path(n) for n in names]),
         ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
-        seed=reader_seed, pad_last_batch=True, stick_to_shard=True, name="Reader")
+        seed=reader_seed, pad_last_batch=True, stick_to_shard=True, tensor_init_bytes=_READER_TENSOR_BYTES,
+        name="Reader")
     data = {}
     for field, output in zip(fields, outputs):
         data[field.name] = fn.reshape(output, shape=list(shards.map_shape)) if field in MAP_FIELDS else output

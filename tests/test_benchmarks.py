@@ -107,8 +107,10 @@ def test_throughput_smoke_cpu(tmp_path, data_dir):
     assert compared["default"] == workers and compared["compared"] == [other]
     assert set(compared["by_batch_size"]["8"]["loader"]["median_by_workers"]) == {str(workers), str(other)}
     assert set(compared["by_batch_size"]["8"]["feed"]["median_by_workers"]) == {str(workers), str(other)}
-    assert set(result["targets"]) == {"relabel_over_plain", "shards_over_plain_shards", "feed_source_samples_per_s"}
-    assert set(result["targets"]["relabel_over_plain"]["by_batch_size"]) == {"4", "8"}
+    assert set(result["targets"]) == {"relabel_over_plain", "relabel_over_plain_small_epochs",
+                                      "shards_over_plain_shards", "feed_source_samples_per_s"}
+    assert set(result["targets"]["relabel_over_plain"]["by_batch_size"]) == {"4"}  # 6 batches an epoch
+    assert set(result["targets"]["relabel_over_plain_small_epochs"]["by_batch_size"]) == {"8"}  # 3 batches
     with open(result["files"]["markdown"]) as f:
         table = f.read()
     assert "| B=4 | B=8 |" in table and "relabel / plain" in table and "## Targets" in table
