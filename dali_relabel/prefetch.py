@@ -55,6 +55,15 @@ class PrefetchingSource:
         self._ahead = {}
         self._thread.shutdown()
 
+    def abandon(self) -> None:
+        """As :meth:`close`, for the source of an abandoned pipeline (which keeps it alive to the
+        process's end): the helper thread ends after its running call, if that ever returns, and is
+        named ``...-abandoned`` meanwhile."""
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead = {}
+        self._thread.abandon()
+
     def _plan_ahead(self, batch_info) -> None:
         ahead = {}
         for step in range(1, self.depth + 1):

@@ -43,6 +43,11 @@ def abandon_pipeline(pipeline) -> None:
     registry = getattr(type(pipeline), "_pipes", None)
     if isinstance(registry, set):
         registry.discard(weakref.ref(pipeline))
+    # The kept C++ pipeline holds its in-process sources forever: let their helper threads go.
+    for group in getattr(pipeline, "_input_callbacks", None) or []:
+        abandon = getattr(getattr(group, "callback", None), "abandon", None)
+        if callable(abandon):
+            abandon()
 
 
 def blocked_files(pids: Optional[List[int]] = None) -> str:
