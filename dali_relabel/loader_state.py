@@ -327,6 +327,17 @@ class LoaderState(abc.ABC):
         if epoch != self.epoch:
             self.epoch, self._start = int(epoch), Start()
 
+    def _still_running(self, current: Pass) -> bool:
+        """Whether ``current`` is still the running pass (checked in the loader's own process). A
+        pass a newer ``iter()`` ended raises :class:`PassSupersededError`, never ends silently; one
+        stopped otherwise (the loader closed, a state loaded) gives ``False``."""
+        self._check_process()
+        if self._pass is current:
+            return True
+        if current.superseded:
+            raise superseded(current)
+        return False
+
     def _supersede_running_pass(self) -> None:
         """Mark the running pass as ended by a newer ``iter()``: its iterator then raises
         :class:`PassSupersededError` instead of ending silently."""

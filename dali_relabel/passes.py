@@ -18,7 +18,7 @@ from typing import Callable, List, Sequence
 
 from .bad_images import BadImageError, decode_problem
 from .errors import DaliRelabelError
-from .loader_state import Pass, PlannedState, superseded
+from .loader_state import Pass, PlannedState
 from .lookahead import Stream, locate
 from .processes import die_with_parent
 from .sources import FOREVER, SKIPPED, VALID, BatchSource, EpochControl
@@ -254,11 +254,8 @@ class PipelineBatches(PlannedState):
     def _batches(self):
         current = self._begin_pass()
         while True:
-            self._check_process()
-            if self._pass is not current:
-                if current.superseded:
-                    raise superseded(current)  # a newer pass took over: never end this one silently
-                return  # the pass was stopped (the loader closed, a state loaded)
+            if not self._still_running(current):
+                return
             try:
                 # the iterator's method: a call left blocked (a dead worker) keeps no loader alive
                 outputs = self._guard.call(self._iterator.__next__)

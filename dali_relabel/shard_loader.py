@@ -52,7 +52,7 @@ from .distributed import resolve_rank
 from .errors import DaliRelabelError
 from .loader import mix_batch, training_batch, validation_batch
 from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, ResumeError, Start, pack_rows,
-                           superseded, unpack_rows)
+                           unpack_rows)
 from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
 from .shards import ShardSet
@@ -348,11 +348,8 @@ class _ShardBatches(LoaderState):
             current.iterator, built_now = self._take_iterator(current)
             self._pace.pipeline_taken(built_now)
             while True:
-                self._check_process()
-                if self._pass is not current:
-                    if current.superseded:
-                        raise superseded(current)  # a newer pass took over: never end this one silently
-                    return  # the pass was stopped (the loader closed, a state loaded)
+                if not self._still_running(current):
+                    return
                 try:
                     outputs = next(current.iterator)
                 except StopIteration:
