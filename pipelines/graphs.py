@@ -44,8 +44,11 @@ from dali_relabel.sources import BatchSource, output_types
 _DECODER_HINTS = dict(preallocate_width_hint=5980, preallocate_height_hint=6430)
 # Shared-memory bytes per sample of the source's batch (a path and a 15x15 top-5 map need ~3.5 KB).
 _SOURCE_BYTES_PER_SAMPLE = 8 << 10
-# Samples the webdataset reader shuffles among (on top of the per-epoch order of the shards).
+# Samples the webdataset reader shuffles among (on top of the per-epoch order of the shards), at most.
 _SHUFFLE_BUFFER = 4096
+# ... and at most this share of a rank's epoch: each pass has a pipeline of its own, and what its buffer
+# holds when the pass ends was read for nothing (a 4096 buffer cost 0.15-0.2 s per 2,048-sample epoch).
+_SHUFFLE_SHARE = 8
 # Bytes the webdataset reader reserves for each output of a sample it prepares; a sample's tensors
 # grow to its data. Restoring a checkpoint prepares the whole shuffle buffer at once: with DALI's
 # default (1 MB) that is 4096 samples x 5 outputs = 20 GB of heap committed per resumed pipeline.
@@ -340,17 +343,25 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
     samples), else the shards' own; shards on object storage are streamed by the reader itself,
     given local copies of their index files."""
     fields = list(fields)
+    buffer = shuffle_buffer(shards.num_samples // max(1, num_shards))
     outputs = fn.readers.webdataset(
         paths=[shards.path(n) for n in names],
         index_paths=list(index_paths or [shards.reader_index_path(n) for n in names]),
         ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
-        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=buffer,
         seed=reader_seed, pad_last_batch=True, stick_to_shard=True, tensor_init_bytes=_READER_TENSOR_BYTES,
         name="Reader")
     data = {}
     for field, output in zip(fields, outputs):
         data[field.name] = fn.reshape(output, shape=list(shards.map_shape)) if field in MAP_FIELDS else output
     return data
+
+
+def shuffle_buffer(samples_per_rank: int) -> int:
+    """Samples the webdataset reader shuffles among for a rank that reads ``samples_per_rank`` an
+    epoch: 4096, or an eighth of the rank's epoch where that is less (rows are already spread randomly
+    over the shards when they are written; the buffer mixes neighbouring shards)."""
+    return int(max(1, min(_SHUFFLE_BUFFER, samples_per_rank // _SHUFFLE_SHARE)))
 
 
 #: Outputs of :func:`shard_train_pipeline` before the CutMix ones.
