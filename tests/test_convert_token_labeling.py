@@ -113,7 +113,7 @@ def _check_store(store, r):
 
 def _top1_per_cell(store, row, layout):
     got = store.read(row)
-    logits, ids = torch.from_numpy(got.logits[None].astype(np.float32)), torch.from_numpy(got.class_ids[None])
+    logits, ids = torch.from_numpy(got.logits[None].astype(np.float32)), torch.from_numpy(np.array(got.class_ids[None]))
     top = np.zeros((G, G), np.int64)
     for i in range(G):
         for j in range(G):
