@@ -1,6 +1,6 @@
 """The ``dali-relabel`` command line: one subcommand per job.
 
-convert       the authors' per-image .pt maps -> one HDF5 store
+convert       the released per-image .pt maps (ReLabel, Token Labeling) -> one HDF5 store
 info          header, counts and sanity statistics of a store
 show          an image with its label map drawn over it (PNG)
 build-plugin  compile the fused operator for the installed DALI
@@ -30,7 +30,8 @@ def _cmd_convert(args) -> int:
             class_names = [line.strip() for line in f if line.strip()]
     report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
                              class_names=class_names, allow_missing=args.allow_missing,
-                             workers=args.workers, restart=args.restart, progress=not args.quiet)
+                             workers=args.workers, restart=args.restart, progress=not args.quiet,
+                             release_format=args.format)
     print(report.summary())
     return 0
 
@@ -158,12 +159,13 @@ def _demo_defaults():
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import LAYOUTS
+    from .release_formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="dali-relabel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert the authors' .pt label maps into one store")
+    p = sub.add_parser("convert", help="convert released .pt label maps (ReLabel, Token Labeling) into one store")
     p.add_argument("--maps", required=True, help="release root: <wnid>/<stem>.pt")
     p.add_argument("--images", required=True, help="ImageFolder root of the same images")
     p.add_argument("--out", required=True, help="store to write (.h5)")
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="skip images without a map and ignore maps without an image (counted)")
     p.add_argument("--workers", type=int, default=None, help="map-loading processes (default: all cores)")
+    p.add_argument("--format", choices=tuple(FORMATS), default="relabel",
+                   help="whose release: ReLabel's (layout WH) or Token Labeling's (LV-ViT; its file names, "
+                        "layout HW); docs/store_format.md")
     p.add_argument("--restart", action="store_true", help="discard an interrupted conversion")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

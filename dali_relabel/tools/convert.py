@@ -3,8 +3,10 @@
 The release holds ``<maps>/<wnid>/<image stem>.pt``, each a tensor ``[2, k, H, W]`` (index 0: top-k
 logits, index 1: class ids stored as floats). The converter walks the ImageFolder image tree, pairs
 every image with its map, loads the maps in parallel and streams them into a store marked with the
-authors' box convention (layout ``"WH"``, see ``docs/store_format.md``). An interrupted run leaves
-only ``<out>.partial``; running the same command again resumes it.
+authors' box convention (layout ``"WH"``, see ``docs/store_format.md``). Token Labeling's release
+(``release_format="token-labeling"``) holds the same tensors under its own file names and grid
+orientation (:mod:`.release_formats`). An interrupted run leaves only ``<out>.partial``; running the
+same command again resumes it.
 
 One conversion per output: ``<out>.lock`` is held from before the loading processes start until the
 store is published (a second run is refused, naming the first). The loading processes die with the
@@ -22,18 +24,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DaliRelabelError
 from ..imagefolder import ImageList, list_images
 from ..outputs import OutputLock
 from ..processes import die_with_parent
 from ..store import StoreWriter
-
-RELEASE_TEACHER = "tf_efficientnet_l2_ns_475"
-RELEASE_TEACHER_SIZE = 475
-
-
-class ConversionError(DaliRelabelError, RuntimeError):
-    """The inputs of a conversion do not fit together (missing/extra maps, bad map files)."""
+from .release_formats import (RELEASE_TEACHER, RELEASE_TEACHER_SIZE, ConversionError,  # noqa: F401
+                              check_class_id_precision, format_by_name, map_relpaths, relabel_map_relpath)
 
 
 @dataclass
@@ -59,9 +55,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def map_relpath(image_relpath: str) -> str:
-    """``'<wnid>/<stem>.JPEG'`` -> ``'<wnid>/<stem>.pt'`` (the release's naming)."""
-    return os.path.splitext(image_relpath)[0] + ".pt"
+map_relpath = relabel_map_relpath
 
 
 def list_map_files(maps_dir) -> List[str]:
@@ -85,6 +79,7 @@ def load_release_map(path: str, num_classes: int) -> Tuple[np.ndarray, np.ndarra
     if not torch.is_tensor(tensor) or tensor.dim() != 4 or tensor.shape[0] != 2:
         shape = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
         raise ConversionError(f"{path}: expected a tensor [2, k, H, W], found {shape}")
+    check_class_id_precision(tensor, num_classes, path)
     array = tensor.float().numpy()
     logits, ids = array[0], array[1]
     if not np.isfinite(logits).all():
@@ -138,10 +133,11 @@ def _init_worker(parent_pid: int):
 
 
 def pair_images_with_maps(images: ImageList, maps_dir: str, allow_missing: bool,
-                          report: ConversionReport) -> List[int]:
-    """Indices of the images that have a map; fills the report; raises unless ``allow_missing``."""
+                          report: ConversionReport, wanted: Optional[List[str]] = None) -> List[int]:
+    """Indices of the images that have a map; fills the report; raises unless ``allow_missing``.
+    ``wanted``: each image's map path (default: the ReLabel naming)."""
     available = set(list_map_files(maps_dir))
-    wanted = [map_relpath(p) for p in images.relpaths]
+    wanted = wanted if wanted is not None else [map_relpath(p) for p in images.relpaths]
     keep = [i for i, m in enumerate(wanted) if m in available]
     report.images_without_map = [images.relpaths[i] for i, m in enumerate(wanted) if m not in available]
     report.maps_without_image = sorted(available - set(wanted))
@@ -163,7 +159,7 @@ def pair_images_with_maps(images: ImageList, maps_dir: str, allow_missing: bool,
 def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
                     class_names: Optional[Sequence[str]] = None, allow_missing: bool = False,
                     workers: Optional[int] = None, chunk_rows: int = 256, restart: bool = False,
-                    progress: bool = True) -> ConversionReport:
+                    progress: bool = True, release_format: str = "relabel") -> ConversionReport:
     """Convert a release directory into the store ``out``.
 
     Args:
@@ -179,6 +175,8 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
         chunk_rows: rows per work item and per write.
         restart: discard an interrupted ``<out>.partial`` instead of resuming it.
         progress: show a progress bar.
+        release_format: ``"relabel"`` or ``"token-labeling"``: the files' naming, and the layout and
+            teacher the store records (:mod:`.release_formats`).
 
     Raises :class:`~dali_relabel.outputs.OutputBusyError` when another process writes ``out`` (or
     holds its partial file open), :class:`~dali_relabel.store.StoreError` for a partial file that
@@ -187,28 +185,31 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
     from tqdm import tqdm
 
     maps_dir, out = os.fspath(maps_dir), os.fspath(out)
+    fmt = format_by_name(release_format)
     images = list_images(image_root, classes=class_names)
     if len(images.classes) != num_classes:
         raise ConversionError(f"{image_root} has {len(images.classes)} class folders but num_classes is "
                               f"{num_classes}; pass the {num_classes} class names in class-id order "
                               "(--class-names FILE)")
     report = ConversionReport(out=out)
-    keep = pair_images_with_maps(images, maps_dir, allow_missing, report)
-    relpaths = [images.relpaths[i] for i in keep]
+    named = map_relpaths(fmt, images.relpaths)
+    keep = pair_images_with_maps(images, maps_dir, allow_missing, report, wanted=named)
+    relpaths, map_paths = [images.relpaths[i] for i in keep], [os.path.join(maps_dir, named[i]) for i in keep]
     labels = np.asarray([images.labels[i] for i in keep], dtype=np.int32)
-    first_logits, _ = load_release_map(os.path.join(maps_dir, map_relpath(relpaths[0])), num_classes)
+    first_logits, _ = load_release_map(map_paths[0], num_classes)
     k, grid_h, grid_w = first_logits.shape
+    fmt.check_shape(map_paths[0], k, grid_h, grid_w)
     with OutputLock(out) as lock:
-        writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout="WH",
-                             class_names=images.classes, teacher=RELEASE_TEACHER,
-                             teacher_input_size=RELEASE_TEACHER_SIZE, source="relabel-release",
+        writer = StoreWriter(out, relpaths, num_classes, k, grid_h, grid_w, layout=fmt.layout,
+                             class_names=images.classes, teacher=fmt.teacher,
+                             teacher_input_size=fmt.teacher_input_size, source=fmt.source,
                              resume=not restart, plan_salt=os.path.abspath(maps_dir), lock=lock)
         writer.close()  # reopened once the loaders run: no forked loader may inherit the open file
         start = report.resumed_from_row = writer.rows_written
         tasks = []
         for begin in range(start, len(relpaths), chunk_rows):
             part = relpaths[begin:begin + chunk_rows]
-            tasks.append(([os.path.join(maps_dir, map_relpath(p)) for p in part],
+            tasks.append((map_paths[begin:begin + chunk_rows],
                           [os.path.join(images.root, p) for p in part], num_classes, (k, grid_h, grid_w)))
         workers = workers or os.cpu_count() or 1
         bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
