@@ -45,7 +45,7 @@ def _write(path, d=None, label_type="marginal_smoothing", **kw):
 
 def _writer(path, **kw):
     args = dict(num_classes=C, regions=R, k=K, label_type="marginal_smoothing",
-                class_names=[f"c{i}" for i in range(C)])
+                class_names=[f"class_{i}" for i in range(C)])
     args.update(kw)
     return RegionWriter(path, PATHS, **args)
 
@@ -202,8 +202,8 @@ def test_bad_rows_are_refused_at_write(tmp_path, name):
 def test_a_full_top_k_must_sum_to_one(tmp_path):
     d = random_regions(k=C)
     _write(tmp_path / "ok.h5", dict(d, values=d["values"] / d["values"].sum(axis=-1, keepdims=True)))
-    with pytest.raises(StoreError, match=r"row 0 .*crop 0: probabilities of all 7 classes sum to 0.5"):
-        _write(tmp_path / "bad.h5", dict(d, values=np.full((N, R, C), 0.5 / C, np.float32)))
+    with pytest.raises(StoreError, match=r"row 0 .*crop 0: probabilities of all 7 classes sum to 0.4375, not 1"):
+        _write(tmp_path / "bad.h5", dict(d, values=np.full((N, R, C), 0.0625, np.float32)))
 
 
 def test_renorm_needs_mass(tmp_path):

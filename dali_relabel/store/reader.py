@@ -11,7 +11,6 @@ one rewritten in place would switch the maps mid-epoch.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,7 +20,7 @@ from ..config import LAYOUTS
 from ..paths import PathTable
 from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, READABLE_VERSIONS, SCAN_ROWS, StoreError, StoreHeader,
                      check_map_values, class_id_dtype, content_hash_v1, decode_strings, map_value_problem)
-from .rowfile import RowFileReader
+from .rowfile import RowFileReader, summary_header, summary_rows
 
 
 def fetch_store(url: str) -> str:
@@ -197,8 +196,7 @@ class LabelStore(RowFileReader):
 def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict:
     """Header, counts and sanity statistics of a store (from a random sample of rows)."""
     h = store.header
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(store), size=min(sample_rows, len(store)), replace=False))
+    rows = summary_rows(store, sample_rows, seed)
     maps = store.read(rows)
     logits = maps.logits.astype(np.float32)
     top1 = maps.class_ids[:, 0].reshape(len(rows), -1)
@@ -206,14 +204,8 @@ def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict
     known = hard >= 0
     agree = float(np.mean([np.bincount(t, minlength=h.num_classes).argmax() == y
                            for t, y in zip(top1[known], hard[known])])) if known.any() else float("nan")
-    size_bytes = os.path.getsize(store.path)
     return {
-        "path": store.path, "format_version": h.format_version, "rows": h.num_rows,
-        "num_classes": h.num_classes, "k": h.k, "grid": [h.grid_h, h.grid_w], "layout": h.layout,
-        "teacher": h.teacher, "teacher_input_size": h.teacher_input_size, "source": h.source,
-        "content_sha256": h.content_sha256, "values_checked_when_written": h.values_checked,
-        "file_bytes": size_bytes, "bytes_per_image": size_bytes / max(1, h.num_rows),
-        "class_ids_dtype": str(store._array("class_ids").dtype),
+        **summary_header(store), "k": h.k, "grid": [h.grid_h, h.grid_w], "layout": h.layout,
         "memory_mapped": isinstance(store._array("logits"), np.ndarray),
         "sampled_rows": int(len(rows)),
         "logit_mean": float(logits.mean()), "logit_min": float(logits.min()), "logit_max": float(logits.max()),

@@ -3,7 +3,6 @@
 stored crops and the dense targets a loader needs (:mod:`~dali_relabel.store.region_targets`)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +12,7 @@ from .format import SCAN_ROWS, StoreError, class_id_dtype
 from .region_format import (LABEL_TYPES, REGION_FORMAT_NAME, REGION_HASH_PREFIX, REGION_READABLE_VERSIONS,
                             RegionHeader, region_value_problem)
 from .region_targets import dense_targets, select_regions
-from .rowfile import RowFileReader
+from .rowfile import RowFileReader, summary_header, summary_rows
 
 
 @dataclass
@@ -165,8 +164,7 @@ class RegionStore(RowFileReader):
 def summarize_regions(store: RegionStore, sample_rows: int = 256, seed: int = 0) -> dict:
     """Header, counts and sanity statistics of a region store (from a random sample of rows)."""
     h = store.header
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(store), size=min(sample_rows, len(store)), replace=False))
+    rows = summary_rows(store, sample_rows, seed)
     sample = store.read(rows)
     values = sample.values.astype(np.float64)
     sizes = store.image_sizes[rows].astype(np.float64)
@@ -174,14 +172,9 @@ def summarize_regions(store: RegionStore, sample_rows: int = 256, seed: int = 0)
     hard = store.labels[rows]
     known = hard >= 0
     top1 = sample.class_ids[..., 0].astype(np.int64)
-    size_bytes = os.path.getsize(store.path)
     return {
-        "path": store.path, "kind": "region store", "format_version": h.format_version, "rows": h.num_rows,
-        "num_classes": h.num_classes, "regions": h.regions, "k": h.k, "label_type": h.label_type,
-        "teacher": h.teacher, "teacher_input_size": h.teacher_input_size, "source": h.source,
-        "content_sha256": h.content_sha256, "values_checked_when_written": h.values_checked,
-        "file_bytes": size_bytes, "bytes_per_image": size_bytes / max(1, h.num_rows),
-        "class_ids_dtype": str(store.class_ids_dtype), "values_dtype": str(sample.values.dtype),
+        "kind": "region store", **summary_header(store), "regions": h.regions, "k": h.k,
+        "label_type": h.label_type, "values_dtype": str(sample.values.dtype),
         "sampled_rows": int(len(rows)),
         "flipped_fraction": float(sample.flips.mean()),
         "crop_area_fraction_mean": float(area.mean()),

@@ -88,6 +88,9 @@ class RegionWriter(RowFileWriter):
                                             f"than the store's {r}")
             if array.shape != (count,) + shape:
                 raise StoreError(self.path, f"{where}: {name} of shape {array.shape}, expected {(count,) + shape}")
+        if class_ids.dtype.kind not in "iu":
+            raise StoreError(self.path, f"rows {start}..{start + count - 1}: class ids must be integers, got "
+                                        f"{class_ids.dtype}")
         sizes = np.asarray(image_sizes).reshape(count, 2).astype(np.int64)
         labels = (np.full(count, -1, np.int64) if labels is None else np.asarray(labels).astype(np.int64).reshape(count))
         self._check_rows(start, sizes, labels)

@@ -607,3 +607,20 @@ class RowFileReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def summary_rows(store: RowFileReader, sample_rows: int, seed: int) -> np.ndarray:
+    """Sorted random rows of ``store`` (at most ``sample_rows``), for a summary's statistics."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(len(store), size=min(sample_rows, len(store)), replace=False))
+
+
+def summary_header(store: RowFileReader) -> dict:
+    """What a summary of any store kind starts with: the file, its version, counts and provenance."""
+    h = store.header
+    size_bytes = os.path.getsize(store.path)
+    return {"path": store.path, "format_version": h.format_version, "rows": h.num_rows,
+            "num_classes": h.num_classes, "teacher": h.teacher, "teacher_input_size": h.teacher_input_size,
+            "source": h.source, "content_sha256": h.content_sha256, "values_checked_when_written": h.values_checked,
+            "file_bytes": size_bytes, "bytes_per_image": size_bytes / max(1, h.num_rows),
+            "class_ids_dtype": str(store.class_ids_dtype)}

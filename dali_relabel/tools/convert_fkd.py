@@ -113,7 +113,8 @@ def read_fkd_file(path: str, fkd_label_type: str, num_classes: int, regions: int
     if flips.shape != (count,):
         raise ConversionError(f"{path}: flip_status of shape {flips.shape}, expected [{count}] (one per crop)")
     if fkd_label_type == "hard":
-        shape_ok, ids, values = output.shape == (count,), output.reshape(count, 1), np.ones((count, 1))
+        shape_ok = output.shape == (count,)
+        ids, values = (output.reshape(count, 1), np.ones((count, 1))) if shape_ok else (None, None)
     elif fkd_label_type == "smoothing":
         shape_ok = output.shape == (count, 2)
         ids, values = (output[:, :1], output[:, 1:]) if shape_ok else (None, None)
