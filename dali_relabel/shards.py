@@ -48,7 +48,7 @@ from . import remote
 from .fields import CLASS_IDS, LABELS, LOGITS, MAP_FIELDS, ROWS, SHARD_FIELDS, Field
 from .shard_checks import (HASH_BLOCK_BYTES, ShardError, check_blocks, damaged_member, file_sha256, index_digest,
                            member_sizes, parse_index_file, shard_digests, validate_index)
-from .store import LabelStore, StoreError
+from .store import LabelStore, StoreError, store_kind
 
 FORMAT_NAME = "dali-relabel-shards"
 FORMAT_VERSION = 2  # 2: content hashes of the shards, their DALI indexes and the index itself
@@ -476,6 +476,11 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
                          f"{out_dir}); `dali-relabel shard --out s3://...` uploads the result")
     image_root, out_dir = os.path.abspath(os.fspath(image_root)), os.fspath(out_dir)
     if store is not None:
+        path = getattr(store, "path", store)
+        if not isinstance(store, LabelStore) and not remote.is_remote(os.fspath(path)) and \
+                store_kind(path) != "label store":
+            raise ShardError(f"{os.fspath(path)} is a {store_kind(path)}: tar shards carry label maps only (a "
+                             "region store's crops are not packed into shards yet); train from the image tree")
         store = store if isinstance(store, LabelStore) else LabelStore(store)
         if check_files:
             check_store_matches_images(store, image_root)

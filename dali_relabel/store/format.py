@@ -1,5 +1,6 @@
-"""The store format in code: constants, errors, the rules every row keeps, and the hashes
-(``docs/store_format.md``), shared by the writer and the reader."""
+"""The store formats in code: the errors, hashes and path rules every store kind shares, and the
+label-map store's constants and value rules (``docs/store_format.md``), used by the writers and the
+readers (the region store's own rules: ``region_format``)."""
 from __future__ import annotations
 
 import hashlib
@@ -78,13 +79,12 @@ def normalise_relpath(path: str) -> str:
 
 
 # -- hashing --------------------------------------------------------------------------------------
-def row_bytes(logits, class_ids, labels, image_sizes) -> np.ndarray:
-    """The bytes of rows ``[n]`` as hashed (version 2): each row's logits, class ids, label and size,
-    row after row, as a uint8 ``[n, bytes per row]`` array."""
-    n = len(logits)
-    parts = [np.ascontiguousarray(a).reshape(n, -1).view(np.uint8)
-             for a in (logits, class_ids, np.asarray(labels).reshape(n, 1), np.asarray(image_sizes).reshape(n, 2))]
-    return np.concatenate(parts, axis=1)
+def row_bytes(*arrays) -> np.ndarray:
+    """The bytes of rows ``[n]`` as hashed: each row's values of every array in turn (a map store's
+    logits, class ids, label and size; a region store's datasets in their declared order), row after
+    row, as a uint8 ``[n, bytes per row]`` array."""
+    n = len(arrays[0])
+    return np.concatenate([np.ascontiguousarray(a).reshape(n, -1).view(np.uint8) for a in arrays], axis=1)
 
 
 def paths_digest(paths: PathTable) -> bytes:
@@ -94,9 +94,11 @@ def paths_digest(paths: PathTable) -> bytes:
     return digest.digest()
 
 
-def root_hash(chunk_digests: np.ndarray, path_digest: bytes, class_names: Sequence[str]) -> str:
-    """A version-2 store's ``content_sha256``: over the row blocks' hashes, the paths and the names."""
-    digest = hashlib.sha256(b"dali-relabel-label-store/2\0")
+def root_hash(chunk_digests: np.ndarray, path_digest: bytes, class_names: Sequence[str],
+              prefix: bytes = b"dali-relabel-label-store/2\0") -> str:
+    """A store's ``content_sha256``: over ``prefix`` (the format and its version: a version-2 map
+    store's by default), the row blocks' hashes, the paths and the names."""
+    digest = hashlib.sha256(prefix)
     digest.update(np.ascontiguousarray(chunk_digests, dtype=np.uint8).tobytes())
     digest.update(path_digest)
     digest.update("\n".join(class_names).encode("utf-8"))

@@ -11,33 +11,21 @@ one rewritten in place would switch the maps mid-epoch.
 """
 from __future__ import annotations
 
-import hashlib
-import mmap
-import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-import h5py
 import numpy as np
 
 from ..config import LAYOUTS
 from ..paths import PathTable
-from ..remote import cached_copy, is_remote
-from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, PARTIAL_SUFFIX, READABLE_VERSIONS, SCAN_ROWS, VERIFY_LEVELS,
-                     StoreError, StoreHeader, check_map_values, class_id_dtype, content_hash_v1, decode_strings,
-                     map_value_problem, normalise_relpath, paths_digest, root_hash, row_bytes)
+from .format import (FORMAT_NAME, HASH_CHUNK_ROWS, READABLE_VERSIONS, SCAN_ROWS, StoreError, StoreHeader,
+                     check_map_values, class_id_dtype, content_hash_v1, decode_strings, map_value_problem)
+from .rowfile import RowFileReader, summary_header, summary_rows
 
 
 def fetch_store(url: str) -> str:
-    """The local copy of the store at ``url`` (fetched once into the cache; a new download is kept
-    only if every block matches the store's content hash and every value is in range)."""
-    def check(path: str) -> None:
-        try:
-            LabelStore(path, verify="full").close()
-        except StoreError as error:
-            raise StoreError(url, f"the fetched copy is refused: {error.problem}") from None
-
-    return cached_copy(url, check=check)
+    """The local copy of the map store at ``url`` (:meth:`RowFileReader.fetch`)."""
+    return LabelStore.fetch(url)
 
 
 @dataclass
@@ -48,39 +36,13 @@ class LabelMap:
     class_ids: np.ndarray
 
 
-def _memmap_dataset(path: str, dataset, advice: Optional[int] = None) -> Optional[np.ndarray]:
-    """A read-only memory map of a contiguous, uncompressed, allocated dataset, else ``None``."""
-    if dataset.chunks is not None or dataset.compression is not None or dataset.size == 0:
-        return None
-    offset = dataset.id.get_offset()
-    if offset is None:
-        return None
-    array = np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
-    raw = getattr(array, "_mmap", None)
-    if advice is not None and raw is not None:
-        raw.madvise(advice)
-    return array
-
-
-def _identity(info: os.stat_result) -> tuple:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
 def _id_dtypes(num_classes: int) -> list:
     """The class-id dtypes a store of ``num_classes`` may hold (the writer's, or a wider one)."""
     dtypes = [np.dtype("u1"), np.dtype("<u2"), np.dtype("<i4")]
     return [d for d in dtypes if d.itemsize >= class_id_dtype(num_classes).itemsize]
 
 
-#: Compressed (chunked) datasets may declare at most this many times their stored bytes (gzip's
-#: best ratio is about 1030:1).
-MAX_COMPRESSION = 1100
-
-_RANDOM = getattr(mmap, "MADV_RANDOM", None)  # batch reads: read-around would fetch unused pages
-_SEQUENTIAL = getattr(mmap, "MADV_SEQUENTIAL", None)  # scans: read ahead
-
-
-class LabelStore:
+class LabelStore(RowFileReader):
     """Read access to a store, validated at open.
 
     Args:
@@ -102,132 +64,14 @@ class LabelStore:
     process holds no copy of its own.
     """
 
-    def __init__(self, path, verify: str = "sample"):
-        if verify not in VERIFY_LEVELS:
-            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
-        path = os.fspath(path)
-        self.url = path if is_remote(path) else None  #: where a fetched store came from
-        self.path = fetch_store(path) if self.url else path
-        self._pid = None
-        self._file = None
-        self._arrays = {}
-        self._paths: Optional[PathTable] = None
-        self._row_of_path = None
-        self._identity = None  # (device, inode, size, mtime) of the file when this process opened it
-        self._data_end = 0  # the end of the last byte of dataset storage the header declares
-        if not os.path.exists(self.path):
-            hint = ""
-            if os.path.exists(self.path + PARTIAL_SUFFIX):
-                hint = (f" ({self.path + PARTIAL_SUFFIX} exists: the write was interrupted; rerun the "
-                        "same command to resume it)")
-            raise StoreError(self.path, "no such store" + hint)
-        self.header = self._validate_header()
-        self.class_names: List[str] = decode_strings(self._open()["class_names"])
-        if verify in ("sample", "full"):
-            self._verify_at_open(full=verify == "full")
-        self.verified = verify  #: what was checked at open (one of :data:`VERIFY_LEVELS`)
-
-    # -- opening ---------------------------------------------------------------------------------
-    def _open(self):
-        if self._file is None or self._pid != os.getpid():
-            # A handle inherited through fork must not be used: open a fresh one in this process.
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as error:
-                raise StoreError(self.path, f"cannot be opened as HDF5 ({error})") from None
-            self._identity = _identity(os.fstat(self._file.id.get_vfd_handle()))
-            self._pid = os.getpid()
-            self._arrays = {}
-            self._paths = None
-        return self._file
-
-    def _array(self, name: str):
-        """Dataset ``name`` memory-mapped (random access), or the h5py dataset if it cannot be."""
-        f = self._open()
-        if name not in self._arrays:
-            mapped = _memmap_dataset(self.path, f[name], _RANDOM if name in ("logits", "class_ids") else None)
-            self._arrays[name] = mapped if mapped is not None else f[name]
-        return self._arrays[name]
-
-    def check_unchanged(self) -> None:
-        """Raise :class:`StoreError` if the file changed since this process opened it: truncated
-        (reading its mapped pages would kill the process with ``SIGBUS``), written to, or replaced.
-        One ``fstat`` and one ``stat``: every batch read calls it first. (A truncation in the
-        microseconds between this check and the copy of a batch is not caught.)"""
-        if self._file is None or self._pid != os.getpid():
-            return  # nothing mapped in this process yet: the next open records the file
-        now = os.fstat(self._file.id.get_vfd_handle())
-        if now.st_size < self._data_end:
-            raise StoreError(self.path, f"was truncated to {now.st_size} bytes while it was read (its data ends at "
-                                        f"byte {self._data_end}): another process is rewriting or cutting it")
-        if _identity(now) != self._identity:
-            raise StoreError(self.path, "changed while it was read (it was written to in place: its size or "
-                                        "modification time differs from when it was opened); the maps read "
-                                        "so far and those read next would not belong together: start again")
-        try:
-            named = os.stat(self.path)
-        except OSError as error:
-            raise StoreError(self.path, f"was removed while it was read ({error.strerror})") from None
-        if (named.st_dev, named.st_ino) != self._identity[:2]:
-            raise StoreError(self.path, "was replaced by another file while it was read; the maps read so far "
-                                        "and those read next would not belong together: start again")
-
-    def _check_dataset_storage(self, f, name: str, dtypes) -> None:
-        """Dataset ``name`` must be a dataset of this file holding its own data (no link, external
-        storage or virtual dataset), of one of ``dtypes``, stored within the file's size."""
-        link = f.get(name, getlink=True)
-        if link is None:
-            raise StoreError(self.path, f"dataset '{name}' is missing")
-        if isinstance(link, h5py.ExternalLink):
-            raise StoreError(self.path, f"dataset '{name}' is a link to {link.filename}:{link.path}: a store "
-                                        "must hold its data itself")
-        if isinstance(link, h5py.SoftLink):
-            raise StoreError(self.path, f"dataset '{name}' is a link to {link.path}: a store must hold its "
-                                        "data under the format's names")
-        dataset = f[name]
-        if not isinstance(dataset, h5py.Dataset):
-            raise StoreError(self.path, f"'{name}' is not a dataset")
-        plist = dataset.id.get_create_plist()
-        if plist.get_layout() == h5py.h5d.VIRTUAL:
-            raise StoreError(self.path, f"dataset '{name}' is a virtual dataset (its data lives in other "
-                                        "files): a store must hold its data itself")
-        if plist.get_external_count() > 0:
-            raise StoreError(self.path, f"dataset '{name}' keeps its data in {plist.get_external_count()} "
-                                        "external file(s): a store must hold its data itself")
-        if dtypes is not None and dataset.dtype not in dtypes:
-            raise StoreError(self.path, f"dataset '{name}' has dtype {dataset.dtype}, expected "
-                                        f"{' or '.join(str(d) for d in dtypes)}")
-        declared = int(dataset.size) * dataset.dtype.itemsize
-        if declared == 0:
-            return
-        file_size = os.fstat(f.id.get_vfd_handle()).st_size
-        rows = f"{dataset.shape[0]} rows" if dataset.ndim else "a value"
-        offset = dataset.id.get_offset() if plist.get_layout() == h5py.h5d.CONTIGUOUS else None
-        stored = dataset.id.get_storage_size()
-        if stored == 0:
-            raise StoreError(self.path, f"dataset '{name}' declares {rows} ({declared} bytes) but holds no data")
-        if offset is not None:
-            if offset + declared > file_size:
-                raise StoreError(self.path, f"dataset '{name}' ends at byte {offset + declared}, but the file has "
-                                            f"{file_size} bytes (it was truncated)")
-            self._data_end = max(self._data_end, offset + declared)
-        elif declared > MAX_COMPRESSION * stored + (1 << 20):
-            raise StoreError(self.path, f"dataset '{name}' declares {rows} ({declared} bytes) in {stored} bytes "
-                                        "of storage: more than any compression gives")
+    format_name = FORMAT_NAME
+    kind = "label store"
+    hash_prefix = b"dali-relabel-label-store/2\0"
+    big_datasets = ("logits", "class_ids")
+    hashed_datasets = ("logits", "class_ids", "labels", "image_sizes")
 
     def _validate_header(self) -> StoreHeader:
-        f = self._open()
-        attrs = f.attrs
-        if attrs.get("format") != FORMAT_NAME:
-            raise StoreError(self.path, f"not a dali-relabel label store (format attribute is "
-                                        f"{attrs.get('format')!r})")
-        version = int(attrs.get("format_version", -1))
-        if version not in READABLE_VERSIONS:
-            raise StoreError(self.path, f"format version {version} is not supported (this reader "
-                                        f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
-                                        "upgrade dali-relabel or reconvert the maps")
-        if not bool(attrs.get("complete", False)):
-            raise StoreError(self.path, "the store is incomplete (its write was interrupted)")
+        attrs, version = self._root_attrs(READABLE_VERSIONS)
         try:
             header = StoreHeader(
                 num_rows=int(attrs["num_rows"]), num_classes=int(attrs["num_classes"]),
@@ -263,57 +107,18 @@ class LabelStore:
             expected["path_offsets"] = ((n + 1,), [np.dtype(np.int64)])
             expected["path_bytes"] = (None, [np.dtype(np.uint8)])
             expected["chunk_sha256"] = ((-(-n // int(chunk_rows)), 32), [np.dtype(np.uint8)])
-        for name in expected:
-            if name not in f and f.get(name, getlink=True) is None:
-                raise StoreError(self.path, f"dataset '{name}' is missing")
-        if f.get("class_ids", getlink=True) is not None and isinstance(f.get("class_ids", getlink=True),
-                                                                        h5py.HardLink) \
-                and isinstance(f["class_ids"], h5py.Dataset) and f["class_ids"].dtype.kind not in "iu":
-            raise StoreError(self.path, f"class_ids must be integers, found {f['class_ids'].dtype}")
-        for name, (shape, dtypes) in expected.items():
-            self._check_dataset_storage(f, name, None)  # links, storage and sizes before the shapes
-            if shape is not None and f[name].shape != shape:
-                raise StoreError(self.path, f"dataset '{name}' has shape {f[name].shape}, expected "
-                                            f"{shape} from the header")
-            self._check_dataset_storage(f, name, dtypes)
+        self._check_datasets(expected)
         return header
 
     def _verify_at_open(self, full: bool) -> None:
-        paths = self.paths
-        try:
-            paths.check_confined("stored image paths")
-        except ValueError as error:
-            raise StoreError(self.path, str(error)) from None
-        labels = np.asarray(self.labels)
-        bad = (labels < -1) | (labels >= self.num_classes)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise StoreError(self.path, f"row {row} ({paths[row]}) has label {int(labels[row])}, outside "
-                                        f"[-1, {self.num_classes})")
-        if self.header.format_version == 1:
-            self.check_values()
-            if full:
-                self.verify_checksum()
-            return
-        if not self.header.values_checked or full:
-            self.check_values()
+        if self.header.format_version != 1:
+            return super()._verify_at_open(full)
+        self._check_paths_and_labels()
+        self.check_values()  # a version-1 store records no checks
         if full:
             self.verify_checksum()
-            return
-        f = self._open()
-        if root_hash(f["chunk_sha256"][()], paths_digest(paths), self.class_names) != self.header.content_sha256:
-            raise StoreError(self.path, "content checksum mismatch in the image paths, class names or "
-                                        "recorded hashes (the file was changed or damaged after it was written)")
-        chunks = len(f["chunk_sha256"])
-        self.verify_checksum(chunks=[int(np.random.default_rng().integers(chunks))])
 
     # -- checks ----------------------------------------------------------------------------------
-    def _scan_arrays(self):
-        """``(logits, class_ids)`` mapped for one sequential pass (read-ahead on)."""
-        f = self._open()
-        mapped = [_memmap_dataset(self.path, f[name], _SEQUENTIAL) for name in ("logits", "class_ids")]
-        return [m if m is not None else f[name] for m, name in zip(mapped, ("logits", "class_ids"))]
-
     def check_values(self) -> None:
         """Scan every map (sequentially); raise :class:`StoreError` naming the first bad row."""
         logits, class_ids = self._scan_arrays()
@@ -337,64 +142,22 @@ class LabelStore:
                 raise StoreError(self.path, f"content checksum mismatch (stored "
                                             f"{self.header.content_sha256[:12]}, actual {actual[:12]})")
             return
-        recorded = f["chunk_sha256"][()]
-        if chunks is None:
-            if root_hash(recorded, paths_digest(self.paths), self.class_names) != self.header.content_sha256:
-                raise StoreError(self.path, "content checksum mismatch in the image paths, class names or "
-                                            "recorded hashes (the file was changed or damaged after it was "
-                                            "written)")
-            chunks = range(len(recorded))
-        logits, class_ids = self._scan_arrays()
-        rows = int(f.attrs.get("hash_chunk_rows", HASH_CHUNK_ROWS))
-        for chunk in chunks:
-            start, stop = chunk * rows, min(self.header.num_rows, (chunk + 1) * rows)
-            data = row_bytes(np.asarray(logits[start:stop]), np.asarray(class_ids[start:stop]),
-                             np.asarray(self.labels[start:stop]), np.asarray(self.image_sizes[start:stop]))
-            if hashlib.sha256(data).digest() != recorded[chunk].tobytes():
-                raise StoreError(self.path, f"content checksum mismatch in rows {start}..{stop - 1} (the "
-                                            "file was changed or damaged after it was written)")
+        super().verify_checksum(chunks)
 
     # -- reading ---------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.header.num_rows
-
-    @property
-    def num_classes(self) -> int:
-        return self.header.num_classes
-
     @property
     def layout(self) -> str:
         return self.header.layout
 
     @property
-    def class_ids_dtype(self) -> np.dtype:
-        """The dtype the class ids are stored in (uint8 up to 256 classes, then uint16, int32)."""
-        return np.dtype(self._open()["class_ids"].dtype)
-
-    @property
     def paths(self) -> PathTable:
-        """Every row's image path relative to the image root (memory-mapped)."""
+        """Every row's image path relative to the image root (memory-mapped; version 1: decoded)."""
+        if self.header.format_version != 1:
+            return super().paths
         self._open()
         if self._paths is None:
-            f = self._file
-            if self.header.format_version == 1:
-                self._paths = PathTable.from_strings(decode_strings(f["paths"]))
-            else:
-                offsets = self._array("path_offsets")
-                data = self._array("path_bytes")
-                self._paths = PathTable(np.asarray(data) if not isinstance(data, np.ndarray) else data,
-                                        np.asarray(offsets) if not isinstance(offsets, np.ndarray) else offsets)
+            self._paths = PathTable.from_strings(decode_strings(self._file["paths"]))
         return self._paths
-
-    @property
-    def labels(self) -> np.ndarray:
-        """int32 ``[N]`` hard labels (-1: unknown), memory-mapped."""
-        return np.asarray(self._array("labels"))
-
-    @property
-    def image_sizes(self) -> np.ndarray:
-        """int32 ``[N, 2]`` (height, width) of each image, memory-mapped."""
-        return np.asarray(self._array("image_sizes"))
 
     def read(self, rows) -> LabelMap:
         """Maps of ``rows`` (an int or a sequence): ``logits [n, k, H, W]``, ``class_ids [n, k, H, W]``."""
@@ -405,9 +168,7 @@ class LabelStore:
             if not 0 <= row < len(self):
                 raise IndexError(f"row {row} is outside the store's {len(self)} rows")
             return LabelMap(np.asarray(logits[row]), np.asarray(class_ids[row]))
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"rows outside [0, {len(self)}) requested")
+        rows = self._rows_index(rows)
         if isinstance(logits, np.ndarray):
             return LabelMap(logits[rows], class_ids[rows])
         # h5py needs increasing indices: read sorted unique rows, then restore the order.
@@ -426,30 +187,6 @@ class LabelStore:
     def __getitem__(self, row: int) -> LabelMap:
         return self.read(int(row))
 
-    def row_of(self, relpath: str) -> int:
-        """The row holding the map of image ``relpath`` (``KeyError`` if there is none)."""
-        if self._row_of_path is None:
-            self._row_of_path = {p: i for i, p in enumerate(self.paths.tolist())}
-        return self._row_of_path[normalise_relpath(relpath)]
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-        self._arrays = {}
-        self._paths = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.update(_file=None, _arrays={}, _paths=None, _pid=None, _row_of_path=None, _identity=None)
-        return state
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self) -> str:
         h = self.header
         return (f"LabelStore({self.path!r}, rows={h.num_rows}, classes={h.num_classes}, "
@@ -459,8 +196,7 @@ class LabelStore:
 def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict:
     """Header, counts and sanity statistics of a store (from a random sample of rows)."""
     h = store.header
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(store), size=min(sample_rows, len(store)), replace=False))
+    rows = summary_rows(store, sample_rows, seed)
     maps = store.read(rows)
     logits = maps.logits.astype(np.float32)
     top1 = maps.class_ids[:, 0].reshape(len(rows), -1)
@@ -468,14 +204,8 @@ def summarize(store: LabelStore, sample_rows: int = 1024, seed: int = 0) -> dict
     known = hard >= 0
     agree = float(np.mean([np.bincount(t, minlength=h.num_classes).argmax() == y
                            for t, y in zip(top1[known], hard[known])])) if known.any() else float("nan")
-    size_bytes = os.path.getsize(store.path)
     return {
-        "path": store.path, "format_version": h.format_version, "rows": h.num_rows,
-        "num_classes": h.num_classes, "k": h.k, "grid": [h.grid_h, h.grid_w], "layout": h.layout,
-        "teacher": h.teacher, "teacher_input_size": h.teacher_input_size, "source": h.source,
-        "content_sha256": h.content_sha256, "values_checked_when_written": h.values_checked,
-        "file_bytes": size_bytes, "bytes_per_image": size_bytes / max(1, h.num_rows),
-        "class_ids_dtype": str(store._array("class_ids").dtype),
+        **summary_header(store), "k": h.k, "grid": [h.grid_h, h.grid_w], "layout": h.layout,
         "memory_mapped": isinstance(store._array("logits"), np.ndarray),
         "sampled_rows": int(len(rows)),
         "logit_mean": float(logits.mean()), "logit_min": float(logits.min()), "logit_max": float(logits.max()),

@@ -1,7 +1,9 @@
 """The ``dali-relabel`` command line: one subcommand per job.
 
-convert       the released per-image .pt maps (ReLabel, Token Labeling) -> one HDF5 store
-info          header, counts and sanity statistics of a store
+convert       released labels -> one HDF5 store: the per-image .pt maps of ReLabel
+              and Token Labeling, or FKD's .tar soft labels
+info          header, counts and sanity statistics of a store (label maps or regions)
+verify        check a store of either kind at a verify level, and say which kind it is
 show          an image with its label map drawn over it (PNG)
 build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
@@ -23,25 +25,28 @@ import sys
 
 def _cmd_convert(args) -> int:
     from .convert import convert_release
+    from .convert_fkd import convert_fkd
 
     class_names = None
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f if line.strip()]
-    report = convert_release(args.maps, args.images, args.out, num_classes=args.num_classes,
-                             class_names=class_names, allow_missing=args.allow_missing,
-                             workers=args.workers, restart=args.restart, progress=not args.quiet,
-                             release_format=args.format)
+    common = dict(num_classes=args.num_classes, class_names=class_names, allow_missing=args.allow_missing,
+                  workers=args.workers, restart=args.restart, progress=not args.quiet)
+    if args.fkd:
+        report = convert_fkd(args.fkd, args.images, args.out, fkd_label_type=args.fkd_label_type,
+                             regions=args.regions, **common)
+    else:
+        report = convert_release(args.maps, args.images, args.out, release_format=args.format, **common)
     print(report.summary())
     return 0
 
 
 def _cmd_info(args) -> int:
-    from ..store import LabelStore, summarize
+    from ..store import open_store, summarize_store
 
     level = "full" if args.verify else "header" if args.fast else "sample"
-    store = LabelStore(args.store, verify=level)
-    summary = summarize(store)
+    summary = summarize_store(open_store(args.store, verify=level))
     if args.verify:
         summary["checksum"] = "verified (every block and every value)"
     if args.json:
@@ -50,6 +55,15 @@ def _cmd_info(args) -> int:
         width = max(len(key) for key in summary)
         for key, value in summary.items():
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from ..store import open_store
+
+    store = open_store(args.store, verify=args.level)
+    print(f"{store.path}: {store.kind}, {len(store)} rows, format version {store.header.format_version}: "
+          f"verified ({args.level})")
     return 0
 
 
@@ -165,12 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert released .pt label maps (ReLabel, Token Labeling) into one store")
-    p.add_argument("--maps", required=True, help="release root: <wnid>/<stem>.pt")
+    p = sub.add_parser("convert", help="convert released labels into one store: .pt maps of ReLabel or Token "
+                                       "Labeling (--maps, --format) or "
+                                       "FKD's .tar soft labels (--fkd)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--maps", help="release root of .pt maps: <wnid>/<stem>.pt (writes a label-map store)")
+    source.add_argument("--fkd", help="FKD soft-label folder: <class>/<stem>.tar, FKD's <softlabel_path>/train "
+                                      "(writes a region store)")
     p.add_argument("--images", required=True, help="ImageFolder root of the same images")
     p.add_argument("--out", required=True, help="store to write (.h5)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--class-names", help="file with one class name per line, in class-id order")
+    p.add_argument("--fkd-label-type", default="marginal_smoothing_k5",
+                   help="with --fkd: what the files hold (FKD's --label_type: marginal_smoothing_k5, "
+                        "marginal_smoothing_k10, marginal_renorm, hard, smoothing); the files do not say")
+    p.add_argument("--regions", type=int, default=None,
+                   help="with --fkd: crops kept per image, the first R of each file (default: the first file's count)")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip images without a map and ignore maps without an image (counted)")
     p.add_argument("--workers", type=int, default=None, help="map-loading processes (default: all cores)")
@@ -181,13 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("info", help="header, counts and sanity statistics of a store")
+    p = sub.add_parser("info", help="header, counts and sanity statistics of a store (either kind)")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
     p.add_argument("--fast", action="store_true", help="check the header only")
     p.add_argument("--verify", action="store_true",
                    help="recompute every block's checksum and check every value (reads the whole file)")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("verify", help="check a store of either kind (label maps or regions) and say which it is")
+    p.add_argument("store")
+    p.add_argument("--level", choices=["header", "sample", "full"], default="full",
+                   help="header: format and datasets; sample: + paths, root hash, one block; full: every block "
+                        "and value (default)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("show", help="draw a label map over its image (PNG)")
     p.add_argument("store")

@@ -20,7 +20,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class ConversionReport:
     images_without_map: List[str] = field(default_factory=list)
     maps_without_image: List[str] = field(default_factory=list)
     unreadable_image_headers: List[str] = field(default_factory=list)
+    files_with_more_crops: List[str] = field(default_factory=list)  #: FKD files of which the first R were kept
     resumed_from_row: int = 0
     out: str = ""
 
@@ -49,7 +50,9 @@ class ConversionReport:
             lines.append(f"resumed an interrupted conversion at row {self.resumed_from_row}")
         for name, items in (("images without a map (skipped)", self.images_without_map),
                             ("maps without an image (ignored)", self.maps_without_image),
-                            ("images whose size could not be read", self.unreadable_image_headers)):
+                            ("images whose size could not be read", self.unreadable_image_headers),
+                            ("label files with more stored crops than kept (the first kept)",
+                             self.files_with_more_crops)):
             if items:
                 lines.append(f"{len(items)} {name}, first: {items[0]}")
         return "\n".join(lines)
@@ -58,12 +61,12 @@ class ConversionReport:
 map_relpath = relabel_map_relpath
 
 
-def list_map_files(maps_dir) -> List[str]:
-    """Relative paths of all ``.pt`` files below ``maps_dir``."""
+def list_map_files(maps_dir, suffix: str = ".pt") -> List[str]:
+    """Relative paths of all files ending in ``suffix`` below ``maps_dir``."""
     found = []
     for dirpath, _, filenames in os.walk(maps_dir):
         for name in filenames:
-            if name.endswith(".pt"):
+            if name.endswith(suffix):
                 found.append(os.path.relpath(os.path.join(dirpath, name), maps_dir).replace(os.sep, "/"))
     return sorted(found)
 
@@ -132,12 +135,12 @@ def _init_worker(parent_pid: int):
     torch.set_num_threads(1)
 
 
-def pair_images_with_maps(images: ImageList, maps_dir: str, allow_missing: bool,
-                          report: ConversionReport, wanted: Optional[List[str]] = None) -> List[int]:
-    """Indices of the images that have a map; fills the report; raises unless ``allow_missing``.
-    ``wanted``: each image's map path (default: the ReLabel naming)."""
-    available = set(list_map_files(maps_dir))
-    wanted = wanted if wanted is not None else [map_relpath(p) for p in images.relpaths]
+def pair_images_with_maps(images: ImageList, maps_dir: str, allow_missing: bool, report: ConversionReport,
+                          relpath_of: Callable[[str], str] = map_relpath, suffix: str = ".pt") -> List[int]:
+    """Indices of the images that have a label file (``relpath_of(image relpath)`` below ``maps_dir``;
+    files found are those ending in ``suffix``); fills the report; raises unless ``allow_missing``."""
+    available = set(list_map_files(maps_dir, suffix))
+    wanted = [relpath_of(p) for p in images.relpaths]
     keep = [i for i, m in enumerate(wanted) if m in available]
     report.images_without_map = [images.relpaths[i] for i, m in enumerate(wanted) if m not in available]
     report.maps_without_image = sorted(available - set(wanted))
@@ -182,18 +185,12 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
     holds its partial file open), :class:`~dali_relabel.store.StoreError` for a partial file that
     cannot be opened (kept; remove it or pass ``restart``).
     """
-    from tqdm import tqdm
-
     maps_dir, out = os.fspath(maps_dir), os.fspath(out)
     fmt = format_by_name(release_format)
-    images = list_images(image_root, classes=class_names)
-    if len(images.classes) != num_classes:
-        raise ConversionError(f"{image_root} has {len(images.classes)} class folders but num_classes is "
-                              f"{num_classes}; pass the {num_classes} class names in class-id order "
-                              "(--class-names FILE)")
+    images = list_image_set(image_root, class_names, num_classes)
     report = ConversionReport(out=out)
-    named = map_relpaths(fmt, images.relpaths)
-    keep = pair_images_with_maps(images, maps_dir, allow_missing, report, wanted=named)
+    named = map_relpaths(fmt, images.relpaths)  # refuses two images named to one file
+    keep = pair_images_with_maps(images, maps_dir, allow_missing, report, relpath_of=fmt.map_relpath)
     relpaths, map_paths = [images.relpaths[i] for i in keep], [os.path.join(maps_dir, named[i]) for i in keep]
     labels = np.asarray([images.labels[i] for i in keep], dtype=np.int32)
     first_logits, _ = load_release_map(map_paths[0], num_classes)
@@ -206,38 +203,76 @@ def convert_release(maps_dir, image_root, out, num_classes: int = 1000,
                              resume=not restart, plan_salt=os.path.abspath(maps_dir), lock=lock)
         writer.close()  # reopened once the loaders run: no forked loader may inherit the open file
         start = report.resumed_from_row = writer.rows_written
-        tasks = []
-        for begin in range(start, len(relpaths), chunk_rows):
-            part = relpaths[begin:begin + chunk_rows]
-            tasks.append((map_paths[begin:begin + chunk_rows],
-                          [os.path.join(images.root, p) for p in part], num_classes, (k, grid_h, grid_w)))
-        workers = workers or os.cpu_count() or 1
-        bar = tqdm(total=len(relpaths), initial=start, unit="map", desc="convert", disable=not progress)
-        try:
-            # fork: every loader starts at the first submit (with the lock held, the store closed).
-            # The loaders inherit this process's objects. Garbage in reference cycles (a DALI pipeline
-            # an earlier caller dropped) would be collected inside a loader, and tearing a pipeline
-            # down there hangs or kills it (BrokenProcessPool). Frozen objects are never collected,
-            # so everything is frozen while they fork.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-                gc.freeze()
-                try:
-                    pool.submit(int).result()
-                finally:
-                    gc.unfreeze()
-                writer.reopen()
-                row = start
-                for logits, ids, sizes, unreadable in pool.map(_load_chunk, tasks):
-                    writer.write(row, logits, ids, labels[row:row + len(logits)], sizes)
-                    report.unreadable_image_headers.extend(unreadable)
-                    row += len(logits)
-                    bar.update(len(logits))
-            writer.finish()
-        except BaseException:
-            writer.close()  # the partial file stays; rerunning the command resumes it
-            raise
-        finally:
-            bar.close()
+        tasks = chunk_tasks(relpaths, start, chunk_rows, maps_dir, fmt.map_relpath, images.root, num_classes,
+                            (k, grid_h, grid_w))
+
+        def write(row, loaded) -> int:
+            logits, ids, sizes, unreadable = loaded
+            writer.write(row, logits, ids, labels[row:row + len(logits)], sizes)
+            report.unreadable_image_headers.extend(unreadable)
+            return len(logits)
+
+        write_in_parallel(writer, _load_chunk, tasks, write, start, len(relpaths), workers, progress, "map")
     report.rows = len(relpaths)
     return report
+
+
+def write_in_parallel(writer, load: Callable, tasks: Iterable, write: Callable, start: int, total: int,
+                      workers: Optional[int], progress: bool, unit: str) -> None:
+    """Run ``load`` over ``tasks`` in worker processes and hand each result, in order, to
+    ``write(row, result)`` (which returns the rows it wrote), then publish ``writer``.
+
+    ``writer`` is closed when called (the workers must not inherit the open file) and reopened once
+    they run; on any error or interruption it is closed again, leaving its partial file to resume.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, unit=unit, desc="convert", disable=not progress)
+    try:
+        # fork: every loader starts at the first submit (with the lock held, the store closed).
+        # The loaders inherit this process's objects. Garbage in reference cycles (a DALI pipeline
+        # an earlier caller dropped) would be collected inside a loader, and tearing a pipeline
+        # down there hangs or kills it (BrokenProcessPool). Frozen objects are never collected,
+        # so everything is frozen while they fork.
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                 mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+            gc.freeze()
+            try:
+                pool.submit(int).result()
+            finally:
+                gc.unfreeze()
+            writer.reopen()
+            row = start
+            for result in pool.map(load, tasks):
+                written = write(row, result)
+                row += written
+                bar.update(written)
+        writer.finish()
+    except BaseException:
+        writer.close()  # the partial file stays; rerunning the command resumes it
+        raise
+    finally:
+        bar.close()
+
+
+def list_image_set(image_root, class_names: Optional[Sequence[str]], num_classes: int) -> ImageList:
+    """The ImageFolder tree at ``image_root``, which must hold ``num_classes`` classes."""
+    images = list_images(image_root, classes=class_names)
+    if len(images.classes) != num_classes:
+        raise ConversionError(f"{image_root} has {len(images.classes)} class folders but num_classes is "
+                              f"{num_classes}; pass the {num_classes} class names in class-id order "
+                              "(--class-names FILE)")
+    return images
+
+
+def chunk_tasks(relpaths: Sequence[str], start: int, chunk_rows: int, label_dir: str,
+                relpath_of: Callable[[str], str], image_root: str, *settings) -> list:
+    """Work items of rows ``start ..`` in chunks of ``chunk_rows``: ``(label files, image files,
+    *settings)`` each."""
+    tasks = []
+    for begin in range(start, len(relpaths), chunk_rows):
+        part = relpaths[begin:begin + chunk_rows]
+        tasks.append(([os.path.join(label_dir, relpath_of(p)) for p in part],
+                      [os.path.join(image_root, p) for p in part], *settings))
+    return tasks
