@@ -199,9 +199,17 @@ def plot(result: dict, path: str) -> None:
     """Loaders, ratios, feed and (when measured) tar shards and several crops per decode per batch
     size, a panel each."""
     plt = pyplot()
+    runs = list(result["runs"].values())
+    if not any(run.get("contenders") or run.get("feed") or run.get("shards") for run in runs):
+        fig, (bars, ratios) = plt.subplots(1, 2, figsize=(12, 4.8))  # the crops round alone
+        _grouped_bars(bars, result, "crops", "crops/s (median, bars: min-max)")
+        bars.set_title(f"several crops per decode ({result['device']})")
+        _crops_ratios(ratios, result)
+        save_figure(fig, path)
+        return
     extra = [(key, title, unit) for key, title, unit in (("shards", "tar shards", "images/s"),
                                                          ("crops", "crops per decode", "crops/s"))
-             if any(run.get(key) for run in result["runs"].values())]
+             if any(run.get(key) for run in runs)]
     panels = 3 + len(extra)
     fig, axes = plt.subplots(1, panels, figsize=(16 + 5 * len(extra), 4.8))
     left, middle, right = axes[:3]
@@ -234,3 +242,27 @@ def plot(result: dict, path: str) -> None:
         right.axhline(feed_target, color="red", linewidth=0.8, linestyle="--")
     right.set_title(f"feed only, no decoding ({result['arguments'].get('feed_threads')} DALI threads)")
     save_figure(fig, path)
+
+
+def _crops_ratios(ax, result: dict) -> None:
+    """crops/s of dali-relabel with k crops per decode over plain's, per batch size, with the target."""
+    batches = list(result["runs"])
+    keys = sorted({k for run in result["runs"].values() for k in (run.get("crops") or {}).get("ratios", {})
+                   if k.endswith("_over_plain")}, key=lambda k: int(k[len("relabel_k"):].split("_")[0]))
+    x = np.arange(len(batches))
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        values = [((result["runs"][b].get("crops") or {}).get("ratios", {}).get(key) or 0.0) for b in batches]
+        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, values, width, label=_per_decode(key.split("_over_")[0]))
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    target = (result.get("targets") or {}).get("crops_k4_over_plain", {}).get("threshold")
+    if target:
+        ax.axhline(target, color="red", linewidth=0.8, linestyle="--", label=f"target at k = 4: {target} x plain")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"B={b}" for b in batches])
+    ax.set_ylabel("crops/s / plain's (one crop per decode)")
+    ax.set_title("dali-relabel with k crops per decode relative to plain")
+    if keys:
+        ax.legend(fontsize=7)
