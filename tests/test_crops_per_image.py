@@ -251,6 +251,23 @@ def test_mixing_pairs_crops_in_the_flat_batch(tiny_set, mode):
 
 
 @pytest.mark.slow
+def test_ranks_split_the_images(tiny_set):
+    from dali_relabel.loader import ReLabelLoader
+
+    config = DataConfig(**SMALL, crops_per_image=2, last_batch="pad")
+    seen = []
+    for rank in range(2):
+        loader = ReLabelLoader(tiny_set.images, tiny_set.store, batch_size=6, config=config, device="cpu", rank=rank,
+                               world_size=2, return_rows=True)
+        assert len(loader) == 4 and len(loader.sampler) == 24  # 12 images per rank, 3 a batch
+        rows = torch.cat([r for _, _, r in loader])
+        _crop_index(rows, 2)
+        seen.append(set(rows.tolist()))
+        assert len(rows) == 24
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(24))
+
+
+@pytest.mark.slow
 def test_a_resumed_epoch_continues_with_the_same_crops(tiny_set):
     full = [(rows, targets) for _, targets, _, rows, _ in _loader(tiny_set, 2)]
     first = _loader(tiny_set, 2)
