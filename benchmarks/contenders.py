@@ -12,6 +12,14 @@ Training loaders (images/s; all decode the same generated JPEGs):
   the image's ``.pt`` map per sample), then per batch the dense scatter into ``zeros[B, C, 15, 15]`` +
   ``roi_align`` + softmax (:func:`~dali_relabel.ops.reference.reference_label_pooling`, layout ``"WH"``).
 
+Several crops per decoded image (crops/s, the ``crops`` round; the same generated JPEGs):
+
+- ``plain``: as above, one crop per decode (the fastest plain graph: the decoder reads the window
+  alone), hard labels: the contender to beat;
+- ``relabel-k<k>``: :class:`~dali_relabel.loader.ReLabelLoader` with ``crops_per_image=k``: each image
+  decoded once (whole, on the same decoder) and k crops cut from it, soft targets; ``relabel-k1`` is
+  the ``relabel`` loader.
+
 Tar shards (images/s; the same images packed by ``dali-relabel shard``, :func:`benchmarks.data.prepare_shards`):
 
 - ``plain-shards``: ``plain_shard_train_pipeline``, ``readers.webdataset`` (JPEG + label) on the
@@ -124,6 +132,28 @@ def make_relabel(data: BenchData, config, batch_size: int, device: str, name: st
     return Contender(name, label(name), endless(lambda: iter(loader)), lambda b: len(b[0]),
                      drain=2 * config.prefetch_queue_depth, check=lambda b: soft_target_error(b[1]),
                      settings=_settings(config, py_num_workers=config.py_num_workers,
+                                        decoder="mixed" if device == "gpu" else "cpu"),
+                     close=loader.close)
+
+
+def crops_name(crops: int) -> str:
+    """The ``crops`` round's name of dali-relabel with ``crops`` crops per decode."""
+    return f"relabel-k{crops}"
+
+
+def make_relabel_crops(data: BenchData, config, batch_size: int, device: str, crops: int) -> Contender:
+    """:class:`ReLabelLoader` with ``crops`` crops per decoded image: batches of ``batch_size`` crops
+    (``batch_size / crops`` images)."""
+    from dali_relabel.loader import ReLabelLoader
+
+    config = config.replace(crops_per_image=crops)
+    loader = ReLabelLoader(data.image_root, data.store_path, batch_size=batch_size, config=config, device=device)
+    name = crops_name(crops)
+    text = f"dali-relabel, {crops} crop{'s' if crops > 1 else ''} per decode (soft targets)"
+    return Contender(name, text, endless(lambda: iter(loader)), lambda b: len(b[0]),
+                     drain=2 * config.prefetch_queue_depth, check=lambda b: soft_target_error(b[1]),
+                     settings=_settings(config, py_num_workers=config.py_num_workers, crops_per_image=crops,
+                                        images_per_batch=batch_size // crops,
                                         decoder="mixed" if device == "gpu" else "cpu"),
                      close=loader.close)
 

@@ -18,7 +18,16 @@ process:
    ``relabel-w<n>`` and ``source-w<n>`` to the same alternation, so they are compared under the same
    conditions.
 
-Writes ``throughput-<device>-<date>.json`` / ``.png`` and ``latest-throughput-<device>.md``.
+4. **Several crops per decoded image** (``crops``, only when chosen: ``--contenders crops``),
+   alternating, in crops/s: ``plain`` (one crop per decode, the fastest plain graph) against
+   ``relabel-k<k>`` (:class:`ReLabelLoader` with ``DataConfig.crops_per_image=k``, soft targets) for
+   each k of ``--crops-per-image`` (default 1,2,4), every contender's batch ``B`` crops (``B / k``
+   images). Ratios ``relabel_k<k>_over_plain``; target: k = 4 at least 1.8x plain's crops/s.
+
+    python -m benchmarks.throughput --device cpu --contenders crops --batch-sizes 64,128,256
+
+Writes ``throughput-<device>-<date>.json`` / ``.png`` and ``latest-throughput-<device>.md`` (a
+partial run adds its contenders to the name: ``throughput-cpu-crops-...``).
 """
 from __future__ import annotations
 
@@ -34,12 +43,14 @@ from .report import finish, new_result, plugin_info, summary, write_outputs
 from .throughput_report import markdown, plot
 from .timing import alternate, close_all, take
 
-GROUPS = C.LOADERS + ("shards", "feed")
+#: What a run measures by default.
+DEFAULT_GROUPS = C.LOADERS + ("shards", "feed")
+GROUPS = DEFAULT_GROUPS + ("crops",)
 SETTLE = ("after each segment, wait until this process and its children use < 0.1 core over 0.3 s (the "
           "contender has refilled its prefetch) before the next contender's segment")
 #: What the suite reports against (the issue's targets).
 TARGETS = {"relabel_over_plain": 0.97, "relabel_over_plain_small_epochs": 0.95, "shards_over_plain_shards": 0.97,
-           "feed_source_samples_per_s": 20_000.0}
+           "feed_source_samples_per_s": 20_000.0, "crops_k4_over_plain": 1.8}
 #: Epochs of at most this many batches are small (fine-tuning on small data sets: ``--images 1024
 #: --batch-sizes 256``): every pass's end is a large share of the work, and ``relabel / plain`` there
 #: is held to ``relabel_over_plain_small_epochs``.
@@ -52,9 +63,12 @@ def add_arguments(parser) -> None:
     default = DataConfig()
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu",
                         help="where the loaders decode and pool (gpu: mixed decoder, CUDA operator)")
-    parser.add_argument("--contenders", default=",".join(GROUPS),
-                        help="comma-separated subset of plain, example, relabel, authors, shards, feed "
-                             "(default: all)")
+    parser.add_argument("--contenders", default=",".join(DEFAULT_GROUPS),
+                        help="comma-separated subset of plain, example, relabel, authors, shards, feed, crops "
+                             "(default: all but crops)")
+    parser.add_argument("--crops-per-image", type=int_list, default=[1, 2, 4],
+                        help="crops per decoded image of the crops round's dali-relabel contenders (each must "
+                             "divide every batch size; default 1,2,4)")
     parser.add_argument("--batch-sizes", type=int_list, default=[64, 128, 256],
                         help="batch sizes to run the whole comparison at (default: 64,128,256)")
     parser.add_argument("--images", type=positive_int, default=2048, help="images in the generated set")
@@ -123,6 +137,12 @@ def _check(args, chosen: List[str]) -> str:
     too_big = [b for b in args.batch_sizes if b > args.images]
     if too_big:
         raise BenchError(f"--images {args.images} do not fill one batch of {too_big[0]}")
+    if "crops" in chosen:
+        if not args.crops_per_image:
+            raise BenchError("--crops-per-image is empty")
+        odd = [(b, k) for b in args.batch_sizes for k in args.crops_per_image if b % k]
+        if odd:
+            raise BenchError(f"batch size {odd[0][0]} is not a multiple of {odd[0][1]} crops per image")
     if args.compare_workers is None:
         args.compare_workers = [1 if args.workers == 0 else 0]
     if args.workers in args.compare_workers:
@@ -230,6 +250,39 @@ def shards_round(args, shards_dir: str, config, batch_size: int, device: str) ->
                                "epochs"}}
 
 
+def crops_round(args, data, config, batch_size: int, device: str) -> dict:
+    """Plain DALI (one crop per decode) vs dali-relabel with each of ``--crops-per-image`` crops per
+    decode, alternating, in crops/s: every contender's batch is ``batch_size`` crops."""
+    per_epoch = args.images // batch_size  # plain's batches per epoch (dali-relabel's: k times more)
+    timed = args.batches or max(1, per_epoch)
+    warmup = args.warmup if args.warmup is not None else max(2, per_epoch)
+    built = []
+    for crops in args.crops_per_image:  # our loaders first, as in the loaders' round
+        start = time.time()
+        c = C.make_relabel_crops(data, config, batch_size, device, crops)
+        take(c, 1)
+        log(f"[B={batch_size} crops] built {c.name} in {time.time() - start:.1f} s")
+        built.append(c)
+    plain = C.make_plain(data, config, batch_size, device)
+    take(plain, 1)
+    built.insert(0, plain)
+    rates = alternate(built, warmup, timed, args.repeats, device, "crops/s", prefix=f"[B={batch_size} crops] ",
+                      settle=args.settle)
+    entries = {c.name: _entry(rates[c.name], c, batch_size, timed) for c in built}
+    close_all(built)
+    names = [C.crops_name(k) for k in args.crops_per_image]
+    ratios, paired, cpu = _ratios(entries, [(n, "plain") for n in names]
+                                  + [(n, C.crops_name(1)) for n in names if n != C.crops_name(1)
+                                     and C.crops_name(1) in names])
+    return {"contenders": entries, "ratios": ratios, "paired_ratios": paired, "cpu_time_ratios": cpu,
+            "crops_per_image": list(args.crops_per_image),
+            "method": {"warmup_batches": warmup, "timed_batches_per_repeat": timed, "batches_per_epoch": per_epoch,
+                       "order": [c.name for c in built], "unit": "crops/s", "settle": SETTLE if args.settle else None,
+                       "note": "every batch holds batch_size crops: plain decodes one window per crop "
+                               "(decoders.image_slice), dali-relabel with k crops per decode decodes batch_size / k "
+                               "whole images (decoders.image) and cuts k crops from each"}}
+
+
 #: Images per rank and epoch of ImageNet-1k on 8 ranks, for :func:`epoch_end_cost`'s projection.
 IMAGENET_RANK_EPOCH = 1_281_167 // 8
 
@@ -303,7 +356,8 @@ def workers_comparison(result: dict, default_workers: int) -> dict:
 
 def check_targets(result: dict) -> dict:
     """relabel / plain and shards / plain-shards >= 0.97 (relabel / plain >= 0.95 on small epochs,
-    :data:`SMALL_EPOCH_BATCHES`) and our feed >= 20k samples/s, at every batch size measured."""
+    :data:`SMALL_EPOCH_BATCHES`), our feed >= 20k samples/s, and dali-relabel with 4 crops per decode
+    >= 1.8x plain's crops/s, at every batch size measured."""
     targets = {}
     small = {b for b, r in result["runs"].items()
              if 0 < r.get("method", {}).get("batches_per_epoch", 0) <= SMALL_EPOCH_BATCHES}
@@ -321,6 +375,20 @@ def check_targets(result: dict) -> dict:
         cpu = {b: result["runs"][b].get("cpu_time_ratios", {}).get(key) for b in ratio}
         if all(v is not None for v in cpu.values()):
             targets[target].update(cpu_time_by_batch_size=cpu, met_cpu_time=all(v >= limit for v in cpu.values()))
+    crops = {b: r["crops"] for b, r in result["runs"].items() if r.get("crops")}
+    key = "relabel_k4_over_plain"
+    if any(key in run["ratios"] for run in crops.values()):
+        limit = TARGETS["crops_k4_over_plain"]
+        ratio = {b: run["ratios"][key] for b, run in crops.items() if key in run["ratios"]}
+        paired = {b: crops[b]["paired_ratios"][key]["median"] for b in ratio}
+        targets["crops_k4_over_plain"] = {"threshold": limit, "by_batch_size": ratio,
+                                          "met": all(v >= limit for v in ratio.values()),
+                                          "paired_by_batch_size": paired,
+                                          "met_paired": all(v >= limit for v in paired.values())}
+        cpu = {b: crops[b].get("cpu_time_ratios", {}).get(key) for b in ratio}
+        if all(v is not None for v in cpu.values()):
+            targets["crops_k4_over_plain"].update(cpu_time_by_batch_size=cpu,
+                                                  met_cpu_time=all(v >= limit for v in cpu.values()))
     feed = {b: r["feed"]["contenders"]["source"]["median"] for b, r in result["runs"].items() if r.get("feed")}
     if feed:
         limit = TARGETS["feed_source_samples_per_s"]
@@ -355,17 +423,20 @@ def run(args) -> dict:
                 run_b.setdefault(key, {}).update(run_b["shards"][key])
         if "feed" in chosen:
             run_b["feed"] = feed_round(args, data, config, batch_size)
+        if "crops" in chosen:
+            run_b["crops"] = crops_round(args, data, config, batch_size, device)
         result["runs"][str(batch_size)] = run_b
     result["py_num_workers"] = {"default": args.workers, "compared": list(args.compare_workers),
                                 "by_batch_size": workers_comparison(result, args.workers)}
     result["targets"] = check_targets(result)
     spreads = {}
     for batch, run_b in result["runs"].items():
-        for group in (run_b, run_b.get("feed") or {}):
+        for group in (run_b, run_b.get("feed") or {}, run_b.get("crops") or {}):
             for name, entry in group.get("contenders", {}).items():
-                spreads[f"B={batch} {name}"] = entry["spread_pct"]
+                where = " crops" if group is run_b.get("crops") else ""
+                spreads[f"B={batch}{where} {name}"] = entry["spread_pct"]
     finish(result, spreads)
-    subset = "" if chosen == list(GROUPS) else "-" + "-".join(chosen)  # a partial run keeps the full one
+    subset = "" if chosen == list(DEFAULT_GROUPS) else "-" + "-".join(chosen)  # a partial run keeps the full one
     if result["targets"].get("relabel_over_plain_small_epochs"):  # a small-epoch run keeps the usual one
         subset += f"-n{args.images}"
     if args.augment or args.reprob:  # an augmented run keeps the plain one

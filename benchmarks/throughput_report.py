@@ -8,7 +8,8 @@ import numpy as np
 from .report import fmt, header_lines, pyplot, save_figure, warning_lines
 
 COLOURS = {"plain": "#999999", "example": "#c7a252", "relabel": "#76b900", "authors": "#1f77b4",
-           "reader": "#999999", "source": "#76b900", "plain-shards": "#999999", "shards": "#76b900"}
+           "reader": "#999999", "source": "#76b900", "plain-shards": "#999999", "shards": "#76b900",
+           "relabel-k1": "#76b900", "relabel-k2": "#4f8a00", "relabel-k4": "#2c5200"}
 RATIOS = (("relabel_over_plain", "relabel / plain (same decode path)"),
           ("relabel_over_example", "relabel / example graph"),
           ("relabel_over_authors", "relabel / authors' approach"),
@@ -101,6 +102,31 @@ def markdown(result: dict) -> str:
                 text = labels.get(key, key.replace("_over_", " / ").replace("_w", " w"))
                 lines.append(f"| {text} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(run.get("crops") for run in runs.values()):
+        lines += ["## Several crops per decoded image (`DataConfig.crops_per_image`)", "",
+                  "Every batch holds B crops: plain DALI decodes one window per crop; dali-relabel with k "
+                  "crops per decode decodes B / k whole images and cuts k crops (each with its own window, "
+                  "flip and soft target) from each.", ""]
+        lines += _table(result, "crops", "crops/s") + [""]
+        lines += _table(result, "crops", "CPU ms per crop", _cpu_cell, "median; all processes of the run") + [""]
+        keys = sorted({k for run in runs.values() for k in (run.get("crops") or {}).get("ratios", {})},
+                      key=lambda k: (not k.endswith("_over_plain"), k))
+        if keys:
+            lines += ["| ratio of crops/s: of medians (of paired repeats) [of CPU time per crop] | "
+                      + " | ".join(f"B={b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+            for key in keys:
+                cells = []
+                for b in batches:
+                    crops = runs[b].get("crops") or {}
+                    value, paired = crops.get("ratios", {}).get(key), crops.get("paired_ratios", {}).get(key)
+                    cpu = crops.get("cpu_time_ratios", {}).get(key)
+                    cells.append(fmt(value, 2) + (f" ({paired['median']:.2f})" if paired else "")
+                                 + (f" [{cpu:.2f}]" if cpu else ""))
+                mine, _, other = key.partition("_over_")
+                text = (f"{_per_decode(mine)} / "
+                        + ("plain, one crop per decode" if other == "plain" else _per_decode(other)))
+                lines.append(f"| {text} | " + " | ".join(cells) + " |")
+            lines.append("")
     if any(run.get("feed") for run in runs.values()):
         lines += [f"## Feed only (no decoding, {a.get('feed_threads')} DALI threads)", ""]
         lines += _table(result, "feed", "samples/s") + [""]
@@ -121,7 +147,8 @@ def markdown(result: dict) -> str:
         for key, entry in targets.items():
             values = ", ".join(f"B={b}: {fmt(v, 2 if v < 100 else 0)}" for b, v in entry["by_batch_size"].items())
             what = {"relabel_over_plain": "relabel / plain >=", "shards_over_plain_shards": "shards / plain on shards >=",
-                    "relabel_over_plain_small_epochs": "relabel / plain on small epochs (<= 4 batches) >="
+                    "relabel_over_plain_small_epochs": "relabel / plain on small epochs (<= 4 batches) >=",
+                    "crops_k4_over_plain": "crops/s of relabel with 4 crops per decode / plain (one per decode) >="
                     }.get(key, "our feed (samples/s) >=")
             lines.append(f"- {what} {fmt(entry['threshold'], 2 if entry['threshold'] < 100 else 0)} at every "
                          f"batch size: **{'met' if entry['met'] else 'MISSED'}** ({values})"
@@ -134,6 +161,12 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += warning_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _per_decode(name: str) -> str:
+    """``relabel_k4`` -> "relabel, 4 crops per decode"."""
+    crops = name[len("relabel_k"):]
+    return f"relabel, {crops} crop{'' if crops == '1' else 's'} per decode"
 
 
 def _grouped_bars(ax, result: dict, key: Optional[str], ylabel: str) -> None:
@@ -163,16 +196,28 @@ def _grouped_bars(ax, result: dict, key: Optional[str], ylabel: str) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    """Loaders, ratios, feed and (when measured) tar shards per batch size, a panel each."""
+    """Loaders, ratios, feed and (when measured) tar shards and several crops per decode per batch
+    size, a panel each."""
     plt = pyplot()
-    shards = any(run.get("shards") for run in result["runs"].values())
-    fig, axes = plt.subplots(1, 4 if shards else 3, figsize=(21 if shards else 16, 4.8))
+    runs = list(result["runs"].values())
+    if not any(run.get("contenders") or run.get("feed") or run.get("shards") for run in runs):
+        fig, (bars, ratios) = plt.subplots(1, 2, figsize=(12, 4.8))  # the crops round alone
+        _grouped_bars(bars, result, "crops", "crops/s (median, bars: min-max)")
+        bars.set_title(f"several crops per decode ({result['device']})")
+        _crops_ratios(ratios, result)
+        save_figure(fig, path)
+        return
+    extra = [(key, title, unit) for key, title, unit in (("shards", "tar shards", "images/s"),
+                                                         ("crops", "crops per decode", "crops/s"))
+             if any(run.get(key) for run in runs)]
+    panels = 3 + len(extra)
+    fig, axes = plt.subplots(1, panels, figsize=(16 + 5 * len(extra), 4.8))
     left, middle, right = axes[:3]
     _grouped_bars(left, result, None, "images/s (median, bars: min-max)")
     left.set_title(f"training loaders ({result['device']})")
-    if shards:
-        _grouped_bars(axes[3], result, "shards", "images/s (median, bars: min-max)")
-        axes[3].set_title(f"tar shards ({result['device']})")
+    for ax, (key, title, unit) in zip(axes[3:], extra):
+        _grouped_bars(ax, result, key, f"{unit} (median, bars: min-max)")
+        ax.set_title(f"{title} ({result['device']})")
     batches = list(result["runs"])
     keys = [(k, t) for k, t in RATIOS if any(k in run["ratios"] for run in result["runs"].values())]
     x = np.arange(len(batches))
@@ -197,3 +242,27 @@ def plot(result: dict, path: str) -> None:
         right.axhline(feed_target, color="red", linewidth=0.8, linestyle="--")
     right.set_title(f"feed only, no decoding ({result['arguments'].get('feed_threads')} DALI threads)")
     save_figure(fig, path)
+
+
+def _crops_ratios(ax, result: dict) -> None:
+    """crops/s of dali-relabel with k crops per decode over plain's, per batch size, with the target."""
+    batches = list(result["runs"])
+    keys = sorted({k for run in result["runs"].values() for k in (run.get("crops") or {}).get("ratios", {})
+                   if k.endswith("_over_plain")}, key=lambda k: int(k[len("relabel_k"):].split("_")[0]))
+    x = np.arange(len(batches))
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        values = [((result["runs"][b].get("crops") or {}).get("ratios", {}).get(key) or 0.0) for b in batches]
+        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, values, width, label=_per_decode(key.split("_over_")[0]))
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    target = (result.get("targets") or {}).get("crops_k4_over_plain", {}).get("threshold")
+    if target:
+        ax.axhline(target, color="red", linewidth=0.8, linestyle="--", label=f"target at k = 4: {target} x plain")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"B={b}" for b in batches])
+    ax.set_ylabel("crops/s / plain's (one crop per decode)")
+    ax.set_title("dali-relabel with k crops per decode relative to plain")
+    if keys:
+        ax.legend(fontsize=7)

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from .errors import DaliRelabelError
+
 #: ImageNet channel statistics in 0-1 units (torchvision's and timm's convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,9 +31,15 @@ LAST_BATCH_POLICIES = ("drop", "pad")
 CUTMIX_MODES = ("authors", "localized")
 #: One CutMix/Mixup draw per pair of samples, or one for the whole batch (timm's default).
 MIX_GRANULARITIES = ("pair", "batch")
+#: The most crops one decoded image may give (``DataConfig.crops_per_image``).
+MAX_CROPS_PER_IMAGE = 64
 #: What random erasing writes into a box (timm's ``--remode``): 0 (the mean), one N(0, 1) colour per
 #: box, or N(0, 1) noise per pixel, all in normalised units.
 ERASE_MODES = ("const", "rand", "pixel")
+
+
+class BatchSizeError(DaliRelabelError, ValueError):
+    """A training batch size that ``crops_per_image`` does not divide."""
 
 
 @dataclass
@@ -71,6 +79,11 @@ class DataConfig:
             --ra-reps``): each sample is read this many times per epoch, each copy with its own crop and
             augmentation, the copies dealt to different ranks, the epoch keeping its length
             (:class:`~dali_relabel.plan.EpochPlan`). 1: off. Tree loaders only.
+        crops_per_image: crops cut from each decoded image (FKD's ``--num_crops``): every image is read
+            and decoded once and k crops are cut from it, each with its own window, flip, augmentation
+            and target (keyed with the key epoch ``epoch * k + j`` for crop j). A batch of B holds B / k
+            images x k crops (B must be a multiple of k), crops of one image adjacent; a pass reads each
+            image once and yields k samples per image. 1: off (one crop per decode, ROI decoding).
         mean, std: per-channel normalisation in 0-1 units (``(x / 255 - mean) / std``).
         output_dtype: images as one of :data:`OUTPUT_DTYPES`.
         channels_last: images in ``torch.channels_last`` memory format (shape still ``[B, 3, H, W]``).
@@ -130,6 +143,7 @@ class DataConfig:
     random_erase_area: Tuple[float, float] = (0.02, 1.0 / 3.0)
     random_erase_aspect: Tuple[float, float] = (0.3, 1.0 / 0.3)
     aug_repeats: int = 1
+    crops_per_image: int = 1
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     output_dtype: str = "float32"
@@ -215,9 +229,21 @@ class DataConfig:
             raise ValueError(f"vflip_probability must lie in [0, 1], got {self.vflip_probability}")
         if self.aug_repeats < 1:
             raise ValueError(f"aug_repeats must be at least 1, got {self.aug_repeats}")
+        if not 1 <= self.crops_per_image <= MAX_CROPS_PER_IMAGE:
+            raise ValueError(f"crops_per_image must lie in [1, {MAX_CROPS_PER_IMAGE}], got {self.crops_per_image}")
         self.random_erase_area = tuple(float(v) for v in self.random_erase_area)
         self.random_erase_aspect = tuple(float(v) for v in self.random_erase_aspect)
         self.erasing().validate()
+
+    def images_per_batch(self, batch_size: int) -> int:
+        """Images of a training batch of ``batch_size`` crops: ``batch_size / crops_per_image``; a
+        batch size that ``crops_per_image`` does not divide is refused (:class:`BatchSizeError`)."""
+        crops = int(self.crops_per_image)
+        if batch_size < 1 or batch_size % crops:
+            raise BatchSizeError(f"batch_size {batch_size} is not a positive multiple of crops_per_image {crops}: a "
+                                 f"batch holds batch_size / crops_per_image images x {crops} crops each; choose a "
+                                 f"batch size divisible by {crops}")
+        return batch_size // crops
 
     def target_width(self, data_classes: int) -> int:
         """The targets' width for data with ``data_classes`` classes (:attr:`num_classes`)."""

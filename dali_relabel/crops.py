@@ -8,6 +8,12 @@ same crop of the same image in the same epoch. :func:`crop_window` is the Python
 operator, used by the tests to check it draw for draw; :func:`draw_jitter` and
 :func:`draw_interpolation` are the twins of ``relabel.sample_draws`` (colour jitter and the random
 interpolation, other streams of the same key).
+
+With ``DataConfig.crops_per_image`` k > 1 every image gives k crops in one epoch: crop j is keyed
+like a sample of its own, with the key epoch :func:`crop_key_epoch` ``epoch * k + j`` in place of the
+epoch (with repeated augmentation ``epoch`` is already ``epoch * repeats + copy``), so every crop
+draws its own window, flip and augmentation and no two epochs share a key. With k = 1 the key epoch
+is the epoch itself.
 """
 from __future__ import annotations
 
@@ -28,6 +34,14 @@ def _mix(values: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     return z ^ (z >> np.uint64(31))
+
+
+def crop_key_epoch(epoch: int, crops: int, index: int) -> int:
+    """The key epoch of crop ``index`` of the ``crops`` cut from one decoded image in ``epoch`` (the
+    source's key epoch): ``epoch * crops + index``; ``epoch`` itself for one crop."""
+    if not 0 <= index < crops:
+        raise ValueError(f"crop {index} is not one of {crops}")
+    return epoch * crops + index
 
 
 def sample_keys(seed: int, epoch: int, rows) -> np.ndarray:

@@ -53,7 +53,8 @@ ROWS = Field("rows", "int64", 1, "[1] store row (image index)", tar_ext="row")
 VALID = Field("valid", "uint8", 1, "[1] VALID, PADDING or SKIPPED (dali_relabel.sources)")
 EPOCHS = Field("epochs", "int64", 0, "[] the key epoch of the sample's random choices (its epoch, or with "
                 "repeated augmentation epoch * repeats + copy)")
-MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed)")
+MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed); "
+                "[k, 4], one per crop, with crops_per_image k > 1")
 
 # -- what the graphs make ----------------------------------------------------------------------------
 IMAGES = Field("images", None, 3, "[3, S, S], or [S, S, 3] for channels_last")
@@ -71,6 +72,10 @@ MAP_FIELDS: Tuple[Field, ...] = (LOGITS, CLASS_IDS)
 SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, LABELS, ROWS, VALID, EPOCHS, MIX_BOX)
 #: What ``return_geometry=True`` adds to a training batch, in its order.
 GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE)
+#: What a training graph makes per crop: with ``DataConfig.crops_per_image`` k > 1 a graph's sample
+#: holds each of these as ``[k, ...]`` (the loaders flatten a batch to ``[B, ...]``, crops of one image
+#: adjacent); the other outputs (labels, rows, valid) come once per image and are repeated per crop.
+PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE)
 #: A shard sample's tar members, in their order in the tar.
 SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, data_fingerprint
+from .fields import PER_CROP_FIELDS
 from .devices import device_index, resolve_device
 from .distributed import resolve_rank
 from .imagefolder import list_images
@@ -32,6 +33,8 @@ from .plan import EpochPlan
 from .sources import BatchSource
 from .store import LabelStore, StoreError
 from .tree_check import check_store_matches_images
+
+_PER_CROP = frozenset(field.name for field in PER_CROP_FIELDS)
 
 
 def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool,
@@ -46,6 +49,23 @@ def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_
     if return_geometry:
         out.append({"window": batch["window"], "flip": batch["flip"].reshape(-1), "affine": batch["affine"]})
     return tuple(out)
+
+
+def flatten_crops(batch: dict, crops: int) -> dict:
+    """A batch of ``B / k`` images with ``k = crops`` crops each (the graph's ``[B / k, k, ...]``
+    outputs of :data:`~dali_relabel.fields.PER_CROP_FIELDS`) as the flat batch of ``B`` crops the
+    loaders hand out, crops of one image adjacent; the per-image outputs (labels, rows, valid) are
+    repeated per crop. Views and one ``repeat_interleave`` per output: nothing per sample. One crop:
+    the batch as it is."""
+    if crops == 1:
+        return batch
+    flat = {}
+    for name, value in batch.items():
+        if name in _PER_CROP:
+            flat[name] = value.reshape(value.shape[0] * crops, *value.shape[2:])
+        else:
+            flat[name] = value.repeat_interleave(crops, dim=0)
+    return flat
 
 
 def pad_targets(targets: torch.Tensor, width: int) -> torch.Tensor:
@@ -77,9 +97,15 @@ def _as_torch_images(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
 
 def mix_batch(batch: dict, config: DataConfig, epoch: int, batch_index: int, mixing: bool = True) -> dict:
     """CutMix (from the batch's ``mix_box``, and ``pasted`` in ``"localized"`` mode), Mixup for the
-    pairs CutMix left alone, then label smoothing: the batch-level work of the training loaders,
-    before padding is removed (pairs need the full batch). ``batch_index`` and ``epoch`` key Mixup's
-    weights; ``mixing`` off (timm's ``mixup_enabled``) leaves Mixup out."""
+    pairs CutMix left alone, then label smoothing: the batch-level work of the training loaders on
+    the flat batch (:func:`flatten_crops`), before padding is removed (pairs need the full batch).
+    ``batch_index`` and ``epoch`` key Mixup's weights; ``mixing`` off (timm's ``mixup_enabled``)
+    leaves Mixup out.
+
+    Pairs are positions ``i`` and ``B - 1 - i`` of the flat batch. With ``crops_per_image`` k > 1 that
+    pairs crop j of image i with crop k - 1 - j of image B / k - 1 - i; the two come from one image
+    only where B / k is odd, for the middle image's crops (crop j with its crop k - 1 - j, and with
+    k odd too, its middle crop with itself, left unmixed as the middle of an odd batch is)."""
     if "mix_box" in batch:
         images, targets, _ = apply_cutmix(batch["images"], batch["mix_box"], batch["targets"],
                                           batch.get("pasted"), channels_last=config.channels_last)
@@ -108,7 +134,8 @@ class ReLabelLoader(PipelineBatches):
         image_root: the ImageFolder tree; store row paths are relative to it.
         store: path of the label store (or an open :class:`LabelStore`); ``None`` trains on the
             tree's hard labels (one-hot targets, the baseline) with the same pipeline.
-        batch_size: samples per batch on this rank.
+        batch_size: samples (crops) per batch on this rank; with ``config.crops_per_image`` k it holds
+            ``batch_size / k`` images x k crops (a multiple of k; else :class:`~dali_relabel.config.BatchSizeError`).
         config: data settings (:class:`DataConfig`); ``config.layout`` overrides the store's.
         device: where images and targets are made: ``"cuda"``, ``"cuda:1"``, a ``torch.device``
             (decode on DALI's ``mixed`` backend, pool on the GPU), ``"cpu"``, or ``"auto"``.
@@ -116,7 +143,8 @@ class ReLabelLoader(PipelineBatches):
         rank, world_size: default from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
         shuffle: new permutation every epoch.
         return_labels: yield ``(images, targets, labels)``.
-        return_rows: also yield the store rows of the batch.
+        return_rows: also yield the store rows of the batch (with several crops per image the row
+            of each crop: crops of one image are adjacent and share it).
         return_geometry: also yield (last) a dict of every sample's geometry: ``window`` ``[B, 4]``
             int32 (x0, y0, w, h of the crop in source pixels), ``flip`` ``[B]`` (1: mirrored), and
             ``affine`` ``[B, 2, 3]`` float32 mapping an output pixel (centres at i + 0.5) to a pixel
@@ -144,6 +172,15 @@ class ReLabelLoader(PipelineBatches):
     Images are ``[B, 3, S, S]`` (``torch.channels_last`` memory format with ``config.channels_last``)
     in ``config.output_dtype``, targets ``[B, C]`` float32 (``[B, C, oh, ow]`` for an output grid).
     With ``last_batch="pad"`` the last batch may be smaller; it never contains padding.
+
+    **Several crops per image** (``config.crops_per_image`` k > 1, FKD's ``--num_crops``): each image
+    is read and decoded once and gives k crops, each with its own window, flip, augmentation and
+    target (keyed with ``epoch * k + j``, :mod:`dali_relabel.crops`). A pass reads every image once
+    and yields k samples per image: ``len(loader)`` batches of ``batch_size`` crops, ``len(sampler)``
+    = this rank's images x k (iterating it gives each image's row k times, as the crops come),
+    ``len(dataset)`` the images, ``batch_size`` the crops of a batch; positions and states count
+    images (:class:`~dali_relabel.plan.EpochPlan` deals images, ``batch_size / k`` per batch). FKD's
+    script counts each such pass as k epochs of its schedule.
     """
 
     def __init__(self, image_root, store, batch_size: int, config: Optional[DataConfig] = None,
@@ -156,6 +193,8 @@ class ReLabelLoader(PipelineBatches):
         from .ops.plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
+        images_per_batch = config.images_per_batch(batch_size)  # refuses a batch size k does not divide
+        self.crops_per_image = config.crops_per_image
         self.image_root = os.fspath(image_root)
         if store is None:  # hard labels of the image tree, as one-hot targets
             self.store = None
@@ -185,7 +224,7 @@ class ReLabelLoader(PipelineBatches):
         if self.device == "gpu" and self.store is not None:
             require_gpu_backend()
         num_samples = len(self.store) if self.store is not None else len(paths)
-        plan = EpochPlan(num_samples, batch_size, rank, world_size, seed=config.seed,
+        plan = EpochPlan(num_samples, images_per_batch, rank, world_size, seed=config.seed,
                          shuffle=shuffle, last_batch=config.last_batch, repeats=config.aug_repeats)
         cutmix = None
         if config.cutmix_probability > 0:
@@ -194,12 +233,13 @@ class ReLabelLoader(PipelineBatches):
                                 per_batch=config.mix_granularity == "batch")
         output_map = train_outputs(config, cutmix is not None, return_geometry)
         store_path = self.store.path if self.store else None
-        execution = pipeline_kwargs(config, batch_size, index)
+        execution = pipeline_kwargs(config, images_per_batch, index)
         decoder = "mixed" if self.device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
             return BatchSource(self.image_root, plan, control, store_path=store_path, paths=paths,
-                               labels=labels, epochs=True, cutmix=cutmix, bad_rows=bad_rows)
+                               labels=labels, epochs=True, cutmix=cutmix, bad_rows=bad_rows,
+                               crops_per_image=config.crops_per_image)
 
         def make_pipeline(source):
             return train_pipeline(source, config, data_classes, self.layout, decoder_device=decoder,
@@ -232,8 +272,8 @@ class ReLabelLoader(PipelineBatches):
         return self.mixup_enabled
 
     def _transform(self, batch: dict, current: Pass) -> dict:
-        return mix_batch(batch, self.config, current.epoch, current.first + current.consumed - 1,
-                         current.mixing)
+        return mix_batch(flatten_crops(batch, self.crops_per_image), self.config, current.epoch,
+                         current.first + current.consumed - 1, current.mixing)
 
     def __iter__(self):
         for batch in self._batches():

@@ -201,6 +201,9 @@ class LoaderState(abc.ABC):
 
     #: The position inside an epoch is (also) DALI's checkpoint of the rank's reader.
     keeps_checkpoints = False
+    #: Crops a batch takes from each image (``DataConfig.crops_per_image`` of a training loader):
+    #: ``batch_size`` and ``len(sampler)`` count crops, positions count images.
+    crops_per_image = 1
 
     def __init__(self, batches_per_epoch: int, start_epoch: int = 0, resume_batch: int = 0):
         if not 0 <= resume_batch <= batches_per_epoch:
@@ -436,7 +439,8 @@ class PlannedState(LoaderState):
 
     @property
     def batch_size(self) -> int:
-        return self.plan.batch_size
+        """Samples of a batch: the plan's images per batch times :attr:`crops_per_image`."""
+        return self.plan.batch_size * self.crops_per_image
 
     @property
     def world_size(self) -> int:
@@ -448,11 +452,12 @@ class PlannedState(LoaderState):
 
     @property
     def samples_per_rank(self) -> int:
-        return self.plan.samples_per_rank
+        return self.plan.samples_per_rank * self.crops_per_image
 
     def epoch_rows(self, epoch: int) -> List[int]:
+        """This rank's rows of ``epoch`` in pass order, each image's row once per crop."""
         rows, valid = self.plan.rows(epoch)
-        return rows[valid].tolist()
+        return np.repeat(rows[valid], self.crops_per_image).tolist()
 
     def _fingerprint(self) -> dict:
         """The order's settings (seed, shuffle, data set size, repeats) and :meth:`_data_fingerprint`."""

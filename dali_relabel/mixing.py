@@ -1,9 +1,13 @@
 """CutMix with ReLabel targets.
 
-Samples are mixed in fixed pairs: position ``i`` of a pipeline batch with position ``B - 1 - i``
-(the order is shuffled every epoch, so pairs are random). Both samples of a pair share one box,
-drawn by the data source per batch from ``(seed, epoch, batch)``, pixel-aligned to the output
-image; each sample shows its partner's pixels inside the box. Two ways to build the target:
+Samples are mixed in fixed pairs: position ``i`` of the batch the loader hands out with position
+``B - 1 - i`` (the order is shuffled every epoch, so pairs are random). Both samples of a pair share
+one box, drawn by the data source per batch from ``(seed, epoch, batch)``, pixel-aligned to the
+output image; each sample shows its partner's pixels inside the box. With several crops per image
+(``DataConfig.crops_per_image`` k) the batch is the flat one of ``B`` crops, crops of an image
+adjacent: crop ``j`` of image ``i`` pairs with crop ``k - 1 - j`` of image ``B / k - 1 - i``, every
+crop with its own box (the source hands the graph ``[k, 4]`` boxes per image); a pair comes from one
+image only for the middle image of a batch with an odd number of images. Two ways to build the target:
 
 * ``"authors"`` (the ReLabel authors' recipe, default): ``lam * t_own + (1 - lam) * t_partner``, both
   pooled over the whole crop, ``lam`` the share of the image left to the sample's own pixels;

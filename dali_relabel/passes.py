@@ -274,10 +274,9 @@ class PipelineBatches(PlannedState):
             if current.consumed >= current.total:
                 current.finished = True  # the pass has its batches; DALI makes the next pass's
                 self._pass = None
+            self.skipped_images += int((outputs[0]["valid"].reshape(-1).cpu() == SKIPPED).sum())  # images
             batch = self._transform(outputs[0], current)
-            status = batch["valid"].reshape(-1).cpu()
-            self.skipped_images += int((status == SKIPPED).sum())
-            keep = status == VALID
+            keep = batch["valid"].reshape(-1).cpu() == VALID
             if bool(keep.all()):
                 yield batch
             elif bool(keep.any()):
@@ -285,7 +284,8 @@ class PipelineBatches(PlannedState):
                 yield {name: value[index.to(value.device)] for name, value in batch.items()}
 
     def _transform(self, batch: dict, current: Pass) -> dict:
-        """Batch-level work before padding is removed (CutMix pairs need the full batch)."""
+        """Batch-level work before padding is removed (CutMix pairs need the full batch): the
+        training loader flattens several crops per image here, then mixes."""
         return batch
 
     def _recover(self, current: Pass, error: RuntimeError) -> None:

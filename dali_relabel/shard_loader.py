@@ -50,12 +50,13 @@ from .config import DataConfig, data_fingerprint
 from .devices import device_index, resolve_device
 from .distributed import resolve_rank
 from .errors import DaliRelabelError
-from .loader import mix_batch, training_batch, validation_batch
+from .loader import flatten_crops, mix_batch, training_batch, validation_batch
 from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, ResumeError, Start, pack_rows,
                            unpack_rows)
 from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
 from .shards import ShardSet
+from .sources import crop_boxes
 from .watchdog import shutdown_pipeline
 
 
@@ -65,15 +66,15 @@ def rank_samples(num_samples: int, world_size: int) -> List[int]:
 
 
 class _BoxSource:
-    """CutMix boxes per batch for the shard graph, keyed like the tree path's (``BatchInfo``)."""
+    """CutMix boxes per batch for the shard graph, keyed like the tree path's (``BatchInfo``):
+    ``[images, 4]``, or ``[images, crops, 4]`` with several crops per image
+    (:func:`~dali_relabel.sources.crop_boxes`)."""
 
-    def __init__(self, cutmix: CutMixSpec, epoch: int, batch_size: int, mixing: bool):
-        self.cutmix, self.epoch, self.batch_size, self.mixing = cutmix, epoch, batch_size, mixing
+    def __init__(self, cutmix: CutMixSpec, epoch: int, images: int, mixing: bool, crops: int = 1):
+        self.cutmix, self.epoch, self.images, self.mixing, self.crops = cutmix, epoch, images, mixing, crops
 
     def __call__(self, info):
-        if not self.mixing:
-            return np.zeros((self.batch_size, 4), np.float32)
-        return self.cutmix.boxes(self.epoch, info.iteration, self.batch_size)
+        return crop_boxes(self.cutmix, self.epoch, info.iteration, self.images, self.crops, self.mixing)
 
 
 def _bounded_iterator(base):
@@ -135,7 +136,7 @@ class _ShardBatches(LoaderState):
     keeps_checkpoints = True
 
     def __init__(self, shards, batch_size: int, config: DataConfig, device, device_id, rank, world_size,
-                 last_batch: str):
+                 last_batch: str, crops_per_image: int = 1):
         from .ops.plugin import load_plugin
 
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
@@ -145,15 +146,18 @@ class _ShardBatches(LoaderState):
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # samples (crops) of a batch
+        self.crops_per_image = crops_per_image
+        self.images_per_batch = config.replace(crops_per_image=crops_per_image).images_per_batch(batch_size)
         self.drop_last = last_batch == "drop"
         counts = rank_samples(self.shards.num_samples, self.world_size)
         # Every rank yields the same number of batches (DDP needs it): the shards are padded to the
         # largest part, and with "drop" the smallest part decides.
-        batches_per_epoch = min(counts) // batch_size if self.drop_last else -(-max(counts) // batch_size)
+        images = self.images_per_batch
+        batches_per_epoch = min(counts) // images if self.drop_last else -(-max(counts) // images)
         if batches_per_epoch == 0:
             raise ValueError(f"{self.shards.num_samples} samples over {self.world_size} ranks do not fill one "
-                             f"batch of {batch_size}")
+                             f"batch of {images} images")
         super().__init__(batches_per_epoch)
         self.class_names = self.shards.class_names
         self.num_classes = self.shards.num_classes
@@ -165,12 +169,13 @@ class _ShardBatches(LoaderState):
     # -- what the position needs ------------------------------------------------------------------
     @property
     def samples_per_rank(self) -> int:
-        return rank_samples(self.shards.num_samples, self.world_size)[self.rank]
+        return rank_samples(self.shards.num_samples, self.world_size)[self.rank] * self.crops_per_image
 
     def _batches_of(self, samples: int) -> int:
-        """Batches every rank yields of ``samples`` dealt by DALI's sharding."""
+        """Batches every rank yields of ``samples`` (images) dealt by DALI's sharding."""
         counts = rank_samples(samples, self.world_size)
-        return min(counts) // self.batch_size if self.drop_last else -(-max(counts) // self.batch_size)
+        images = self.images_per_batch
+        return min(counts) // images if self.drop_last else -(-max(counts) // images)
 
     # -- the global position: the rows yielded --------------------------------------------------------
     @staticmethod
@@ -209,7 +214,7 @@ class _ShardBatches(LoaderState):
                               f"{self.world_size} and batch size {self.batch_size}: the state holds the rows of "
                               f"ranks {state.get('seen_ranks')} of the {world} that saved it; merge every rank's "
                               f"state_dict() with merge_states (train.py checkpoints do), or {RESTART_HINT}")
-        return Start(int(seen.sum()) // (self.batch_size * self.world_size), int(seen.sum()), seen=seen)
+        return Start(int(seen.sum()) // (self.images_per_batch * self.world_size), int(seen.sum()), seen=seen)
 
     def _pass_checkpoint(self, current: Pass) -> Optional[str]:
         if self._elastic(current.start):
@@ -274,7 +279,7 @@ class _ShardBatches(LoaderState):
     def _pipeline_kwargs(self) -> dict:
         from .pipelines.graphs import pipeline_kwargs
 
-        return pipeline_kwargs(self.config, self.batch_size, self.device_id, checkpointing=True)
+        return pipeline_kwargs(self.config, self.images_per_batch, self.device_id, checkpointing=True)
 
     def _pass_shards(self, epoch: int) -> List[str]:
         """The shards this rank reads in a pass over ``epoch``."""
@@ -411,7 +416,9 @@ class ShardReLabelLoader(_ShardBatches):
 
     Behaves like :class:`~dali_relabel.loader.ReLabelLoader` (``len``, passes, ``set_epoch``,
     ``sampler.set_epoch``, ``state_dict``/``load_state_dict``, ``mixup_enabled``); the image of a row
-    in an epoch gets the same crop, flip and jitter on both paths.
+    in an epoch gets the same crop, flip and jitter on both paths, and with
+    ``config.crops_per_image`` k the same k crops (batches of ``batch_size / k`` images x k crops;
+    the reader and its checkpoints count images).
     """
 
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
@@ -419,7 +426,8 @@ class ShardReLabelLoader(_ShardBatches):
                  shuffle: bool = True, return_labels: bool = False, return_rows: bool = False,
                  return_geometry: bool = False):
         config = config or DataConfig()
-        super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch)
+        super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch,
+                         config.crops_per_image)
         if not self.shards.has_maps:
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")
@@ -458,7 +466,8 @@ class ShardReLabelLoader(_ShardBatches):
     def _build(self, epoch: int, checkpoint: Optional[bytes], mixing: bool, unread=None):
         from .pipelines.graphs import shard_train_pipeline
 
-        boxes = None if self.cutmix is None else _BoxSource(self.cutmix, epoch, self.batch_size, mixing)
+        boxes = None if self.cutmix is None else _BoxSource(self.cutmix, epoch, self.images_per_batch, mixing,
+                                                            self.crops_per_image)
         reader_seed = int(np.random.default_rng([self.config.seed, epoch, self.rank, 0x5EED]).integers(2**31))
         names, index_paths = unread or (self.shard_order(epoch), None)
         return shard_train_pipeline(self.shards, names, epoch, self.config, self.shards.num_classes,
@@ -469,7 +478,7 @@ class ShardReLabelLoader(_ShardBatches):
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
-            batch = mix_batch(batch, self.config, epoch, index, self.mixup_enabled)
+            batch = mix_batch(flatten_crops(batch, self.crops_per_image), self.config, epoch, index, self.mixup_enabled)
             yield training_batch(batch, self.config, self.return_labels, self.return_rows, self.return_geometry)
 
 

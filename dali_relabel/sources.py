@@ -153,6 +153,9 @@ class BatchSource:
         labels: int hard label of every row (default: the store's).
         epochs: add the ``epochs`` output (each sample's epoch, for the keyed random operators).
         cutmix: draw CutMix pair boxes (adds the ``mix_box`` output; zeros in passes with mixing off).
+        crops_per_image: crops the graph cuts from each image (``DataConfig.crops_per_image``): with
+            k > 1 the CutMix boxes are drawn for the batch of ``batch_size * k`` crops the loader
+            hands out and each sample's ``mix_box`` is ``[k, 4]``, one box per crop.
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
 
@@ -165,7 +168,7 @@ class BatchSource:
     def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
                  store_path: Optional[str] = None, paths: Optional[PathTable] = None,
                  labels: Optional[np.ndarray] = None, epochs: bool = False,
-                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = ()):
+                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = (), crops_per_image: int = 1):
         if store_path is None and (paths is None or labels is None):
             raise ValueError("a source without a store needs paths and labels")
         image_root = os.fspath(image_root)
@@ -179,6 +182,7 @@ class BatchSource:
         self.store_path = store_path
         self.epochs = epochs
         self.cutmix = cutmix
+        self.crops_per_image = int(crops_per_image)
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
         self._store: Optional[LabelStore] = None
         self._epoch_cache: Optional[tuple] = None  # (epoch, rows, valid, key epochs) of the last epoch read
@@ -309,8 +313,7 @@ class BatchSource:
             keys = self.epoch_rows(epoch, start)[2]
             out["epochs"] = np.full(len(rows), epoch, np.int64) if keys is None else keys[self._span(batch, start)]
         if self.cutmix is not None:
-            out["mix_box"] = (self.cutmix.boxes(epoch, batch, len(rows)) if mixing
-                              else np.zeros((len(rows), 4), np.float32))
+            out["mix_box"] = crop_boxes(self.cutmix, epoch, batch, len(rows), self.crops_per_image, mixing)
         return tuple(out[name] for name in self.names)
 
     def _check_maps(self, rows: np.ndarray, logits: np.ndarray, class_ids: np.ndarray) -> None:
@@ -324,7 +327,20 @@ class BatchSource:
             raise StoreError(self.store_path, f"row {row} ({self.paths[row]}): {what}")
 
 
+def crop_boxes(cutmix: CutMixSpec, epoch: int, batch: int, images: int, crops: int, mixing: bool = True) -> np.ndarray:
+    """The CutMix boxes of a batch of ``images`` images with ``crops`` crops each: float32
+    ``[images, 4]`` for one crop, else ``[images, crops, 4]``: the boxes of the flat batch of
+    ``images * crops`` crops (crops of one image adjacent) that the loaders hand out and mix, so
+    crop j of image i shares its box with its partner in that flat batch. Zeros without ``mixing``."""
+    size = images * crops
+    boxes = cutmix.boxes(epoch, batch, size) if mixing else np.zeros((size, 4), np.float32)
+    return boxes if crops == 1 else boxes.reshape(images, crops, 4)
+
+
 def output_types(source: BatchSource):
-    """(DALI dtypes, ndims) of the source's outputs, in order (``None``: taken from the data)."""
+    """(DALI dtypes, ndims) of the source's outputs, in order (``None``: taken from the data);
+    ``mix_box`` has one more axis with several crops per image."""
     chosen = source.fields
-    return [field.dali_type() for field in chosen], [field.ndim for field in chosen]
+    extra = {MIX_BOX: 1} if getattr(source, "crops_per_image", 1) > 1 else {}
+    return [field.dali_type() for field in chosen], [field.ndim + extra[field] if field in extra else field.ndim
+                                                    for field in chosen]

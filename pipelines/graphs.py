@@ -10,7 +10,9 @@ Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized cr
 ``decoders.image_slice(axis_names="HW")`` (``mixed`` on a GPU, ``cpu`` without) -> ``resize`` ->
 ``crop_mirror_normalize``, and the fused ``relabel.label_pooling`` operator fed with the same crop
 window, image shape and mirror flag, so the soft target always describes exactly the pixels the
-model sees.
+model sees. With ``DataConfig.crops_per_image`` k > 1 each image is decoded whole once
+(``decoders.image``) and k crops are cut from it (``fn.slice``), each through the same steps with its
+own key (:func:`augment`), and stacked per sample (``[k, ...]``).
 
 Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
 
@@ -26,7 +28,7 @@ runs a graph on the CPU alone, with the ``cpu`` decoder.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from nvidia.dali import fn, pipeline_def, types
 
@@ -147,21 +149,70 @@ POLICY_STREAMS = 16
 ERASE_STREAMS = 64
 
 
-def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
-    """The keyed random-resized crop, flip, resize, colour jitter, augmentation policy and random
-    erasing of every sample (every choice drawn from ``(config.seed, epoch, row)``). Returns
-    ``(normalised images, shape, anchor, crop, mirror, affine)``: the crop window and mirror flag the
-    label pooling needs, and ``affine`` (``None`` when nothing moves the pixels after the flip): per
-    sample the ``[2, 3]`` map from output pixels to pixels of the resized, flipped crop.
+class Crop(NamedTuple):
+    """One crop of every sample of a batch, as :func:`augment` made it: the normalised ``images``,
+    the window (``anchor`` ``[y, x]`` and ``crop`` ``[h, w]``, int32, in source pixels), the ``mirror``
+    flag, and ``affine`` (``None`` when nothing moved the pixels after the flip): per sample the
+    ``[2, 3]`` map from output pixels to pixels of the resized, flipped crop."""
 
-    The order is torchvision's and timm's: window, resize, (colour jitter), flips, the policy (its
-    geometric ops compose into ``affine``), normalisation, erasing."""
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
-    anchor, crop, mirror = fn.relabel.random_crop_window(
+    images: object
+    anchor: object
+    crop: object
+    mirror: object
+    affine: object
+
+
+def random_window(shape, rows, epochs, config: DataConfig):
+    """``(anchor, crop, mirror)`` of every sample: the random-resized-crop window and horizontal
+    flip keyed by ``(config.seed, epoch, row)`` (``relabel.random_crop_window``; its Python twin is
+    :func:`dali_relabel.crops.crop_window`). The window source :func:`augment` uses by default."""
+    return fn.relabel.random_crop_window(
         shape, rows, epochs, seed=config.seed, random_area=list(config.scale),
         random_aspect_ratio=list(config.ratio), num_attempts=config.num_attempts,
         flip_probability=config.flip_probability)
-    images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **decoder_args(decoder_device, config))
+
+
+def crop_key_epochs(epochs, crops: int, index: int):
+    """The key epochs of crop ``index`` of ``crops`` per image: ``epochs * crops + index`` (``epochs``
+    itself for one crop); the graph's twin of :func:`dali_relabel.crops.crop_key_epoch`."""
+    return epochs if crops == 1 else epochs * crops + index
+
+
+def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str, window=random_window):
+    """Every sample's ``config.crops_per_image`` crops: the window, flip, resize, colour jitter,
+    augmentation policy and random erasing of each, every choice drawn from ``(config.seed, key
+    epoch, row)``. Returns ``(shape, crops)``: the encoded image's shape (what the label pooling
+    needs besides each crop's window and flip) and a list of :class:`Crop`.
+
+    One crop per image decodes only its window (``decoders.image_slice``). With k > 1 each image is
+    decoded once (``decoders.image``) and the k windows are cut from it (``fn.slice``); crop j is
+    keyed with the key epoch ``epochs * k + j`` (:func:`crop_key_epochs`), so it draws its own
+    window, flip and augmentation.
+
+    ``window``: where each crop's window comes from, ``(shape, rows, key_epochs, config) -> (anchor
+    [y, x], crop [h, w], mirror)`` (default :func:`random_window`); :func:`augment_crop` does the rest.
+    """
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
+    count = config.crops_per_image
+    if count == 1:
+        anchor, crop, mirror = window(shape, rows, epochs, config)
+        images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **decoder_args(decoder_device, config))
+        return shape, [augment_crop(images, anchor, crop, mirror, rows, epochs, config)]
+    decoded = fn.decoders.image(jpegs, **decoder_args(decoder_device, config))
+    crops = []
+    for index in range(count):
+        keys = crop_key_epochs(epochs, count, index)
+        anchor, crop, mirror = window(shape, rows, keys, config)
+        images = fn.slice(decoded, anchor, crop, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        crops.append(augment_crop(images, anchor, crop, mirror, rows, keys, config))
+    return shape, crops
+
+
+def augment_crop(images, anchor, crop, mirror, rows, epochs, config: DataConfig) -> Crop:
+    """The rest of one crop once its window is cut (``images``: HWC uint8, the window's pixels):
+    resize, colour jitter, flips, the augmentation policy (its geometric ops compose into
+    ``affine``), normalisation, random erasing, in torchvision's and timm's order, every draw keyed by
+    ``(config.seed, epochs, rows)``. Returns the :class:`Crop`."""
     jitter = interpolation = None
     if config.color_jitter or config.interpolation == "random":
         jitter, interpolation = fn.relabel.sample_draws(rows, epochs, seed=config.seed,
@@ -188,7 +239,7 @@ def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str):
                               rng=KeyedRandom(rows, epochs, seed=config.seed, stream_base=ERASE_STREAMS))
         if config.output_dtype == "float16":
             images = fn.cast(images, dtype=types.FLOAT16)
-    return images, shape, anchor, crop, mirror, affine
+    return Crop(images, anchor, crop, mirror, affine)
 
 
 def _move_pixels(images, rows, epochs, mirror, config: DataConfig):
@@ -280,14 +331,36 @@ def geometry_outputs(anchor, crop, mirror, affine) -> dict:
     return {WINDOW.name: window, FLIP.name: mirror, AFFINE.name: identity() if affine is None else affine}
 
 
-def _training_outputs(images, targets: list, data: dict, mix_box, order: Sequence[str], geometry=None) -> tuple:
-    """A training graph's outputs in ``order``: ``targets`` from :func:`soft_targets` (the crop's, then
-    in ``"localized"`` mode the box's); ``geometry`` from :func:`geometry_outputs`."""
-    outputs = dict(data, images=images, targets=targets[0], **(geometry or {}))
+def crop_outputs(data: dict, shape, crops: Sequence[Crop], config: DataConfig, num_classes: int, layout: str,
+                 decoder_device: str, mix_box=None, geometry: bool = False) -> dict:
+    """What a training graph makes of its ``crops`` (from :func:`augment`), by name: ``images``,
+    ``targets`` (:func:`soft_targets` over each crop's own window, flip and affine; with ``mix_box``
+    in ``"localized"`` CutMix mode also ``pasted``) and with ``geometry`` :func:`geometry_outputs`.
+    One crop: as they are. Several: each stacked per sample to ``[k, ...]`` (crop j of a sample is
+    pooled with ``mix_box[j]``, its own box)."""
+    several = len(crops) > 1
+    per_crop = []
+    for index, crop in enumerate(crops):
+        box = mix_box[index] if several and mix_box is not None else mix_box
+        targets = soft_targets(data, shape, crop.anchor, crop.crop, crop.mirror, config, num_classes, layout,
+                               decoder_device, box, crop.affine)
+        outputs = {IMAGES.name: crop.images, TARGETS.name: targets[0]}
+        if len(targets) > 1:
+            outputs[PASTED.name] = targets[1]
+        if geometry:
+            outputs.update(geometry_outputs(crop.anchor, crop.crop, crop.mirror, crop.affine))
+        per_crop.append(outputs)
+    if not several:
+        return per_crop[0]
+    return {name: fn.stack(*[outputs[name] for outputs in per_crop]) for name in per_crop[0]}
+
+
+def _training_outputs(made: dict, data: dict, mix_box, order: Sequence[str]) -> tuple:
+    """A training graph's outputs in ``order``: ``made`` by :func:`crop_outputs`, the rest from the
+    source's ``data`` and the CutMix boxes."""
+    outputs = dict(data, **made)
     if mix_box is not None:
         outputs[MIX_BOX.name] = mix_box
-    if len(targets) > 1:
-        outputs[PASTED.name] = targets[1]
     return in_order(outputs, order)
 
 
@@ -301,6 +374,10 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
     With a CutMix source the outputs are followed by ``mix_box``; in ``"localized"`` mode the soft
     targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
 
+    With ``config.crops_per_image`` k > 1 each sample is one image: the outputs of
+    :data:`~dali_relabel.fields.PER_CROP_FIELDS` hold its k crops (``[k, ...]``), labels, rows and
+    valid come once (the loaders flatten the batch).
+
     Args:
         source: a :class:`BatchSource` with ``epochs``, usually with a store.
         config: data settings.
@@ -310,14 +387,10 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
         geometry: also output every sample's crop window, flip and affine (:func:`geometry_outputs`).
     """
     data = read_batches(source, config)
-    images, shape, anchor, crop, mirror, affine = augment(data["jpegs"], data["rows"], data["epochs"], config,
-                                                          decoder_device)
+    shape, crops = augment(data["jpegs"], data["rows"], data["epochs"], config, decoder_device)
     mix_box = data.get("mix_box")
-    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box,
-                           affine)
-    extra = geometry_outputs(anchor, crop, mirror, affine) if geometry else None
-    return _training_outputs(images, targets, data, mix_box, train_outputs(config, mix_box is not None, geometry),
-                             extra)
+    made = crop_outputs(data, shape, crops, config, num_classes, layout, decoder_device, mix_box, geometry)
+    return _training_outputs(made, data, mix_box, train_outputs(config, mix_box is not None, geometry))
 
 
 #: Outputs of :func:`validation_pipeline`.
@@ -385,16 +458,13 @@ def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, con
     ``mix_box`` (+ ``pasted``)."""
     data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed, index_paths=index_paths)
     epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
-    images, shape, anchor, crop, mirror, affine = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
+    shape, crops = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
     mix_box = None
-    if mix_boxes is not None:
+    if mix_boxes is not None:  # [4] per sample, or [k, 4] with k crops per image
         mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=MIX_BOX.dali_type(),
-                                     ndim=MIX_BOX.ndim)
-    targets = soft_targets(data, shape, anchor, crop, mirror, config, num_classes, layout, decoder_device, mix_box,
-                           affine)
-    extra = geometry_outputs(anchor, crop, mirror, affine) if geometry else None
-    return _training_outputs(images, targets, data, mix_box, shard_train_outputs(config, mix_box is not None, geometry),
-                             extra)
+                                     ndim=MIX_BOX.ndim + (1 if config.crops_per_image > 1 else 0))
+    made = crop_outputs(data, shape, crops, config, num_classes, layout, decoder_device, mix_box, geometry)
+    return _training_outputs(made, data, mix_box, shard_train_outputs(config, mix_box is not None, geometry))
 
 
 #: Outputs of :func:`shard_validation_pipeline`.

@@ -118,6 +118,39 @@ def test_throughput_smoke_cpu(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_throughput_crops_smoke_cpu(tmp_path, data_dir):
+    """The crops round alone: plain DALI (one crop per decode) against dali-relabel with 1, 2 and 4
+    crops per decode, in crops/s, with the ratios and the k = 4 target."""
+    out = tmp_path / "results"
+    done = _run(sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--contenders", "crops",
+                "--batch-sizes", "8", "--crops-per-image", "1,2,4", "--data-dir", data_dir, "--out-dir", str(out),
+                *TINY_DATA, *TINY_LOADERS)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(_single(str(out / "throughput-cpu-crops-*.json"))) as f:
+        result = json.load(f)
+    _check_common(result)
+    crops = result["runs"]["8"]["crops"]
+    assert set(crops["contenders"]) == {"plain", "relabel-k1", "relabel-k2", "relabel-k4"}
+    assert crops["method"]["order"][0] == "plain" and crops["method"]["unit"] == "crops/s"
+    for name, entry in crops["contenders"].items():
+        _check_entry(entry)
+        assert entry["batch_size"] == 8, name
+    for k in (1, 2, 4):
+        entry = crops["contenders"][f"relabel-k{k}"]
+        assert entry["soft_target_sum_max_error"] < 1e-3
+        assert entry["settings"]["crops_per_image"] == k and entry["settings"]["images_per_batch"] == 8 // k
+        assert crops["ratios"][f"relabel_k{k}_over_plain"] > 0
+        assert crops["paired_ratios"][f"relabel_k{k}_over_plain"]["median"] > 0
+    assert crops["ratios"]["relabel_k4_over_relabel_k1"] > 0
+    target = result["targets"]["crops_k4_over_plain"]
+    assert target["threshold"] == 1.8 and set(target["by_batch_size"]) == {"8"}
+    with open(result["files"]["markdown"]) as f:
+        table = f.read()
+    assert "## Several crops per decoded image" in table and "relabel, 4 crops per decode / plain" in table
+    assert "crops/s of relabel with 4 crops per decode" in table
+
+
+@pytest.mark.slow
 def test_operator_smoke_cpu(tmp_path):
     from benchmarks.operator import main
 
@@ -186,6 +219,8 @@ def test_suites_refuse_bad_settings(tmp_path, capsys):
     assert "unknown contender" in capsys.readouterr().err
     assert throughput.main(["--images", "4", "--batch-sizes", "8", "--contenders", "relabel", *common]) == 2
     assert "do not fill one batch" in capsys.readouterr().err
+    assert throughput.main(["--batch-sizes", "6", "--contenders", "crops", "--crops-per-image", "1,4", *common]) == 2
+    assert "not a multiple of 4 crops" in capsys.readouterr().err
     assert operator.main(["--batch-sizes", "", "--out-dir", str(tmp_path / "results")]) == 2
     with pytest.raises(SystemExit):  # argparse: not a positive integer
         throughput.main(["--batch-sizes", "64,0", *common])
