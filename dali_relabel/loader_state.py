@@ -111,6 +111,7 @@ class Pass:
     start: Start = field(default_factory=Start)  # where in the epoch the pass starts
     total: int = 0  # batches the pass yields
     seen: Optional[np.ndarray] = None  # rows yielded in the epoch so far (loaders that count them)
+    left_out: set = field(default_factory=set)  # shards this pass does not read (damaged; shard loaders)
 
 
 def pack_rows(mask: np.ndarray) -> str:

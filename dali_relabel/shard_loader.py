@@ -31,18 +31,43 @@ checkpoint of its reader. What is guaranteed:
   its CutMix/Mixup partners);
 * one rank's state alone cannot continue on another shape (the other ranks' rows are unknown): it
   is refused with :class:`~dali_relabel.loader_state.ResumeError`.
+
+**Damaged shards.** Every pass checks the shards it reads before DALI sees them (present, of their
+recorded size, sound DALI indexes; on object storage through one listing), and a read that fails
+mid-pass is explained: by default a :class:`~dali_relabel.shards.ShardError` names the shard. With
+``skip_bad_shards=True``:
+
+* a shard found damaged when a pass starts is left out of that pass (a warning names it, and
+  :attr:`~_ShardBatches.skipped_shards` counts it). Every rank checks *every* shard of the epoch, so
+  ranks that see the same files leave out the same shards and yield the same, smaller number of
+  batches (the pass reads the other shards as a resumed pass reads its unread samples). Ranks that
+  saw different files (a shard damaged while they started) would yield different numbers of batches,
+  and DDP would wait at the next collective until its timeout; a restart with ``--resume`` checks
+  again, on every rank alike. Each pass checks again: a repaired shard is read again;
+* a shard that fails while a pass reads it (damaged after the pass's check) is found (sizes, indexes,
+  local shards' content hashes), named, counted and left out, and on one rank the pass goes on over
+  the samples it has not yielded yet, from the other shards: none twice, none of them lost. On
+  several ranks it raises the :class:`~dali_relabel.shards.ShardError` instead: only the ranks that
+  read that shard see the failure, and going on would leave them with fewer batches than the others
+  (DDP would hang). The run's last checkpoint resumes it (``--resume``), and that pass leaves the
+  shard out on every rank;
+* a pass that left shards out keeps no DALI checkpoint: its state resumes from the rows yielded
+  (from one rank's own state only with one rank, like a resume on another shape), and the resumed
+  pass checks the shards again.
 """
 from __future__ import annotations
 
 import abc
 import base64
+import copy
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,7 +80,7 @@ from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, Resum
                            unpack_rows)
 from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
-from .shards import ShardSet
+from .shards import ShardError, ShardSet
 from .sources import crop_boxes
 from .watchdog import shutdown_pipeline
 
@@ -136,10 +161,21 @@ class _ShardBatches(LoaderState):
     keeps_checkpoints = True
 
     def __init__(self, shards, batch_size: int, config: DataConfig, device, device_id, rank, world_size,
-                 last_batch: str, crops_per_image: int = 1):
+                 last_batch: str, crops_per_image: int = 1, skip_bad_shards: bool = False):
         from .ops.plugin import load_plugin
 
-        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
+        self.skip_bad_shards = bool(skip_bad_shards)
+        #: ``{shard name: {"passes", "samples", "problem"}}``: the shards left out (``skip_bad_shards``),
+        #: in how many passes, the samples those passes did not yield, the last problem found.
+        self.skipped_shards: Dict[str, dict] = {}
+        # skipping: a shard damaged now is left out by the passes, not refused here
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards, check_sizes=not skip_bad_shards)
+        if skip_bad_shards:  # plain reads: a local shard truncated mid-pass raises instead of SIGBUS
+            self.shards = copy.copy(self.shards)
+            self.shards.map_local_files = False
+        self._left_out = set(self.shards.damaged_shards()) if skip_bad_shards else set()  # found by the last check
+        self._shard_rows: Dict[str, np.ndarray] = {}
+        self._rank_rows_start: Optional[Start] = None  # a resumed start whose rows are this rank's alone
         self.config = config
         self.device = resolve_device(device)
         self.device_id = device_index(device, device_id)
@@ -184,6 +220,9 @@ class _ShardBatches(LoaderState):
         return start.checkpoint is None and start.seen is not None and bool(start.seen.any())
 
     def _pass_batches(self, start: Start) -> int:
+        if self._left_out:  # as the last check found the shards: the others' unread samples
+            kept = [s["name"] for s in self.shards.shards if s["name"] not in self._left_out]
+            return self._batches_of(self._unread_count(kept, start.seen))
         if self._elastic(start):
             return self._batches_of(self.shards.num_samples - int(start.seen.sum()))
         return self.batches_per_epoch - start.batch
@@ -204,7 +243,10 @@ class _ShardBatches(LoaderState):
         if same_shape:
             try:
                 start = super()._resume_start(state, same_shape)
-                return Start(start.batch, int(state.get("position") or 0), checkpoint=start.checkpoint, seen=seen)
+                start = Start(start.batch, int(state.get("position") or 0), checkpoint=start.checkpoint, seen=seen)
+                if sorted(state.get("seen_ranks") or ()) != list(range(self.world_size)):
+                    self._rank_rows_start = start  # no other rank's rows: left-out shards cannot be read around
+                return start
             except ResumeError:
                 if seen is None:
                     raise
@@ -217,8 +259,8 @@ class _ShardBatches(LoaderState):
         return Start(int(seen.sum()) // (self.images_per_batch * self.world_size), int(seen.sum()), seen=seen)
 
     def _pass_checkpoint(self, current: Pass) -> Optional[str]:
-        if self._elastic(current.start):
-            return None  # its pipeline reads temporary index files: resume it from the rows
+        if self._elastic(current.start) or current.left_out:
+            return None  # its pipeline reads temporary index files or not every shard: resume it from the rows
         return self._reader_checkpoint(current)
 
     def _unread_shards(self, names: Sequence[str], seen: np.ndarray) -> Tuple[List[str], List[str]]:
@@ -232,10 +274,93 @@ class _ShardBatches(LoaderState):
         kept, paths = [], []
         for name in names:
             out = os.path.join(self._index_dir, name[:-len(".tar")] + ".idx")
-            if unread_index(self.shards.index_path(name), seen, out):
+            if unread_index(self.shards.reader_index_path(name), seen, out):  # remote: the cached copy
                 kept.append(name)
                 paths.append(out)
         return kept, paths
+
+    def _rows_of(self, name: str) -> np.ndarray:
+        """The rows shard ``name`` holds, from its DALI index (read once; checked by the pass first)."""
+        if name not in self._shard_rows:
+            with open(self.shards.reader_index_path(name)) as f:
+                lines = f.read().splitlines()[1:]
+            self._shard_rows[name] = np.array([int(line.split(" ", 4)[3].split(".", 1)[0]) for line in lines if line],
+                                              np.int64)
+        return self._shard_rows[name]
+
+    def _unread_count(self, names: Sequence[str], seen: Optional[np.ndarray]) -> int:
+        """Samples of the shards ``names`` that ``seen`` does not mark."""
+        if seen is None or not seen.any():
+            samples = {s["name"]: s["samples"] for s in self.shards.shards}
+            return sum(samples[name] for name in names)
+        return sum(int((~seen[self._rows_of(name)]).sum()) for name in names)
+
+    def _leave_out(self, current: Pass, damaged: Dict[str, str], when: str) -> None:
+        """Leave the ``damaged`` shards (``{name: problem}``) out of the pass ``current``: warn, count."""
+        current.left_out |= set(damaged)
+        self._left_out |= set(damaged)
+        for name, problem in damaged.items():
+            try:
+                lost = self._unread_count([name], current.seen)
+            except (OSError, ValueError, IndexError):  # its DALI index is the damage: count the whole shard
+                lost = next(s["samples"] for s in self.shards.shards if s["name"] == name)
+            count = self.skipped_shards.setdefault(name, {"passes": 0, "samples": 0, "problem": ""})
+            count["passes"] += 1
+            count["samples"] += lost
+            count["problem"] = problem
+            warnings.warn(f"{problem} [skip_bad_shards: left out of the pass over epoch {current.epoch} {when}, "
+                          f"{lost} samples not read]", RuntimeWarning, stacklevel=3)
+
+    def _check_pass_shards(self, current: Pass) -> List[str]:
+        """Check the shards of the pass ``current`` before DALI reads them; returns this rank's.
+        Without ``skip_bad_shards`` a damaged one is refused; with it every shard of the epoch is
+        checked (on every rank alike) and the damaged ones are left out of the pass (its batches
+        are counted again)."""
+        if not self.skip_bad_shards:
+            reading = self._pass_shards(current.epoch)
+            self.shards.check_files("header", reading)  # DALI trusts the indexes: checked before each pass
+            return reading
+        from .shard_checks import shards_of_rank
+
+        order = self._epoch_shards(current.epoch)
+        damaged = self.shards.damaged_shards(order)
+        self._left_out = set(damaged)
+        current.total = self._pass_batches(current.start)  # the shards as found now (len() knew the last check)
+        if damaged:
+            start = current.start
+            if start.checkpoint is not None and (start.seen is None or (
+                    self.world_size > 1 and start is self._rank_rows_start)):
+                name = next(iter(damaged))
+                raise ShardError(f"{damaged[name]} (skip_bad_shards cannot leave it out of a pass resumed from "
+                                 "this rank's own DALI checkpoint: the other ranks' rows are unknown; resume from "
+                                 "merge_states of every rank's state, as train.py checkpoints)")
+            self._leave_out(current, damaged, "at its start")
+            kept = [name for name in order if name not in damaged]
+            current.checkpoint = None  # DALI's checkpoint is of a reader over every shard: go by the rows
+            return shards_of_rank(self.shards.shards, kept, self.rank, self.world_size)
+        return shards_of_rank(self.shards.shards, order, self.rank, self.world_size)
+
+    def _skip_failed_shard(self, current: Pass, reading: Sequence[str], error: RuntimeError) -> None:
+        """DALI failed mid-pass with ``skip_bad_shards``: leave the damaged shard out and go on over
+        the samples not yet yielded (one rank), or raise naming it (see the module's docstring)."""
+        damaged = self.shards.damaged_shards([name for name in reading if name not in current.left_out], deep=True)
+        if not damaged:
+            raise error  # no shard differs from what was written: explained as without skipping
+        if self.world_size > 1:
+            name = next(iter(damaged))
+            raise ShardError(f"{damaged[name]} (damaged during the pass over epoch {current.epoch}: skip_bad_shards "
+                             f"would leave rank {self.rank} with fewer batches than the other ranks; resume from "
+                             "the last checkpoint, whose first pass leaves it out on every rank)") from error
+        for pipe in current.iterator._pipes:
+            shutdown_pipeline(pipe)
+        current.iterator = None
+        self._leave_out(current, damaged, "while reading it")
+        kept = [name for name in self._epoch_shards(current.epoch) if name not in current.left_out]
+        current.total = current.consumed + self._batches_of(self._unread_count(kept, current.seen))
+        if current.total > current.consumed:
+            current.iterator = self._iterator(current.epoch, current.first + current.consumed, None, current.mixing,
+                                              unread=self._unread_shards(kept, current.seen),
+                                              runs=current.total - current.consumed)
 
     def _dataset_sha256(self) -> str:
         """The shard set's identity: the store it was made from and every shard's name, count and size."""
@@ -317,12 +442,17 @@ class _ShardBatches(LoaderState):
         the start of its epoch), else a new one."""
         ahead, self._ahead = self._ahead, None
         key = (current.epoch, current.first, current.checkpoint, current.mixing)
+        left_out = current.left_out
         if ahead is not None:
-            made = ahead.take(key if current.start.at_epoch_start else object())
+            made = ahead.take(key if current.start.at_epoch_start and not left_out else object())
             if made is not None:
                 return made, False
         unread = None
-        if self._elastic(current.start):
+        if left_out:  # every shard but those, or their unread samples
+            kept = [name for name in self._epoch_shards(current.epoch) if name not in left_out]
+            unread = self._unread_shards(kept, current.seen) if current.seen.any() else \
+                (kept, [self.shards.reader_index_path(name) for name in kept])
+        elif self._elastic(current.start):
             unread = self._unread_shards(self._epoch_shards(current.epoch), current.seen)
         return self._iterator(*key, unread=unread, runs=current.total), True
 
@@ -341,10 +471,9 @@ class _ShardBatches(LoaderState):
     def _passes(self, mixing: bool = True):
         current = self._next_pass(mixing)
         epoch, first = current.epoch, current.first
-        reading = self._pass_shards(epoch)
-        self.shards.check_files("header", reading)  # DALI trusts the indexes: checked before each pass
         seen = current.start.seen
         current.seen = seen.copy() if seen is not None else np.zeros(self.shards.num_samples, bool)
+        reading = self._check_pass_shards(current)
         if current.total <= 0:
             current.finished, self._pass = True, None
             return
@@ -359,6 +488,13 @@ class _ShardBatches(LoaderState):
                     outputs = next(current.iterator)
                 except StopIteration:
                     break
+                except RuntimeError as error:
+                    if not self.skip_bad_shards:
+                        raise
+                    self._skip_failed_shard(current, reading, error)  # or raises, naming the shard
+                    if current.iterator is None:
+                        break  # nothing of the pass left to read
+                    continue
                 current.consumed += 1
                 current.seen[outputs[0]["rows"].reshape(-1).cpu().numpy()] = True  # once per batch
                 self._pace.batch_taken()
@@ -413,6 +549,10 @@ class ShardReLabelLoader(_ShardBatches):
         batch_size, config, device, device_id, rank, world_size, return_labels, return_rows, return_geometry: as
             :class:`~dali_relabel.loader.ReLabelLoader`.
         shuffle: a new shard order each epoch and a shuffled sample buffer (else the stored order).
+        skip_bad_shards: leave a shard found damaged (missing, truncated, a bad DALI index; when a
+            pass starts or while it reads it) out of the pass, with a warning naming it, counted in
+            :attr:`skipped_shards`, instead of raising :class:`~dali_relabel.shards.ShardError`
+            (see the module's docstring for the ranks).
 
     Behaves like :class:`~dali_relabel.loader.ReLabelLoader` (``len``, passes, ``set_epoch``,
     ``sampler.set_epoch``, ``state_dict``/``load_state_dict``, ``mixup_enabled``); the image of a row
@@ -424,10 +564,10 @@ class ShardReLabelLoader(_ShardBatches):
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
                  device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  shuffle: bool = True, return_labels: bool = False, return_rows: bool = False,
-                 return_geometry: bool = False):
+                 return_geometry: bool = False, skip_bad_shards: bool = False):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch,
-                         config.crops_per_image)
+                         config.crops_per_image, skip_bad_shards)
         if not self.shards.has_maps:
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")
@@ -485,14 +625,16 @@ class ShardReLabelLoader(_ShardBatches):
 class ShardValidationLoader(_ShardBatches):
     """Validation batches ``(images, labels)`` from tar shards (with or without maps), every sample
     exactly once per pass over all ranks (DALI pads each rank's part; the padding is dropped). Shards
-    of a tree written without a store keep its file list: ``images.relpaths`` aligns ReaL labels."""
+    of a tree written without a store keep its file list: ``images.relpaths`` aligns ReaL labels.
+    ``skip_bad_shards``: as :class:`ShardReLabelLoader`'s (a pass then evaluates fewer samples)."""
 
     def __init__(self, shards, batch_size: int, config: Optional[DataConfig] = None, device="auto",
                  device_id: Optional[int] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 return_rows: bool = False):
+                 return_rows: bool = False, skip_bad_shards: bool = False):
         from .pipelines.graphs import SHARD_VALIDATION_OUTPUTS
 
-        super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad")
+        super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad",
+                         skip_bad_shards)
         self.output_map = list(SHARD_VALIDATION_OUTPUTS)
         self.return_rows = return_rows
         if self.shards.relpaths is not None:  # the tree's file list: ReaL labels are aligned by it

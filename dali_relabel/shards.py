@@ -40,7 +40,7 @@ import re
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -98,6 +98,9 @@ class ShardSet:
     #: remote shards: their index files' local copies, by shard name
     local_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     hash_block_bytes: int = HASH_BLOCK_BYTES
+    #: whether DALI's reader maps local shards into memory (a little faster); with plain reads a shard
+    #: truncated while it is read fails with an error instead of killing the process (SIGBUS)
+    map_local_files: bool = field(default=True, compare=False)
 
     @property
     def has_maps(self) -> bool:
@@ -194,19 +197,43 @@ class ShardSet:
         """Refuse a missing or truncated shard (or index file), naming it."""
         listed = remote.list_objects(self.directory) if self.on_object_storage else None
         for shard in self.shards:
-            path = self.path(shard["name"])
+            self._check_size(shard, listed)
+
+    def _check_size(self, shard: dict, listed: Optional[dict]) -> None:
+        """Refuse ``shard`` (its entry) if it or its index file is missing or it is not of its
+        recorded size; ``listed``: the sizes of the objects under a remote directory."""
+        path = self.path(shard["name"])
+        try:
+            size = listed[shard["name"]] if listed is not None else os.path.getsize(path)
+        except (KeyError, OSError):
+            raise ShardError(f"{path}: missing (index.json lists it)") from None
+        if size != shard["bytes"]:
+            raise ShardError(f"{path}: {size} bytes, but {shard['bytes']} were written: the shard is "
+                             f"truncated or was changed; write it again (`dali-relabel shard` with the same "
+                             "arguments repairs it)")
+        index = self.index_path(shard["name"])
+        there = remote.basename(index) in listed if listed is not None else os.path.exists(index)
+        if not there:
+            raise ShardError(f"{index}: DALI index of {path} is missing")
+
+    def damaged_shards(self, names: Optional[Sequence[str]] = None, deep: bool = False) -> Dict[str, str]:
+        """``{name: problem}`` of the shards ``names`` (default: all) that :meth:`check_files` with
+        ``"header"`` refuses (missing, not of their recorded size, a missing or unsound DALI index;
+        remote ones through one listing), and with ``deep`` local ones whose blocks no longer hash as
+        recorded (reads them whole: a failure's cost). Raises nothing for a damaged shard; the shard
+        loaders' ``skip_bad_shards`` leaves these out."""
+        listed = remote.list_objects(self.directory) if self.on_object_storage else None
+        entries = {s["name"]: s for s in self.shards}
+        found = {}
+        for name in (names if names is not None else list(entries)):
             try:
-                size = listed[shard["name"]] if listed is not None else os.path.getsize(path)
-            except (KeyError, OSError):
-                raise ShardError(f"{path}: missing (index.json lists it)") from None
-            if size != shard["bytes"]:
-                raise ShardError(f"{path}: {size} bytes, but {shard['bytes']} were written: the shard is "
-                                 f"truncated or was changed; write it again (`dali-relabel shard` with the same "
-                                 "arguments repairs it)")
-            index = self.index_path(shard["name"])
-            there = remote.basename(index) in listed if listed is not None else os.path.exists(index)
-            if not there:
-                raise ShardError(f"{index}: DALI index of {path} is missing")
+                self._check_size(entries[name], listed)
+                self.check_index_files([name])
+                if deep and not self.on_object_storage:
+                    check_blocks(self.path(name), entries[name], self.hash_block_bytes)
+            except ShardError as problem:
+                found[name] = str(problem)
+        return found
 
     def check_index_files(self, names: Optional[Sequence[str]] = None) -> None:
         """Check each shard's DALI index (hash as recorded, every member inside the tar, the

@@ -428,7 +428,7 @@ def read_shards(shards: ShardSet, names: Sequence[str], shard_id: int, num_shard
         ext=[f.tar_ext for f in fields], dtypes=[f.dali_type(shards.dtype(f).name) for f in fields],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=buffer,
         seed=reader_seed, pad_last_batch=True, stick_to_shard=True, tensor_init_bytes=_READER_TENSOR_BYTES,
-        name="Reader")
+        dont_use_mmap=not shards.map_local_files, name="Reader")
     data = {}
     for field, output in zip(fields, outputs):
         data[field.name] = fn.reshape(output, shape=list(shards.map_shape)) if field in MAP_FIELDS else output

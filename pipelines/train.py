@@ -60,6 +60,9 @@ def get_args_parser(add_help: bool = True, prog: Optional[str] = None) -> argpar
                                        "or a pattern DIR/shard-{000000..000127}.tar (dali-relabel shard)")
     data.add_argument("--val", help="validation ImageFolder root (evaluated after every epoch)")
     data.add_argument("--val-shards", help="validation tar shards instead of --val")
+    data.add_argument("--skip-bad-shards", action="store_true",
+                      help="leave a damaged (missing, truncated) shard of --shards/--val-shards out of the pass, "
+                           "with a warning, instead of stopping (skip_bad_shards of the shard loaders)")
     data.add_argument("--real", help="real.json with ReaL labels of the validation images")
     data.add_argument("--targets", choices=["relabel", "original"], default="relabel")
     data_settings.add_arguments(parser)
@@ -334,7 +337,7 @@ def validation_loader(args, data_cfg, class_names, device: str):
         from dali_relabel.shard_loader import ShardValidationLoader
 
         return ShardValidationLoader(args.val_shards, batch_size=args.batch_size, config=data_cfg, device=device,
-                                     return_rows=bool(args.real))
+                                     return_rows=bool(args.real), skip_bad_shards=args.skip_bad_shards)
     if args.val:
         from dali_relabel.loader import ValidationLoader
 
@@ -362,7 +365,7 @@ def training_loader(args, data_cfg, device: str):
         from dali_relabel.shard_loader import ShardReLabelLoader
 
         return ShardReLabelLoader(args.shards, args.batch_size, config=data_cfg, device=device,
-                                  return_rows=args.log_rows)
+                                  return_rows=args.log_rows, skip_bad_shards=args.skip_bad_shards)
     if not args.data:
         raise SystemExit("give the training data: --data (an image tree, with --store) or --shards")
     if args.targets == "relabel" and not args.store:

@@ -211,6 +211,35 @@ def test_a_shard_truncated_during_the_run_is_named(s3):
             pass
 
 
+def test_a_shard_truncated_during_the_run_is_skipped_and_counted_when_asked(s3):
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    url = f"s3://{BUCKET}/skipped"
+    remote.upload_directory(str(s3["shards"].directory), url, last=("index.json",))
+    loader = ShardReLabelLoader(url, 2, config=DataConfig(**SMALL, last_batch="pad"), device="cpu", shuffle=False,
+                                return_rows=True, skip_bad_shards=True)
+    batches = iter(loader)
+    rows = next(batches)[2].tolist()
+    victim = loader.shards.shards[-1]["name"]  # read last in the stored order
+    data = open(os.path.join(s3["shards"].directory, victim), "rb").read()
+    remote.client().put_object(Bucket=BUCKET, Key=f"skipped/{victim}", Body=data[:len(data) // 2])
+    with pytest.warns(RuntimeWarning, match=f"{url}/{victim}: .* bytes.*left out of the pass over epoch 0 while "
+                                            "reading it"):
+        rows += [r for _, _, batch in batches for r in batch.tolist()]
+    lost = set(range(24)) - set(rows)
+    assert len(rows) == len(set(rows)) and lost, "every other sample once"
+    assert loader.skipped_shards[victim]["samples"] == len(lost) <= loader.shards.shards[-1]["samples"]
+    import tarfile
+
+    with tarfile.open(os.path.join(s3["shards"].directory, victim)) as tar:
+        in_victim = {int(name.split(".")[0]) for name in tar.getnames()}
+    assert lost <= in_victim
+    with pytest.warns(RuntimeWarning, match=f"{victim}: .*at its start"):  # the next pass leaves it out at once
+        assert sorted(r for _, _, batch in loader for r in batch.tolist()) == sorted(set(range(24)) - in_victim)
+    assert loader.skipped_shards[victim]["passes"] == 2
+    loader.close()
+
+
 def test_an_image_gone_from_the_bucket_during_the_run_is_named(s3):
     from dali_relabel.bad_images import BadImageError
     from dali_relabel.loader import ReLabelLoader
