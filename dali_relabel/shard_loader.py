@@ -567,7 +567,7 @@ class ShardReLabelLoader(_ShardBatches):
                  return_geometry: bool = False, skip_bad_shards: bool = False):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch,
-                         config.crops_per_image, skip_bad_shards)
+                         crops_per_image=config.crops_per_image, skip_bad_shards=skip_bad_shards)
         if not self.shards.has_maps:
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")
@@ -634,7 +634,7 @@ class ShardValidationLoader(_ShardBatches):
         from .pipelines.graphs import SHARD_VALIDATION_OUTPUTS
 
         super().__init__(shards, batch_size, config or DataConfig(), device, device_id, rank, world_size, "pad",
-                         skip_bad_shards)
+                         skip_bad_shards=skip_bad_shards)
         self.output_map = list(SHARD_VALIDATION_OUTPUTS)
         self.return_rows = return_rows
         if self.shards.relpaths is not None:  # the tree's file list: ReaL labels are aligned by it
