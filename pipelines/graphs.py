@@ -507,3 +507,46 @@ def teacher_pipeline(source: BatchSource, config: DataConfig, size: int, decoder
     images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
     images = normalize(images, config)
     return in_order(dict(data, images=images, shapes=shape), TEACHER_OUTPUTS)
+
+
+#: Outputs of :func:`region_teacher_pipeline`: per sample ``images`` ``[R, size, size, 3]`` uint8,
+#: ``window`` ``[R, 4]`` int32 and ``flip`` ``[R]`` int32 (each crop's :data:`WINDOW` and :data:`FLIP`),
+#: then labels, rows, valid and the encoded image's shape.
+REGION_TEACHER_OUTPUTS = field_names(IMAGES, WINDOW, FLIP, LABELS, ROWS, VALID, SHAPES)
+
+
+@pipeline_def
+def region_teacher_pipeline(source: BatchSource, config: DataConfig, size: int, regions: int,
+                            scale: Sequence[float], ratio: Sequence[float], flip_probability: float, crop_seed: int,
+                            interpolation: str = "bicubic", decoder_device: str = "cpu"):
+    """Teacher input of ``dali-relabel generate --regions R``: each image decoded once and R keyed
+    random-resized crops cut from it. Outputs: :data:`REGION_TEACHER_OUTPUTS`.
+
+    Crop ``j`` of row ``r`` is ``relabel.random_crop_window`` keyed by ``(crop_seed, epoch=j, row=r)``
+    (``scale``/``ratio``: its area and aspect ranges, 10 attempts, ``flip_probability``), so
+    ``dali_relabel.crops.crop_window(H, W, sample_keys(crop_seed, j, [r])[0], scale, ratio, 10,
+    flip_probability)`` is its Python twin. The window is sliced from the decoded image (``cpu`` or
+    ``mixed`` decoder; shape and EXIF handling as ``peek_image_shape`` with
+    ``config.adjust_orientation``) and resized to ``size x size`` with antialiasing and
+    ``interpolation`` (FKD: bicubic). The crops stay uint8 and unflipped: the flip and the
+    normalisation are applied by the caller, a batch at a time. ``window`` is (x0, y0, w, h) in
+    source pixels.
+
+    The graph holds R branches (about five operators each), and a batch holds
+    ``batch_size x R x size^2 x 3`` bytes of crops."""
+    data = read_batches(source, config)
+    shape = fn.peek_image_shape(data["jpegs"], adjust_orientation=config.adjust_orientation)
+    image = fn.decoders.image(data["jpegs"], **decoder_args(decoder_device, config))
+    crops, windows, mirrors = [], [], []
+    for j in range(int(regions)):
+        anchor, crop, mirror = fn.relabel.random_crop_window(
+            shape, data["rows"], data["rows"] * 0 + j, seed=int(crop_seed), random_area=list(scale),
+            random_aspect_ratio=list(ratio), flip_probability=float(flip_probability))
+        window = fn.slice(image, anchor, crop, axis_names="HW")
+        crops.append(fn.resize(window, size=[size, size], antialias=True, interp_type=_INTERPOLATION[interpolation]))
+        windows.append(fn.cat(anchor, crop))  # (y, x, h, w)
+        mirrors.append(mirror)
+    yxhw = fn.stack(*windows)
+    window = fn.stack(yxhw[:, 1], yxhw[:, 0], yxhw[:, 3], yxhw[:, 2], axis=1)
+    return in_order(dict(data, images=fn.stack(*crops), window=window, flip=fn.stack(*mirrors), shapes=shape),
+                    REGION_TEACHER_OUTPUTS)

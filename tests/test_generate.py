@@ -4,7 +4,6 @@ Everything runs on the CPU with a small random-init torchvision ResNet-18 (3 cla
 ImageFolder of smooth JPEGs of different sizes.
 """
 import os
-import shutil
 
 import h5py
 import numpy as np
@@ -19,6 +18,8 @@ from dali_relabel.tools.generate import GenerateError, generate_label_maps, merg
 from dali_relabel.tools.teachers import UnsupportedModelError, build_teacher, dense_classifier, dense_logit_map, topk_grid
 from dali_relabel.imagefolder import list_images
 from dali_relabel.store import LabelStore, StoreError, StoreWriter
+from generate_helpers import (copy_files, interrupt_second_write, one_torch_thread,  # noqa: F401 (autouse)
+                              record_write_starts, smooth_image_tree)
 from helpers import wait_until_gone
 
 pytest.importorskip("nvidia.dali")
@@ -28,40 +29,16 @@ CONFIG = DataConfig(num_threads=1)
 IMAGE_SIZES = [(48, 64), (64, 48), (40, 56), (56, 72)]
 
 
-def _smooth_jpeg_tree(root, num_classes=3, per_class=4, seed=0):
-    """Smooth (low-frequency) JPEGs of different sizes: DALI and PIL preprocess them almost alike."""
-    rng = np.random.default_rng(seed)
-    sizes = []
-    for c in range(num_classes):
-        os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
-        for i in range(per_class):
-            h, w = IMAGE_SIZES[(c + i) % len(IMAGE_SIZES)]
-            small = Image.fromarray(rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8), "RGB")
-            small.resize((w, h), Image.BICUBIC).save(os.path.join(root, f"class_{c}", f"img_{i}.jpg"),
-                                                     quality=95)
-            sizes.append((h, w))
-    return sizes
-
-
 def _resnet18(seed=0, num_classes=3):
     torch.manual_seed(seed)
     return torchvision.models.resnet18(num_classes=num_classes).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CI box: one intra-op thread is faster and steadier (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     image_root = str(root / "images")
-    sizes = _smooth_jpeg_tree(image_root)
+    sizes = smooth_image_tree(image_root, 3, 4, IMAGE_SIZES)
     weights = str(root / "resnet18_3.pt")
     torch.save(_resnet18().state_dict(), weights)
     return dict(root=root, images=image_root, sizes=sizes, weights=weights)
@@ -277,48 +254,20 @@ def test_a_model_with_other_outputs_is_refused(data, tmp_path):
 # Resume, ranks, CLI
 
 
-def _interrupt_after_first_write(monkeypatch):
-    original = StoreWriter.write
-    calls = []
-
-    def write(self, start, *args, **kwargs):
-        calls.append(start)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, start, *args, **kwargs)
-
-    monkeypatch.setattr(StoreWriter, "write", write)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def interrupted(data, tmp_path_factory):
     """The partial files of a run stopped by an error in its second write (rows 0..4 written)."""
     folder = tmp_path_factory.mktemp("interrupted")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _interrupt_after_first_write(monkeypatch)
-        with pytest.raises(KeyboardInterrupt):
-            _generate(data, folder / "resumed.h5")
-    assert sorted(os.listdir(folder)) == ["resumed.h5.generate.json", "resumed.h5.partial"]
+    interrupt_second_write(folder, "resumed.h5", StoreWriter, lambda out: _generate(data, out))
     return folder
 
 
 def _copy_partial(interrupted, tmp_path):
-    for name in os.listdir(interrupted):
-        shutil.copy(interrupted / name, tmp_path / name)
-    return tmp_path / "resumed.h5"
+    return copy_files(interrupted, tmp_path, "resumed.h5")
 
 
 def _record_write_starts(monkeypatch):
-    starts = []
-    original = StoreWriter.write
-
-    def write(self, start, *args, **kwargs):
-        starts.append(start)
-        return original(self, start, *args, **kwargs)
-
-    monkeypatch.setattr(StoreWriter, "write", write)
-    return starts
+    return record_write_starts(monkeypatch, StoreWriter)
 
 
 @pytest.mark.slow

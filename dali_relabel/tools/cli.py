@@ -8,7 +8,8 @@ show          an image with its label map drawn over it (PNG)
 build-plugin  compile the fused operator for the installed DALI
 evaluate      top-1/top-5 and ReaL accuracy of a checkpoint
 demo          the whole path on generated data, no GPU needed
-generate      run your own teacher over an image folder -> a label store (torchrun for several GPUs)
+generate      run your own teacher over an image folder -> a label store, or with --regions a region
+              store (torchrun for several GPUs)
 train         train a classifier with ReLabel targets (the recipe pipelines/train.py; torchrun for DDP)
 shard         pack an image folder and its store into tar shards for clusters (webdataset)
 
@@ -120,13 +121,27 @@ def _cmd_generate(args) -> int:
     changes = {name: value for name, value in (("py_num_workers", args.workers), ("num_threads", args.threads))
                if value is not None}
     config = DataConfig().replace(**changes)
-    result = run_generate(args.images, args.out, args.model, args.weights, size=args.size, grid=args.grid,
-                          k=args.k, batch_size=args.batch_size, device=args.device, amp=args.amp,
-                          class_names_file=args.class_names, teacher_name=args.teacher_name,
-                          config=config, restart=args.restart, progress=not args.quiet)
+    region_flags = [flag for flag, value in (("--region-scale", args.region_scale), ("--region-seed", args.region_seed),
+                                             ("--crop-batch", args.crop_batch),
+                                             ("--interpolation", args.interpolation)) if value is not None]
+    if args.regions is None and region_flags:
+        raise ValueError(f"{', '.join(region_flags)} only apply with --regions R (region labels)")
+    if args.regions is not None and args.grid is not None:
+        raise ValueError("--grid is for label maps; --regions R writes a region store (no grid)")
+    options = {name: value for name, value in (("scale", args.region_scale), ("seed", args.region_seed),
+                                               ("crop_batch", args.crop_batch),
+                                               ("interpolation", args.interpolation)) if value is not None}
+    result = run_generate(args.images, args.out, args.model, args.weights, size=args.size,
+                          grid=15 if args.grid is None else args.grid, k=args.k,
+                          batch_size=args.batch_size, device=args.device,
+                          amp=args.amp, class_names_file=args.class_names, teacher_name=args.teacher_name,
+                          config=config, restart=args.restart, progress=not args.quiet, regions=args.regions,
+                          region_options=options)
     if result.get("rank", 0) == 0:
-        print(f"wrote {result.get('rows')} rows to {result['out']} (teacher {result['teacher']}, "
-              f"{result['size']} px, grid {result['grid'][0]}x{result['grid'][1]}, k={result['k']})")
+        shape = (f"{result['regions']} crops per image" if "regions" in result
+                 else f"grid {result['grid'][0]}x{result['grid'][1]}")
+        print(f"wrote {result.get('rows')} rows to {result['out']} ({result.get('kind')}, teacher "
+              f"{result['teacher']}, {result['size']} px, {shape}, k={result['k']})")
     return 0
 
 
@@ -263,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("generate", help="run a teacher over an image folder and write its label maps")
+    p = sub.add_parser("generate", help="run a teacher over an image folder and write its label maps (or, "
+                                        "with --regions, its region labels)")
     p.add_argument("--images", required=True, help="ImageFolder root: <class>/<image>")
     p.add_argument("--out", required=True, help="store to write (.h5)")
     p.add_argument("--model", required=True,
@@ -277,9 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "sorted folders)")
     p.add_argument("--size", type=int, default=224,
                    help="teacher input side: full images resized to SIZE x SIZE (the paper: 475)")
-    p.add_argument("--grid", type=int, default=15, help="side of the stored map")
-    p.add_argument("--k", type=int, default=5, help="logits kept per cell")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=None, help="side of the stored map (default 15)")
+    p.add_argument("--k", type=int, default=5, help="logits kept per cell (with --regions: classes kept per crop)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default 64; with --regions R: 256 // R, at least 1)")
+    p.add_argument("--regions", type=int, default=None, metavar="R",
+                   help="write a region store instead (FKD's soft labels): R keyed random-resized crops per "
+                        "image, each resized to SIZE x SIZE, with the teacher's top-k probabilities")
+    p.add_argument("--region-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="with --regions: area range of the crops, fractions of the image (default FKD's 0.08 0.936)")
+    p.add_argument("--region-seed", type=int, default=None,
+                   help="with --regions: seed of the crops' keys (default 0)")
+    p.add_argument("--crop-batch", type=int, default=None,
+                   help="with --regions: crops per teacher forward pass (default 256)")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear", "lanczos", "nearest"], default=None,
+                   help="with --regions: resize of the crops (default bicubic, as FKD)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--amp", action="store_true", help="float16 autocast on the GPU")
     p.add_argument("--teacher-name", default=None, help="stored as the teacher attribute (default: --model)")

@@ -37,10 +37,16 @@ is closed (none of them holds it open after a crash; they die with the main proc
 ``[r * N // w, (r + 1) * N // w)`` and writes them as a normal store ``<out>.part{r}of{w}``; after a
 barrier rank 0 merges the parts into ``<out>`` in global row order (:func:`merge_parts`) and deletes
 them. Every part resumes on its own; a part that is already complete is reused.
+
+**Region labels.** ``generate --regions R`` (:mod:`dali_relabel.tools.generate_regions`) writes a
+region store through the same driver (:func:`generate_store`): what differs per store kind (settings,
+writer, teacher graph, how a batch becomes rows, how parts merge) is a *job*, :class:`MapJob` here and
+``RegionJob`` there.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -55,7 +61,7 @@ from ..config import DataConfig
 from ..distributed import init_from_env
 from ..imagefolder import list_images
 from ..outputs import OutputLock
-from ..store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter
+from ..store import PARTIAL_SUFFIX, LabelStore, StoreError, StoreWriter, open_store
 from .teachers import GenerateError, build_teacher, dense_classifier, grid_pair, model_fingerprint, topk_grid
 
 SOURCE_NAME = "generate"
@@ -136,7 +142,7 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
     if not os.path.exists(target) or _read_settings(target) != settings:
         return False
     try:
-        store = LabelStore(target, verify="header")
+        store = open_store(target, verify="header")
     except StoreError:
         return False
     try:
@@ -145,29 +151,120 @@ def _complete_part_fits(target: str, paths: Sequence[str], settings: dict) -> bo
         store.close()
 
 
-def _make_loader(image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
-                 stop_row: int, size: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
+@dataclass
+class TeacherRun:
+    """The teacher as a job's ``write`` runs it: the model on its device, with AMP or without."""
+
+    model: torch.nn.Module
+    device: str  #: ``"cpu"`` or ``"gpu"``
+    torch_device: torch.device
+    amp: bool
+
+    def autocast(self):
+        """float16 autocast on the GPU with AMP, else nothing."""
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+
+
+class MapJob:
+    """What ``generate`` does for a label-map store: the full-image teacher graph, the modified
+    classifier's ``grid x grid`` top-k logits, a :class:`~dali_relabel.store.StoreWriter`.
+
+    A job tells the shared driver (:func:`generate_store`, :func:`merge_parts`) what is particular to
+    a store kind: its settings, writer, teacher graph and how a batch becomes rows
+    (:class:`~dali_relabel.tools.generate_regions.RegionJob` is the region store's).
+    """
+
+    store_class = LabelStore
+
+    def __init__(self, dense, size: int, grid: Tuple[int, int], k: int, class_names: Sequence[str],
+                 teacher_name: str = ""):
+        self.dense, self.size, self.grid, self.k = dense, int(size), tuple(grid), int(k)
+        self.class_names, self.teacher_name = list(class_names), teacher_name
+
+    def settings(self) -> dict:
+        """What a resumed partial store must have been made with, besides the common settings."""
+        return dict(resize=RESIZE_DESCRIPTION, grid=list(self.grid), k=self.k)
+
+    def writer(self, target: str, relpaths: Sequence[str], resume: bool, lock: OutputLock) -> StoreWriter:
+        return StoreWriter(target, relpaths, len(self.class_names), self.k, self.grid[0], self.grid[1], layout="HW",
+                           class_names=self.class_names, teacher=self.teacher_name, teacher_input_size=self.size,
+                           source=SOURCE_NAME, resume=resume, lock=lock)
+
+    @staticmethod
+    def outputs() -> List[str]:
+        from ..pipelines.graphs import TEACHER_OUTPUTS
+
+        return list(TEACHER_OUTPUTS)
+
+    def pipeline(self, source, config: DataConfig, decoder_device: str, half_input: bool, kwargs: dict):
+        """The (unbuilt) teacher graph over ``source`` (outputs: :meth:`outputs`)."""
+        from ..pipelines.graphs import teacher_pipeline
+
+        teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
+                                        channels_last=decoder_device == "mixed")
+        return teacher_pipeline(source, teacher_config, self.size, decoder_device=decoder_device, **kwargs)
+
+    def write(self, writer: StoreWriter, start: int, batch: dict, keep: np.ndarray, labels: np.ndarray,
+              shapes: np.ndarray, run: TeacherRun) -> None:
+        """Label the ``keep`` samples of ``batch`` and write them from row ``start`` of ``writer``
+        (``labels``, ``shapes``: theirs)."""
+        x = batch["images"]
+        if run.device == "gpu":
+            x = x.permute(0, 3, 1, 2)  # NHWC from DALI: a channels_last NCHW view, no copy
+        x = x.to(run.torch_device, non_blocking=True)
+        if not run.amp:
+            x = x.float()
+        with torch.inference_mode(), run.autocast():
+            logit_map = self.dense.head(self.dense.features(x))
+        values, ids = topk_grid(logit_map, self.grid, self.k)
+        index = torch.from_numpy(np.nonzero(keep)[0])
+        values = values[index.to(values.device)].cpu().numpy()
+        ids = ids[index.to(ids.device)].cpu().numpy()
+        writer.write(start, values, ids, labels, shapes)
+
+    @staticmethod
+    def merge_writer(store: LabelStore, out: str, paths: Sequence[str], resume: bool, lock: OutputLock) -> StoreWriter:
+        """A writer of ``out`` with the header of the part ``store`` (for :func:`merge_parts`)."""
+        h = store.header
+        return StoreWriter(out, paths, h.num_classes, h.k, h.grid_h, h.grid_w, layout=h.layout,
+                           class_names=store.class_names, teacher=h.teacher, teacher_input_size=h.teacher_input_size,
+                           source=h.source, resume=resume, lock=lock)
+
+    @staticmethod
+    def merge_rows(store: LabelStore, begin: int, end: int) -> tuple:
+        """Rows ``[begin, end)`` of a part as the writer's ``write`` arguments after ``start``."""
+        maps = store.read(np.arange(begin, end))
+        return maps.logits, maps.class_ids, store.labels[begin:end], store.image_sizes[begin:end]
+
+
+def _job_of(store):
+    """The job class that writes stores like ``store`` (a part being merged)."""
+    from .generate_regions import RegionJob
+
+    return RegionJob if isinstance(store, RegionJob.store_class) else MapJob
+
+
+def _make_loader(job, image_root: str, relpaths: Sequence[str], labels: Sequence[int], first_row: int,
+                 stop_row: int, batch_size: int, device: str, device_id: Optional[int], config: DataConfig,
                  half_input: bool):
     from ..passes import PipelineBatches
     from ..paths import PathTable
-    from ..pipelines.graphs import TEACHER_OUTPUTS, pipeline_kwargs, teacher_pipeline
+    from ..pipelines.graphs import pipeline_kwargs
     from ..sources import BatchSource
 
     plan = RowPlan(int(first_row), int(stop_row), int(batch_size))
     paths = PathTable.from_strings(relpaths)
     labels = np.asarray(labels, dtype=np.int32)
-    teacher_config = config.replace(output_dtype="float16" if half_input else "float32",
-                                    channels_last=device == "gpu")
     kwargs = pipeline_kwargs(config, batch_size, device_id)
+    decoder_device = "mixed" if device == "gpu" else "cpu"
 
     def make_source(control, bad_rows):
         return BatchSource(image_root, plan, control, paths=paths, labels=labels, bad_rows=bad_rows)
 
     def make_pipeline(source):
-        return teacher_pipeline(source, teacher_config, int(size),
-                                decoder_device="mixed" if device == "gpu" else "cpu", **kwargs)
+        return job.pipeline(source, config, decoder_device, half_input, kwargs)
 
-    return PipelineBatches(plan, make_source, make_pipeline, list(TEACHER_OUTPUTS))
+    return PipelineBatches(plan, make_source, make_pipeline, job.outputs())
 
 
 def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224, grid=15, k: int = 5,
@@ -206,10 +303,6 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
 
     Returns the path written: ``out``, or this rank's part path when the parts are not merged here.
     """
-    from ..devices import resolve_device
-
-    out = os.fspath(out)
-    config = config or DataConfig()
     image_root = os.fspath(image_root)
     images = list_images(image_root, classes=class_names)
     dense = dense_classifier(model)
@@ -221,13 +314,34 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
     gh, gw = grid_pair(grid)
     if not 1 <= k <= num_classes:
         raise GenerateError(f"k={k} must lie in [1, {num_classes}]")
-    if size < 1 or batch_size < 1:
-        raise GenerateError(f"size and batch_size must be positive (got {size}, {batch_size})")
-    if not 0 <= rank < world_size:
-        raise GenerateError(f"rank {rank} is outside world size {world_size}")
+    if size < 1:
+        raise GenerateError(f"size must be positive (got {size})")
     if not dense.exact:
         warnings.warn(f"{dense.family}: the classifier has a hidden layer; it is applied at every location, "
                       "so the map's mean is not the model's logits", stacklevel=2)
+    job = MapJob(dense, size, (gh, gw), k, images.classes, teacher_name)
+    return generate_store(job, images, out, model, batch_size=batch_size, device=device, rank=rank,
+                          world_size=world_size, progress=progress, config=config, amp=amp, device_id=device_id,
+                          restart=restart, merge=merge)
+
+
+def generate_store(job, images, out, model: torch.nn.Module, batch_size: int, device: Optional[str] = "auto",
+                   rank: int = 0, world_size: int = 1, progress: bool = True, config: Optional[DataConfig] = None,
+                   amp: bool = False, device_id: Optional[int] = None, restart: bool = False,
+                   merge: Optional[bool] = None) -> str:
+    """The driver every kind of ``generate`` shares: ``job`` (:class:`MapJob`, or
+    :class:`~dali_relabel.tools.generate_regions.RegionJob`) over ``images`` (an
+    :func:`~dali_relabel.imagefolder.list_images` listing) into ``out``: this rank's rows, resumed or
+    reused as the module docstring says, then the merge of the parts. Arguments as
+    :func:`generate_label_maps`'s."""
+    from ..devices import resolve_device
+
+    out = os.fspath(out)
+    config = config or DataConfig()
+    if batch_size < 1:
+        raise GenerateError(f"batch_size must be positive (got {batch_size})")
+    if not 0 <= rank < world_size:
+        raise GenerateError(f"rank {rank} is outside world size {world_size}")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     merge = distributed if merge is None else merge
     if merge and world_size > 1 and not distributed:
@@ -235,19 +349,18 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
 
     device = resolve_device(device)
     use_amp = bool(amp) and device == "gpu"
-    fingerprint = model_fingerprint(model)
     start, stop = shard_bounds(len(images), rank, world_size) if world_size > 1 else (0, len(images))
     target = part_path(out, rank, world_size) if world_size > 1 else out
-    settings = dict(weights_sha256=fingerprint, model_class=type(model).__name__, size=int(size),
-                    mean=list(config.mean), std=list(config.std), amp=use_amp, resize=RESIZE_DESCRIPTION,
+    settings = dict(weights_sha256=model_fingerprint(model), model_class=type(model).__name__, size=job.size,
+                    mean=list(config.mean), std=list(config.std), amp=use_amp,
                     adjust_orientation=bool(config.adjust_orientation), rows=[start, stop, len(images)],
-                    grid=[gh, gw], k=int(k))
+                    **job.settings())
     relpaths = images.relpaths[start:stop]
     if stop > start and (world_size == 1 or restart or not _complete_part_fits(target, relpaths, settings)):
         with OutputLock(target) as lock:  # before any reader process starts, until the store is published
-            _generate_rows(images, model, dense, target, start, stop, settings, size, (gh, gw), k, batch_size,
-                           device, device_id, config, use_amp, teacher_name, restart,
-                           progress and rank == 0, keep_settings=world_size > 1, lock=lock)
+            _generate_rows(job, images, model, target, start, stop, settings, batch_size, device, device_id,
+                           config, use_amp, restart, progress and rank == 0, keep_settings=world_size > 1,
+                           lock=lock)
     if world_size == 1:
         return out
     if not merge:
@@ -259,9 +372,8 @@ def generate_label_maps(image_root, out, model: torch.nn.Module, size: int = 224
     return out
 
 
-def _generate_rows(images, model, dense, target, start, stop, settings, size, grid, k, batch_size,
-                   device, device_id, config, use_amp, teacher_name, restart, progress,
-                   keep_settings: bool, lock: OutputLock) -> None:
+def _generate_rows(job, images, model, target, start, stop, settings, batch_size, device, device_id, config,
+                   use_amp, restart, progress, keep_settings: bool, lock: OutputLock) -> None:
     """Write rows ``[start, stop)`` of ``images`` to the store ``target`` (resuming ``target.partial``).
 
     ``<target>.generate.json`` records the settings; it is kept after finishing for a part (so a
@@ -276,12 +388,10 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
     resume = not restart and os.path.exists(partial) and _read_settings(target) == settings
     if os.path.exists(partial) and not resume and not restart:
         warnings.warn(f"{partial} was made with other settings (weights, size, grid, ...); starting again",
-                      stacklevel=3)
+                      stacklevel=4)
     _write_settings(target, settings)
     # resume=False discards the old partial file, unless another process holds it (then it is kept)
-    writer = StoreWriter(target, relpaths, len(images.classes), k, grid[0], grid[1], layout="HW",
-                         class_names=images.classes, teacher=teacher_name, teacher_input_size=int(size),
-                         source=SOURCE_NAME, resume=resume, lock=lock)
+    writer = job.writer(target, relpaths, resume, lock)
     writer.close()  # reopened once the readers run: no forked reader may inherit the open file
     done = writer.rows_written
     first = (done // batch_size) * batch_size  # same batch boundaries as an uninterrupted run
@@ -295,14 +405,14 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
                 device_id = None
             # Readers start before the model moves to the GPU (they fork unless torch already
             # initialised CUDA; then they spawn, see devices.worker_start_method).
-            loader = _make_loader(images.root, images.relpaths, labels, start + first, stop, size,
-                                  batch_size, device, device_id, config, half_input=use_amp)
+            loader = _make_loader(job, images.root, images.relpaths, labels, start + first, stop, batch_size, device,
+                                  device_id, config, half_input=use_amp)
             writer.reopen()
             target_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
             model.eval().to(target_device)
             if device == "gpu":
                 model.to(memory_format=torch.channels_last)
-            autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext())
+            run = TeacherRun(model, device, target_device, use_amp)
             expected = start + first
             for batch in loader:
                 rows = batch["rows"].reshape(-1).cpu().numpy().astype(np.int64)
@@ -312,21 +422,9 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
                 keep = rows - start >= writer.rows_written
                 if not keep.any():
                     continue
-                x = batch["images"]
-                if device == "gpu":
-                    x = x.permute(0, 3, 1, 2)  # NHWC from DALI: a channels_last NCHW view, no copy
-                x = x.to(target_device, non_blocking=True)
-                if not use_amp:
-                    x = x.float()
-                with torch.inference_mode(), autocast:
-                    logit_map = dense.head(dense.features(x))
-                values, ids = topk_grid(logit_map, grid, k)
-                index = torch.from_numpy(np.nonzero(keep)[0])
-                values = values[index.to(values.device)].cpu().numpy()
-                ids = ids[index.to(ids.device)].cpu().numpy()
                 shapes = batch["shapes"].reshape(len(rows), -1)[:, :2].cpu().numpy()[keep]
                 batch_rows = rows[keep]
-                writer.write(int(batch_rows[0] - start), values, ids, labels[batch_rows], shapes)
+                job.write(writer, int(batch_rows[0] - start), batch, keep, labels[batch_rows], shapes, run)
                 bar.update(len(batch_rows))
             if expected != stop:
                 raise RuntimeError(f"the loader stopped at row {expected}, expected {stop}")
@@ -342,13 +440,18 @@ def _generate_rows(images, model, dense, target, start, stop, settings, size, gr
             loader.close()
 
 
+#: Header attributes that need not agree between the parts of a merge.
+_PER_PART = ("num_rows", "content_sha256", "values_checked")
+
+
 def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 4096,
                 delete_parts: bool = True) -> str:
     """Merge ``part_path(out, r, world_size)`` for ``r = 0 .. world_size - 1`` into ``out``.
 
-    Parts hold contiguous row ranges in rank order (a rank with no rows has no part). Their headers,
-    class names and image lists must agree; the merged store is what one process would have written.
-    Resumes an interrupted merge; the parts (and their settings files) are deleted afterwards.
+    Parts hold contiguous row ranges in rank order (a rank with no rows has no part). They must be of
+    one kind (label maps or region labels), and their headers, class names and image lists must
+    agree; the merged store is what one process would have written. Resumes an interrupted merge;
+    the parts (and their settings files) are deleted afterwards.
     """
     from tqdm import tqdm
 
@@ -357,14 +460,19 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
     present = [p for p in parts if os.path.exists(p)]
     if not present:
         raise GenerateError(f"no parts of {out} found ({parts[0]} ...)")
-    stores = [LabelStore(p, verify="header") for p in present]
+    stores = []
     try:
+        for path in present:
+            stores.append(open_store(path, verify="header"))
         first = stores[0]
-        header = first.header
-        names = ("num_classes", "k", "grid_h", "grid_w", "layout", "teacher", "teacher_input_size", "source")
+        job = _job_of(first)
+        header = dataclasses.asdict(first.header)
         settings = [_read_settings(p) for p in present]
         for path, store, setting in zip(present, stores, settings):
-            different = [n for n in names if getattr(store.header, n) != getattr(header, n)]
+            if type(store) is not type(first):
+                raise GenerateError(f"{path} is a {store.kind}, {present[0]} a {first.kind}")
+            own = dataclasses.asdict(store.header)
+            different = [n for n in header if n not in _PER_PART and own[n] != header[n]]
             if store.class_names != first.class_names:
                 different.append("class_names")
             if setting is not None and settings[0] is not None:
@@ -395,10 +503,7 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
             resume = os.path.exists(out + PARTIAL_SUFFIX) and _read_settings(out) == merged_settings
             _write_settings(out, merged_settings)
             # resume=False discards an old partial file, unless another process holds it
-            writer = StoreWriter(out, paths, header.num_classes, header.k, header.grid_h, header.grid_w,
-                                 layout=header.layout, class_names=first.class_names, teacher=header.teacher,
-                                 teacher_input_size=header.teacher_input_size, source=header.source,
-                                 resume=resume, lock=lock)
+            writer = job.merge_writer(first, out, paths, resume, lock)
             bar = tqdm(total=len(paths), initial=writer.rows_written, unit="row", desc="merge",
                        disable=not progress)
             try:
@@ -407,9 +512,7 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
                     n = len(store)
                     for begin in range(max(0, writer.rows_written - offset), n, chunk_rows):
                         end = min(n, begin + chunk_rows)
-                        maps = store.read(np.arange(begin, end))
-                        writer.write(offset + begin, maps.logits, maps.class_ids, store.labels[begin:end],
-                                     store.image_sizes[begin:end])
+                        writer.write(offset + begin, *job.merge_rows(store, begin, end))
                         bar.update(end - begin)
                     offset += n
                 writer.finish()
@@ -428,7 +531,6 @@ def merge_parts(out, world_size: int, progress: bool = False, chunk_rows: int = 
             _remove(_settings_path(path))
     return out
 
-
 # --------------------------------------------------------------------------------------------------
 # The command
 
@@ -440,15 +542,21 @@ def read_class_names(path) -> List[str]:
 
 
 def run_generate(image_root, out, model_name: str, weights, size: int = 224, grid: Union[int, Tuple] = 15,
-                 k: int = 5, batch_size: int = 64, device: str = "auto", amp: bool = False,
+                 k: int = 5, batch_size: Optional[int] = 64, device: str = "auto", amp: bool = False,
                  class_names_file=None, teacher_name: Optional[str] = None, config: Optional[DataConfig] = None,
-                 restart: bool = False, progress: bool = True) -> dict:
-    """The ``dali-relabel generate`` job: build the teacher, join ``torchrun``'s group if any, generate.
+                 restart: bool = False, progress: bool = True, regions: Optional[int] = None,
+                 region_options: Optional[dict] = None) -> dict:
+    """The ``dali-relabel generate`` job: build the teacher, join ``torchrun``'s group if any, generate
+    label maps, or with ``regions`` (R) a region store
+    (:func:`~dali_relabel.tools.generate_regions.generate_region_labels`, given ``region_options``:
+    ``scale``, ``ratio``, ``flip_probability``, ``seed``, ``interpolation``, ``crop_batch``; ``grid``
+    unused; ``batch_size=None``: its default for R).
 
     Returns a summary dict (``out``, rows, teacher, ..., ``rank``).
     """
     from ..distributed import rank_and_world
     from ..devices import resolve_device
+    from .generate_regions import generate_region_labels
 
     class_names = read_class_names(class_names_file) if class_names_file else None
     if class_names is None:  # list_images' rule, without walking every file (generate does that)
@@ -461,21 +569,26 @@ def run_generate(image_root, out, model_name: str, weights, size: int = 224, gri
     joined = init_from_env(use_gpu, timeout=datetime.timedelta(hours=2))
     try:
         rank, world_size = rank_and_world()
-        device_id = torch.cuda.current_device() if use_gpu else None
-        path = generate_label_maps(image_root, out, model, size=size, grid=grid, k=k, batch_size=batch_size,
-                                   device="gpu" if use_gpu else "cpu", rank=rank, world_size=world_size,
-                                   class_names=classes, teacher_name=teacher_name or model_name,
-                                   progress=progress, config=config, amp=amp, device_id=device_id,
-                                   restart=restart)
+        common = dict(size=size, k=k, device="gpu" if use_gpu else "cpu", rank=rank, world_size=world_size,
+                      class_names=classes, teacher_name=teacher_name or model_name, progress=progress,
+                      config=config, amp=amp, device_id=torch.cuda.current_device() if use_gpu else None,
+                      restart=restart)
+        if regions is not None:
+            path = generate_region_labels(image_root, out, model, regions, batch_size=batch_size,
+                                          **(region_options or {}), **common)
+        else:
+            path = generate_label_maps(image_root, out, model, grid=grid, batch_size=batch_size or 64, **common)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
-    result = dict(out=path, rank=rank, world_size=world_size, teacher=teacher_name or model_name, size=size,
-                  grid=list(grid_pair(grid)), k=k, num_classes=len(classes))
+    result = dict(out=path, rank=rank, world_size=world_size, teacher=teacher_name or model_name, size=size, k=k,
+                  num_classes=len(classes))
+    if regions is not None:
+        result["regions"] = int(regions)
+    else:
+        result["grid"] = list(grid_pair(grid))
     if rank == 0:
-        store = LabelStore(path, verify="header")
-        result.update(rows=len(store), content_sha256=store.header.content_sha256)
+        store = open_store(path, verify="header")
+        result.update(rows=len(store), content_sha256=store.header.content_sha256, kind=store.kind)
         store.close()
     return result
-
-
