@@ -373,6 +373,14 @@ def _shard_pass(loader):
     return [(rows.tolist(), targets) for _, targets, rows in loader]
 
 
+def _built_ahead(loader):
+    """Wait for the pipeline being built ahead, if any: its helper thread records the build only when
+    it gets there, which on a busy machine can be after the pass has ended."""
+    ahead = loader._ahead
+    if ahead is not None and ahead._future is not None:
+        ahead._future.result()
+
+
 def _reference(shard_set, epoch, mixing=True, **extra):
     """A fresh loader's pass over ``epoch``."""
     loader, _ = _shard_loader(shard_set, **extra)
@@ -394,6 +402,7 @@ def test_shard_passes_run_on_pipelines_built_ahead(shard_set):
     loader, built = _shard_loader(shard_set)
     for epoch in range(3):
         _assert_same(_shard_pass(loader), _reference(shard_set, epoch))
+    _built_ahead(loader)
     assert built[0] == (0, 0, True, "now")
     assert built[1:] == [(1, 0, True, "ahead"), (2, 0, True, "ahead"), (3, 0, True, "ahead")], \
         "a pass built its own pipeline although the next epoch's was known"
@@ -445,6 +454,7 @@ def test_shard_resume_on_another_batch_size_at_batch_0_builds_its_own_pipeline(s
     saver.close()
     loader, built = _shard_loader(shard_set)
     _shard_pass(loader)  # epoch 0: epoch 1's pipeline is built ahead
+    _built_ahead(loader)
     assert built[-1] == (1, 0, True, "ahead")
     loader.load_state_dict(state)
     assert loader._start.batch == 0 and loader._start.seen.sum() == len(seen)
