@@ -2,7 +2,8 @@
 
 :class:`ReLabelLoader` builds the training graph (``pipelines/graphs.py``) over an image tree and its
 label store (label maps, or FKD's stored crops in a region store: :mod:`dali_relabel.regions`) and
-yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's device; :class:`ValidationLoader` yields ``(images, labels)``. Both behave like a
+yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's device;
+:class:`ValidationLoader` yields ``(images, labels)``. Both behave like a
 ``torch.utils.data.DataLoader`` where training scripts rely on it: ``len()``, every ``iter()`` starts a
 new pass, ``set_epoch``, ``state_dict``/``load_state_dict``. They shard by **global** rank (from
 ``torch.distributed`` or the ``torchrun`` environment) and never yield padding samples.

@@ -363,3 +363,28 @@ def test_train_py_trains_an_epoch_from_a_region_store(region_set, tmp_path):
         assert json.load(f)["num_classes"] == CLASSES
     checkpoint = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert checkpoint["data"]["data"]["targets"] == "regions"
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 2])
+def test_gpu_region_crops_match_the_cpu_crops(region_set, k):
+    """The mixed decoder cuts the same stored windows, flips them alike, and the dense targets made on
+    the GPU equal the CPU's (PNG decodes are lossless on both)."""
+    from dali_relabel.loader import ReLabelLoader
+
+    config = DataConfig(image_size=16, num_threads=1, seed=SEED, crops_per_image=k, cutmix_probability=0.5)
+    results = {}
+    for device in ("cpu", "cuda"):
+        loader = ReLabelLoader(region_set.images, region_set.store, batch_size=4, config=config, device=device,
+                               return_rows=True, return_geometry=True)
+        results[device] = [(i.cpu(), t.cpu(), r.cpu(), {n: v.cpu() for n, v in g.items()}) for i, t, r, g in loader]
+        if device == "cuda":
+            assert loader.device == "gpu"
+    assert len(results["cpu"]) == len(results["cuda"]) == len(region_set.relpaths) * k // 4
+    for (images, targets, rows, geometry), (g_images, g_targets, g_rows, g_geometry) in zip(results["cpu"],
+                                                                                          results["cuda"]):
+        assert torch.equal(rows, g_rows) and torch.equal(geometry["window"], g_geometry["window"])
+        assert torch.equal(geometry["flip"], g_geometry["flip"])
+        torch.testing.assert_close(g_targets, targets, rtol=1e-5, atol=1e-6)
+        assert float((g_images - images).abs().mean()) < 0.05
