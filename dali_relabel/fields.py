@@ -53,6 +53,14 @@ ROWS = Field("rows", "int64", 1, "[1] store row (image index)", tar_ext="row")
 VALID = Field("valid", "uint8", 1, "[1] VALID, PADDING or SKIPPED (dali_relabel.sources)")
 EPOCHS = Field("epochs", "int64", 0, "[] the key epoch of the sample's random choices (its epoch, or with "
                 "repeated augmentation epoch * repeats + copy)")
+REGION_WINDOW = Field("region_window", "int32", 2, "[c, 4] the windows (y0, x0, h, w) in source pixels of the c "
+                      "stored crops of a region store the sample uses (c = crops_per_image; each box's corners "
+                      "rounded to whole pixels: dali_relabel.store.pixel_windows)")
+REGION_FLIP = Field("region_flip", "int32", 1, "[c] their stored flips (1: mirrored)")
+REGION_IDS = Field("region_ids", "int32", 2, "[c, k] their stored top-k class ids; out of a graph, per crop [k] "
+                   "([crops, k] with crops_per_image > 1), like the targets")
+REGION_VALUES = Field("region_values", "float32", 2, "[c, k] their stored top-k probabilities; out of a graph as "
+                      "region_ids")
 MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed); "
                 "[k, 4], one per crop, with crops_per_image k > 1")
 
@@ -68,14 +76,21 @@ AFFINE = Field("affine", "float32", 2, "[2, 3] output pixel -> pixel of the resi
 
 #: The label map of a sample.
 MAP_FIELDS: Tuple[Field, ...] = (LOGITS, CLASS_IDS)
+#: The stored crops of a sample from a region store (what the graph cuts, and the labels it passes on).
+REGION_FIELDS: Tuple[Field, ...] = (REGION_WINDOW, REGION_FLIP, REGION_IDS, REGION_VALUES)
+#: What a training graph over a region store hands out in place of ``targets`` (the loaders make the
+#: dense targets of a batch from them).
+REGION_LABEL_FIELDS: Tuple[Field, ...] = (REGION_IDS, REGION_VALUES)
 #: The outputs a :class:`~dali_relabel.sources.BatchSource` can have, in their order.
-SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, LABELS, ROWS, VALID, EPOCHS, MIX_BOX)
+SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, *REGION_FIELDS, LABELS, ROWS, VALID, EPOCHS,
+                                    MIX_BOX)
 #: What ``return_geometry=True`` adds to a training batch, in its order.
 GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE)
 #: What a training graph makes per crop: with ``DataConfig.crops_per_image`` k > 1 a graph's sample
 #: holds each of these as ``[k, ...]`` (the loaders flatten a batch to ``[B, ...]``, crops of one image
 #: adjacent); the other outputs (labels, rows, valid) come once per image and are repeated per crop.
-PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE)
+PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE,
+                                      *REGION_LABEL_FIELDS)
 #: A shard sample's tar members, in their order in the tar.
 SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)
 

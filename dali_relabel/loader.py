@@ -1,8 +1,9 @@
 """Drop-in iterators: ``for images, targets in ReLabelLoader(...)`` in an ordinary PyTorch loop.
 
 :class:`ReLabelLoader` builds the training graph (``pipelines/graphs.py``) over an image tree and its
-label store and yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's
-device; :class:`ValidationLoader` yields ``(images, labels)``. Both behave like a
+label store (label maps, or FKD's stored crops in a region store: :mod:`dali_relabel.regions`) and
+yields ``(images, soft_targets)`` (optionally hard labels too) on the pipeline's device;
+:class:`ValidationLoader` yields ``(images, labels)``. Both behave like a
 ``torch.utils.data.DataLoader`` where training scripts rely on it: ``len()``, every ``iter()`` starts a
 new pass, ``set_epoch``, ``state_dict``/``load_state_dict``. They shard by **global** rank (from
 ``torch.distributed`` or the ``torchrun`` environment) and never yield padding samples.
@@ -30,8 +31,9 @@ from .mixing import CutMixSpec, apply_cutmix, apply_mixup, mixup_weights
 from .passes import PipelineBatches
 from .paths import PathTable
 from .plan import EpochPlan
+from .regions import check_region_settings, open_training_store, region_targets
 from .sources import BatchSource
-from .store import LabelStore, StoreError
+from .store import RegionStore, StoreError
 from .tree_check import check_store_matches_images
 
 _PER_CROP = frozenset(field.name for field in PER_CROP_FIELDS)
@@ -128,12 +130,14 @@ def mix_batch(batch: dict, config: DataConfig, epoch: int, batch_index: int, mix
 
 
 class ReLabelLoader(PipelineBatches):
-    """Training batches ``(images, soft_targets)`` with ReLabel targets from a label store.
+    """Training batches ``(images, soft_targets)`` with ReLabel targets from a label store (or FKD's
+    stored crop labels from a region store).
 
     Args:
         image_root: the ImageFolder tree; store row paths are relative to it.
-        store: path of the label store (or an open :class:`LabelStore`); ``None`` trains on the
-            tree's hard labels (one-hot targets, the baseline) with the same pipeline.
+        store: path of the store (or an open :class:`LabelStore` or :class:`RegionStore`), either
+            kind, told apart by its ``format`` attribute; ``None`` trains on the tree's hard labels
+            (one-hot targets, the baseline) with the same pipeline.
         batch_size: samples (crops) per batch on this rank; with ``config.crops_per_image`` k it holds
             ``batch_size / k`` images x k crops (a multiple of k; else :class:`~dali_relabel.config.BatchSizeError`).
         config: data settings (:class:`DataConfig`); ``config.layout`` overrides the store's.
@@ -181,6 +185,17 @@ class ReLabelLoader(PipelineBatches):
     ``len(dataset)`` the images, ``batch_size`` the crops of a batch; positions and states count
     images (:class:`~dali_relabel.plan.EpochPlan` deals images, ``batch_size / k`` per batch). FKD's
     script counts each such pass as k epochs of its schedule.
+
+    **Region stores** (FKD's soft labels, :class:`~dali_relabel.store.RegionStore`): each sample's
+    ``crops_per_image`` stored crops of an epoch are chosen keyed by ``(config.seed, key epoch, row)``
+    (:meth:`~dali_relabel.store.RegionStore.select`); each is cut at its stored box (corners rounded
+    to whole pixels, :func:`~dali_relabel.store.pixel_windows`) and flipped as stored (``config``'s
+    ``scale``, ``ratio`` and ``flip_probability`` are not used); colour jitter, interpolation, erasing
+    and photometric policies stay keyed as usual. Targets are the stored soft labels made dense per
+    the store's ``label_type``, a batch at a time on the loader's device (nothing is pooled); CutMix
+    and Mixup mix them by area. Settings a stored label cannot follow are refused
+    (:func:`~dali_relabel.regions.check_region_settings`), and so is ``crops_per_image`` above the
+    store's R. ``return_geometry``'s window is the stored box as cut, its flip the stored flip.
     """
 
     def __init__(self, image_root, store, batch_size: int, config: Optional[DataConfig] = None,
@@ -189,7 +204,7 @@ class ReLabelLoader(PipelineBatches):
                  return_labels: bool = False, return_rows: bool = False, check_files: bool = True,
                  skip_bad_images: bool = False, start_epoch: int = 0, resume_batch: int = 0,
                  return_geometry: bool = False):
-        from .pipelines.graphs import pipeline_kwargs, train_outputs, train_pipeline
+        from .pipelines.graphs import draws_after_crop, pipeline_kwargs, train_outputs, train_pipeline
         from .ops.plugin import load_plugin, require_gpu_backend
 
         self.config = config = config or DataConfig()
@@ -204,18 +219,20 @@ class ReLabelLoader(PipelineBatches):
             if config.cutmix_probability > 0 and config.cutmix_mode == "localized":
                 raise ValueError("localized CutMix needs label maps (a store)")
         else:
-            self.store = store if isinstance(store, LabelStore) else LabelStore(store)
+            self.store = open_training_store(store)
             paths, labels = None, None  # the source maps the store's own in its worker
             if self.store.verified == "header":  # a store opened without the path checks
                 try:
                     self.store.paths.check_confined("stored image paths")
                 except ValueError as error:
                     raise StoreError(self.store.path, str(error)) from None
+            if self.regions:
+                check_region_settings(config, self.store)
             if check_files:
                 check_store_matches_images(self.store, self.image_root)
             self.class_names = self.store.class_names
             self.num_classes = self.store.num_classes
-            self.layout = config.layout or self.store.layout
+            self.layout = config.layout or ("HW" if self.regions else self.store.layout)
         data_classes, self.num_classes = self.num_classes, config.target_width(self.num_classes)
         rank, world_size = resolve_rank(rank, world_size)
         self.device = resolve_device(device)
@@ -231,15 +248,16 @@ class ReLabelLoader(PipelineBatches):
             cutmix = CutMixSpec(config.cutmix_probability, config.cutmix_alpha, config.image_size,
                                 seed=config.seed, stop_epoch=config.cutmix_stop_epoch,
                                 per_batch=config.mix_granularity == "batch")
-        output_map = train_outputs(config, cutmix is not None, return_geometry)
+        output_map = train_outputs(config, cutmix is not None, return_geometry, self.regions)
+        keyed = not self.regions or draws_after_crop(config)  # the graph reads the key epochs
         store_path = self.store.path if self.store else None
         execution = pipeline_kwargs(config, images_per_batch, index)
         decoder = "mixed" if self.device == "gpu" else "cpu"
 
         def make_source(control, bad_rows):
             return BatchSource(self.image_root, plan, control, store_path=store_path, paths=paths,
-                               labels=labels, epochs=True, cutmix=cutmix, bad_rows=bad_rows,
-                               crops_per_image=config.crops_per_image)
+                               labels=labels, epochs=keyed, cutmix=cutmix, bad_rows=bad_rows,
+                               crops_per_image=config.crops_per_image, regions=self.regions, seed=config.seed)
 
         def make_pipeline(source):
             return train_pipeline(source, config, data_classes, self.layout, decoder_device=decoder,
@@ -251,7 +269,8 @@ class ReLabelLoader(PipelineBatches):
         self.mixup_enabled = True
         self.dataset = LoaderDataset(self.image_root, self.class_names, num_samples)
         self.drop_last = config.last_batch == "drop"
-        self._data = {**data_fingerprint(config), "targets": "relabel" if self.store is not None else "original",
+        targets = "original" if self.store is None else "regions" if self.regions else "relabel"
+        self._data = {**data_fingerprint(config), "targets": targets,
                       "layout": self.layout,
                       "dataset": (self.store.header.content_sha256 or f"store of {len(self.store)} rows")
                       if self.store is not None else None}
@@ -271,9 +290,16 @@ class ReLabelLoader(PipelineBatches):
     def _mixing_enabled(self) -> bool:
         return self.mixup_enabled
 
+    @property
+    def regions(self) -> bool:
+        """Whether the store is a region store (stored crops and their labels, no maps)."""
+        return isinstance(self.store, RegionStore)
+
     def _transform(self, batch: dict, current: Pass) -> dict:
-        return mix_batch(flatten_crops(batch, self.crops_per_image), self.config, current.epoch,
-                         current.first + current.consumed - 1, current.mixing)
+        batch = flatten_crops(batch, self.crops_per_image)
+        if self.regions:  # the stored top-k labels of the batch's crops, made dense once per batch
+            batch = region_targets(batch, self.store.num_classes, self.store.label_type)
+        return mix_batch(batch, self.config, current.epoch, current.first + current.consumed - 1, current.mixing)
 
     def __iter__(self):
         for batch in self._batches():

@@ -129,6 +129,8 @@ class ShardSet:
                 index_path = os.path.join(location, INDEX_NAME)
             elif location.endswith(".json"):
                 index_path = location
+            elif os.path.isfile(location) and _is_hdf5(location):  # a store given for shards
+                raise ShardError(_not_shards(location))
             else:
                 index_path = os.path.join(os.path.dirname(location) or ".", INDEX_NAME)
                 chosen = set(os.path.basename(p) for p in expand_braces(location))
@@ -507,7 +509,8 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
         if not isinstance(store, LabelStore) and not remote.is_remote(os.fspath(path)) and \
                 store_kind(path) != "label store":
             raise ShardError(f"{os.fspath(path)} is a {store_kind(path)}: tar shards carry label maps only (a "
-                             "region store's crops are not packed into shards yet); train from the image tree")
+                             "region store's crops are not packed into shards yet); train from the image tree "
+                             "(ReLabelLoader(images, store), or pipelines/train.py --data IMAGES --store STORE)")
         store = store if isinstance(store, LabelStore) else LabelStore(store)
         if check_files:
             check_store_matches_images(store, image_root)
@@ -588,3 +591,23 @@ def check_shards_match_store(shards: ShardSet, store: LabelStore) -> None:
         raise StoreError(store.path, f"the shards in {shards.directory} were made from another store "
                                      f"(content {shards.store_sha256[:12]}, this one "
                                      f"{store.header.content_sha256[:12]})")
+
+
+def _is_hdf5(path: str) -> bool:
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+def _not_shards(location: str) -> str:
+    """Why an HDF5 file given where shards are expected is none (a store is named by its kind)."""
+    try:
+        kind = store_kind(location)
+    except StoreError:
+        return f"{location}: an HDF5 file, not tar shards (write shards with `dali-relabel shard`)"
+    extra = " (a region store's crops are not packed into shards)" if kind != "label store" else ""
+    return (f"{location} is a {kind}, not tar shards{extra}: train from the image tree with it "
+            "(ReLabelLoader(images, store), or pipelines/train.py --data IMAGES --store STORE)")

@@ -6,7 +6,9 @@ processes (parallel), or in the loader's process with each batch made ahead on a
 ``BatchInfo(iteration, epoch_idx)`` it takes the batch's rows from the rank's :class:`EpochPlan` and
 returns, as whole-batch arrays: the image paths (for the plugin's C++ file reader ``relabel.read_files``, or
 DALI's ``io.file.read`` for ``s3://`` URLs of a tree on object storage), the
-rows' label maps gathered from the memory-mapped store in one read, the hard labels, the row ids, a
+rows' label maps gathered from the memory-mapped store in one read (from a region store: the stored
+crops each sample uses this epoch, their whole-pixel windows, flips and top-k labels), the hard
+labels, the row ids, a
 validity flag, the epoch (which, with the row, keys every random choice: :mod:`dali_relabel.crops`)
 and, with CutMix, the pair boxes.
 Everything per sample (reading files, decoding, cropping, pooling) happens in DALI's C++. Because the
@@ -26,12 +28,12 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .bad_images import BadImageError
-from .fields import EPOCHS, LABELS, MAP_FIELDS, MIX_BOX, PATHS, ROWS, SOURCE_FIELDS, Field
+from .fields import EPOCHS, LABELS, MAP_FIELDS, MIX_BOX, PATHS, REGION_FIELDS, ROWS, SOURCE_FIELDS, Field
 from .fields import VALID as VALID_FIELD  # VALID here is the status value
 from .lookahead import locate
 from .mixing import CutMixSpec
@@ -39,7 +41,8 @@ from .paths import PathTable
 from .plan import EpochPlan
 from .processes import die_with_parent
 from .remote import is_remote
-from .store import LabelStore, StoreError, map_value_problem
+from .store import LabelStore, RegionStore, StoreError, map_value_problem, pixel_windows
+from .store.region_format import region_value_problem
 
 #: Values of the ``valid`` output.
 PADDING, VALID, SKIPPED = 0, 1, 2
@@ -158,9 +161,16 @@ class BatchSource:
             hands out and each sample's ``mix_box`` is ``[k, 4]``, one box per crop.
         bad_rows: rows known to be undecodable: replaced by the next good row of the epoch and marked
             :data:`SKIPPED`.
+        regions: the store is a region store (:class:`~dali_relabel.store.RegionStore`): in place of
+            maps, each sample gets ``crops_per_image`` of its image's stored crops, chosen by
+            :meth:`~dali_relabel.store.RegionStore.select` with ``seed`` and the sample's key epoch
+            (the epoch, or with repeated augmentation its copy's), with their windows
+            (:func:`~dali_relabel.store.pixel_windows`), flips and top-k labels.
+        seed: the data seed (``DataConfig.seed``) the stored crops are chosen with.
 
     Outputs (:attr:`fields`: whole-batch arrays, each sample as :mod:`dali_relabel.fields` declares):
-    ``paths``, with a store the map (``logits``, ``class_ids``), ``labels``, ``rows``, ``valid``
+    ``paths``, with a store the map (``logits``, ``class_ids``) or, from a region store, the stored
+    crops (``region_window``, ``region_flip``, ``region_ids``, ``region_values``), ``labels``, ``rows``, ``valid``
     (:data:`VALID`, :data:`PADDING` or :data:`SKIPPED`; only :data:`VALID` samples are trained on),
     ``epochs`` (with ``epochs``), ``mix_box`` (with CutMix).
     """
@@ -168,9 +178,12 @@ class BatchSource:
     def __init__(self, image_root: str, plan: EpochPlan, control: EpochControl,
                  store_path: Optional[str] = None, paths: Optional[PathTable] = None,
                  labels: Optional[np.ndarray] = None, epochs: bool = False,
-                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = (), crops_per_image: int = 1):
+                 cutmix: Optional[CutMixSpec] = None, bad_rows: Sequence[int] = (), crops_per_image: int = 1,
+                 regions: bool = False, seed: int = 0):
         if store_path is None and (paths is None or labels is None):
             raise ValueError("a source without a store needs paths and labels")
+        if regions and store_path is None:
+            raise ValueError("a source of stored crops needs its region store")
         image_root = os.fspath(image_root)
         self.remote = is_remote(image_root)  #: the paths are ``s3://`` URLs
         self.image_root = image_root.rstrip("/") if self.remote else os.path.abspath(image_root)
@@ -183,8 +196,10 @@ class BatchSource:
         self.epochs = epochs
         self.cutmix = cutmix
         self.crops_per_image = int(crops_per_image)
+        self.regions = bool(regions)
+        self.seed = int(seed)
         self.bad_rows = np.unique(np.asarray(bad_rows, dtype=np.int64))
-        self._store: Optional[LabelStore] = None
+        self._store: Optional[Union[LabelStore, RegionStore]] = None
         self._epoch_cache: Optional[tuple] = None  # (epoch, rows, valid, key epochs) of the last epoch read
         self._owner = os.getpid()  # the loader's process; worker processes die with it
 
@@ -210,7 +225,7 @@ class BatchSource:
     def fields(self) -> Tuple[Field, ...]:
         """Output fields, in order (those of :data:`~dali_relabel.fields.SOURCE_FIELDS` this source has)."""
         present = {PATHS, LABELS, ROWS, VALID_FIELD}
-        present.update(MAP_FIELDS if self.store_path else ())
+        present.update((REGION_FIELDS if self.regions else MAP_FIELDS) if self.store_path else ())
         present.update([EPOCHS] if self.epochs else [])
         present.update([MIX_BOX] if self.cutmix is not None else [])
         return tuple(field for field in SOURCE_FIELDS if field in present)
@@ -226,10 +241,10 @@ class BatchSource:
             return self.image_root + "/" + self.paths[row]
         return os.path.join(self.image_root, self.paths[row])
 
-    def store(self) -> LabelStore:
+    def store(self) -> Union[LabelStore, RegionStore]:
         # Opened lazily in the worker process that uses it (never shared across fork).
         if self._store is None:
-            self._store = LabelStore(self.store_path, verify="header")
+            self._store = (RegionStore if self.regions else LabelStore)(self.store_path, verify="header")
         return self._store
 
     def epoch_rows(self, epoch: int, start=None) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -302,7 +317,13 @@ class BatchSource:
         if self.store_path:
             self.store().check_unchanged()  # the paths and maps are mapped: a truncated file is SIGBUS
         out: Dict[str, np.ndarray] = {"paths": self.paths.gather(rows, self.prefix)[0]}
-        if self.store_path:
+        keys = None
+        if self.epochs or self.regions:
+            epoch_keys = self.epoch_rows(epoch, start)[2]
+            keys = np.full(len(rows), epoch, np.int64) if epoch_keys is None else epoch_keys[self._span(batch, start)]
+        if self.regions:
+            out.update(self._stored_crops(rows, keys))
+        elif self.store_path:
             store = self.store()
             maps = store.read(rows)
             if not store.header.values_checked:  # a version-1 store: nothing vouches for its values
@@ -310,11 +331,31 @@ class BatchSource:
             out.update(logits=maps.logits, class_ids=maps.class_ids)
         out.update(labels=self.labels[rows][:, None], rows=rows[:, None], valid=status[:, None])
         if self.epochs:
-            keys = self.epoch_rows(epoch, start)[2]
-            out["epochs"] = np.full(len(rows), epoch, np.int64) if keys is None else keys[self._span(batch, start)]
+            out["epochs"] = keys
         if self.cutmix is not None:
             out["mix_box"] = crop_boxes(self.cutmix, epoch, batch, len(rows), self.crops_per_image, mixing)
         return tuple(out[name] for name in self.names)
+
+    def _stored_crops(self, rows: np.ndarray, keys: np.ndarray) -> Dict[str, np.ndarray]:
+        """The region store's crops of ``rows`` this batch: chosen per key epoch (one vectorised
+        :meth:`~dali_relabel.store.RegionStore.select` per distinct key epoch in the batch: one, or with
+        repeated augmentation at most ``aug_repeats``), then one read of their boxes, flips and labels."""
+        store = self.store()
+        count = self.crops_per_image
+        chosen = np.empty((len(rows), count), np.int64)
+        for key in np.unique(keys).tolist():
+            where = keys == key
+            chosen[where] = store.select(self.seed, int(key), rows[where], count)
+        crops = store.read(rows, chosen)
+        sizes = store.image_sizes[rows]
+        if not store.header.values_checked:  # nothing vouches for the values: check this batch's
+            problem = region_value_problem(crops.boxes, crops.flips, crops.class_ids, crops.values, sizes,
+                                           store.num_classes, store.label_type)
+            if problem is not None:
+                row = int(rows[problem[0]])
+                raise StoreError(self.store_path, f"row {row} ({self.paths[row]}), stored {problem[1]}")
+        return {"region_window": pixel_windows(crops.boxes, sizes), "region_flip": crops.flips.astype(np.int32),
+                "region_ids": crops.class_ids.astype(np.int32), "region_values": crops.values.astype(np.float32)}
 
     def _check_maps(self, rows: np.ndarray, logits: np.ndarray, class_ids: np.ndarray) -> None:
         """One vectorised check of the batch's maps; the error names the first bad row and its file.

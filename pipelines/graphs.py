@@ -11,8 +11,13 @@ Train: ``peek_image_shape`` -> ``relabel.random_crop_window`` (random-resized cr
 ``crop_mirror_normalize``, and the fused ``relabel.label_pooling`` operator fed with the same crop
 window, image shape and mirror flag, so the soft target always describes exactly the pixels the
 model sees. With ``DataConfig.crops_per_image`` k > 1 each image is decoded whole once
-(``decoders.image``) and k crops are resized from it (``resize`` with a region of interest), each through the same steps with its
-own key (:func:`augment`), and stacked per sample (``[k, ...]``).
+(``decoders.image``) and k crops are resized from it (``resize`` with a region of interest), each
+through the same steps with its own key (:func:`augment`), and stacked per sample (``[k, ...]``).
+
+From a region store (FKD's stored crops) the windows and flips are the stored ones the source chose
+(:func:`stored_window` in place of ``relabel.random_crop_window``), the rest of the augmentation is
+keyed as usual, and the graph passes each crop's stored top-k labels on (``region_ids``,
+``region_values``) in place of pooled targets: the loaders make them dense a batch at a time.
 
 Validation: decode -> resize the shorter side -> centre crop -> normalize; hard labels and row ids.
 
@@ -35,7 +40,8 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_relabel.config import DataConfig
 from dali_relabel.devices import worker_start_method
 from dali_relabel.fields import (AFFINE, FLIP, GEOMETRY_FIELDS, IMAGES, JPEGS, LABELS, MAP_FIELDS, MIX_BOX, PASTED,
-                                 ROWS, SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
+                                 REGION_FLIP, REGION_IDS, REGION_LABEL_FIELDS, REGION_VALUES, REGION_WINDOW, ROWS,
+                                 SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
 from dali_relabel.fields import names as field_names
 from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
@@ -167,14 +173,28 @@ class Crop(NamedTuple):
     affine: object
 
 
-def random_window(shape, rows, epochs, config: DataConfig):
+def random_window(shape, rows, epochs, config: DataConfig, index: int = 0):
     """``(anchor, crop, mirror)`` of every sample: the random-resized-crop window and horizontal
     flip keyed by ``(config.seed, epoch, row)`` (``relabel.random_crop_window``; its Python twin is
-    :func:`dali_relabel.crops.crop_window`). The window source :func:`augment` uses by default."""
+    :func:`dali_relabel.crops.crop_window`). The window source :func:`augment` uses by default
+    (``index``, the crop's number, is not needed: its key epoch already tells the crops apart)."""
     return fn.relabel.random_crop_window(
         shape, rows, epochs, seed=config.seed, random_area=list(config.scale),
         random_aspect_ratio=list(config.ratio), num_attempts=config.num_attempts,
         flip_probability=config.flip_probability)
+
+
+def stored_window(data: dict):
+    """The window source (for :func:`augment`) of a region store's stored crops: crop ``index`` of a
+    sample is cut with the source's ``region_window[index]`` (``(y0, x0, h, w)``, whole source pixels)
+    and mirrored as ``region_flip[index]`` says, whatever the key (the colour jitter, interpolation,
+    policy and erasing that follow stay keyed)."""
+    windows, flips = data[REGION_WINDOW.name], data[REGION_FLIP.name]
+
+    def window(shape, rows, epochs, config: DataConfig, index: int = 0):
+        return windows[index, 0:2], windows[index, 2:4], flips[index]
+
+    return window
 
 
 def crop_key_epochs(epochs, crops: int, index: int):
@@ -195,27 +215,37 @@ def augment(jpegs, rows, epochs, config: DataConfig, decoder_device: str, window
     keyed with the key epoch ``epochs * k + j`` (:func:`crop_key_epochs`), so it draws its own
     window, flip and augmentation.
 
-    ``window``: where each crop's window comes from, ``(shape, rows, key_epochs, config) -> (anchor
-    [y, x], crop [h, w], mirror)`` (default :func:`random_window`); :func:`augment_crop` does the rest.
+    ``window``: where each crop's window comes from, ``(shape, rows, key_epochs, config, index) ->
+    (anchor [y, x], crop [h, w], mirror)``, ``index`` the crop's number ``j`` (default
+    :func:`random_window`; :func:`stored_window` for a region store); :func:`augment_crop` does the rest.
     """
     shape = fn.peek_image_shape(jpegs, adjust_orientation=config.adjust_orientation)
     count = config.crops_per_image
     if count == 1:
-        anchor, crop, mirror = window(shape, rows, epochs, config)
+        anchor, crop, mirror = window(shape, rows, epochs, config, 0)
         images = fn.decoders.image_slice(jpegs, anchor, crop, axis_names="HW", **decoder_args(decoder_device, config))
         return shape, [augment_crop(images, anchor, crop, mirror, rows, epochs, config)]
     decoded = fn.decoders.image(jpegs, **decoder_args(decoder_device, config))
     crops = []
     for index in range(count):
-        keys = crop_key_epochs(epochs, count, index)
-        anchor, crop, mirror = window(shape, rows, keys, config)
+        keys = None if epochs is None else crop_key_epochs(epochs, count, index)
+        anchor, crop, mirror = window(shape, rows, keys, config, index)
         crops.append(augment_crop(decoded, anchor, crop, mirror, rows, keys, config, cut=False))
     return shape, crops
 
 
+def draws_after_crop(config: DataConfig) -> bool:
+    """Whether :func:`augment_crop` draws anything from the sample keys (colour jitter, random
+    interpolation, a vertical flip or policy, random erasing): with stored windows
+    (:func:`stored_window`) nothing else needs the source's ``epochs``."""
+    return bool(config.color_jitter) or config.interpolation == "random" or config.moves_pixels or \
+        config.random_erase_probability > 0
+
+
 def augment_crop(images, anchor, crop, mirror, rows, epochs, config: DataConfig, cut: bool = True) -> Crop:
     """The rest of one crop once its window is cut (``images``: HWC uint8, the window's pixels; with
-    ``cut=False`` the whole decoded image, the window resized from it in place): resize, colour jitter, flips, the augmentation policy (its geometric ops compose into
+    ``cut=False`` the whole decoded image, the window resized from it in place): resize, colour
+    jitter, flips, the augmentation policy (its geometric ops compose into
     ``affine``), normalisation, random erasing, in torchvision's and timm's order, every draw keyed by
     ``(config.seed, epochs, rows)``. Returns the :class:`Crop`."""
     jitter = interpolation = None
@@ -321,10 +351,17 @@ def mix_outputs(config: DataConfig, cutmix: bool) -> Tuple[str, ...]:
     return field_names(MIX_BOX, PASTED) if config.cutmix_mode == "localized" else field_names(MIX_BOX)
 
 
-def train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False) -> List[str]:
+#: Outputs of :func:`train_pipeline` over a region store before the CutMix ones: the stored labels
+#: of each crop in place of ``targets``.
+REGION_TRAIN_OUTPUTS = field_names(IMAGES, REGION_IDS, REGION_VALUES, LABELS, ROWS, VALID)
+
+
+def train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False, regions: bool = False) -> List[str]:
     """Names of :func:`train_pipeline`'s outputs, in order (``cutmix``: its source draws CutMix boxes;
-    ``geometry``: the crop window, flip and affine of every sample follow)."""
-    return list(TRAIN_OUTPUTS + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
+    ``geometry``: the crop window, flip and affine of every sample follow; ``regions``: its source
+    reads a region store)."""
+    first = REGION_TRAIN_OUTPUTS if regions else TRAIN_OUTPUTS
+    return list(first + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
 
 
 def geometry_outputs(anchor, crop, mirror, affine) -> dict:
@@ -341,17 +378,25 @@ def crop_outputs(data: dict, shape, crops: Sequence[Crop], config: DataConfig, n
     """What a training graph makes of its ``crops`` (from :func:`augment`), by name: ``images``,
     ``targets`` (:func:`soft_targets` over each crop's own window, flip and affine; with ``mix_box``
     in ``"localized"`` CutMix mode also ``pasted``) and with ``geometry`` :func:`geometry_outputs`.
+    From a region store (``data`` has ``region_ids``) each crop's stored ``region_ids`` and
+    ``region_values`` in place of ``targets`` (on the GPU with the ``mixed`` decoder).
     One crop: as they are. Several: each stacked per sample to ``[k, ...]`` (crop j of a sample is
     pooled with ``mix_box[j]``, its own box)."""
     several = len(crops) > 1
     per_crop = []
     for index, crop in enumerate(crops):
-        box = mix_box[index] if several and mix_box is not None else mix_box
-        targets = soft_targets(data, shape, crop.anchor, crop.crop, crop.mirror, config, num_classes, layout,
-                               decoder_device, box, crop.affine)
-        outputs = {IMAGES.name: crop.images, TARGETS.name: targets[0]}
-        if len(targets) > 1:
-            outputs[PASTED.name] = targets[1]
+        outputs = {IMAGES.name: crop.images}
+        if REGION_IDS.name in data:  # stored labels of the stored crop: nothing to pool
+            for field in REGION_LABEL_FIELDS:
+                labels = data[field.name][index]
+                outputs[field.name] = labels.gpu() if decoder_device == "mixed" else labels
+        else:
+            box = mix_box[index] if several and mix_box is not None else mix_box
+            targets = soft_targets(data, shape, crop.anchor, crop.crop, crop.mirror, config, num_classes, layout,
+                                   decoder_device, box, crop.affine)
+            outputs[TARGETS.name] = targets[0]
+            if len(targets) > 1:
+                outputs[PASTED.name] = targets[1]
         if geometry:
             outputs.update(geometry_outputs(crop.anchor, crop.crop, crop.mirror, crop.affine))
         per_crop.append(outputs)
@@ -374,7 +419,9 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
                    decoder_device: str = "cpu", geometry: bool = False):
     """ReLabel training graph. Outputs (:func:`train_outputs`): images, soft targets, labels, rows, valid.
 
-    A source without a store gives one-hot targets of the hard labels (the baseline).
+    A source without a store gives one-hot targets of the hard labels (the baseline); a source over a
+    region store the stored crops (:func:`stored_window`) and, in place of the targets, their stored
+    labels ``region_ids``, ``region_values`` (:data:`REGION_TRAIN_OUTPUTS`).
 
     With a CutMix source the outputs are followed by ``mix_box``; in ``"localized"`` mode the soft
     targets are the crop minus the box, followed by ``pasted`` (the map pooled over the box).
@@ -392,10 +439,13 @@ def train_pipeline(source: BatchSource, config: DataConfig, num_classes: int, la
         geometry: also output every sample's crop window, flip and affine (:func:`geometry_outputs`).
     """
     data = read_batches(source, config)
-    shape, crops = augment(data["jpegs"], data["rows"], data["epochs"], config, decoder_device)
+    regions = REGION_WINDOW.name in data
+    window = stored_window(data) if regions else random_window
+    # a source of stored crops hands over no epochs where nothing after the cut is keyed
+    shape, crops = augment(data["jpegs"], data["rows"], data.get("epochs"), config, decoder_device, window=window)
     mix_box = data.get("mix_box")
     made = crop_outputs(data, shape, crops, config, num_classes, layout, decoder_device, mix_box, geometry)
-    return _training_outputs(made, data, mix_box, train_outputs(config, mix_box is not None, geometry))
+    return _training_outputs(made, data, mix_box, train_outputs(config, mix_box is not None, geometry, regions))
 
 
 #: Outputs of :func:`validation_pipeline`.

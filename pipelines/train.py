@@ -7,6 +7,11 @@ Thin, torchvision-reference style: ``get_args_parser``, ``train_one_epoch``, ``e
     torchrun --nproc_per_node=8 pipelines/train.py ...        # DDP, one process per GPU
     dali-relabel train ...                                     # the same script, installed
     python pipelines/train.py --shards 'shards/shard-{000000..000127}.tar' --val-shards val_shards ...
+    python pipelines/train.py --data /data/imagenet/train --store imagenet_fkd.h5 --crops-per-image 4 ...
+
+``--store`` takes either kind of store, told apart by its format: label maps (ReLabel targets pooled
+over each crop) or a region store (FKD's stored crops, cut as stored, their stored soft labels as
+targets; :mod:`dali_relabel.regions`).
 
 The data flags are :class:`~dali_relabel.config.DataConfig`'s fields (``--image-size``,
 ``--cutmix-probability``, ``--label-smoothing``, ...: ``--help`` lists them with their defaults); the
@@ -55,7 +60,8 @@ def get_args_parser(add_help: bool = True, prog: Optional[str] = None) -> argpar
     parser = argparse.ArgumentParser(prog=prog, description="ReLabel training with DALI", add_help=add_help)
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="training ImageFolder root (or --shards)")
-    data.add_argument("--store", help="label-map store of --data (needed for --targets relabel)")
+    data.add_argument("--store", help="store of --data (needed for --targets relabel): label maps, or a region "
+                                      "store (FKD's stored crops and their soft labels); its kind picks the targets")
     data.add_argument("--shards", help="tar shards instead of --data/--store: their directory, index.json, "
                                        "or a pattern DIR/shard-{000000..000127}.tar (dali-relabel shard)")
     data.add_argument("--val", help="validation ImageFolder root (evaluated after every epoch)")

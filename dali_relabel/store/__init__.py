@@ -23,7 +23,7 @@ from .kinds import open_store, store_kind, summarize_store
 from .reader import LabelMap, LabelStore, summarize
 from .region_format import LABEL_TYPES, REGION_FORMAT_NAME, REGION_FORMAT_VERSION, RegionHeader
 from .region_reader import RegionLabels, RegionStore, summarize_regions
-from .region_targets import REGION_STREAM, dense_targets, select_regions
+from .region_targets import REGION_STREAM, dense_targets, pixel_windows, select_regions
 from .region_writer import RegionWriter, write_region_store
 from .writer import StoreWriter, write_store
 
@@ -31,5 +31,5 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HASH_CHUNK_ROWS", "LABEL_TYPES", "P
            "REGION_FORMAT_NAME", "REGION_FORMAT_VERSION", "REGION_STREAM", "VERIFY_LEVELS", "LabelMap", "LabelStore",
            "RegionHeader", "RegionLabels", "RegionStore", "RegionWriter", "StoreError", "StoreHeader", "StoreWriter",
            "check_map_values", "class_id_dtype", "content_hash_v1", "dense_targets", "map_value_problem",
-           "open_store", "paths_digest", "plan_hash", "root_hash", "row_bytes", "select_regions", "store_kind",
-           "summarize", "summarize_regions", "summarize_store", "write_region_store", "write_store"]
+           "open_store", "paths_digest", "pixel_windows", "plan_hash", "root_hash", "row_bytes", "select_regions",
+           "store_kind", "summarize", "summarize_regions", "summarize_store", "write_region_store", "write_store"]

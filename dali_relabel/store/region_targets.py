@@ -1,6 +1,7 @@
 """What a loader does with a region store's labels, a batch at a time: which stored crops each
-sample uses in an epoch (:func:`select_regions`, keyed like every other draw of dali-relabel), and
-the dense ``[C]`` target of a crop's stored top-k (:func:`dense_targets`, per the store's label type).
+sample uses in an epoch (:func:`select_regions`, keyed like every other draw of dali-relabel), the
+whole-pixel window each stored box is cut with (:func:`pixel_windows`), and the dense ``[C]`` target
+of a crop's stored top-k (:func:`dense_targets`, per the store's label type).
 """
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ def select_regions(seed: int, epoch: int, rows, count: int, regions: int) -> np.
     rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
     uniforms = sample_uniforms(sample_keys(seed, epoch, rows), REGION_STREAM, regions)
     return np.argsort(uniforms, axis=1, kind="stable")[:, :count].astype(np.int64)
+
+
+def pixel_windows(boxes, image_sizes) -> np.ndarray:
+    """int32 ``[..., 4]`` windows ``(y0, x0, h, w)`` in whole source pixels of stored ``boxes``
+    ``[n, c, 4]`` (x0, y0, w, h, float source pixels) of images ``image_sizes`` ``[n, 2]`` (height, width).
+
+    Each corner is rounded to the nearest pixel, halves to even (``x0 -> round(x0)``, ``x1 = x0 + w ->
+    round(x1)``, as PIL's ``Image.crop`` rounds the float box FKD's ``RandomResizedCrop_FKD`` gives it),
+    then clipped to the image, keeping at least one pixel: ``0 <= x0 < W`` and ``x0 < x1 <= W``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    sizes = np.asarray(image_sizes, dtype=np.int64).reshape(len(boxes), *([1] * (boxes.ndim - 2)), 2)
+    height, width = sizes[..., 0], sizes[..., 1]
+    x0 = np.clip(np.rint(boxes[..., 0]), 0, width - 1)
+    y0 = np.clip(np.rint(boxes[..., 1]), 0, height - 1)
+    x1 = np.clip(np.rint(boxes[..., 0] + boxes[..., 2]), x0 + 1, width)
+    y1 = np.clip(np.rint(boxes[..., 1] + boxes[..., 3]), y0 + 1, height)
+    return np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1).astype(np.int32)
 
 
 def dense_targets(class_ids, values, num_classes: int, label_type: str):
