@@ -73,6 +73,9 @@ WINDOW = Field("window", "int32", 1, "[4] the crop window x0, y0, w, h in source
 FLIP = Field("flip", "int32", 0, "[] 1 where the crop was mirrored horizontally")
 AFFINE = Field("affine", "float32", 2, "[2, 3] output pixel -> pixel of the resized, flipped crop (centres "
                "at i + 0.5); the identity when no geometric op ran")
+CANVAS_CHECKS = Field("canvas_checks", "float32", 3, "[m, 2, 3] output pixel -> each intermediate canvas of a "
+                      "chain of geometric ops: a pixel shows content iff affine and every check map it into the "
+                      "canvas (identities where nothing is to check)")
 
 #: The label map of a sample.
 MAP_FIELDS: Tuple[Field, ...] = (LOGITS, CLASS_IDS)
@@ -85,11 +88,11 @@ REGION_LABEL_FIELDS: Tuple[Field, ...] = (REGION_IDS, REGION_VALUES)
 SOURCE_FIELDS: Tuple[Field, ...] = (PATHS, LOGITS, CLASS_IDS, *REGION_FIELDS, LABELS, ROWS, VALID, EPOCHS,
                                     MIX_BOX)
 #: What ``return_geometry=True`` adds to a training batch, in its order.
-GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE)
+GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE, CANVAS_CHECKS)
 #: What a training graph makes per crop: with ``DataConfig.crops_per_image`` k > 1 a graph's sample
 #: holds each of these as ``[k, ...]`` (the loaders flatten a batch to ``[B, ...]``, crops of one image
 #: adjacent); the other outputs (labels, rows, valid) come once per image and are repeated per crop.
-PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE,
+PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE, CANVAS_CHECKS,
                                       *REGION_LABEL_FIELDS)
 #: A shard sample's tar members, in their order in the tar.
 SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)

@@ -42,14 +42,16 @@ _PER_CROP = frozenset(field.name for field in PER_CROP_FIELDS)
 def training_batch(batch: dict, config: DataConfig, return_labels: bool, return_rows: bool,
                    return_geometry: bool = False) -> tuple:
     """``(images, targets[, labels][, rows][, geometry])`` of a training batch as the loaders hand it
-    out; ``geometry``: ``{"window": [B, 4] (x0, y0, w, h), "flip": [B], "affine": [B, 2, 3]}``."""
+    out; ``geometry``: ``{"window": [B, 4] (x0, y0, w, h), "flip": [B], "affine": [B, 2, 3],
+    "canvas_checks": [B, m, 2, 3]}``."""
     out = [_as_torch_images(batch["images"], config), batch["targets"]]
     if return_labels:
         out.append(batch["labels"].reshape(-1).long())
     if return_rows:
         out.append(batch["rows"].reshape(-1))
     if return_geometry:
-        out.append({"window": batch["window"], "flip": batch["flip"].reshape(-1), "affine": batch["affine"]})
+        out.append({"window": batch["window"], "flip": batch["flip"].reshape(-1), "affine": batch["affine"],
+                    "canvas_checks": batch["canvas_checks"]})
     return tuple(out)
 
 
@@ -152,8 +154,11 @@ class ReLabelLoader(PipelineBatches):
         return_geometry: also yield (last) a dict of every sample's geometry: ``window`` ``[B, 4]``
             int32 (x0, y0, w, h of the crop in source pixels), ``flip`` ``[B]`` (1: mirrored), and
             ``affine`` ``[B, 2, 3]`` float32 mapping an output pixel (centres at i + 0.5) to a pixel
-            of the resized, flipped crop: the identity when no geometric augmentation ran. The order
-            is window, resize, flip, geometric ops, erasing.
+            of the resized, flipped crop: the identity when no geometric augmentation ran, and
+            ``canvas_checks`` ``[B, m, 2, 3]`` float32: with several geometric ops, content an
+            earlier one moved off the canvas shows fill, and an output pixel shows content iff
+            ``affine`` and every check map it into the canvas ``[0, S] x [0, S]`` (identities where
+            nothing is to check). The order is window, resize, flip, geometric ops, erasing.
         check_files: at start-up, refuse a store whose rows do not match the image tree (checked
             once per store and tree, then remembered while the tree's folders are unchanged; see
             :mod:`dali_relabel.tree_check`).

@@ -39,9 +39,9 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_relabel.config import DataConfig
 from dali_relabel.devices import worker_start_method
-from dali_relabel.fields import (AFFINE, FLIP, GEOMETRY_FIELDS, IMAGES, JPEGS, LABELS, MAP_FIELDS, MIX_BOX, PASTED,
-                                 REGION_FLIP, REGION_IDS, REGION_LABEL_FIELDS, REGION_VALUES, REGION_WINDOW, ROWS,
-                                 SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
+from dali_relabel.fields import (AFFINE, CANVAS_CHECKS, FLIP, GEOMETRY_FIELDS, IMAGES, JPEGS, LABELS, MAP_FIELDS,
+                                 MIX_BOX, PASTED, REGION_FLIP, REGION_IDS, REGION_LABEL_FIELDS, REGION_VALUES,
+                                 REGION_WINDOW, ROWS, SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
 from dali_relabel.fields import names as field_names
 from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
@@ -163,14 +163,17 @@ ERASE_STREAMS = 64
 class Crop(NamedTuple):
     """One crop of every sample of a batch, as :func:`augment` made it: the normalised ``images``,
     the window (``anchor`` ``[y, x]`` and ``crop`` ``[h, w]``, int32, in source pixels), the ``mirror``
-    flag, and ``affine`` (``None`` when nothing moved the pixels after the flip): per sample the
-    ``[2, 3]`` map from output pixels to pixels of the resized, flipped crop."""
+    flag, ``affine`` (``None`` when nothing moved the pixels after the flip): per sample the
+    ``[2, 3]`` map from output pixels to pixels of the resized, flipped crop, and ``checks``
+    (``None`` unless a policy of several slots ran): per sample the ``[m, 2, 3]`` canvas checks that
+    make ``affine`` exact for chains of geometric ops (:func:`dali_relabel.augment.geometry.canvas_checks`)."""
 
     images: object
     anchor: object
     crop: object
     mirror: object
     affine: object
+    checks: object = None
 
 
 def random_window(shape, rows, epochs, config: DataConfig, index: int = 0):
@@ -260,9 +263,9 @@ def augment_crop(images, anchor, crop, mirror, rows, epochs, config: DataConfig,
                                 hue=jitter[3])
     erasing = config.random_erase_probability > 0
     dtype = types.FLOAT if erasing else None  # erase in float32, then cast (float16 images)
-    affine = None
+    affine = checks = None
     if config.moves_pixels:
-        images, affine = _move_pixels(images, rows, epochs, mirror, config)
+        images, affine, checks = _move_pixels(images, rows, epochs, mirror, config)
         images = normalize(images, config, dtype=dtype)
     else:
         images = normalize(images, config, mirror, dtype=dtype)
@@ -274,11 +277,13 @@ def augment_crop(images, anchor, crop, mirror, rows, epochs, config: DataConfig,
                               rng=KeyedRandom(rows, epochs, seed=config.seed, stream_base=ERASE_STREAMS))
         if config.output_dtype == "float16":
             images = fn.cast(images, dtype=types.FLOAT16)
-    return Crop(images, anchor, crop, mirror, affine)
+    return Crop(images, anchor, crop, mirror, affine, checks)
 
 
 def _move_pixels(images, rows, epochs, mirror, config: DataConfig):
-    """The flips and the augmentation policy on the resized crops (HWC uint8): ``(images, affine)``."""
+    """The flips and the augmentation policy on the resized crops (HWC uint8): ``(images, affine,
+    checks)``; ``checks`` (the policy's canvas checks, whole-canvas flips need none) is ``None``
+    unless the policy has several slots."""
     from dali_relabel.augment import apply_policy
     from dali_relabel.augment.geometry import compose, identity
     from dali_relabel.augment.randomness import KeyedRandom
@@ -290,30 +295,33 @@ def _move_pixels(images, rows, epochs, mirror, config: DataConfig):
         images = fn.flip(images, horizontal=mirror, vertical=vflip)
     else:
         images = fn.flip(images, horizontal=mirror)
-    affine = identity()
+    affine, checks = identity(), None
     if config.auto_augment is not None:
         from dali_relabel.augment.policies import parse_policy
 
         policy = parse_policy(config.auto_augment)
         # timm fills uncovered pixels with the normalisation mean (its img_mean); torchvision with 0
         fill = tuple(min(255, round(255 * m)) for m in config.mean) if policy.family.startswith("timm") else None
-        images, affine = apply_policy(images, policy, fill=fill,
-                                      rng=KeyedRandom(rows, epochs, seed=config.seed, stream_base=POLICY_STREAMS))
+        images, affine, checks = apply_policy(images, policy, fill=fill, return_checks=True,
+                                              rng=KeyedRandom(rows, epochs, seed=config.seed,
+                                                              stream_base=POLICY_STREAMS))
+        checks = checks if policy.num_slots > 1 else None  # one slot: an identity, nothing to check
     if vflip is not None:  # output -> (policy) -> vertically flipped crop -> the flipped crop
         size = float(config.image_size)
         v = fn.cast(vflip, dtype=types.FLOAT)
         flip_matrix = fn.reshape(fn.stack(v * 0.0 + 1.0, v * 0.0, v * 0.0, v * 0.0, 1.0 - 2.0 * v, v * size),
                                  shape=[2, 3])
         affine = compose(flip_matrix, affine)
-    return images, affine
+    return images, affine, checks
 
 
 def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, num_classes: int, layout: str,
-                 decoder_device: str, mix_box=None, affine=None):
+                 decoder_device: str, mix_box=None, affine=None, checks=None):
     """``[targets]`` pooled from ``data["logits"]``/``data["class_ids"]`` over each crop (one-hot hard
     labels when ``data`` has no maps); with ``mix_box`` in ``"localized"`` CutMix mode
     ``[crop minus box, box]``. With ``affine`` (geometric augmentation) the map is pooled over what
-    each output pixel shows: sampled at the inverse-mapped positions, fill left out."""
+    each output pixel shows: sampled at the inverse-mapped positions, fill left out (with ``checks``,
+    the policy's canvas checks, also what an earlier op of a chain pushed off the canvas)."""
     if "logits" not in data:  # hard labels: one-hot targets, same augmentation
         targets = fn.reshape(fn.one_hot(data["labels"], num_classes=num_classes, dtype=types.FLOAT),
                              shape=[num_classes])
@@ -322,6 +330,8 @@ def soft_targets(data: dict, shape, anchor, crop, mirror, config: DataConfig, nu
                 output_size=list(config.output_size), temperature=config.temperature, layout=layout)
     if affine is not None:
         pool.update(affine=affine, output_image_size=[config.image_size, config.image_size])
+        if checks is not None:
+            pool.update(canvas_checks=checks)
     inputs = (data["logits"], data["class_ids"], anchor, crop, shape, mirror)
     if mix_box is not None and config.cutmix_mode == "localized":
         return [fn.relabel.label_pooling(*inputs, mix_box, region_mode=mode, **pool) for mode in ("outside", "inside")]
@@ -364,13 +374,17 @@ def train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False, regi
     return list(first + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
 
 
-def geometry_outputs(anchor, crop, mirror, affine) -> dict:
-    """``window`` (x0, y0, w, h), ``flip`` and ``affine`` (the identity where nothing moved the pixels)
-    by name: what ``return_geometry=True`` hands out."""
+def geometry_outputs(anchor, crop, mirror, affine, checks=None) -> dict:
+    """``window`` (x0, y0, w, h), ``flip``, ``affine`` (the identity where nothing moved the pixels) and
+    ``canvas_checks`` (``[m, 2, 3]``; one identity where there is nothing to check) by name: what
+    ``return_geometry=True`` hands out."""
     from dali_relabel.augment.geometry import identity
 
     window = fn.cast(fn.stack(anchor[1], anchor[0], crop[1], crop[0]), dtype=types.INT32)
-    return {WINDOW.name: window, FLIP.name: mirror, AFFINE.name: identity() if affine is None else affine}
+    if checks is None:
+        checks = fn.reshape(identity(), shape=[1, 2, 3])
+    return {WINDOW.name: window, FLIP.name: mirror, AFFINE.name: identity() if affine is None else affine,
+            CANVAS_CHECKS.name: checks}
 
 
 def crop_outputs(data: dict, shape, crops: Sequence[Crop], config: DataConfig, num_classes: int, layout: str,
@@ -393,12 +407,12 @@ def crop_outputs(data: dict, shape, crops: Sequence[Crop], config: DataConfig, n
         else:
             box = mix_box[index] if several and mix_box is not None else mix_box
             targets = soft_targets(data, shape, crop.anchor, crop.crop, crop.mirror, config, num_classes, layout,
-                                   decoder_device, box, crop.affine)
+                                   decoder_device, box, crop.affine, crop.checks)
             outputs[TARGETS.name] = targets[0]
             if len(targets) > 1:
                 outputs[PASTED.name] = targets[1]
         if geometry:
-            outputs.update(geometry_outputs(crop.anchor, crop.crop, crop.mirror, crop.affine))
+            outputs.update(geometry_outputs(crop.anchor, crop.crop, crop.mirror, crop.affine, crop.checks))
         per_crop.append(outputs)
     if not several:
         return per_crop[0]

@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 stats = pytest.importorskip("scipy.stats")
 
 from augment_helpers import fixed_image, record_timm, record_torchvision, run_pipeline, run_rows_pipeline
@@ -267,6 +268,76 @@ def test_affine_maps_output_pixels_to_their_source(text):
     assert checked > 10_000
     if text == "ta_wide":  # one op per image: the affine alone marks every fill pixel
         assert lost == 0
+
+
+def _batch_source(array):
+    batch = list(array)
+    return lambda: batch  # no argument: DALI would pass an iteration number to a one-argument one
+
+
+def _maps_onto_canvas(matrix, xx, yy, height, width):
+    """Where ``matrix`` sends the points ``(xx, yy)`` inside ``[0, W] x [0, H]``, and their distance
+    to that canvas's edge (negative outside)."""
+    xs = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
+    ys = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
+    margin = np.minimum(np.minimum(xs, width - xs), np.minimum(ys, height - ys))
+    return margin >= 0, margin
+
+
+@pytest.mark.parametrize("text", ["rand-m9-n3-p1.0-mstd0.5", "ta_wide"])
+def test_canvas_checks_pool_what_the_pixels_show(text):
+    """The policy's affine and canvas checks, fed to the pooling operator on a per-pixel grid: a
+    pixel's target is uniform (fill) exactly where ``return_mask``'s content mask says fill (but
+    within 2 pixels of a canvas edge, where the mask's chain of nearest-neighbour warps rounds every
+    intermediate point to a pixel), and equals the dense reference given the same checks."""
+    from nvidia.dali import fn
+
+    from dali_relabel.ops.plugin import load_plugin
+    from dali_relabel.ops.reference import reference_warp_pooling
+
+    load_plugin()
+    height, width, batch, classes = 24, 30, 32, 7
+    policy = _geometric_policy(text)
+    rng = np.random.default_rng(5)
+    logits = np.full((batch, 1, 4, 5), 9.0, np.float32)
+    ids = rng.integers(0, classes, size=(batch, 1, 4, 5)).astype(np.int32)
+    anchors = np.zeros((batch, 2), np.int32)
+    shapes = image_shapes = np.tile(np.array([height, width], np.int32), (batch, 1))
+    fields = [logits, ids, anchors, shapes, image_shapes]
+
+    def graph(x):
+        images, affine, checks, mask = apply_policy(x, policy, seed=3, fill=(0, 0, 0), return_checks=True,
+                                                    return_mask=True)
+        inputs = [fn.external_source(_batch_source(f), batch=True) for f in fields]
+        targets = fn.relabel.label_pooling(*inputs, num_classes=classes, output_size=[height, width],
+                                           affine=affine, canvas_checks=checks, output_image_size=[height, width])
+        return affine, checks, mask, targets
+
+    (affines, checks, masks, targets), = run_pipeline(graph, [_coordinate_image(height, width)] * batch)
+    affines, checks, masks = np.stack(affines), np.stack(checks), np.stack(masks)[..., 0] == 1
+    targets = torch.from_numpy(np.stack(targets))
+    assert checks.shape == (batch, max(policy.num_slots - 1, 1), 2, 3)
+    expected = reference_warp_pooling(logits, ids, anchors, shapes, image_shapes, affines, (height, width), classes,
+                                      output_size=(height, width), canvas_checks=checks)
+    torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-7)
+
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    fill = (targets - 1.0 / classes).abs().amax(1).numpy() < 1e-6  # [B, H, W]: the uniform pixels
+    detected = 0
+    for n in range(batch):
+        shown, near = np.ones((height, width), bool), np.zeros((height, width), bool)
+        for matrix in [affines[n]] + list(checks[n]):
+            inside, margin = _maps_onto_canvas(matrix.astype(np.float64), xx, yy, height, width)
+            shown &= inside
+            near |= np.abs(margin) < 2.0
+        np.testing.assert_array_equal(fill[n], ~shown)
+        assert not ((fill[n] != ~masks[n]) & ~near).any(), n
+        affine_only = _maps_onto_canvas(affines[n].astype(np.float64), xx, yy, height, width)[0]
+        detected += int((affine_only & ~shown & ~near).sum())  # fill only the checks find
+    if text == "ta_wide":  # one op per image: nothing to check
+        np.testing.assert_array_equal(checks, np.tile(np.eye(2, 3, dtype=np.float32), (batch, 1, 1, 1)))
+    else:
+        assert detected > 100, detected
 
 
 def test_affine_is_identity_without_geometric_ops():

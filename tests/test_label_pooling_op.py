@@ -544,3 +544,210 @@ def test_gpu_warp_names_the_shared_memory_limit():
     data = random_batch(np.random.default_rng(0), 1, 1, 120, 120, 7)
     with pytest.raises(RuntimeError, match=r"argument 'affine'.*H \* W may be at most 12255"):
         _fused(7, 1, "gpu", output_image_size=(8, 8))(*data, affine=random_affines(np.random.default_rng(0), 1, 8, 8))
+
+
+# ------------------------------------------------ chains of geometric ops (argument `canvas_checks`)
+def _slot(rng, height, width):
+    """One random slot's output -> input matrix (3 x 3, float64): a big rotation about the centre, a
+    shear, a big translation, or (sometimes) the identity, as a photometric slot."""
+    kind = rng.integers(0, 4)
+    matrix = np.eye(3)
+    if kind == 0:
+        angle = rng.uniform(-np.pi / 2, np.pi / 2)
+        c, s = np.cos(angle), np.sin(angle)
+        centre = np.array([width / 2, height / 2])
+        linear = np.array([[c, -s], [s, c]])
+        matrix[:2, :2], matrix[:2, 2] = linear, centre - linear @ centre
+    elif kind == 1:
+        matrix[0, 1], matrix[1, 0] = rng.uniform(-0.5, 0.5, size=2)
+    elif kind == 2:
+        matrix[:2, 2] = rng.uniform(-0.6, 0.6, size=2) * [width, height]
+    return matrix
+
+
+def random_chains(rng, batch, height, width, identity_every=0):
+    """Per sample a chain of 2 or 3 slots: ``(affines [B, 2, 3], checks)``, the composed affine
+    ``M_1 @ ... @ M_n`` and the list of ``[n - 1, 2, 3]`` partial products ``M_k @ ... @ M_n``
+    (``k = 2 .. n``), all float32; some samples with no checks at all (``[0, 2, 3]``)."""
+    affines, checks = [], []
+    for n in range(batch):
+        slots = [_slot(rng, height, width) for _ in range(rng.integers(2, 4))]
+        suffix = [np.linalg.multi_dot(slots[k:]) if len(slots) - k > 1 else slots[k] for k in range(len(slots))]
+        affines.append(suffix[0][:2])
+        partial = np.asarray([s[:2] for s in suffix[1:]], np.float32)
+        checks.append(partial if n % 4 != 3 else np.zeros((0, 2, 3), np.float32))
+    affines = np.asarray(affines, np.float32)
+    if identity_every:
+        affines[::identity_every] = np.eye(2, 3)
+    return affines, checks
+
+
+@pytest.fixture(scope="module", params=range(len(WARP_CONFIGS)), ids=lambda i: "-".join(
+    f"{v}" for v in WARP_CONFIGS[i].values()))
+def cpu_chain_op(request):
+    return _warp_op(WARP_CONFIGS[request.param], canvas_checks=True)
+
+
+def test_cpu_chain_matches_reference(cpu_chain_op):
+    from dali_relabel.ops.reference import reference_warp_pooling
+
+    config, image_size, op = cpu_chain_op
+    changed = 0
+    for seed in range(6):
+        rng = np.random.default_rng([seed, 20])
+        data = random_batch(rng, 8, int(rng.integers(1, 6)), *rng.integers(1, 17, size=2), 37, edge=seed == 5)
+        affines, checks = random_chains(rng, 8, *image_size, identity_every=5 if seed % 2 else 0)
+        out = op(*data, affine=affines, canvas_checks=checks)
+        assert_warp_matches_reference(out, data, affines, image_size, 37, canvas_checks=checks, **config)
+        composed_only = reference_warp_pooling(*data[:5], affines, image_size, 37, flips=data[5], **config)
+        changed += int(((out - composed_only).abs().flatten(1).max(1).values > 1e-3).sum())
+    assert changed > 0, "some chains pushed content off the canvas that the composed affine maps inside"
+
+
+def _halves_map(batch):
+    """Label maps of ``batch`` whole-image crops: class 0 on the image's left half, class 1 on its
+    right half (confident logits), for a 32 x 32 output image."""
+    logits = np.full((batch, 1, 4, 4), 9.0, np.float16)
+    ids = np.zeros((batch, 1, 4, 4), np.uint8)
+    ids[..., 2:] = 1
+    crop = (np.zeros((batch, 2), np.int32), np.full((batch, 2), 64, np.int32), np.full((batch, 3), [64, 64, 3]))
+    return logits, ids, crop
+
+
+def test_content_pushed_off_the_canvas_is_fill_not_content():
+    # Slot 1 shifts the content left by half the width (its right half shows fill), slot 2 shifts it
+    # back right by half (sample 0; the composed affine is the identity) or by a quarter (sample 1).
+    # Only the crop's right half survives both: the target is class 1 alone. The composed affine
+    # alone maps the whole output (sample 0) or three quarters of it (sample 1) inside the crop and
+    # would count the left half's class 0 as well.
+    logits, ids, crop = _halves_map(2)
+    first = np.array([[1, 0, 16], [0, 1, 0], [0, 0, 1]], np.float64)
+    seconds = [np.array([[1, 0, -16], [0, 1, 0], [0, 0, 1]], np.float64),
+               np.array([[1, 0, -8], [0, 1, 0], [0, 0, 1]], np.float64)]
+    affines = np.asarray([(first @ second)[:2] for second in seconds], np.float32)
+    checks = np.asarray([second[:2][None] for second in seconds], np.float32)  # [B, 1, 2, 3]
+    np.testing.assert_array_equal(affines[0], np.eye(2, 3))
+    op = _fused(2, 2, "cpu", output_image_size=(32, 32), canvas_checks=True)
+    mirror = np.zeros(2, np.int32)
+    out = op(logits, ids, *crop, mirror, affine=affines, canvas_checks=checks)
+    assert (out[:, 0] < 1e-3).all(), out
+    composed_only = op(logits, ids, *crop, mirror, affine=affines)
+    assert (composed_only[:, 0] > 0.04).all(), composed_only  # what the affine alone pools: class 0 too
+    assert_warp_matches_reference(out, (logits, ids, *crop, mirror), affines, (32, 32), 2, canvas_checks=checks)
+    # on a token grid: the left column shows fill only (uniform), the right one class 1
+    grid = _fused(2, 2, "cpu", output_size=(1, 2), output_image_size=(32, 32), canvas_checks=True)
+    cells = grid(logits, ids, *crop, mirror, affine=affines, canvas_checks=checks)
+    torch.testing.assert_close(cells[0, :, 0, 0], torch.full((2,), 0.5))
+    assert cells[0, 1, 0, 1] > 0.99
+
+
+def test_identity_checks_change_nothing_bit_for_bit():
+    # An identity chain pools as today's RoIAlign; a chain with one geometric op (every check the
+    # identity) as the affine alone: bit for bit.
+    config = dict(layout="WH", output_size=(2, 3))
+    plain = _fused(37, 8, "cpu", **config)
+    op = _fused(37, 8, "cpu", output_image_size=(64, 64), canvas_checks=True, **config)
+    rng = np.random.default_rng(4)
+    identities = np.tile(np.eye(2, 3, dtype=np.float32), (8, 2, 1, 1))
+    for seed in range(3):
+        data = random_batch(np.random.default_rng(seed), 8, 5, 15, 15, 37, edge=seed == 2)
+        assert torch.equal(op(*data, canvas_checks=identities), plain(*data))
+        affines = random_affines(rng, 8, 64, 64)
+        assert torch.equal(op(*data, affine=affines, canvas_checks=identities), op(*data, affine=affines))
+
+
+def test_constant_canvas_checks_apply_to_every_sample():
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel.ops.plugin import load_plugin
+
+    load_plugin()
+    rng = np.random.default_rng(3)
+    data = random_batch(rng, 3, 2, 6, 6, 11)
+    affines, checks = random_chains(rng, 1, 40, 40)
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None)
+    def graph():
+        inputs = [fn.external_source(source=_constant_source(d), batch=True) for d in data]
+        return fn.relabel.label_pooling(*inputs, num_classes=11, affine=affines[0].reshape(-1).tolist(),
+                                        canvas_checks=checks[0].reshape(-1).tolist(), output_image_size=[40, 40])
+
+    pipe = graph()
+    pipe.build()
+    out = torch.from_numpy(pipe.run()[0].as_array())
+    assert_warp_matches_reference(out, data, np.repeat(affines, 3, 0), (40, 40), 11, canvas_checks=checks * 3)
+
+
+def _run_raw_checks(checks, image_size=(16, 16)):
+    """The operator with per-sample ``canvas_checks`` (a list of arrays, any shape and dtype)."""
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_relabel.ops.plugin import load_plugin
+
+    load_plugin()
+    data = random_batch(np.random.default_rng(0), len(checks), 1, 3, 3, 5)
+
+    @pipeline_def(batch_size=len(checks), num_threads=1, device_id=None)
+    def graph():
+        inputs = [fn.external_source(source=_constant_source(d), batch=True) for d in data[:5]]
+        given = fn.external_source(source=_constant_source(checks), batch=True)
+        return fn.relabel.label_pooling(*inputs, num_classes=5, canvas_checks=given,
+                                        **({"output_image_size": list(image_size)} if image_size else {}))
+
+    pipe = graph()
+    pipe.build()
+    return pipe.run()
+
+
+@pytest.mark.parametrize("checks, message", [
+    ([np.zeros((0, 2, 3), np.float32), np.zeros((1, 3, 2), np.float32)],
+     r"sample 1: canvas_checks must be \[m, 2, 3\] matrices, got shape 1 x 3 x 2"),
+    ([np.zeros((1, 2, 3), np.float64)], "canvas_checks must be float32, got double"),
+    ([np.zeros((1, 2, 3), np.float32), np.stack([np.eye(2, 3), [[1, 0, 0], [0, 1, np.inf]]]).astype(np.float32)],
+     r"sample 1: canvas_checks\[1\]\[1\]\[2\] is not finite \(inf\)"),
+])
+def test_bad_canvas_checks_are_reported_with_the_sample(checks, message):
+    with pytest.raises(RuntimeError, match=message):
+        _run_raw_checks(checks)
+
+
+def test_canvas_checks_need_the_output_image_size():
+    with pytest.raises(RuntimeError, match=r"canvas_checks need output_image_size \(h, w\)"):
+        _run_raw_checks([np.eye(2, 3, dtype=np.float32)[None]], image_size=None)
+
+
+def test_fused_wrapper_checks_the_canvas_checks():
+    from dali_relabel.ops.fused import FusedArgumentError
+
+    data = random_batch(np.random.default_rng(0), 2, 1, 3, 3, 5)
+    with pytest.raises(FusedArgumentError, match="canvas_checks needs output_image_size"):
+        _fused(5, 2, "cpu", canvas_checks=True)
+    with pytest.raises(FusedArgumentError, match="built with canvas_checks=True"):
+        _fused(5, 2, "cpu", output_image_size=(8, 8))(*data, canvas_checks=np.zeros((2, 0, 2, 3)))
+    op = _fused(5, 2, "cpu", output_image_size=(8, 8), canvas_checks=True)
+    with pytest.raises(FusedArgumentError, match=r"canvas_checks of sample 1 must be \[m, 2, 3\], got shape \[2, 3\]"):
+        op(*data, canvas_checks=[np.zeros((0, 2, 3)), np.eye(2, 3)])
+    with pytest.raises(FusedArgumentError, match=r"one \[m, 2, 3\] array per sample \(2\), got 1"):
+        op(*data, canvas_checks=[np.zeros((0, 2, 3))])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", WARP_CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_gpu_chain_matches_reference(config):
+    config, image_size, op = _warp_op(config, "gpu", num_classes=1000, max_batch=64, canvas_checks=True)
+    for seed in range(4):
+        rng = np.random.default_rng([seed, 21])
+        data = random_batch(rng, 64 - 7 * seed, 5, 15, 15, 1000, edge=seed == 3)
+        affines, checks = random_chains(rng, len(data[0]), *image_size, identity_every=5)
+        out = op(*data, affine=affines, canvas_checks=checks)
+        assert_warp_matches_reference(out, data, affines, image_size, 1000, canvas_checks=checks, **config)
+
+
+@pytest.mark.gpu
+def test_gpu_content_pushed_off_the_canvas_is_fill():
+    logits, ids, crop = _halves_map(2)
+    affines = np.tile(np.eye(2, 3, dtype=np.float32), (2, 1, 1))
+    checks = [np.array([[[1, 0, -16], [0, 1, 0]]], np.float32), np.zeros((0, 2, 3), np.float32)]
+    op = _fused(2, 2, "gpu", output_image_size=(32, 32), canvas_checks=True)
+    out = op(logits, ids, *crop, np.zeros(2, np.int32), affine=affines, canvas_checks=checks)
+    assert out[0, 1] > 0.99 and abs(float(out[1, 1]) - 0.5) < 0.05

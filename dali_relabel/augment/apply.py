@@ -1,4 +1,5 @@
-"""Run a policy on a batch in the DALI graph and return the images and their composed affine.
+"""Run a policy on a batch in the DALI graph and return the images and their composed affine (and,
+on request, the canvas checks that make it exact for chains of geometric ops).
 
 :func:`apply_policy` is the entry point; it must be called inside a
 ``@pipeline_def(enable_conditionals=True)`` function. Per slot it draws (``draws``), maps levels to
@@ -88,7 +89,8 @@ def apply_op(images, policy: Union[str, Policy], op_name: str, arg, *, fill=None
 
 def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = None,
                  seed: Optional[int] = None, fill: Union[None, int, Sequence[int]] = None,
-                 interpolation: str = "bilinear", return_mask: bool = False, debug: bool = False):
+                 interpolation: str = "bilinear", return_checks: bool = False, return_mask: bool = False,
+                 debug: bool = False):
     """Apply an automatic augmentation policy to a batch of images inside a DALI graph.
 
     Args:
@@ -106,6 +108,9 @@ def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = 
         interpolation: ``"bilinear"`` (torchvision's reference default; timm's fixed bilinear) or
             ``"nearest"`` (torchvision's class default). timm's ``random`` (bilinear or bicubic per
             op) has no DALI counterpart: ``fn.warp_affine`` has no bicubic.
+        return_checks: also return, per sample, the canvas checks ``[max(n - 1, 1), 2, 3]`` float32
+            (CPU; ``n`` the policy's slots) the pooling operator takes as ``canvas_checks`` (see
+            below and :func:`~dali_relabel.augment.geometry.canvas_checks`).
         return_mask: also return, per sample, an HW1 uint8 mask: 1 where the output pixel shows
             content of the input, 0 where it shows fill (see below).
         debug: also return the draws (see below).
@@ -116,9 +121,13 @@ def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = 
         ``i + 0.5``) to a pixel coordinate of the input image; the identity when no geometric op ran.
         Photometric ops leave it unchanged. With several geometric ops the affine says where each
         pixel's content comes from, but content an earlier op moved off the canvas is lost and
-        shows fill although the composed affine maps inside the input: ``return_mask=True`` adds
-        the exact content mask (one nearest-neighbour warp of a 1-channel mask per geometric op)
-        as the next element. With ``debug=True`` a last element, a dict of CPU
+        shows fill although the composed affine maps inside the input. ``return_checks=True`` adds
+        as the next element the canvas checks that tell it exactly: the output point ``q`` shows
+        content iff the affine and every check map ``q`` into ``[0, W] x [0, H]`` (the partial
+        compositions of the slots' matrices; identities where no check is needed, so all of them
+        with at most one geometric op). ``return_mask=True`` adds the content mask per pixel (one
+        nearest-neighbour warp of a 1-channel mask per geometric op) as the next element. With
+        ``debug=True`` a last element, a dict of CPU
         DataNodes with one entry per slot: ``op`` (int32 index into ``policy.ops``), ``applied``,
         ``negate`` (int32 0/1), ``level`` (float64: timm magnitude after noise, torchvision bin),
         ``arg`` (float64 op argument) and, for sub-policy families, ``sub``.
@@ -135,7 +144,8 @@ def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = 
     valid = fn.ones_like(images[:, :, 0:1]) if return_mask else None
     slots = policy.num_slots
     if slots == 0:
-        return _result(images, affine, valid, {} if debug else None)
+        checks = _no_checks() if return_checks else None
+        return _result(images, affine, checks, valid, {} if debug else None)
     draws = draw_slots(policy, rng)
     shape = images.shape(dtype=types.FLOAT64)
     height, width = shape[0], shape[1]
@@ -143,7 +153,7 @@ def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = 
     kernel_of = np.array([kernels.index(op.kernel) for op in policy.ops], np.int32)
     needs_uniform = "GaussianBlurRand" in policy.op_names
     uniforms = rng.uniform((slots,)) if needs_uniform else None
-    args = []
+    args, matrices = [], []
     for slot in range(slots):
         op = draws["op"][slot]
         applied, negate, level = draws["applied"][slot], draws["negate"][slot], draws["level"][slot]
@@ -151,17 +161,26 @@ def apply_policy(images, policy: Union[str, Policy], *, rng: Optional[Random] = 
                                        None if uniforms is None else uniforms[slot])
         args.append(arg)
         matrix = geometry.slot_matrix(policy, op, arg, applied, width, height)
+        matrices.append(matrix)
         affine = geometry.compose(affine, matrix)
         kernel_id = types.Constant(kernel_of, dtype=types.INT32)[op] * applied
         images, valid = _dispatch(kernel_id, 0, len(kernels) - 1, kernels, images, arg, matrix,
                                   valid, context)
+    checks = None
+    if return_checks:
+        checks = geometry.canvas_checks(matrices) if slots > 1 else _no_checks()
     info: Optional[Dict[str, object]] = None
     if debug:
         info = dict(draws)
         info["arg"] = fn.stack(*args)
-    return _result(images, affine, valid, info)
+    return _result(images, affine, checks, valid, info)
 
 
-def _result(images, affine, valid, info):
-    out = (images, affine) + ((valid,) if valid is not None else ())
+def _no_checks():
+    """One identity canvas check per sample, ``[1, 2, 3]``: nothing to check."""
+    return fn.reshape(geometry.identity(), shape=[1, 2, 3])
+
+
+def _result(images, affine, checks, valid, info):
+    out = (images, affine) + tuple(x for x in (checks, valid) if x is not None)
     return out + ((info,) if info is not None else ())

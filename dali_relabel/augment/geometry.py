@@ -10,6 +10,8 @@ Coordinates: continuous pixel coordinates in which pixel ``i`` covers ``[i, i + 
   W``, content moves left for positive values; torchvision: ``-t`` pixels, content moves right); the
   identity where the slot's op is photometric or does not run.
 - :func:`compose`: ``A_k = A_{k-1} @ M_k``: output pixels of op ``k`` to pixels of the policy's input.
+- :func:`canvas_checks`: the partial compositions ``M_k @ ... @ M_n`` that say which output pixels
+  still show content after a chain of ops (content an earlier op moved off the canvas is lost).
 - :func:`warp`: PIL's ``transform``: bilinear (or nearest) sampling with the edge pixels repeated
   inside the image, and ``fill`` (per channel) wherever the source point falls outside
   ``[0, W) x [0, H)`` (a hard edge, as PIL; DALI's own ``fill_value`` would blend it in and is one value).
@@ -62,6 +64,35 @@ def slot_matrix(policy: Policy, op, arg, applied, width, height):
 def compose(affine, matrix):
     """``affine @ matrix``: first ``matrix`` (output -> intermediate), then ``affine``."""
     return fn.transforms.combine(matrix, affine)
+
+
+def canvas_checks(matrices: Sequence):
+    """The canvas checks of a chain of slots: per sample ``[n - 1, 2, 3]`` float32 (CPU), or ``None``
+    for fewer than two slots.
+
+    ``matrices``: the slots' output -> input matrices ``M_1 .. M_n`` in the order they run (each the
+    identity where the slot moved nothing). An output point ``q`` shows content only if every
+    intermediate point ``S_k q``, ``S_k = M_k @ ... @ M_n``, lies on the canvas ``[0, W] x [0, H]``:
+    content slot ``k - 1`` moved off the canvas shows fill after it whatever the later slots do,
+    although ``S_1`` (the composed affine) maps it inside. Check ``k - 1`` (``k = 2 .. n``) is ``S_k``
+    where ``M_{k-1}`` moved the pixels, else the identity (its point is the same as that of a check
+    already made: ``S_{k-1} = S_k``); ``S_1`` is the composed affine's own check. With at most one
+    slot that moves pixels every check is the identity, which the pooling operator skips.
+    """
+    n = len(matrices)
+    if n < 2:
+        return None
+    suffix = [None] * n
+    suffix[n - 1] = matrices[n - 1]
+    for k in range(n - 2, 0, -1):
+        suffix[k] = compose(matrices[k], suffix[k + 1])
+    eye = types.Constant(np.eye(2, 3, dtype=np.float32))
+    checks = []
+    for k in range(1, n):
+        # 1.0 where M_{k-1} is not exactly the identity; selecting with it is exact (x * 1 + 0 = x)
+        moved = fn.cast(fn.reductions.max(dmath.abs(matrices[k - 1] - eye)) > 0, dtype=types.FLOAT)
+        checks.append(suffix[k] * moved + eye * (1.0 - moved))
+    return fn.stack(*checks)
 
 
 def warp(images, matrix, fill: Sequence[int], interpolation: str, device: str):

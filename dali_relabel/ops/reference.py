@@ -16,6 +16,8 @@ Geometry (:func:`reference_warp_pooling`): after the crop, resize and flip, geom
 pixels; an ``affine [2, 3]`` per sample maps an output pixel position to its position in the resized,
 flipped crop. The target is then the dense map sampled at the inverse-mapped positions of a lattice of
 output points (the operator's lattice), the points that show fill left out, averaged and softmaxed.
+With a chain of geometric ops, ``canvas_checks`` (the partial compositions, output pixel -> each
+intermediate canvas) leave out the points an earlier op pushed off the canvas as well.
 
 This builds the dense ``[B, C, H, W]`` map on purpose; the fused operator must match it without doing so.
 """
@@ -194,9 +196,29 @@ def warp_lattice_counts(span: float, jacobian_column, kx: float, ky: float, bins
     return int(min(max(n, 1), MAX_LATTICE))
 
 
+def _on_canvas(matrix, x: np.ndarray, y: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Where the float32 ``[2, 3]`` ``matrix`` maps the float32 points ``(x, y)`` (given as float64)
+    into ``[0, width] x [0, height]``: the operator's exact-product double arithmetic."""
+    m = [float(v) for v in np.asarray(matrix, np.float32).reshape(6)]
+    px = (m[0] * x + m[1] * y) + m[2]
+    py = (m[3] * x + m[4] * y) + m[5]
+    return (px >= 0) & (px <= width) & (py >= 0) & (py <= height)
+
+
+def _non_identity(checks) -> list:
+    """The ``[2, 3]`` canvas checks of one sample (``[m, 2, 3]``, float32 values) that are not the
+    identity (an identity check holds for every output point; the operator skips it too)."""
+    if checks is None:
+        return []
+    checks = np.asarray(checks, np.float32).reshape(-1, 2, 3)
+    return [c for c in checks if not np.array_equal(c, IDENTITY_AFFINE)]
+
+
 def _warp_pool_sample(dense: torch.Tensor, affine: np.ndarray, anchor, shape, image_shape, flip: bool,
-                      output_image_size, output_size, layout: str, region=None, region_mode: str = "inside"):
-    """Pooled logits ``[C, oh, ow]`` (float64) of one sample on the warp path."""
+                      output_image_size, output_size, layout: str, region=None, region_mode: str = "inside",
+                      checks=()):
+    """Pooled logits ``[C, oh, ow]`` (float64) of one sample on the warp path (``checks``: its
+    non-identity canvas checks)."""
     _, map_h, map_w = dense.shape
     height, width = (float(v) for v in output_image_size)
     oh, ow = output_size
@@ -235,6 +257,8 @@ def _warp_pool_sample(dense: torch.Tensor, affine: np.ndarray, anchor, shape, im
     qx = (m[0] * x + m[1] * y) + m[2]
     qy = (m[3] * x + m[4] * y) + m[5]
     shown &= (qx >= 0) & (qx <= width) & (qy >= 0) & (qy <= height)
+    for check in checks:  # content an earlier op of a chain pushed off the canvas shows fill
+        shown &= _on_canvas(check, x, y, width, height)
     gx = (width - qx if flip else qx) * kx + bx  # map grid coordinate along the image's x
     gy = qy * ky + by
     rows, cols = (gy, gx) if layout == "HW" else (gx, gy)
@@ -252,7 +276,7 @@ def _warp_pool_sample(dense: torch.Tensor, affine: np.ndarray, anchor, shape, im
 def reference_warp_pooling(logits, class_ids, anchors, shapes, image_shapes, affines, output_image_size,
                            num_classes: int, layout: str = "HW", output_size: Sequence[int] = (1, 1),
                            flips=None, temperature: float = 1.0, apply_softmax: bool = True, region=None,
-                           region_mode: str = "inside") -> torch.Tensor:
+                           region_mode: str = "inside", canvas_checks=None) -> torch.Tensor:
     """Soft targets of crops seen through geometric transforms, from the dense map.
 
     The pipeline is crop window (source pixels) -> resize to ``output_image_size`` -> flip ->
@@ -264,8 +288,11 @@ def reference_warp_pooling(logits, class_ids, anchors, shapes, image_shapes, aff
     :func:`warp_lattice_counts`), each point mapped by the affine into the crop, unflipped, scaled
     into the crop window and onto the map grid (the layout's convention, shifted by -0.5 as RoIAlign's
     box), and read from the dense map bilinearly (RoIAlign's rule). Points outside the crop window
-    (fill) are left out; the rest are averaged; a cell with none gets logits 0 (uniform). Softmax
-    over classes (float64, rounded once to float32).
+    (fill) are left out, and so are the points any of the sample's ``canvas_checks`` maps outside
+    ``[0, w] x [0, h]`` (content an earlier geometric op of a chain pushed off the canvas); the rest
+    are averaged; a cell with none gets logits 0 (uniform). Softmax over classes (float64, rounded
+    once to float32). A sample with a non-identity check takes the warp path even at an identity
+    affine.
 
     Args:
         logits, class_ids: ``[B, k, H, W]`` top-k maps.
@@ -277,6 +304,9 @@ def reference_warp_pooling(logits, class_ids, anchors, shapes, image_shapes, aff
         region: ``[B, 4]`` ``(y0, x0, y1, x1)`` fractions of the output image (1x1 output only):
             ``region_mode="inside"`` samples the region's rectangle, ``"outside"`` leaves its points
             out (an empty region, or a full one with ``"outside"``, changes nothing).
+        canvas_checks: per sample ``[m, 2, 3]`` (float32 values; ``[B, m, 2, 3]`` or a list of ``B``
+            arrays, ``m`` may differ and be 0): maps from an output position to each intermediate
+            canvas of a chain of geometric ops (the operator's argument of that name). ``None``: none.
 
     Returns:
         ``[B, C]`` float32 for a 1x1 grid, else ``[B, C, oh, ow]``.
@@ -304,9 +334,12 @@ def reference_warp_pooling(logits, class_ids, anchors, shapes, image_shapes, aff
                                           mode=region_mode, flips=flips, temperature=temperature, layout=layout)
     pooled = pooled.reshape(b, num_classes, oh, ow).clone()
     dense = dense_label_maps(logits, class_ids, num_classes).cpu()
-    for n in np.flatnonzero([not np.array_equal(a, IDENTITY_AFFINE) for a in affines]):
+    if canvas_checks is not None and len(canvas_checks) != b:
+        raise ValueError(f"canvas_checks must hold one [m, 2, 3] array per sample ({b}), got {len(canvas_checks)}")
+    checks = [_non_identity(None if canvas_checks is None else canvas_checks[n]) for n in range(b)]
+    for n in np.flatnonzero([not np.array_equal(a, IDENTITY_AFFINE) or len(c) > 0 for a, c in zip(affines, checks)]):
         raw = _warp_pool_sample(dense[n], affines[n], anchors[n], shapes[n], image_shapes[n], flips[n],
                                 output_image_size, (oh, ow), layout, None if region is None else region[n],
-                                region_mode)
+                                region_mode, checks[n])
         pooled[n] = (_softmax(raw[None], temperature)[0] if apply_softmax else raw / temperature).float()
     return pooled.reshape(b, num_classes) if (oh, ow) == (1, 1) else pooled

@@ -1,8 +1,8 @@
 // relabel.label_pooling: the CUDA backend. The batch is validated and packed on the host, uploaded
 // in one copy and pooled by one kernel launch on the workspace stream: one block per (sample, output
 // bin) scatters the weighted top-k logits into the sample's class vector and softmaxes it in place.
-// A sample on the warp path (a non-identity affine) first splats its lattice points into a shared
-// [H * W] weight table; the rest of the block is the same.
+// A sample on the warp path (a non-identity affine or canvas check) first splats its lattice points
+// into a shared [H * W] weight table; the rest of the block is the same.
 // Two pinned staging slots are used in turn, so packing a batch overlaps the previous batch's upload
 // and kernel.
 #include <cuda_runtime.h>
@@ -157,8 +157,8 @@ void LabelPooling<GPUBackend>::CheckLimits() const {
   const int max_cells = static_cast<int>(kMaxSharedBytes / sizeof(float) - kScratchSlots);
   const int64_t cells = static_cast<int64_t>(batch_.map_h) * batch_.map_w;
   DALI_ENFORCE(!batch_.any_warp || cells <= max_cells, ::dali::make_string(
-      "relabel.label_pooling (GPU): with a geometric transform (argument 'affine'), the label map "
-      "(input 'logits', [k, H, W] with H = ", batch_.map_h, ", W = ", batch_.map_w, ") needs ",
+      "relabel.label_pooling (GPU): with a geometric transform (argument 'affine' or 'canvas_checks'), "
+      "the label map (input 'logits', [k, H, W] with H = ", batch_.map_h, ", W = ", batch_.map_w, ") needs ",
       (cells + kScratchSlots) * sizeof(float), " bytes of shared memory per thread block, more than the ", kMaxSharedBytes, "-byte (48 KB) "
       "limit; H * W may be at most ", max_cells, " on the GPU (the CPU backend has no such limit)"));
   DALI_ENFORCE(shared <= kMaxSharedBytes, ::dali::make_string(
@@ -199,7 +199,8 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   const int64_t entries = batch_.entries_per_sample;
   const size_t samples_bytes = AlignUp(n * sizeof(PoolingSample));
   const size_t logits_bytes = AlignUp(n * entries * sizeof(float));
-  const size_t bytes = samples_bytes + logits_bytes + n * entries * sizeof(int32_t);
+  const size_t ids_bytes = AlignUp(n * entries * sizeof(int32_t));
+  const size_t bytes = samples_bytes + logits_bytes + ids_bytes + batch_.checks.size() * sizeof(float);
   if (staging_device_ < 0) CUDA_CALL(cudaGetDevice(&staging_device_));
   StagingSlot &slot = staging_[next_slot_];
   if (!slot.done) {
@@ -232,9 +233,16 @@ void LabelPooling<GPUBackend>::RunImpl(::dali::Workspace &ws) {
   auto *samples = reinterpret_cast<PoolingSample *>(host);
   auto *logits = reinterpret_cast<float *>(host + samples_bytes);
   auto *ids = reinterpret_cast<int32_t *>(host + samples_bytes + logits_bytes);
+  // The canvas checks follow the class ids; each sample points at its own in the device copy.
+  const size_t checks_at = samples_bytes + logits_bytes + ids_bytes;
+  if (!batch_.checks.empty())
+    std::memcpy(host + checks_at, batch_.checks.data(), batch_.checks.size() * sizeof(float));
+  const float *device_checks = reinterpret_cast<const float *>(device + checks_at);
   for (int i = 0; i < n; i++) {
     samples[i] = batch_.samples[i];
     samples[i].out = output.mutable_tensor<float>(i);
+    WarpSampling &sampling = samples[i].sampling;
+    sampling.checks = sampling.num_checks > 0 ? device_checks + sampling.check_offset : nullptr;
     params_.ReadValues(ws, i, entries, logits + i * entries, ids + i * entries);
   }
   cudaStream_t stream = ws.stream();

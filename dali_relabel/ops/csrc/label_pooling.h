@@ -12,6 +12,9 @@
 // affine is not the identity is pooled over what each output pixel shows: the map sampled at the
 // inverse-mapped positions of a lattice of output points (label_pooling_math.h, WarpSampling),
 // points showing fill left out. An identity affine takes the RoIAlign path above, bit for bit.
+// The per-sample argument `canvas_checks` ([m, 2, 3]: output pixel -> each intermediate canvas of a
+// chain of geometric ops) makes that exact for several ops: a point any check maps off the canvas
+// shows fill too. Identity checks are skipped (they hold for every output point).
 //
 // All inputs are read on the host (they are small), where they are validated; a bad sample is
 // reported as a DALI error naming it. The GPU backend uploads the packed batch once and runs one
@@ -35,6 +38,7 @@ struct PoolingBatch {
   int k = 0, map_h = 0, map_w = 0;
   int64_t entries_per_sample = 0;  // k * map_h * map_w
   bool any_warp = false;           // some sample takes the warp path
+  std::vector<float> checks;       // every sample's non-identity canvas checks, 6 floats each
 };
 
 // Arguments and host-side preparation shared by both backends.
@@ -50,6 +54,7 @@ class LabelPoolingParams {
   bool transposed() const { return transposed_; }
   bool outside() const { return outside_; }
   bool has_affine() const { return affine_ != AffineSource::kNone; }
+  bool has_checks() const { return checks_ != AffineSource::kNone; }
   int64_t output_volume() const { return static_cast<int64_t>(num_classes_) * out_h_ * out_w_; }
 
   // Checks input shapes and types, reads boxes and flags; fills `batch`. Throws a DALI error naming
@@ -73,10 +78,16 @@ class LabelPoolingParams {
   bool outside_;
   enum class AffineSource { kNone, kConstant, kPerSample } affine_ = AffineSource::kNone;
   float constant_affine_[6] = {1, 0, 0, 0, 1, 0};
+  AffineSource checks_ = AffineSource::kNone;  // argument `canvas_checks`
+  std::vector<float> constant_checks_;          // a constant's non-identity checks, 6 floats each
   int image_h_ = 0, image_w_ = 0;  // output_image_size: the space `affine` works in
 
   // Sample `i`'s affine, checked (shape, type, finite values).
   void ReadAffine(const ::dali::Workspace &ws, int i, float m[6]) const;
+
+  // Appends sample `i`'s non-identity canvas checks to `checks` (6 floats each), checked (shape,
+  // type, finite values); returns how many.
+  int ReadChecks(const ::dali::Workspace &ws, int i, std::vector<float> &checks) const;
 
   // Sets up the warp path of sample `s` for the affine `m` and the crop window (cy, cx, ch, cw) of
   // an image_h x image_w source; `region` (y0, x0, y1, x1) or nullptr.
@@ -93,6 +104,7 @@ struct HostScratch {
   std::vector<float> warp_weights;  // warp path: [cells][bins]
   std::vector<double> warp_terms;   // warp path: the affine's products per lattice column and row
   std::vector<uint8_t> warp_excluded;  // warp path: lattice columns and rows inside the region
+  std::vector<float> warp_coords;      // warp path: the lattice's x per column and y per row
   std::vector<int32_t> class_ids, touched;
   std::vector<uint8_t> touched_mask;
 };

@@ -15,7 +15,8 @@ namespace {
 // output order: no mirroring, the affine's unflip already accounts for the flip).
 //
 // WarpPoint's arithmetic, with the per-column and per-row products hoisted out of the inner loop
-// (the same double operations in the same order, so the same points show fill as on the GPU).
+// (the same double operations in the same order, so the same points show fill as on the GPU); the
+// canvas checks, if any, go through WarpPoint's own PassesCanvasChecks.
 void WarpWeights(const LabelPoolingParams &params, const PoolingBatch &batch, const PoolingSample &s,
                  HostScratch &scratch) {
   const int oh = params.out_h(), ow = params.out_w(), bins = oh * ow;
@@ -26,22 +27,28 @@ void WarpWeights(const LabelPoolingParams &params, const PoolingBatch &batch, co
   // Per lattice column: affine[0] * x, affine[3] * x; per row: affine[1] * y, affine[4] * y (exact).
   auto &terms = scratch.warp_terms;
   auto &excluded = scratch.warp_excluded;
+  auto &coords = scratch.warp_coords;  // the lattice's x per column, then y per row (canvas checks)
   const int columns = ow * w.nx, rows = oh * w.ny;
   terms.resize(2 * static_cast<size_t>(columns + rows));
   excluded.resize(columns + rows);
+  coords.resize(columns + rows);
   double *col_terms = terms.data(), *row_terms = terms.data() + 2 * columns;
+  const float *xs = coords.data(), *ys = coords.data() + columns;
   for (int gi = 0; gi < columns; gi++) {
     const float x = static_cast<float>(static_cast<double>(w.origin_x) + (gi + 0.5) * static_cast<double>(w.step_x));
     col_terms[2 * gi] = static_cast<double>(w.affine[0]) * x;
     col_terms[2 * gi + 1] = static_cast<double>(w.affine[3]) * x;
     excluded[gi] = w.exclude && x >= w.ex0 && x <= w.ex1;
+    coords[gi] = x;
   }
   for (int gj = 0; gj < rows; gj++) {
     const float y = static_cast<float>(static_cast<double>(w.origin_y) + (gj + 0.5) * static_cast<double>(w.step_y));
     row_terms[2 * gj] = static_cast<double>(w.affine[1]) * y;
     row_terms[2 * gj + 1] = static_cast<double>(w.affine[4]) * y;
     excluded[columns + gj] = w.exclude && y >= w.ey0 && y <= w.ey1;
+    coords[columns + gj] = y;
   }
+  const bool checked = w.num_checks > 0;
   const double m2 = w.affine[2], m5 = w.affine[5], width = w.width, height = w.height;
   const bool transposed = params.transposed();
   float *__restrict t = table.data();
@@ -57,6 +64,7 @@ void WarpWeights(const LabelPoolingParams &params, const PoolingBatch &batch, co
           const double qx = (col_terms[2 * gi] + ry_x) + m2;
           const double qy = (col_terms[2 * gi + 1] + ry_y) + m5;
           if (!(qx >= 0.0 && qx <= width && qy >= 0.0 && qy <= height)) continue;
+          if (checked && !PassesCanvasChecks(w, xs[gi], ys[gj])) continue;
           count++;
           const double gx = (s.flip ? width - qx : qx) * w.kx + w.bx;
           const double gy = qy * w.ky + w.by;

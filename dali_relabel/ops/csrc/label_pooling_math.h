@@ -9,7 +9,10 @@
 // A sample with a geometric transform (a non-identity `affine`) takes the warp path instead: the
 // output image is sampled at a lattice of points (WarpSampling), each inverse-mapped into the label
 // map and read with the same bilinear rule; points showing fill (outside the crop window) are left
-// out of the average.
+// out of the average. With several geometric ops, content an earlier op moved off the canvas shows
+// fill although the composed affine maps it inside: the optional canvas checks (the partial
+// compositions, output pixel -> each intermediate canvas) leave out every point that any of them
+// maps off the canvas.
 #ifndef DALI_RELABEL_LABEL_POOLING_MATH_H_
 #define DALI_RELABEL_LABEL_POOLING_MATH_H_
 
@@ -37,8 +40,9 @@ constexpr int kMaxLattice = 64;
 // pixels, pixel i covering [i, i + 1)) is divided into the output grid's cells; each cell is
 // sampled at an nx x ny lattice of points at the centres of an nx x ny subdivision of the cell (as
 // RoIAlign places its sample points in a bin). A point (x, y) maps to (qx, qy) = affine . (x, y, 1)
-// in the resized, flipped crop (also w x h); it shows fill unless 0 <= qx <= w and 0 <= qy <= h.
-// Shown points are unflipped (qx -> w - qx), scaled into the crop window and onto the map grid.
+// in the resized, flipped crop (also w x h); it shows fill unless 0 <= qx <= w and 0 <= qy <= h
+// and every canvas check maps it into [0, w] x [0, h] as well. Shown points are unflipped
+// (qx -> w - qx), scaled into the crop window and onto the map grid.
 struct WarpSampling {
   float affine[6];           // row-major [2, 3]: output pixel -> resized flipped crop pixel
   float width, height;       // the output image (= the resized crop) in pixels
@@ -50,6 +54,13 @@ struct WarpSampling {
   // Resized-crop pixel to map grid coordinate: along the image's x, gx = qx' * kx + bx (qx' the
   // unflipped qx); along its y, gy = qy * ky + by. Grid coordinates are shifted by -0.5, as `box`.
   double kx, bx, ky, by;
+  // Canvas checks: `num_checks` row-major [2, 3] maps from an output point to a point of an
+  // intermediate canvas (also w x h); a point any of them maps outside [0, w] x [0, h] shows fill.
+  // `checks` is a host or device address (num_checks * 6 floats), `check_offset` where they start in
+  // the batch's packed checks (PoolingBatch::checks). Identity checks are never stored.
+  int num_checks;
+  int64_t check_offset;
+  const float *checks;
 };
 
 // One sample's pooling problem, after validation; pointers are host or device addresses.
@@ -109,9 +120,27 @@ RELABEL_HD inline bool AxisSampling::Point(int bin, int s, int size, int *low, i
   return BilinearAxis(y, size, low, high, l);
 }
 
+// True if the [2, 3] map `c` sends the output point (x, y) into [0, width] x [0, height]: the same
+// exact-product double arithmetic as WarpPoint's affine (a product of two floats is exact in double,
+// so a fused multiply-add rounds the same), hence the same decision on every backend and in the
+// reference.
+RELABEL_HD inline bool OnCanvas(const float *c, float x, float y, double width, double height) {
+  const double px = (static_cast<double>(c[0]) * x + static_cast<double>(c[1]) * y) + static_cast<double>(c[2]);
+  const double py = (static_cast<double>(c[3]) * x + static_cast<double>(c[4]) * y) + static_cast<double>(c[5]);
+  return px >= 0.0 && px <= width && py >= 0.0 && py <= height;
+}
+
+// True if every canvas check of `w` keeps the output point (x, y) on its canvas.
+RELABEL_HD inline bool PassesCanvasChecks(const WarpSampling &w, float x, float y) {
+  for (int c = 0; c < w.num_checks; c++)
+    if (!OnCanvas(w.checks + 6 * c, x, y, w.width, w.height)) return false;
+  return true;
+}
+
 // Warp path: lattice point (gi, gj) of the sampled rectangle (gi along x over the whole output
 // width: cell q holds gi in [q * nx, (q + 1) * nx)). False if it shows fill or lies in the excluded
-// region; else its map grid position (a along map rows, b along map columns).
+// region or any canvas check (WarpSampling::checks) maps it off its canvas; else its map grid position
+// (a along map rows, b along map columns).
 //
 // The point and its image under the affine are computed in double from float inputs: the products
 // are exact, so the decision "inside the window" is the same on every backend and in the reference
@@ -126,6 +155,7 @@ RELABEL_HD inline bool WarpPoint(const WarpSampling &w, int flip, bool transpose
   const double qy = (static_cast<double>(w.affine[3]) * x + static_cast<double>(w.affine[4]) * y) +
                     static_cast<double>(w.affine[5]);
   if (!(qx >= 0.0 && qx <= w.width && qy >= 0.0 && qy <= w.height)) return false;
+  if (!PassesCanvasChecks(w, x, y)) return false;
   const double gx = (flip ? w.width - qx : qx) * w.kx + w.bx;
   const double gy = qy * w.ky + w.by;
   *a = transposed ? gx : gy;

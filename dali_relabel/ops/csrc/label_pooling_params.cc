@@ -72,6 +72,10 @@ bool IsIntegerType(::dali::DALIDataType t) {
   }
 }
 
+const float kIdentity[6] = {1, 0, 0, 0, 1, 0};
+
+bool IsIdentity(const float *m) { return std::equal(m, m + 6, kIdentity); }
+
 const char *kInputNames[] = {"logits", "class_ids", "crop_anchor", "crop_shape", "image_shape",
                              "mirror", "region"};
 
@@ -111,6 +115,24 @@ LabelPoolingParams::LabelPoolingParams(const ::dali::OpSpec &spec) {
     }
     affine_ = AffineSource::kConstant;
   }
+  if (spec.HasTensorArgument("canvas_checks")) {
+    checks_ = AffineSource::kPerSample;
+  } else if (spec.HasArgument("canvas_checks")) {
+    auto c = spec.GetRepeatedArgument<float>("canvas_checks");
+    DALI_ENFORCE(c.size() % 6 == 0, ::dali::make_string(
+        "relabel.label_pooling: canvas_checks must be [m, 2, 3] matrices (6 values each, row-major), got ",
+        c.size(), " values"));
+    for (size_t e = 0; e < c.size(); e++) {
+      DALI_ENFORCE(std::isfinite(c[e]), ::dali::make_string(
+          "relabel.label_pooling: canvas_checks[", e / 6, "][", e % 6 / 3, "][", e % 3, "] is not finite (",
+          c[e], ")"));
+    }
+    for (size_t e = 0; e < c.size(); e += 6) {
+      if (!IsIdentity(c.data() + e))
+        constant_checks_.insert(constant_checks_.end(), c.begin() + e, c.begin() + e + 6);
+    }
+    checks_ = AffineSource::kConstant;
+  }
   auto image_size = spec.GetRepeatedArgument<int>("output_image_size");
   DALI_ENFORCE(image_size.size() == 2 && image_size[0] >= 0 && image_size[1] >= 0,
                "relabel.label_pooling: output_image_size must be two integers (h, w)");
@@ -119,6 +141,9 @@ LabelPoolingParams::LabelPoolingParams(const ::dali::OpSpec &spec) {
   DALI_ENFORCE(!has_affine() || (image_h_ > 0 && image_w_ > 0),
                "relabel.label_pooling: affine needs output_image_size (h, w): the output image's size "
                "in pixels, the space the affine works in");
+  DALI_ENFORCE(!has_checks() || (image_h_ > 0 && image_w_ > 0),
+               "relabel.label_pooling: canvas_checks need output_image_size (h, w): the output image's "
+               "size in pixels, the space the checks work in");
 }
 
 void LabelPoolingParams::ReadAffine(const ::dali::Workspace &ws, int i, float m[6]) const {
@@ -139,6 +164,33 @@ void LabelPoolingParams::ReadAffine(const ::dali::Workspace &ws, int i, float m[
         values[e], ")"));
     m[e] = values[e];
   }
+}
+
+int LabelPoolingParams::ReadChecks(const ::dali::Workspace &ws, int i, std::vector<float> &checks) const {
+  if (checks_ == AffineSource::kConstant) {
+    checks.insert(checks.end(), constant_checks_.begin(), constant_checks_.end());
+    return static_cast<int>(constant_checks_.size() / 6);
+  }
+  const auto &input = ws.ArgumentInput("canvas_checks");
+  DALI_ENFORCE(input.type() == DALI_FLOAT, ::dali::make_string(
+      "relabel.label_pooling: canvas_checks must be float32, got ", input.type()));
+  const auto shape = input.tensor_shape(i);
+  DALI_ENFORCE(shape.sample_dim() == 3 && shape[1] == 2 && shape[2] == 3, ::dali::make_string(
+      "relabel.label_pooling: sample ", i, ": canvas_checks must be [m, 2, 3] matrices, got shape ", shape));
+  const float *values = input.tensor<float>(i);
+  const int64_t m = shape[0];
+  for (int64_t e = 0; e < 6 * m; e++) {
+    DALI_ENFORCE(std::isfinite(values[e]), ::dali::make_string(
+        "relabel.label_pooling: sample ", i, ": canvas_checks[", e / 6, "][", e % 6 / 3, "][", e % 3,
+        "] is not finite (", values[e], ")"));
+  }
+  int count = 0;
+  for (int64_t c = 0; c < m; c++) {
+    if (IsIdentity(values + 6 * c)) continue;  // holds for every output point
+    checks.insert(checks.end(), values + 6 * c, values + 6 * c + 6);
+    count++;
+  }
+  return count;
 }
 
 void LabelPoolingParams::SetupWarp(PoolingSample &s, const float m[6], double cy, double cx, double ch,
@@ -233,8 +285,14 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
         "relabel.label_pooling: argument 'affine' has ", ws.ArgumentInput("affine").num_samples(),
         " samples, logits have ", n));
   }
+  if (checks_ == AffineSource::kPerSample) {
+    DALI_ENFORCE(ws.ArgumentInput("canvas_checks").num_samples() == n, ::dali::make_string(
+        "relabel.label_pooling: argument 'canvas_checks' has ", ws.ArgumentInput("canvas_checks").num_samples(),
+        " samples, logits have ", n));
+  }
   batch.samples.resize(n);
   batch.any_warp = false;
+  batch.checks.clear();
   for (int i = 0; i < n; i++) {
     auto shape = logits.tensor_shape(i);
     DALI_ENFORCE(shape.sample_dim() == 3, ::dali::make_string(
@@ -316,19 +374,23 @@ void LabelPoolingParams::Prepare(const ::dali::Workspace &ws, PoolingBatch &batc
         }
       }
     }
-    if (has_affine()) {
-      float m[6];
-      ReadAffine(ws, i, m);
-      static const float kIdentity[6] = {1, 0, 0, 0, 1, 0};
-      if (!std::equal(m, m + 6, kIdentity)) {
-        SetupWarp(s, m, cy, cx, ch, cw, image_h, image_w, has_region ? r : nullptr, batch.map_h,
-                  batch.map_w);
-        batch.any_warp = true;
-      }
+    float m[6] = {1, 0, 0, 0, 1, 0};
+    if (has_affine()) ReadAffine(ws, i, m);
+    const int64_t check_offset = static_cast<int64_t>(batch.checks.size());
+    const int num_checks = has_checks() ? ReadChecks(ws, i, batch.checks) : 0;
+    if (!IsIdentity(m) || num_checks > 0) {
+      SetupWarp(s, m, cy, cx, ch, cw, image_h, image_w, has_region ? r : nullptr, batch.map_h,
+                batch.map_w);
+      s.sampling.num_checks = num_checks;
+      s.sampling.check_offset = check_offset;
+      batch.any_warp = true;
     }
     s.out = nullptr;
     s.in_offset = static_cast<int64_t>(i) * batch.entries_per_sample;
   }
+  // Host addresses once every check is in (the GPU backend points them at its upload instead).
+  for (PoolingSample &s : batch.samples)
+    s.sampling.checks = s.sampling.num_checks > 0 ? batch.checks.data() + s.sampling.check_offset : nullptr;
 }
 
 void LabelPoolingParams::ReadValues(const ::dali::Workspace &ws, int i, int64_t entries,
@@ -397,7 +459,8 @@ The crop box is ``crop_anchor / image_shape`` to ``(crop_anchor + crop_shape) / 
 ``[num_classes]`` for a 1x1 ``output_size``, else ``[num_classes, oh, ow]`` (mirrored left-right where
 ``mirror`` is set). With ``affine`` (geometric ops after the crop, resize and flip), each output cell
 is pooled over what it shows: the map sampled at the inverse-mapped positions of a lattice of output
-points, points that show fill left out (see ``affine``). Every input is read on the host; the GPU
+points, points that show fill left out (see ``affine``); with ``canvas_checks`` also the points that an
+earlier geometric op of a chain pushed off the canvas. Every input is read on the host; the GPU
 backend uploads the batch and pools it in one kernel.)")
     .NumInput(5, 7)
     .NumOutput(1)
@@ -433,7 +496,22 @@ axis as RoIAlign's sampling ratio, at most 64); each point is mapped by the affi
 into the crop window and read from the map with RoIAlign's bilinear rule. Points that land outside
 the crop window (fill) are left out of the average; a cell showing only fill gets logits 0, i.e. the
 uniform distribution. With a region, "inside" samples the region's rectangle of the output image and
-"outside" leaves its points out. A constant (6 values, row-major) applies to every sample.)",
+"outside" leaves its points out. A constant (6 values, row-major) applies to every sample. With
+several geometric ops the affine is their composition; pass ``canvas_checks`` to leave out the content
+an earlier op moved off the canvas.)",
+                    std::vector<float>{}, true)
+    .AddOptionalArg("canvas_checks", R"(Per sample, float32 ``[m, 2, 3]`` (``m >= 0``): makes the
+pooling exact for a chain of geometric ops. With ops ``1..n`` applied in order (op ``i``'s matrix
+``A_i`` maps its output pixel to its input pixel; ``affine`` is ``A_1 ... A_n``, possibly after a
+whole-canvas flip), an output point ``q`` shows content only if every intermediate point
+``A_k ... A_n q`` lies on the canvas ``[0, w] x [0, h]`` (``output_image_size``): content an earlier
+op moved off the canvas shows fill after the later ones although ``affine`` maps it inside. Pass
+those partial products for ``k = 2..n`` (``affine`` checks ``k = 1``), the identity where op ``k - 1``
+moved no pixel (its point is one already checked): a lattice point that any check maps outside the
+canvas is left out like fill, decided with the same exact double arithmetic as ``affine``'s, so
+identically on every backend. Identity checks are skipped, so a chain with at most one geometric op
+pools bit for bit as its affine alone; a sample with a non-identity check takes the warp path even
+with an identity ``affine``. A constant (a multiple of 6 values) applies to every sample.)",
                     std::vector<float>{}, true)
     .AddOptionalArg("output_image_size", R"((h, w) of the output image in pixels: the space ``affine``
-works in. Needed with ``affine``.)", std::vector<int>{0, 0});
+and ``canvas_checks`` work in. Needed with either.)", std::vector<int>{0, 0});
