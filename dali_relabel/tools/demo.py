@@ -55,6 +55,8 @@ class DemoSettings:
 
 def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str, real: str, model: str,
            epochs: int, image_size: int, store: str = None, scale=(0.08, 1.0), crops_per_image: int = 1) -> Dict:
+    """One training run; with ``crops_per_image`` k a pass holds k crops of every image, so the
+    warm-up is 1/k of a pass: the same number of steps as one epoch of one crop."""
     from ..config import DataConfig
     from ..pipelines.train import train
 
@@ -66,7 +68,7 @@ def _train(out_dir: str, settings: DemoSettings, train_root: str, val_root: str,
     started = time.time()
     result = train(config, data=train_root, store=store, targets="relabel" if store else "original",
                    val=val_root, real=real, model=model, epochs=epochs, batch_size=settings.batch_size,
-                   lr=settings.lr, warmup_epochs=1.0, weight_decay=5e-4, device=settings.device,
+                   lr=settings.lr, warmup_epochs=1.0 / crops_per_image, weight_decay=5e-4, device=settings.device,
                    output_dir=out_dir, print_freq=0)
     result["wall_seconds"] = time.time() - started
     return result
