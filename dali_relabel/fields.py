@@ -61,6 +61,14 @@ REGION_IDS = Field("region_ids", "int32", 2, "[c, k] their stored top-k class id
                    "([crops, k] with crops_per_image > 1), like the targets")
 REGION_VALUES = Field("region_values", "float32", 2, "[c, k] their stored top-k probabilities; out of a graph as "
                       "region_ids")
+#: A region store's stored crops as a shard sample keeps them: all R of the image, in the store's dtypes.
+STORED_BOXES = Field("stored_boxes", "float32", 2, "[R, 4] every stored crop's box (x0, y0, w, h) in source pixels, "
+                     "as the region store holds it", tar_ext="boxes")
+STORED_FLIPS = Field("stored_flips", "uint8", 1, "[R] every stored crop's flip (1: mirrored)", tar_ext="flips")
+STORED_IDS = Field("stored_ids", None, 2, "[R, k] every stored crop's top-k class ids (the store's dtype)",
+                   tar_ext="rids")
+STORED_VALUES = Field("stored_values", None, 2, "[R, k] every stored crop's top-k probabilities (float16 or "
+                      "float32, the store's dtype)", tar_ext="values")
 MIX_BOX = Field("mix_box", "float32", 1, "[4] CutMix box (y0, x0, y1, x1) in output fractions (zeros: not mixed); "
                 "[k, 4], one per crop, with crops_per_image k > 1")
 
@@ -94,8 +102,17 @@ GEOMETRY_FIELDS: Tuple[Field, ...] = (WINDOW, FLIP, AFFINE, CANVAS_CHECKS)
 #: adjacent); the other outputs (labels, rows, valid) come once per image and are repeated per crop.
 PER_CROP_FIELDS: Tuple[Field, ...] = (IMAGES, TARGETS, PASTED, MIX_BOX, WINDOW, FLIP, AFFINE, CANVAS_CHECKS,
                                       *REGION_LABEL_FIELDS)
-#: A shard sample's tar members, in their order in the tar.
+#: A shard sample's tar members, in their order in the tar, for shards of a label-map store.
 SHARD_FIELDS: Tuple[Field, ...] = (JPEGS, LOGITS, CLASS_IDS, LABELS, ROWS)
+#: The stored crops of a region store's shard sample: all R of the image.
+STORED_REGION_FIELDS: Tuple[Field, ...] = (STORED_BOXES, STORED_FLIPS, STORED_IDS, STORED_VALUES)
+#: A shard sample's tar members, in their order in the tar, by the shards' kind: ``"maps"`` (from a
+#: label-map store), ``"regions"`` (from a region store) or ``"images"`` (no store: validation sets).
+SHARD_KIND_FIELDS = {
+    "maps": SHARD_FIELDS,
+    "regions": (JPEGS, *STORED_REGION_FIELDS, LABELS, ROWS),
+    "images": (JPEGS, LABELS, ROWS),
+}
 
 
 def names(*fields: Field) -> Tuple[str, ...]:

@@ -9,7 +9,7 @@ sees anything:
   file names inside the shard directory (no ``..``, no absolute path, no link pointing out), and the
   index's own content hash (``index_sha256``) matching, so an edited layout or grid is refused;
 * :func:`check_index_file`: each shard's DALI index well formed, every member inside the tar, the
-  fixed-size members (maps, label, row) of exactly their size; its hash as recorded;
+  fixed-size members (maps or stored crops, label, row) of exactly their size; its hash as recorded;
 * :func:`shard_digests` / :func:`root_digest`: each shard's content hash, over blocks of
   :data:`HASH_BLOCK_BYTES` so that a sample of the blocks can be checked at open;
 * :func:`find_damage`: when DALI fails on a batch, which shard and which sample key is at fault.
@@ -25,13 +25,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DaliRelabelError
-from .fields import JPEGS, MAP_FIELDS, SHARD_FIELDS
+from .fields import JPEGS, SHARD_KIND_FIELDS
 
 #: Bytes of a shard per recorded SHA-256 (the default open checks one random block).
 HASH_BLOCK_BYTES = 32 << 20
 _TAR_BLOCK = 512
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _IDS_DTYPES = ("uint8", "uint16", "int32")
+_VALUES_DTYPES = ("float16", "float32")
 
 
 class ShardError(DaliRelabelError, ValueError):
@@ -65,6 +66,12 @@ _FIELDS = {
     "class_names": (_is_str_list, "a list of strings"),
     "hash_block_bytes": (lambda v: _is_int(v) and v >= _TAR_BLOCK, "an integer of at least 512"),
     "index_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.fullmatch(v)), "a SHA-256 in hex"),
+}
+#: What ``index.json`` of a region store's shards adds.
+_REGION_FIELDS = {
+    "regions": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "label_type": (str, "a string"),
+    "values_dtype": (lambda v: v in _VALUES_DTYPES, f"one of {_VALUES_DTYPES}"),
 }
 _SHARD_FIELDS = {
     "name": (str, "a string"),
@@ -109,6 +116,12 @@ def check_shard_name(directory: str, name: str, where: str) -> str:
     return os.path.join(directory, name)
 
 
+def shard_kind(index: dict) -> str:
+    """What a shard set's samples carry (:data:`~dali_relabel.fields.SHARD_KIND_FIELDS`): its index's
+    ``kind``; indexes written before region shards have none and say it by their store hash."""
+    return index.get("kind", "maps" if index.get("store_sha256") else "images")
+
+
 def validate_index(index, index_path: str, readable_versions: Sequence[int], format_name: str) -> None:
     """Refuse an ``index.json`` with a missing or mistyped field, an unsafe shard name, counts that
     do not add up, or content that differs from what its writer hashed (an edited grid or layout)."""
@@ -127,9 +140,23 @@ def validate_index(index, index_path: str, readable_versions: Sequence[int], for
     if len(index["class_names"]) != index["num_classes"]:
         raise ShardError(f"{index_path}: {len(index['class_names'])} class names for num_classes="
                          f"{index['num_classes']}")
-    if index["store_sha256"] and (index["k"] < 1 or min(index["grid"]) < 1 or not index["ids_dtype"]):
+    kind = shard_kind(index)
+    if not isinstance(kind, str) or kind not in SHARD_KIND_FIELDS:
+        raise ShardError(f"{index_path}: field 'kind' must be one of {sorted(SHARD_KIND_FIELDS)}, found {kind!r:.80}")
+    if bool(index["store_sha256"]) != (kind != "images"):
+        raise ShardError(f"{index_path}: shards of kind {kind!r} " + ("need" if kind != "images" else "have no")
+                         + " store content hash")
+    if kind == "maps" and (index["k"] < 1 or min(index["grid"]) < 1 or not index["ids_dtype"]):
         raise ShardError(f"{index_path}: shards with maps need k, grid and ids_dtype")
-    expected = [f.tar_ext for f in SHARD_FIELDS if index["store_sha256"] or f not in MAP_FIELDS]
+    if kind == "regions":
+        from .store.region_format import LABEL_TYPES
+
+        _check_fields(index, _REGION_FIELDS, index_path)
+        if index["k"] < 1 or index["k"] > index["num_classes"] or not index["ids_dtype"] or \
+                index["label_type"] not in LABEL_TYPES:
+            raise ShardError(f"{index_path}: shards of a region store need 1 <= k <= num_classes, ids_dtype and a "
+                             f"label_type of {', '.join(LABEL_TYPES)}")
+    expected = [f.tar_ext for f in SHARD_KIND_FIELDS[kind]]
     if index["extensions"] != expected:
         raise ShardError(f"{index_path}: extensions {index['extensions']} differ from {expected}")
     directory = os.path.dirname(os.path.abspath(index_path))
@@ -200,9 +227,14 @@ def check_blocks(path: str, entry: dict, block_bytes: int, blocks: Optional[Sequ
 
 
 # -- DALI's index files ---------------------------------------------------------------------------
-def member_sizes(extensions: Sequence[str], map_values: int, ids_itemsize: int) -> List[Optional[int]]:
-    """The exact byte size of each member extension (``None``: any size, the image)."""
-    sizes = {"logits": 2 * map_values, "ids": ids_itemsize * map_values, "label": 4, "row": 8}
+def member_sizes(extensions: Sequence[str], map_values: int, ids_itemsize: int, regions: int = 0,
+                 region_k: int = 0, values_itemsize: int = 0) -> List[Optional[int]]:
+    """The exact byte size of each member extension (``None``: any size, the image): ``map_values``
+    values of a label map, or ``regions`` stored crops of ``region_k`` labels each (class ids of
+    ``ids_itemsize`` bytes, values of ``values_itemsize``)."""
+    sizes = {"logits": 2 * map_values, "ids": ids_itemsize * map_values, "label": 4, "row": 8,
+             "boxes": 16 * regions, "flips": regions, "rids": ids_itemsize * regions * region_k,
+             "values": values_itemsize * regions * region_k}
     return [None if ext == JPEGS.tar_ext else sizes[ext] for ext in extensions]
 
 

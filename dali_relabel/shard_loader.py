@@ -568,6 +568,11 @@ class ShardReLabelLoader(_ShardBatches):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch,
                          crops_per_image=config.crops_per_image, skip_bad_shards=skip_bad_shards)
+        if self.shards.has_regions:
+            raise ShardError(f"the shards in {self.shards.directory} hold a region store's stored crops: the shard "
+                             "loader does not yet draw them (validate from these shards with ShardValidationLoader; "
+                             "train from the image tree: ReLabelLoader(images, store), or pipelines/train.py "
+                             "--data IMAGES --store STORE)")
         if not self.shards.has_maps:
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")

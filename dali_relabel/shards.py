@@ -10,6 +10,14 @@ are not. :func:`write_shards` packs an image tree and its label store into tar s
   store's dtypes (float16, and uint8/uint16/int32 class ids);
 * ``<row>.label``: the hard label (int32) and ``<row>.row``: the store row (int64), raw.
 
+From a region store (FKD's soft labels, :class:`~dali_relabel.store.RegionStore`), a sample carries
+all R stored crops of its image in place of the map, raw in the store's dtypes:
+``<row>.boxes`` ``[R, 4]`` float32 (x0, y0, w, h in source pixels), ``<row>.flips`` ``[R]`` uint8,
+``<row>.rids`` ``[R, k]`` class ids and ``<row>.values`` ``[R, k]`` probabilities (float16 or
+float32). ``index.json`` says the kind (``"maps"``, ``"regions"`` or ``"images"``:
+:data:`~dali_relabel.fields.SHARD_KIND_FIELDS`), and for regions R, k, the label type and the
+values' dtype.
+
 Without a store (validation sets) the shards hold images, labels and rows only (the rows are the
 images' indices in the tree's sorted file list, and ``index.json`` keeps that list, for ReaL labels).
 
@@ -45,10 +53,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import remote
-from .fields import CLASS_IDS, LABELS, LOGITS, MAP_FIELDS, ROWS, SHARD_FIELDS, Field
+from .fields import (CLASS_IDS, LABELS, LOGITS, ROWS, SHARD_FIELDS, SHARD_KIND_FIELDS, STORED_IDS, STORED_VALUES,
+                     Field)
 from .shard_checks import (HASH_BLOCK_BYTES, ShardError, check_blocks, damaged_member, file_sha256, index_digest,
-                           member_sizes, parse_index_file, shard_digests, validate_index)
-from .store import LabelStore, StoreError, store_kind
+                           member_sizes, parse_index_file, shard_digests, shard_kind, validate_index)
+from .store import LabelStore, RegionStore, StoreError, store_kind
 
 FORMAT_NAME = "dali-relabel-shards"
 FORMAT_VERSION = 2  # 2: content hashes of the shards, their DALI indexes and the index itself
@@ -58,7 +67,7 @@ ENTRY_SUFFIX = ".entry.json"
 #: How much :meth:`ShardSet.load` checks: the index, sizes and DALI indexes; plus one random block
 #: of one random shard; plus every block of every shard.
 VERIFY_LEVELS = ("header", "sample", "full")
-#: The tar extensions of a shard sample's members, in their order (:data:`~dali_relabel.fields.SHARD_FIELDS`).
+#: The tar extensions of a map shard sample's members, in their order (:data:`~dali_relabel.fields.SHARD_FIELDS`).
 EXTENSIONS = tuple(field.tar_ext for field in SHARD_FIELDS)
 #: Shards store logits as float16 whatever the store holds.
 LOGITS_DTYPE = "float16"
@@ -79,6 +88,10 @@ class ShardSet:
         num_samples, num_classes, k, grid_h, grid_w, layout, ids_dtype, class_names: the data.
         store_sha256: content hash of the store the shards were made from.
         seed: the seed of the rows' order.
+        kind: what a sample carries: ``"maps"``, ``"regions"`` or ``"images"``
+            (:data:`~dali_relabel.fields.SHARD_KIND_FIELDS`).
+        regions, label_type, values_dtype: of a region store's shards (R stored crops of ``k``
+            labels each, how their dense targets are recovered, the values' dtype).
     """
 
     directory: str
@@ -95,6 +108,10 @@ class ShardSet:
     seed: int = 0
     relpaths: Optional[List[str]] = None
     extra: dict = field(default_factory=dict)
+    kind: str = "maps"
+    regions: int = 0
+    label_type: str = ""
+    values_dtype: str = ""
     #: remote shards: their index files' local copies, by shard name
     local_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     hash_block_bytes: int = HASH_BLOCK_BYTES
@@ -104,8 +121,13 @@ class ShardSet:
 
     @property
     def has_maps(self) -> bool:
-        """Whether the shards carry label maps (made from a store)."""
-        return bool(self.store_sha256)
+        """Whether the shards carry label maps (made from a label-map store)."""
+        return self.kind == "maps"
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the shards carry a region store's stored crops."""
+        return self.kind == "regions"
 
     @classmethod
     def load(cls, location: str, check_sizes: bool = True, verify: str = "sample") -> "ShardSet":
@@ -158,7 +180,9 @@ class ShardSet:
                     ids_dtype=index["ids_dtype"], class_names=index["class_names"],
                     store_sha256=index["store_sha256"], seed=index["seed"],
                     relpaths=index.get("relpaths"), hash_block_bytes=index["hash_block_bytes"],
-                    extra={k: v for k, v in index.items() if k not in ("shards", "class_names", "relpaths")})
+                    extra={k: v for k, v in index.items() if k not in ("shards", "class_names", "relpaths")},
+                    kind=shard_kind(index), regions=index.get("regions", 0), label_type=index.get("label_type", ""),
+                    values_dtype=index.get("values_dtype", ""))
         if check_sizes:
             found.check_files(verify)
         return found
@@ -188,11 +212,14 @@ class ShardSet:
     @property
     def extensions(self) -> List[str]:
         """The member extensions of every sample, in their order."""
-        return [f.tar_ext for f in SHARD_FIELDS if self.has_maps or f not in MAP_FIELDS]
+        return [f.tar_ext for f in SHARD_KIND_FIELDS[self.kind]]
 
     def member_sizes(self) -> List[Optional[int]]:
         """The exact byte size of each member of :attr:`extensions` (``None``: the image, any size)."""
         itemsize = np.dtype(self.ids_dtype).itemsize if self.ids_dtype else 0
+        if self.has_regions:
+            return member_sizes(self.extensions, 0, itemsize, self.regions, self.k,
+                                np.dtype(self.values_dtype).itemsize)
         return member_sizes(self.extensions, int(np.prod(self.map_shape)), itemsize)
 
     def check_sizes(self) -> None:
@@ -315,8 +342,8 @@ class ShardSet:
         return (self.k, self.grid_h, self.grid_w)
 
     def dtype(self, field: Field) -> np.dtype:
-        """The dtype ``field`` of a sample (one of :data:`~dali_relabel.fields.SHARD_FIELDS`) is stored in."""
-        return member_dtype(field, self.ids_dtype)
+        """The dtype ``field`` of a sample (of :data:`~dali_relabel.fields.SHARD_KIND_FIELDS`) is stored in."""
+        return member_dtype(field, self.ids_dtype, self.values_dtype)
 
 
 def _remote_index_path(location: str):
@@ -346,9 +373,11 @@ def _read_remote_index(index_url: str) -> bytes:
 _CHECKED_INDEXES: set = set()  # DALI indexes checked in this process (path, stat, recorded hash)
 
 
-def member_dtype(field: Field, ids_dtype) -> np.dtype:
-    """The little-endian dtype of a shard member (``ids_dtype``: the class ids' of the store)."""
-    dtype = {LOGITS: LOGITS_DTYPE, CLASS_IDS: ids_dtype}.get(field, field.dtype)
+def member_dtype(field: Field, ids_dtype, values_dtype=None) -> np.dtype:
+    """The little-endian dtype of a shard member (``ids_dtype``: the class ids' of the store;
+    ``values_dtype``: a region store's values')."""
+    dtype = {LOGITS: LOGITS_DTYPE, CLASS_IDS: ids_dtype, STORED_IDS: ids_dtype,
+             STORED_VALUES: values_dtype}.get(field, field.dtype)
     return np.dtype(dtype).newbyteorder("<")
 
 
@@ -388,15 +417,23 @@ def _write_shard(task) -> dict:
 
     import wds2idx
 
+    ids_dtype = values_dtype = None
+    kind = "images"
     if store_path is not None:
-        store = LabelStore(store_path, verify="header")
+        kind = "maps" if store_kind(store_path) == "label store" else "regions"
+        store = (LabelStore if kind == "maps" else RegionStore)(store_path, verify="header")
         paths, labels = store.paths, store.labels
-        maps = store.read(np.sort(rows))
+        found = store.read(np.sort(rows))  # one read per dataset, rows in increasing order
         order = {int(r): i for i, r in enumerate(np.sort(rows))}
-        ids_dtype = maps.class_ids.dtype
+        ids_dtype = found.class_ids.dtype
+        if kind == "maps":
+            stored = {"logits": found.logits, "class_ids": found.class_ids}
+        else:
+            values_dtype = found.values.dtype
+            stored = {"stored_boxes": found.boxes, "stored_flips": found.flips, "stored_ids": found.class_ids,
+                      "stored_values": found.values}
     else:
         paths, labels = tree
-        ids_dtype = None
     path = os.path.join(directory, name)
     if os.path.exists(path + ENTRY_SUFFIX):
         os.remove(path + ENTRY_SUFFIX)  # the shard is written again: it is complete only with a new entry
@@ -407,13 +444,12 @@ def _write_shard(task) -> dict:
             with open(os.path.join(image_root, paths[row]), "rb") as f:
                 values = {"jpegs": f.read(), "labels": labels[row], "rows": row}
             if store_path is not None:
-                values.update(logits=maps.logits[order[row]], class_ids=maps.class_ids[order[row]])
-            for field in SHARD_FIELDS:
-                if field.name in values:
-                    value = values[field.name]
-                    data = value if isinstance(value, bytes) else \
-                        np.asarray(value).astype(member_dtype(field, ids_dtype)).tobytes()
-                    tar.addfile(_member(f"{row:09d}.{field.tar_ext}", data), io.BytesIO(data))
+                values.update({field: array[order[row]] for field, array in stored.items()})
+            for field in SHARD_KIND_FIELDS[kind]:
+                value = values[field.name]
+                data = value if isinstance(value, bytes) else \
+                    np.asarray(value).astype(member_dtype(field, ids_dtype, values_dtype)).tobytes()
+                tar.addfile(_member(f"{row:09d}.{field.tar_ext}", data), io.BytesIO(data))
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -505,23 +541,27 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
                          f"{out_dir}); `dali-relabel shard --out s3://...` uploads the result")
     image_root, out_dir = os.path.abspath(os.fspath(image_root)), os.fspath(out_dir)
     if store is not None:
-        path = getattr(store, "path", store)
-        if not isinstance(store, LabelStore) and not remote.is_remote(os.fspath(path)) and \
-                store_kind(path) != "label store":
-            raise ShardError(f"{os.fspath(path)} is a {store_kind(path)}: tar shards carry label maps only (a "
-                             "region store's crops are not packed into shards yet); train from the image tree "
-                             "(ReLabelLoader(images, store), or pipelines/train.py --data IMAGES --store STORE)")
-        store = store if isinstance(store, LabelStore) else LabelStore(store)
+        if not isinstance(store, (LabelStore, RegionStore)):
+            from .store import open_store
+
+            store = open_store(store)
         if check_files:
             check_store_matches_images(store, image_root)
         paths, labels, class_names = store.paths, np.asarray(store.labels), list(store.class_names)
         content = store.header.content_sha256
-        map_bytes = int(np.prod(store.header.map_shape)) * (2 + store.class_ids_dtype.itemsize)
+        if isinstance(store, RegionStore):
+            values_itemsize = _values_dtype(store).itemsize
+            label_sizes = [16 * store.regions, store.regions,
+                           *(itemsize * store.regions * store.k
+                             for itemsize in (store.class_ids_dtype.itemsize, values_itemsize))]
+        else:
+            map_values = int(np.prod(store.header.map_shape))
+            label_sizes = [2 * map_values, store.class_ids_dtype.itemsize * map_values]
         tree = None
     else:
         images = list_images(image_root)
         paths, labels, class_names = images.relpaths, np.asarray(images.labels, np.int32), images.classes
-        content, map_bytes = "", 0
+        content, label_sizes = "", []
         tree = (paths, labels)
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
@@ -532,7 +572,7 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # a stat per image: I/O bound
         image_bytes = np.array([s for chunk in pool.map(file_sizes, range(0, n, 4096)) for s in chunk], np.int64)
-    sizes = image_bytes + _tar_bytes([0, map_bytes // 2, map_bytes // 2, member_dtype(LABELS, None).itemsize,
+    sizes = image_bytes + _tar_bytes([0, *label_sizes, member_dtype(LABELS, None).itemsize,
                                        member_dtype(ROWS, None).itemsize]) + 2 * _TAR_BLOCK
     order = np.random.default_rng([seed, 0x5A4D]).permutation(n)
     groups = plan_shards(sizes, order, shard_bytes)
@@ -568,16 +608,22 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
                 bar.update(entry["samples"])
     finally:
         bar.close()
+    kind = "images" if store is None else "regions" if isinstance(store, RegionStore) else "maps"
     index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "image_root": image_root, "seed": seed,
-             "store": store.path if store is not None else None, "store_sha256": content,
+             "store": store.path if store is not None else None, "store_sha256": content, "kind": kind,
              "num_classes": len(class_names), "k": 0, "grid": [0, 0], "layout": "HW", "ids_dtype": "",
-             "extensions": [f.tar_ext for f in SHARD_FIELDS if store is not None or f not in MAP_FIELDS],
+             "extensions": [f.tar_ext for f in SHARD_KIND_FIELDS[kind]],
              "num_samples": n, "shards": [entries[name] for name in names], "class_names": class_names,
              "hash_block_bytes": HASH_BLOCK_BYTES}
-    if store is not None:
+    if kind == "maps":
         header = store.header
         index.update(num_classes=header.num_classes, k=header.k, grid=[header.grid_h, header.grid_w],
                      layout=header.layout, ids_dtype=str(store.class_ids_dtype))
+    elif kind == "regions":
+        header = store.header
+        index.update(num_classes=header.num_classes, k=header.k, regions=header.regions,
+                     label_type=header.label_type, ids_dtype=str(store.class_ids_dtype),
+                     values_dtype=str(np.dtype(_values_dtype(store)).name))
     else:
         index["relpaths"] = list(paths)  # the rows' files, for ReaL labels
     index["index_sha256"] = index_digest(index)
@@ -585,7 +631,12 @@ def _write_shards(image_root, store, out_dir, shard_bytes, seed, workers, progre
     return ShardSet.load(out_dir, verify="header")
 
 
-def check_shards_match_store(shards: ShardSet, store: LabelStore) -> None:
+def _values_dtype(store: RegionStore) -> np.dtype:
+    """The dtype a region store keeps its values in (float16 or float32)."""
+    return store.read(np.zeros(1, np.int64)).values.dtype
+
+
+def check_shards_match_store(shards: ShardSet, store) -> None:
     """Refuse shards made from another store (different content hash)."""
     if shards.store_sha256 != store.header.content_sha256:
         raise StoreError(store.path, f"the shards in {shards.directory} were made from another store "
@@ -608,6 +659,5 @@ def _not_shards(location: str) -> str:
         kind = store_kind(location)
     except StoreError:
         return f"{location}: an HDF5 file, not tar shards (write shards with `dali-relabel shard`)"
-    extra = " (a region store's crops are not packed into shards)" if kind != "label store" else ""
-    return (f"{location} is a {kind}, not tar shards{extra}: train from the image tree with it "
-            "(ReLabelLoader(images, store), or pipelines/train.py --data IMAGES --store STORE)")
+    return (f"{location} is a {kind}, not tar shards: pack it with `dali-relabel shard`, or train from the image "
+            "tree with it (ReLabelLoader(images, store), or pipelines/train.py --data IMAGES --store STORE)")

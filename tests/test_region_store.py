@@ -368,9 +368,11 @@ def test_cli_info_and_verify_say_the_kind(tmp_path, capsys):
     assert "dali-relabel verify: " in capsys.readouterr().err
 
 
-def test_shards_refuse_a_region_store_by_name(tmp_path):
-    from dali_relabel.shards import ShardError, write_shards
+def test_shards_refuse_a_region_store_that_does_not_describe_the_tree(tmp_path):
+    from dali_relabel.shards import write_shards
 
     out = _write(tmp_path / "r.h5")
-    with pytest.raises(ShardError, match="is a region store: tar shards carry label maps only"):
+    with pytest.raises(StoreError, match=r"r.h5: row 0 \(class_00/img_000.JPEG\) has label 0 = 'class_0', but lies "
+                                         r"in folder 'class_00'"):
         write_shards(tmp_path, out, tmp_path / "shards", progress=False)
+    assert not (tmp_path / "shards").exists()
