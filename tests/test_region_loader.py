@@ -329,6 +329,30 @@ def test_region_shard_members_of_the_wrong_size_are_refused(region_shards, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("edit, message", [
+    ({"values_dtype": "float64"}, r"field 'values_dtype' must be one of \('float16', 'float32'\)"),
+    ({"regions": 0}, r"field 'regions' must be a positive integer"),
+    ({"label_type": "soft"}, r"need 1 <= k <= num_classes, ids_dtype and a label_type of"),
+    ({"kind": "maps"}, r"shards with maps need k, grid and ids_dtype"),
+    ({"kind": ["regions"]}, r"field 'kind' must be one of \['images', 'maps', 'regions'\]"),
+])
+def test_an_index_of_region_shards_with_a_bad_field_is_refused(region_shards, tmp_path, edit, message):
+    import shutil
+
+    from dali_relabel.shard_checks import ShardError, index_digest
+    from dali_relabel.shards import ShardSet
+
+    copy = tmp_path / "copy"
+    shutil.copytree(region_shards.directory, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index.update(edit)
+    index["index_sha256"] = index_digest(index)  # a consistent index that says something wrong
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=message):
+        ShardSet.load(str(copy))
+
+
+@pytest.mark.slow
 def test_region_shards_validate_but_the_shard_trainer_refuses_them_by_name(region_set, region_shards):
     from dali_relabel.shard_checks import ShardError
     from dali_relabel.shard_loader import ShardReLabelLoader, ShardValidationLoader
