@@ -11,7 +11,7 @@ the loader's device (:func:`region_targets`), once per batch.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from .config import DataConfig
 from .errors import DaliRelabelError
@@ -46,8 +46,10 @@ def geometric_ops(policy_text: str) -> list:
     return sorted({op.name for op in parse_policy(policy_text).ops if op.geometry.active})
 
 
-def check_region_settings(config: DataConfig, store: RegionStore) -> None:
-    """Refuse, naming the setting, what stored crop labels cannot follow.
+def check_region_settings(config: DataConfig, store: RegionStore, where: Optional[str] = None) -> None:
+    """Refuse, naming the setting, what stored crop labels cannot follow (of ``store``: a
+    :class:`~dali_relabel.store.RegionStore`, or anything with its ``regions`` such as a
+    :class:`~dali_relabel.shards.ShardSet` of one, ``where`` naming it in messages).
 
     A stored label describes exactly its crop as stored (the window and the flip): an operation that
     moves pixels afterwards (a policy's rotate/shear/translate, a vertical flip) would show the model
@@ -56,7 +58,7 @@ def check_region_settings(config: DataConfig, store: RegionStore) -> None:
     photometric ops (colour jitter, a policy without geometric ops, random erasing) and CutMix/Mixup
     with the ``"authors"`` area mix are allowed. Also refused: more crops per image than stored, and
     EXIF rotation (the boxes are in pixels of the image as stored, unrotated)."""
-    where = f"region store {store.path}"
+    where = where or f"region store {store.path}"
     if config.crops_per_image > store.regions:
         raise RegionSettingsError(f"crops_per_image {config.crops_per_image} asks for {config.crops_per_image} "
                                   f"distinct stored crops per image, but {where} holds {store.regions} per image")

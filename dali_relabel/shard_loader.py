@@ -80,6 +80,7 @@ from .loader_state import (RESTART_HINT, LoaderDataset, LoaderState, Pass, Resum
                            unpack_rows)
 from .lookahead import Pace, PipelineAhead
 from .mixing import CutMixSpec
+from .regions import check_region_settings, region_targets
 from .shards import ShardError, ShardSet
 from .sources import crop_boxes
 from .watchdog import shutdown_pipeline
@@ -568,12 +569,9 @@ class ShardReLabelLoader(_ShardBatches):
         config = config or DataConfig()
         super().__init__(shards, batch_size, config, device, device_id, rank, world_size, config.last_batch,
                          crops_per_image=config.crops_per_image, skip_bad_shards=skip_bad_shards)
-        if self.shards.has_regions:
-            raise ShardError(f"the shards in {self.shards.directory} hold a region store's stored crops: the shard "
-                             "loader does not yet draw them (validate from these shards with ShardValidationLoader; "
-                             "train from the image tree: ReLabelLoader(images, store), or pipelines/train.py "
-                             "--data IMAGES --store STORE)")
-        if not self.shards.has_maps:
+        if self.shards.has_regions:  # the tree loader's refusals for a region store
+            check_region_settings(config, self.shards, f"the region store's shards in {self.shards.directory}")
+        elif not self.shards.has_maps:
             raise ValueError(f"the shards in {self.shards.directory} hold no label maps (written without a "
                              "store): train on the image tree for hard-label targets")
         if self.device == "gpu":
@@ -585,7 +583,7 @@ class ShardReLabelLoader(_ShardBatches):
                              "repeated augmentation needs the image tree loader (ReLabelLoader); DALI's tar "
                              "reader streams each sample once per epoch")
         self.num_classes = config.target_width(self.shards.num_classes)
-        self.layout = config.layout or self.shards.layout
+        self.layout = config.layout or ("HW" if self.shards.has_regions else self.shards.layout)
         self.shuffle = shuffle
         self.return_labels, self.return_rows, self.return_geometry = return_labels, return_rows, return_geometry
         self.mixup_enabled = True
@@ -596,7 +594,7 @@ class ShardReLabelLoader(_ShardBatches):
                                      per_batch=config.mix_granularity == "batch")
         from .pipelines.graphs import shard_train_outputs
 
-        self.output_map = shard_train_outputs(config, self.cutmix is not None, return_geometry)
+        self.output_map = shard_train_outputs(config, self.cutmix is not None, return_geometry, self.shards.has_regions)
 
     def _epoch_shards(self, epoch: int) -> List[str]:
         return self.shard_order(epoch)
@@ -623,7 +621,10 @@ class ShardReLabelLoader(_ShardBatches):
 
     def __iter__(self):
         for epoch, index, batch in self._passes(self.mixup_enabled):
-            batch = mix_batch(flatten_crops(batch, self.crops_per_image), self.config, epoch, index, self.mixup_enabled)
+            batch = flatten_crops(batch, self.crops_per_image)
+            if self.shards.has_regions:  # the stored top-k labels of the batch's crops, made dense once per batch
+                batch = region_targets(batch, self.shards.num_classes, self.shards.label_type)
+            batch = mix_batch(batch, self.config, epoch, index, self.mixup_enabled)
             yield training_batch(batch, self.config, self.return_labels, self.return_rows, self.return_geometry)
 
 

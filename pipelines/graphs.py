@@ -41,7 +41,8 @@ from dali_relabel.config import DataConfig
 from dali_relabel.devices import worker_start_method
 from dali_relabel.fields import (AFFINE, CANVAS_CHECKS, FLIP, GEOMETRY_FIELDS, IMAGES, JPEGS, LABELS, MAP_FIELDS,
                                  MIX_BOX, PASTED, REGION_FLIP, REGION_IDS, REGION_LABEL_FIELDS, REGION_VALUES,
-                                 REGION_WINDOW, ROWS, SHAPES, SHARD_FIELDS, TARGETS, VALID, WINDOW, Field)
+                                 REGION_WINDOW, ROWS, SHAPES, SHARD_FIELDS, SHARD_KIND_FIELDS, STORED_BOXES,
+                                 STORED_FLIPS, STORED_IDS, STORED_VALUES, TARGETS, VALID, WINDOW, Field)
 from dali_relabel.fields import names as field_names
 from dali_relabel.ops.plugin import load_plugin
 from dali_relabel.prefetch import PrefetchingSource
@@ -510,10 +511,30 @@ def shuffle_buffer(samples_per_rank: int) -> int:
 SHARD_TRAIN_OUTPUTS = field_names(IMAGES, TARGETS, LABELS, ROWS)
 
 
-def shard_train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False) -> List[str]:
+#: Outputs of :func:`shard_train_pipeline` over a region store's shards before the CutMix ones: the
+#: stored labels of each crop in place of ``targets``.
+SHARD_REGION_TRAIN_OUTPUTS = field_names(IMAGES, REGION_IDS, REGION_VALUES, LABELS, ROWS)
+
+
+def shard_train_outputs(config: DataConfig, cutmix: bool, geometry: bool = False, regions: bool = False) -> List[str]:
     """Names of :func:`shard_train_pipeline`'s outputs, in order (``cutmix``: with ``mix_boxes``;
-    ``geometry``: the crop window, flip and affine follow)."""
-    return list(SHARD_TRAIN_OUTPUTS + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
+    ``geometry``: the crop window, flip and affine follow; ``regions``: shards of a region store)."""
+    first = SHARD_REGION_TRAIN_OUTPUTS if regions else SHARD_TRAIN_OUTPUTS
+    return list(first + mix_outputs(config, cutmix) + (field_names(*GEOMETRY_FIELDS) if geometry else ()))
+
+
+def stored_crops(data: dict, shape, epochs, config: DataConfig) -> dict:
+    """A region store's shard sample's ``config.crops_per_image`` stored crops this epoch, by name
+    (``region_window``, ``region_flip``, ``region_ids``, ``region_values``: what a
+    :class:`~dali_relabel.sources.BatchSource` over the store hands the tree graph), chosen from all R
+    of ``data``'s ``stored_*`` members by ``relabel.select_regions``, keyed by ``(config.seed, epoch,
+    row)`` as :func:`dali_relabel.store.select_regions` chooses them, each window rounded as
+    :func:`dali_relabel.store.pixel_windows` rounds it in the image of ``shape``."""
+    windows, flips, ids, values, _ = fn.relabel.select_regions(
+        data[STORED_BOXES.name], data[STORED_FLIPS.name], fn.cast(data[STORED_IDS.name], dtype=types.INT32),
+        fn.cast(data[STORED_VALUES.name], dtype=types.FLOAT), shape, data[ROWS.name], epochs,
+        seed=config.seed, count=config.crops_per_image)
+    return {REGION_WINDOW.name: windows, REGION_FLIP.name: flips, REGION_IDS.name: ids, REGION_VALUES.name: values}
 
 
 @pipeline_def
@@ -524,16 +545,24 @@ def shard_train_pipeline(shards: ShardSet, names: Sequence[str], epoch: int, con
     """ReLabel training graph over tar shards (one epoch's order of ``names``): the same keyed
     augmentation and pooling as :func:`train_pipeline`. Outputs (:func:`shard_train_outputs`): images,
     soft targets, labels, rows, and with ``mix_boxes`` (a per-batch callable of ``BatchInfo``)
-    ``mix_box`` (+ ``pasted``)."""
-    data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed, index_paths=index_paths)
+    ``mix_box`` (+ ``pasted``). Over a region store's shards the stored crops the tree path would
+    choose (:func:`stored_crops`) are cut, and their stored labels ``region_ids``, ``region_values``
+    come in place of the targets."""
+    regions = shards.has_regions
+    data = read_shards(shards, names, shard_id, num_shards, shuffle, reader_seed, index_paths=index_paths,
+                       fields=SHARD_KIND_FIELDS[shards.kind])
     epochs = fn.cast(data["rows"] * 0 + epoch, dtype=types.INT64)
-    shape, crops = augment(data["jpegs"], data["rows"], epochs, config, decoder_device)
+    window = random_window
+    if regions:  # the stored crops this epoch, cut from the image of the shape peeked here
+        data.update(stored_crops(data, fn.peek_image_shape(data["jpegs"], adjust_orientation=False), epochs, config))
+        window = stored_window(data)
+    shape, crops = augment(data["jpegs"], data["rows"], epochs, config, decoder_device, window=window)
     mix_box = None
     if mix_boxes is not None:  # [4] per sample, or [k, 4] with k crops per image
         mix_box = fn.external_source(source=mix_boxes, batch=True, batch_info=True, dtype=MIX_BOX.dali_type(),
                                      ndim=MIX_BOX.ndim + (1 if config.crops_per_image > 1 else 0))
     made = crop_outputs(data, shape, crops, config, num_classes, layout, decoder_device, mix_box, geometry)
-    return _training_outputs(made, data, mix_box, shard_train_outputs(config, mix_box is not None, geometry))
+    return _training_outputs(made, data, mix_box, shard_train_outputs(config, mix_box is not None, geometry, regions))
 
 
 #: Outputs of :func:`shard_validation_pipeline`.

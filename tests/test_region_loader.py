@@ -353,18 +353,100 @@ def test_an_index_of_region_shards_with_a_bad_field_is_refused(region_shards, tm
 
 
 @pytest.mark.slow
-def test_region_shards_validate_but_the_shard_trainer_refuses_them_by_name(region_set, region_shards):
-    from dali_relabel.shard_checks import ShardError
+def test_region_shards_validate_and_the_shard_trainer_refuses_what_the_tree_loader_refuses(region_set, region_shards):
+    from dali_relabel.regions import RegionSettingsError
     from dali_relabel.shard_loader import ShardReLabelLoader, ShardValidationLoader
 
-    with pytest.raises(ShardError, match=r"hold a region store's stored crops: the shard loader does not yet draw "
-                                         r"them .*--data IMAGES --store STORE"):
-        ShardReLabelLoader(region_shards, 4, DataConfig(image_size=16, num_threads=1), device="cpu")
+    with pytest.raises(RegionSettingsError, match=r"the region store's shards in .* cannot be trained with "
+                                                  r"vflip_probability 0.5"):
+        ShardReLabelLoader(region_shards, 4, DataConfig(image_size=16, num_threads=1, vflip_probability=0.5),
+                           device="cpu")
+    with pytest.raises(RegionSettingsError, match=r"crops_per_image 5 asks for 5 distinct stored crops per image, "
+                                                  r"but the region store's shards in .* hold"):
+        ShardReLabelLoader(region_shards, 10, DataConfig(image_size=16, num_threads=1, crops_per_image=5),
+                           device="cpu")
     rows = []
     for batch in ShardValidationLoader(region_shards, 4, DataConfig(image_size=16, num_threads=1),
                                        device="cpu", return_rows=True):
         rows.extend(batch[-1].tolist())
     assert sorted(rows) == list(range(len(region_set.relpaths)))
+
+
+@pytest.mark.slow
+def test_the_select_regions_operator_chooses_and_rounds_as_the_python_twin():
+    """``relabel.select_regions`` on random stores (R 1-9, random float32 boxes, some past the
+    image, halves to round) against :func:`select_regions` and :func:`pixel_windows`: the same crops
+    in the same order, windows, flips and labels."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dali_relabel.ops.plugin import load_plugin
+    from dali_relabel.store import select_regions
+
+    load_plugin()
+    rng = np.random.default_rng(5)
+    n, seed, top = 24, 77, 3
+    for count, regions in [(1, 1), (2, 5), (3, 9)]:
+        sizes = rng.integers(1, 80, (n, 2))
+        boxes = np.stack([rng.uniform(-5, 1.1, (n, regions)) * sizes[:, 1:], rng.uniform(-5, 1.1, (n, regions)) * sizes[:, :1],
+                          rng.uniform(0, 1.2, (n, regions)) * sizes[:, 1:], rng.uniform(0, 1.2, (n, regions)) * sizes[:, :1]],
+                         -1).astype(np.float32)
+        boxes[:, :, :2] = np.where(rng.random((n, regions, 2)) < 0.3, np.floor(boxes[:, :, :2]) + 0.5, boxes[:, :, :2])
+        flips = rng.integers(0, 2, (n, regions)).astype(np.uint8)
+        ids = rng.integers(0, 1000, (n, regions, top)).astype(np.uint16)
+        values = rng.random((n, regions, top)).astype(np.float16)
+        rows = rng.integers(0, 10**6, n).astype(np.int64)
+        epochs = rng.integers(0, 300, n).astype(np.int64)
+        shapes = np.concatenate([sizes, np.full((n, 1), 3)], 1).astype(np.int64)
+
+        @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+        def graph():
+            inputs = [fn.external_source(source=(lambda b: lambda: b)(list(a)), batch=True) for a in
+                      (boxes.reshape(n, -1), flips, ids.reshape(n, -1), values.reshape(n, -1), shapes,
+                       rows[:, None], epochs[:, None])]
+            return tuple(fn.relabel.select_regions(inputs[0], inputs[1], fn.cast(inputs[2], dtype=types.INT32),
+                                                   fn.cast(inputs[3], dtype=types.FLOAT), *inputs[4:], seed=seed,
+                                                   count=count))
+
+        pipe = graph()
+        pipe.build()
+        windows, mirrors, out_ids, out_values, indices = (np.stack([np.array(t) for t in out]) for out in pipe.run())
+        chosen = np.stack([select_regions(seed, int(e), [int(r)], count, regions)[0] for r, e in zip(rows, epochs)])
+        np.testing.assert_array_equal(indices, chosen)
+        picked = np.take_along_axis(boxes, chosen[..., None], 1)
+        np.testing.assert_array_equal(windows, pixel_windows(picked, sizes))
+        np.testing.assert_array_equal(mirrors, np.take_along_axis(flips, chosen, 1))
+        np.testing.assert_array_equal(out_ids, np.take_along_axis(ids, chosen[..., None], 1).astype(np.int32))
+        np.testing.assert_array_equal(out_values, np.take_along_axis(values, chosen[..., None], 1).astype(np.float32))
+        assert windows.dtype == np.int32 and out_values.dtype == np.float32 and indices.dtype == np.int64
+
+
+def _crop_set(batches) -> list:
+    """Sorted ``(row, window, flip, target)`` of every yielded crop (targets rounded to 1e-6)."""
+    crops = []
+    for _, targets, _, rows, geometry in batches:
+        for i, row in enumerate(rows.tolist()):
+            crops.append((row, tuple(geometry["window"][i].tolist()), int(geometry["flip"][i]),
+                          tuple(np.round(targets[i].numpy().astype(np.float64), 6).tolist())))
+    return sorted(crops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_shard_loader_cuts_and_labels_the_stored_crops_the_tree_loader_does(region_set, region_shards, k):
+    """For the same seed and epoch the shard loader yields the same crops as the tree loader over a
+    pass (in another order): each row's chosen stored crops, their windows, flips and dense targets."""
+    from dali_relabel.shard_loader import ShardReLabelLoader
+
+    tree = _loader(region_set, crops_per_image=k)
+    config = tree.config
+    shards = ShardReLabelLoader(region_shards, 4, config, device="cpu", return_labels=True, return_rows=True,
+                                return_geometry=True)
+    for epoch in (0, 3):
+        tree.set_epoch(epoch)
+        shards.set_epoch(epoch)
+        expected, got = _crop_set(tree), _crop_set(shards)
+        assert len(got) == len(region_set.relpaths) * k
+        assert got == expected, epoch
 
 
 # -- through the pipelines ---------------------------------------------------------------------------

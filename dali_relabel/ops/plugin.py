@@ -228,7 +228,7 @@ def require_gpu_backend() -> None:
 
 # The operators the library registers, by backend ("gpu" only when built with the CUDA backend).
 OPERATORS = {"cpu": ("relabel__KeyedUniforms", "relabel__LabelPooling", "relabel__RandomCropWindow",
-                     "relabel__ReadFiles", "relabel__SampleDraws"),
+                     "relabel__ReadFiles", "relabel__SampleDraws", "relabel__SelectRegions"),
              "gpu": ("relabel__LabelPooling",)}
 
 
