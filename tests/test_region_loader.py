@@ -555,6 +555,24 @@ def test_train_py_trains_an_epoch_from_a_region_store(region_set, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_py_trains_an_epoch_from_a_region_stores_shards(region_shards, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "pipelines"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    out = str(tmp_path / "run")
+    argv = ["--shards", region_shards.directory, "--model", "tiny_cnn", "--image-size", "16", "--num-threads", "1",
+            "--device", "cpu", "--output-dir", out, "--warmup-epochs", "0", "--epochs", "1", "--batch-size", "4",
+            "--crops-per-image", "2", "--cutmix-probability", "0.5", "--print-freq", "1"]
+    result = train.main(train.get_args_parser().parse_args(argv))
+    assert result["epoch"] == 0 and math.isfinite(result["train_loss"])
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["num_classes"] == CLASSES
+
+
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 2])
 def test_gpu_region_crops_match_the_cpu_crops(region_set, k):
