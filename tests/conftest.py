@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -128,7 +129,10 @@ class _SlowWorkGuard:
 
     @classmethod
     def check(cls, what):
-        if cls.test is not None and os.getpid() == cls.pid and not cls._one_time_probe():
+        # Only the test's own thread: a helper thread of an earlier slow test's loader (the next
+        # epoch's pipeline built ahead) may still be building while an unmarked test runs.
+        if cls.test is not None and os.getpid() == cls.pid and threading.current_thread() is threading.main_thread() \
+                and not cls._one_time_probe():
             message = (f"{cls.test} {what} but is not marked slow: mark it @pytest.mark.slow (or set "
                        f"pytestmark = pytest.mark.slow in its file), or keep that work out of it")
             cls.seen.append(message)
