@@ -533,14 +533,20 @@ def test_cutmix_and_mixup_mix_the_stored_targets_by_area(region_set):
                                    rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_train_py_trains_an_epoch_from_a_region_store(region_set, tmp_path):
+def _train_script():
+    """``pipelines/train.py`` as a module."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "pipelines"))
     try:
         import train
     finally:
         sys.path.pop(0)
+    return train
+
+
+@pytest.mark.slow
+def test_train_py_trains_an_epoch_from_a_region_store(region_set, tmp_path):
+    train = _train_script()
     out = str(tmp_path / "run")
     argv = ["--data", region_set.images, "--store", region_set.store, "--model", "tiny_cnn", "--image-size", "16",
             "--num-threads", "1", "--device", "cpu", "--output-dir", out, "--warmup-epochs", "0", "--epochs", "1",
@@ -556,12 +562,7 @@ def test_train_py_trains_an_epoch_from_a_region_store(region_set, tmp_path):
 
 @pytest.mark.slow
 def test_train_py_trains_an_epoch_from_a_region_stores_shards(region_shards, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "pipelines"))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
+    train = _train_script()
     out = str(tmp_path / "run")
     argv = ["--shards", region_shards.directory, "--model", "tiny_cnn", "--image-size", "16", "--num-threads", "1",
             "--device", "cpu", "--output-dir", out, "--warmup-epochs", "0", "--epochs", "1", "--batch-size", "4",
